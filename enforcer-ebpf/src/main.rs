@@ -1,0 +1,236 @@
+//! The enforcer's XDP program: one entry, a `decide` core that returns which rule decided, and
+//! one exit that counts the verdict and carries it out (or, in monitor mode, only counts it).
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
+// LLVM lowers this intrinsic to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add on this target"
+)]
+
+mod parse;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use enforcer_common::{
+    Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
+    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_ICMP, Reason, Rule,
+    VERDICT_SLOTS,
+};
+use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
+
+// Map names match `enforcer_common::map_names`.
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+#[map]
+static DENY_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+#[map]
+static DENY_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+/// Rule index → what the rule allows beyond its source prefix.
+#[map]
+static RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, 0);
+/// (rule, protocol, destination port) triples of port-restricted rules.
+#[map]
+static PORT_RULES: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PORT_RULES, 0);
+/// Rule index → packets it decided. Shared across CPUs (a per-CPU array of a million rules
+/// would cost memory per possible CPU); bumped atomically.
+#[map]
+static RULE_HITS: Array<u64> = Array::with_max_entries(MAX_RULES, 0);
+#[map]
+static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VERDICT_SLOTS, 0);
+/// The mode lives in a map, not a load-time global, so that the controller can switch between
+/// monitor and enforce without reloading the program (a reload would open a gap).
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, u8> =
+    LruHashMap::with_max_entries(MAX_TRACKED_FRAGMENTS, 0);
+
+/// Which reason decided, and which registry entry (or `NO_RULE`).
+#[derive(Clone, Copy)]
+struct Verdict {
+    reason: Reason,
+    rule: u32,
+}
+
+impl Verdict {
+    const fn new(reason: Reason, rule: u32) -> Self {
+        Self { reason, rule }
+    }
+    const fn without_rule(reason: Reason) -> Self {
+        Self {
+            reason,
+            rule: NO_RULE,
+        }
+    }
+}
+
+#[xdp]
+pub fn enforcer(ctx: XdpContext) -> u32 {
+    let verdict = decide(&ctx);
+    record(&ctx, verdict)
+}
+
+/// The policy, in order; the first step that decides wins.
+#[inline(always)]
+fn decide(ctx: &XdpContext) -> Verdict {
+    // 1. Link-layer control the link needs (ARP, NDP, MLD) passes; 2. malformed or truncated
+    //    headers drop; frames that are not IP drop.
+    let packet = match parse::parse_frame(ctx) {
+        Ok(Frame::Ip(packet)) => packet,
+        Ok(Frame::LinkControl) => return Verdict::without_rule(Reason::LinkControl),
+        Ok(Frame::NonIp) => return Verdict::without_rule(Reason::NonIp),
+        Err(Malformed) => return Verdict::without_rule(Reason::Malformed),
+    };
+    // 3. The deny list beats every allow.
+    if let Some(rule) = lookup_source(&packet.addrs, &DENY_V4, &DENY_V6) {
+        return Verdict::new(Reason::Denied, rule);
+    }
+    // 4. The source allowlist (networks and devices; longest prefix wins) ...
+    let Some(rule) = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6) else {
+        return Verdict::without_rule(Reason::NotAllowlisted);
+    };
+    // ... and the matched entry's ports; 5. otherwise drop.
+    Verdict::new(check_ports(&packet, rule), rule)
+}
+
+#[inline(always)]
+fn lookup_source(
+    addrs: &Addrs,
+    v4: &LpmTrie<[u8; 4], u32>,
+    v6: &LpmTrie<[u8; 16], u32>,
+) -> Option<u32> {
+    match addrs {
+        Addrs::V4 { src, .. } => v4.get(Key::new(32, *src)).copied(),
+        Addrs::V6 { src, .. } => v6.get(Key::new(128, *src)).copied(),
+    }
+}
+
+/// The port/protocol part of an allowlist entry. Fragments: the first fragment carries the ports
+/// and is checked like a whole datagram; if it passes, its (addresses, id, protocol) are
+/// remembered so that the later fragments, which carry no ports, pass too. A later fragment
+/// nobody remembers is dropped: fragmenting cannot bypass the port check.
+#[inline(always)]
+fn check_ports(packet: &IpPacket, rule: u32) -> Reason {
+    let flags = match RULES.get(rule) {
+        Some(rule) => rule.flags,
+        None => return Reason::PortNotAllowed,
+    };
+    if flags & RULE_ANY_PORT != 0 {
+        return Reason::Allowed;
+    }
+    let allowed = match packet.l4 {
+        L4::Ports { dst_port_be } => {
+            let key = PortKey {
+                rule,
+                port_be: dst_port_be,
+                proto: packet.proto,
+                _pad: 0,
+            };
+            PORT_RULES.get_ptr(key).is_some()
+        }
+        L4::Icmp => flags & RULE_ICMP != 0,
+        L4::Other => false,
+        L4::Unknown => {
+            return if FRAGMENTS.get_ptr(fragment_key(packet)).is_some() {
+                Reason::Allowed
+            } else {
+                Reason::FragmentUnverified
+            };
+        }
+    };
+    if !allowed {
+        return Reason::PortNotAllowed;
+    }
+    if let Fragment::First { .. } = packet.fragment {
+        // If the LRU map cannot take it, the later fragments drop: fail closed.
+        let _ = FRAGMENTS.insert(fragment_key(packet), 1, 0);
+    }
+    Reason::Allowed
+}
+
+#[inline(always)]
+fn fragment_key(packet: &IpPacket) -> FragmentKey {
+    let id = match packet.fragment {
+        Fragment::First { id } | Fragment::Later { id } => id,
+        Fragment::Whole => [0; 4],
+    };
+    let mut key = FragmentKey {
+        id,
+        proto: packet.proto,
+        ..FragmentKey::default()
+    };
+    match packet.addrs {
+        Addrs::V4 { src, dst } => {
+            key.family = 4;
+            key.src[..4].copy_from_slice(&src);
+            key.dst[..4].copy_from_slice(&dst);
+        }
+        Addrs::V6 { src, dst } => {
+            key.family = 6;
+            key.src = src;
+            key.dst = dst;
+        }
+    }
+    key
+}
+
+/// The one exit: count the verdict (per CPU, by reason; per rule), then carry it out. In monitor
+/// mode a drop is counted in its monitor slot and the packet passes.
+#[inline(always)]
+fn record(ctx: &XdpContext, verdict: Verdict) -> u32 {
+    let monitor = matches!(
+        CONFIG.get(0),
+        Some(Config {
+            mode: MODE_MONITOR,
+            ..
+        })
+    );
+    let drop = matches!(verdict.reason.action(), Action::Drop);
+    let slot = if drop && monitor {
+        MONITOR_SLOT_OFFSET + verdict.reason as u32
+    } else {
+        verdict.reason as u32
+    };
+    if let Some(counter) = VERDICTS.get_ptr_mut(slot) {
+        // SAFETY: the pointer is this CPU's own slot of a per-CPU array; nothing else writes it
+        // while this program runs on this CPU.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += parse::frame_len(ctx);
+        }
+    }
+    if verdict.rule != NO_RULE
+        && let Some(hits) = RULE_HITS.get_ptr_mut(verdict.rule)
+    {
+        // SAFETY: `hits` points into a map value that lives as long as the map; other CPUs may
+        // bump it at the same time, hence the atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+    }
+    if drop && !monitor {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,432 @@
+//! Frame parsing: the only module that touches packet memory. Every read goes through `ptr_at`,
+//! which checks the read against `data_end` first; lengths come from the headers (IPv4 `tot_len`,
+//! IPv6 `payload_len`), never from the frame end, because short frames arrive padded.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// How many 802.1Q / 802.1ad tags we step over (QinQ).
+const MAX_VLAN_TAGS: usize = 2;
+/// How many IPv6 extension headers we walk before calling the packet malformed.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1FFF;
+const IPV6_FRAG_OFFSET_MASK: u16 = 0xFFF8;
+const IPV6_FRAG_MF: u16 = 0x0001;
+
+/// ICMPv6 types of neighbour discovery (RFC 4861) and multicast listener discovery (RFC 2710,
+/// RFC 3810), which the link needs to work.
+const ICMPV6_MLD_QUERY: u8 = 130;
+const ICMPV6_MLD_DONE: u8 = 132;
+const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+const ICMPV6_ROUTER_ADVERT: u8 = 134;
+const ICMPV6_REDIRECT: u8 = 137;
+const ICMPV6_MLDV2_REPORT: u8 = 143;
+/// NDP packets must arrive with hop limit 255 (RFC 4861 §6.1, §7.1): proof they were not routed.
+const NDP_HOP_LIMIT: u8 = 255;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct VlanHdr {
+    tci: [u8; 2],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The first two bytes every hop-by-hop, routing and destination-options header shares.
+#[repr(C)]
+struct Ipv6ExtHdr {
+    next_header: u8,
+    len_8_octets_minus_1: u8,
+}
+
+#[repr(C)]
+struct Ipv6FragHdr {
+    next_header: u8,
+    reserved: u8,
+    offset_flags: [u8; 2],
+    id: [u8; 4],
+}
+
+#[repr(C)]
+struct TcpHdr {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    seq: [u8; 4],
+    ack: [u8; 4],
+    data_offset: u8,
+    flags: u8,
+    window: [u8; 2],
+    check: [u8; 2],
+    urgent: [u8; 2],
+}
+
+#[repr(C)]
+struct UdpHdr {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    len: [u8; 2],
+    check: [u8; 2],
+}
+
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: [u8; 2],
+}
+
+const ETH_HDR_LEN: usize = size_of::<EthHdr>();
+const VLAN_HDR_LEN: usize = size_of::<VlanHdr>();
+const IPV4_MIN_HDR_LEN: usize = size_of::<Ipv4Hdr>();
+const IPV6_HDR_LEN: usize = size_of::<Ipv6Hdr>();
+const IPV6_FRAG_HDR_LEN: usize = size_of::<Ipv6FragHdr>();
+const TCP_MIN_HDR_LEN: usize = size_of::<TcpHdr>();
+const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
+const ICMP_HDR_LEN: usize = size_of::<IcmpHdr>();
+
+/// A frame the policy cannot be applied to because its headers are truncated or inconsistent.
+pub struct Malformed;
+
+/// What the parser found in a frame.
+pub enum Frame {
+    /// ARP, NDP or MLD: passed before any policy so that the link keeps working.
+    LinkControl,
+    /// Another EtherType.
+    NonIp,
+    Ip(IpPacket),
+}
+
+pub enum Addrs {
+    V4 { src: [u8; 4], dst: [u8; 4] },
+    V6 { src: [u8; 16], dst: [u8; 16] },
+}
+
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// Offset 0 with more fragments to come: carries the L4 header.
+    First { id: [u8; 4] },
+    /// Offset > 0: no L4 header, so no ports.
+    Later { id: [u8; 4] },
+}
+
+pub enum L4 {
+    /// TCP or UDP, with the destination port as on the wire.
+    Ports {
+        dst_port_be: [u8; 2],
+    },
+    Icmp,
+    /// Another IP protocol (its number is in `IpPacket::proto`).
+    Other,
+    /// A later fragment: the L4 header is in the first fragment.
+    Unknown,
+}
+
+pub struct IpPacket {
+    pub addrs: Addrs,
+    /// IP protocol of the payload, after IPv6 extension headers.
+    pub proto: u8,
+    pub fragment: Fragment,
+    pub l4: L4,
+}
+
+/// Bytes in the frame, for the byte counters.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
+
+/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Malformed);
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn be16(bytes: [u8; 2]) -> u16 {
+    u16::from_be_bytes(bytes)
+}
+
+/// Ethernet, up to two VLAN tags, then IPv4 or IPv6.
+#[inline(always)]
+pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: ptr_at checked that ETH_HDR_LEN bytes lie inside the frame.
+    let mut ether_type = be16(unsafe { (*eth).ether_type });
+    let mut offset = ETH_HDR_LEN;
+
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan = ptr_at::<VlanHdr>(ctx, offset)?;
+        // SAFETY: ptr_at checked that VLAN_HDR_LEN bytes at `offset` lie inside the frame.
+        ether_type = be16(unsafe { (*vlan).ether_type });
+        offset += VLAN_HDR_LEN;
+    }
+
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, offset).map(Frame::Ip),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        ETH_P_ARP => Ok(Frame::LinkControl),
+        // A third VLAN tag is as foreign to us as any other EtherType.
+        _ => Ok(Frame::NonIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
+    // SAFETY: ptr_at checked that IPV4_MIN_HDR_LEN bytes at `l3` lie inside the frame.
+    let (version_ihl, tot_len, id, frag_off, proto, src, dst) = unsafe {
+        (
+            (*ip).version_ihl,
+            usize::from(be16((*ip).tot_len)),
+            (*ip).id,
+            be16((*ip).frag_off),
+            (*ip).proto,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    let header_len = usize::from(version_ihl & 0x0F) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN || tot_len < header_len {
+        return Err(Malformed);
+    }
+    // The datagram must be all there (trailing Ethernet padding is fine).
+    if ctx.data() + l3 + tot_len > ctx.data_end() {
+        return Err(Malformed);
+    }
+
+    let offset_8 = frag_off & IPV4_OFFSET_MASK;
+    let id = [id[0], id[1], 0, 0];
+    let fragment = if offset_8 != 0 {
+        Fragment::Later { id }
+    } else if frag_off & IPV4_MF != 0 {
+        Fragment::First { id }
+    } else {
+        Fragment::Whole
+    };
+    let addrs = Addrs::V4 { src, dst };
+
+    if let Fragment::Later { .. } = fragment {
+        // RFC 1858: a TCP fragment at offset 8 bytes can only serve to overwrite the header.
+        if proto == IPPROTO_TCP && offset_8 == 1 {
+            return Err(Malformed);
+        }
+        return Ok(IpPacket {
+            addrs,
+            proto,
+            fragment,
+            l4: L4::Unknown,
+        });
+    }
+    let l4 = parse_l4(ctx, l3 + header_len, tot_len - header_len, proto)?;
+    Ok(IpPacket {
+        addrs,
+        proto,
+        fragment,
+        l4,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Frame, Malformed> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
+    // SAFETY: ptr_at checked that IPV6_HDR_LEN bytes at `l3` lie inside the frame.
+    let (version, payload_len, mut next, hop_limit, src, dst) = unsafe {
+        (
+            (*ip).version_class_flow[0] >> 4,
+            usize::from(be16((*ip).payload_len)),
+            (*ip).next_header,
+            (*ip).hop_limit,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    // payload_len 0 would be a jumbogram (RFC 2675), which no Ethernet link carries.
+    if version != 6 || payload_len == 0 {
+        return Err(Malformed);
+    }
+    if ctx.data() + l3 + IPV6_HDR_LEN + payload_len > ctx.data_end() {
+        return Err(Malformed);
+    }
+
+    // Bounded walk of the extension headers; `walked` counts bytes after the fixed header.
+    let mut walked: usize = 0;
+    let mut fragment = Fragment::Whole;
+    let mut done = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext = ptr_at::<Ipv6ExtHdr>(ctx, l3 + IPV6_HDR_LEN + walked)?;
+                // SAFETY: ptr_at checked the two bytes read here.
+                let (following, len_units) =
+                    unsafe { ((*ext).next_header, (*ext).len_8_octets_minus_1) };
+                next = following;
+                walked += (usize::from(len_units) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let frag = ptr_at::<Ipv6FragHdr>(ctx, l3 + IPV6_HDR_LEN + walked)?;
+                // SAFETY: ptr_at checked that IPV6_FRAG_HDR_LEN bytes lie inside the frame.
+                let (following, offset_flags, id) =
+                    unsafe { ((*frag).next_header, be16((*frag).offset_flags), (*frag).id) };
+                next = following;
+                walked += IPV6_FRAG_HDR_LEN;
+                if offset_flags & IPV6_FRAG_OFFSET_MASK != 0 {
+                    fragment = Fragment::Later { id };
+                    // What follows a later fragment's header is payload, not more headers.
+                    done = true;
+                    break;
+                }
+                if offset_flags & IPV6_FRAG_MF != 0 {
+                    fragment = Fragment::First { id };
+                }
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+        if walked > payload_len {
+            return Err(Malformed);
+        }
+    }
+    if !done || walked > payload_len {
+        // More extension headers than we walk: we cannot know the protocol, so we do not guess.
+        return Err(Malformed);
+    }
+
+    let addrs = Addrs::V6 { src, dst };
+    if let Fragment::Later { .. } = fragment {
+        return Ok(Frame::Ip(IpPacket {
+            addrs,
+            proto: next,
+            fragment,
+            l4: L4::Unknown,
+        }));
+    }
+    let l4_offset = l3 + IPV6_HDR_LEN + walked;
+    if next == IPPROTO_ICMPV6 {
+        let icmp = ptr_at::<IcmpHdr>(ctx, l4_offset)?;
+        // SAFETY: ptr_at checked that ICMP_HDR_LEN bytes lie inside the frame.
+        let kind = unsafe { (*icmp).kind };
+        if is_link_control_icmpv6(kind, hop_limit, &src) {
+            return Ok(Frame::LinkControl);
+        }
+    }
+    let l4 = parse_l4(ctx, l4_offset, payload_len - walked, next)?;
+    Ok(Frame::Ip(IpPacket {
+        addrs,
+        proto: next,
+        fragment,
+        l4,
+    }))
+}
+
+/// NDP with hop limit 255 (router advertisements and redirects only from link-local sources),
+/// and MLD from link-local sources or, for reports sent before an address is configured
+/// (RFC 3810 §5.2.13), from the unspecified address.
+#[inline(always)]
+fn is_link_control_icmpv6(kind: u8, hop_limit: u8, src: &[u8; 16]) -> bool {
+    let link_local = src[0] == 0xFE && src[1] & 0xC0 == 0x80;
+    match kind {
+        ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT => hop_limit == NDP_HOP_LIMIT && link_local,
+        ICMPV6_ROUTER_SOLICIT..=ICMPV6_REDIRECT => hop_limit == NDP_HOP_LIMIT,
+        ICMPV6_MLD_QUERY..=ICMPV6_MLD_DONE => link_local,
+        ICMPV6_MLDV2_REPORT => link_local || *src == [0; 16],
+        _ => false,
+    }
+}
+
+/// The L4 header of a whole datagram or first fragment. `ip_payload_len` comes from the IP
+/// header; a header that does not fit in it is malformed (RFC 1858's tiny-fragment attack).
+#[inline(always)]
+fn parse_l4(
+    ctx: &XdpContext,
+    offset: usize,
+    ip_payload_len: usize,
+    proto: u8,
+) -> Result<L4, Malformed> {
+    match proto {
+        IPPROTO_TCP => {
+            let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
+            // SAFETY: ptr_at checked that TCP_MIN_HDR_LEN bytes at `offset` lie inside the frame.
+            let (dst_port_be, data_offset) = unsafe { ((*tcp).dst_port, (*tcp).data_offset) };
+            let header_len = usize::from(data_offset >> 4) * 4;
+            if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
+                return Err(Malformed);
+            }
+            Ok(L4::Ports { dst_port_be })
+        }
+        IPPROTO_UDP => {
+            let udp = ptr_at::<UdpHdr>(ctx, offset)?;
+            // SAFETY: ptr_at checked that UDP_HDR_LEN bytes at `offset` lie inside the frame.
+            let dst_port_be = unsafe { (*udp).dst_port };
+            if UDP_HDR_LEN > ip_payload_len {
+                return Err(Malformed);
+            }
+            Ok(L4::Ports { dst_port_be })
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            ptr_at::<IcmpHdr>(ctx, offset)?;
+            if ICMP_HDR_LEN > ip_payload_len {
+                return Err(Malformed);
+            }
+            Ok(L4::Icmp)
+        }
+        _ => Ok(L4::Other),
+    }
+}

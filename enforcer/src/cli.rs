@@ -1,0 +1,402 @@
+//! The command line: arguments (clap) → one function per verb. Human output by default,
+//! `--json` where scripts need it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use enforcer_common::{Action, Reason, map_names};
+
+use crate::{
+    datapath::{self, AttachMode, Datapath, VerdictCounts},
+    instance::{self, InstanceId, RuleLabel, State},
+    policy::{Policy, RuleKind},
+    registry::{Date, Mode, Protocol, Registry},
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "XDP access-control enforcer for the approved-network registry"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load the registry, attach to an interface and enforce until SIGINT/SIGTERM.
+    Run {
+        /// Interface to protect (the e-Office server's NIC, or the gateway's inside interface).
+        #[arg(long)]
+        iface: String,
+        /// The approved-network registry (JSON).
+        #[arg(long)]
+        registry: PathBuf,
+        /// Override the registry's mode: `monitor` passes everything and counts would-be drops.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: AttachMode,
+    },
+    /// Check a registry file; exit 0 if valid, 1 with every problem if not.
+    Validate {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Say what the registry does with a packet from ADDR, and which rule decides.
+    Check {
+        /// Source address of the packet.
+        addr: IpAddr,
+        /// Destination port (TCP/UDP).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "tcp")]
+        proto: Protocol,
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters of a running enforcer, by reason and by rule.
+    Stats {
+        /// Instance name (IFACE@NETNS) when several enforcers run.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Interface of the enforcer to read.
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> anyhow::Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            iface,
+            registry,
+            mode,
+            xdp_mode,
+        } => run(&iface, &registry, mode, xdp_mode),
+        Command::Validate { file, json } => validate(&file, json),
+        Command::Check {
+            addr,
+            port,
+            proto,
+            registry,
+            json,
+        } => check(addr, port, proto, &registry, json),
+        Command::Stats {
+            instance,
+            iface,
+            json,
+        } => stats(instance.as_deref(), iface.as_deref(), json),
+    }
+}
+
+fn validate(file: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    match Registry::load(file) {
+        Ok(registry) => {
+            let policy = Policy::compile(&registry, Date::today())?;
+            if json {
+                let out = serde_json::json!({
+                    "valid": true,
+                    "mode": registry.mode,
+                    "networks": policy.count(RuleKind::Network),
+                    "devices": policy.count(RuleKind::Device),
+                    "deny": policy.count(RuleKind::Deny),
+                    "vpn_endpoints": policy.vpn_endpoints,
+                    "expired": policy.expired,
+                });
+                println!("{out:#}");
+            } else {
+                println!("{}: valid (mode {})", file.display(), registry.mode);
+                println!("{}", summary(&policy));
+                for e in &policy.expired {
+                    println!(
+                        "  expired, not loaded: {} \"{}\" (expired {})",
+                        e.section, e.name, e.expired
+                    );
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            if json {
+                let problems: Vec<_> = error
+                    .problems()
+                    .iter()
+                    .map(|p| serde_json::json!({"line": p.line, "column": p.column, "place": p.place, "message": p.message}))
+                    .collect();
+                println!(
+                    "{:#}",
+                    serde_json::json!({"valid": false, "error": error.to_string(), "problems": problems})
+                );
+            } else {
+                eprintln!("{error}");
+            }
+            Ok(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
+fn summary(policy: &Policy) -> String {
+    format!(
+        "  {} networks, {} devices, {} deny ranges, {} approved VPN endpoints in force; {} expired entries skipped",
+        policy.count(RuleKind::Network),
+        policy.count(RuleKind::Device),
+        policy.count(RuleKind::Deny),
+        policy.vpn_endpoints,
+        policy.expired.len()
+    )
+}
+
+fn check(
+    addr: IpAddr,
+    port: Option<u16>,
+    proto: Protocol,
+    registry: &Path,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let registry = Registry::load(registry)?;
+    let policy = Policy::compile(&registry, Date::today())?;
+    let decision = policy.check(addr, proto, port);
+    if json {
+        let out = serde_json::json!({
+            "address": addr,
+            "protocol": proto,
+            "port": port,
+            "verdict": if decision.reason.action() == Action::Pass { "pass" } else { "drop" },
+            "reason": decision.reason.label(),
+            "rule": decision.rule,
+            "mode": policy.mode,
+        });
+        println!("{out:#}");
+    } else {
+        println!(
+            "{addr} {proto}{}: {decision}",
+            port.map(|p| format!("/{p}")).unwrap_or_default()
+        );
+        if policy.mode == Mode::Monitor && decision.reason.action() == Action::Drop {
+            println!(
+                "  (registry mode is monitor: the packet would pass and be counted as a would-be drop)"
+            );
+        }
+        if port.is_none()
+            && matches!(proto, Protocol::Tcp | Protocol::Udp)
+            && decision.reason == Reason::PortNotAllowed
+        {
+            println!("  (no --port given; the rule allows only the ports listed)");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn run(
+    iface: &str,
+    registry_path: &Path,
+    mode: Option<Mode>,
+    xdp_mode: AttachMode,
+) -> anyhow::Result<std::process::ExitCode> {
+    let registry = Registry::load(registry_path)?;
+    let mut policy = Policy::compile(&registry, Date::today())?;
+    if let Some(mode) = mode {
+        policy.mode = mode;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!(
+            "not running as root: loading the XDP program needs root or CAP_BPF + CAP_NET_ADMIN"
+        );
+    }
+    instance::ensure_bpffs()?;
+    let id = InstanceId {
+        iface: iface.to_string(),
+        netns: instance::current_netns()?,
+    };
+
+    let mut datapath = Datapath::load()?;
+    datapath.fill(&policy)?;
+    instance::claim(&id)?;
+    let attached = (|| -> anyhow::Result<&'static str> {
+        datapath.pin_maps(&id.pin_dir())?;
+        let xdp = datapath.attach(iface, xdp_mode)?;
+        State {
+            instance: id.name(),
+            pid: std::process::id(),
+            iface: iface.to_string(),
+            netns: id.netns,
+            mode: policy.mode.to_string(),
+            xdp_mode: xdp.to_string(),
+            program_id: datapath.program_id(),
+            registry: registry_path.display().to_string(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            rules: policy
+                .rules
+                .iter()
+                .map(|r| RuleLabel {
+                    index: r.index,
+                    kind: r.kind.as_str().to_string(),
+                    name: r.name.clone(),
+                    prefix: r.prefix.to_string(),
+                })
+                .collect(),
+        }
+        .write(&id)?;
+        Ok(xdp)
+    })();
+    let xdp = match attached {
+        Ok(xdp) => xdp,
+        Err(error) => {
+            instance::release(&id);
+            return Err(error);
+        }
+    };
+
+    tracing::info!(
+        instance = %id.name(),
+        mode = %policy.mode,
+        xdp_mode = xdp,
+        networks = policy.count(RuleKind::Network),
+        devices = policy.count(RuleKind::Device),
+        deny = policy.count(RuleKind::Deny),
+        vpn_endpoints = policy.vpn_endpoints,
+        expired_skipped = policy.expired.len(),
+        "enforcer attached to {iface}"
+    );
+    for e in &policy.expired {
+        tracing::warn!(section = e.section, name = %e.name, expired = %e.expired, "expired entry not loaded");
+    }
+    println!(
+        "enforcer running on {iface} (instance {}, {} mode, {xdp} XDP); Ctrl-C to stop",
+        id.name(),
+        policy.mode
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signal = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    })?;
+
+    let counts = datapath.verdicts()?;
+    drop(datapath); // detaches the program
+    instance::release(&id);
+    tracing::info!(signal, "detached from {iface}");
+    println!("{}", render_verdicts(&counts));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn stats(
+    instance_name: Option<&str>,
+    iface: Option<&str>,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let state = instance::select(instance_name, iface)?;
+    let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
+    let dir = id.pin_dir();
+    let verdicts = datapath::open_pinned(&dir.join(map_names::VERDICTS), map_names::VERDICTS)?;
+    let hits_map = datapath::open_pinned(&dir.join(map_names::RULE_HITS), map_names::RULE_HITS)?;
+    let counts = VerdictCounts::read(&verdicts)?;
+    let rules = u32::try_from(state.rules.len()).unwrap_or(u32::MAX);
+    let hits = datapath::read_rule_hits(&hits_map, rules)?;
+    if json {
+        let by_reason: Vec<_> = counts
+            .enforced
+            .iter()
+            .zip(&counts.monitored)
+            .map(|((reason, c), (_, m))| {
+                serde_json::json!({
+                    "reason": reason.label(), "code": *reason as u32,
+                    "action": if reason.action() == Action::Pass { "pass" } else { "drop" },
+                    "packets": c.packets, "bytes": c.bytes,
+                    "would_drop_packets": m.packets, "would_drop_bytes": m.bytes,
+                })
+            })
+            .collect();
+        let by_rule: Vec<_> = state
+            .rules
+            .iter()
+            .zip(&hits)
+            .map(|(r, h)| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix, "packets": h}))
+            .collect();
+        let out = serde_json::json!({
+            "instance": state.instance, "iface": state.iface, "mode": state.mode, "xdp_mode": state.xdp_mode,
+            "program_id": state.program_id, "pid": state.pid, "registry": state.registry,
+            "reasons": by_reason, "rules": by_rule,
+        });
+        println!("{out:#}");
+    } else {
+        println!(
+            "instance {} on {} ({} mode, {} XDP, pid {})",
+            state.instance, state.iface, state.mode, state.xdp_mode, state.pid
+        );
+        println!("{}", render_verdicts(&counts));
+        println!(
+            "{:>8}  {:<8} {:<28} {:<22} {:>12}",
+            "rule", "kind", "name", "prefix", "packets"
+        );
+        for (r, h) in state.rules.iter().zip(&hits) {
+            println!(
+                "{:>8}  {:<8} {:<28} {:<22} {:>12}",
+                format!("#{}", r.index),
+                r.kind,
+                r.name,
+                r.prefix,
+                h
+            );
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The counters by reason as a table.
+pub fn render_verdicts(counts: &VerdictCounts) -> String {
+    let mut out = format!(
+        "{:<20} {:<6} {:>12} {:>14} {:>18}\n",
+        "reason", "action", "packets", "bytes", "would-drop (mon)"
+    );
+    for ((reason, c), (_, m)) in counts.enforced.iter().zip(&counts.monitored) {
+        let action = if reason.action() == Action::Pass {
+            "pass"
+        } else {
+            "drop"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<6} {:>12} {:>14} {:>18}\n",
+            reason.label(),
+            action,
+            c.packets,
+            c.bytes,
+            m.packets
+        ));
+    }
+    out.pop();
+    out
+}
+
+/// Fails with a clear message unless running as root.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (run it with sudo)");
+    }
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The one module that talks to aya: loads the embedded XDP program, fills its maps from a
+//! compiled policy, attaches it, pins its maps, and reads its counters back.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use enforcer_common::{
+    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, Reason, Rule,
+    map_names,
+};
+use ipnet::IpNet;
+
+use crate::{policy::Policy, registry::Mode};
+
+/// The compiled `enforcer-ebpf` object, embedded at build time.
+pub static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// Floor programs for benchmarks (`baseline_pass`: XDP_PASS without reading the packet). Never
+/// loaded by the enforcer itself; a few hundred bytes.
+pub static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the XDP program failed: {0}{hint}", hint = permission_hint(.0))]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("map {name}: {source}{hint}", hint = permission_hint(source))]
+    Map {
+        name: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("interface {0} not found; `ip link` lists the interfaces")]
+    NoSuchInterface(String),
+    #[error(
+        "native XDP is not supported by the driver of {iface} ({source}); retry with --xdp-mode skb"
+    )]
+    NativeUnsupported {
+        iface: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("attaching XDP to {iface} failed: {source}{hint}", hint = permission_hint(source))]
+    Attach {
+        iface: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("pinning map {name} at {path}: {source}")]
+    Pin {
+        name: &'static str,
+        path: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Appends the next step when the cause is a missing privilege.
+#[expect(
+    clippy::borrowed_box,
+    reason = "thiserror hands the field over by reference"
+)]
+fn permission_hint(error: &Box<dyn std::error::Error + Send + Sync>) -> &'static str {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if text.contains("Operation not permitted") || text.contains("Permission denied") {
+            return "; the enforcer needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
+        }
+        cause = e.source();
+    }
+    ""
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// How to attach: let the controller choose (native, falling back to generic), or insist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native (driver) XDP if the driver supports it, else generic (skb) XDP.
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP: works on every interface, slower.
+    Skb,
+}
+
+/// The loaded program and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    link: Option<XdpLinkId>,
+}
+
+impl Datapath {
+    /// Loads the embedded program into the kernel (the verifier runs here). Maps start empty and
+    /// the mode starts as enforce; nothing is attached yet.
+    pub fn load() -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(PROGRAM_OBJECT)
+            .map_err(|e| DatapathError::Load(boxed(e)))?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| {
+                DatapathError::Load(
+                    format!("program {PROGRAM_NAME} missing from the object").into(),
+                )
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::Load(boxed(e)))?;
+        program.load().map_err(|e| DatapathError::Load(boxed(e)))?;
+        Ok(Self { ebpf, link: None })
+    }
+
+    /// The single place that looks maps up by name.
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
+        self.ebpf.map_mut(name).ok_or_else(|| DatapathError::Map {
+            name,
+            source: "missing from the object".into(),
+        })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
+        self.ebpf.map(name).ok_or_else(|| DatapathError::Map {
+            name,
+            source: "missing from the object".into(),
+        })
+    }
+
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("load() checked that the program exists and is XDP")
+    }
+
+    /// Fills the empty maps of a freshly loaded program with `policy`. Called before attaching,
+    /// so no packet ever meets a half-filled policy.
+    pub fn fill(&mut self, policy: &Policy) -> Result<(), DatapathError> {
+        self.set_mode(policy.mode)?;
+        {
+            let name = map_names::RULES;
+            let mut rules: Array<&mut MapData, Rule> = Array::try_from(self.map_mut(name)?)
+                .map_err(|e| DatapathError::Map {
+                    name,
+                    source: boxed(e),
+                })?;
+            for rule in &policy.rules {
+                rules
+                    .set(
+                        rule.index,
+                        Rule {
+                            flags: rule.flags(),
+                        },
+                        0,
+                    )
+                    .map_err(|e| DatapathError::Map {
+                        name,
+                        source: boxed(e),
+                    })?;
+            }
+        }
+        {
+            let name = map_names::PORT_RULES;
+            let mut ports: HashMap<&mut MapData, enforcer_common::PortKey, u8> =
+                HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::Map {
+                    name,
+                    source: boxed(e),
+                })?;
+            for key in &policy.port_keys {
+                ports.insert(key, 1, 0).map_err(|e| DatapathError::Map {
+                    name,
+                    source: boxed(e),
+                })?;
+            }
+        }
+        for (rules, v4, v6) in [
+            (
+                policy.allow_rules().collect::<Vec<_>>(),
+                map_names::ALLOW_V4,
+                map_names::ALLOW_V6,
+            ),
+            (
+                policy.deny_rules().collect::<Vec<_>>(),
+                map_names::DENY_V4,
+                map_names::DENY_V6,
+            ),
+        ] {
+            for rule in rules {
+                match rule.prefix {
+                    IpNet::V4(net) => {
+                        let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+                            LpmTrie::try_from(self.map_mut(v4)?).map_err(|e| {
+                                DatapathError::Map {
+                                    name: v4,
+                                    source: boxed(e),
+                                }
+                            })?;
+                        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                        trie.insert(&key, rule.index, 0)
+                            .map_err(|e| DatapathError::Map {
+                                name: v4,
+                                source: boxed(e),
+                            })?;
+                    }
+                    IpNet::V6(net) => {
+                        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+                            LpmTrie::try_from(self.map_mut(v6)?).map_err(|e| {
+                                DatapathError::Map {
+                                    name: v6,
+                                    source: boxed(e),
+                                }
+                            })?;
+                        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                        trie.insert(&key, rule.index, 0)
+                            .map_err(|e| DatapathError::Map {
+                                name: v6,
+                                source: boxed(e),
+                            })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), DatapathError> {
+        let name = map_names::CONFIG;
+        let mut config: Array<&mut MapData, Config> = Array::try_from(self.map_mut(name)?)
+            .map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })?;
+        let mode = match mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Monitor => MODE_MONITOR,
+        };
+        config
+            .set(0, Config { mode, _reserved: 0 }, 0)
+            .map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })
+    }
+
+    /// Attaches to `iface`; returns the XDP mode in use.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
+        let c_iface = std::ffi::CString::new(iface)
+            .map_err(|_| DatapathError::NoSuchInterface(iface.to_string()))?;
+        // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
+        if unsafe { libc::if_nametoindex(c_iface.as_ptr()) } == 0 {
+            return Err(DatapathError::NoSuchInterface(iface.to_string()));
+        }
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("load() checked that the program exists and is XDP");
+        let attach_error = |source| DatapathError::Attach {
+            iface: iface.to_string(),
+            source: boxed(source),
+        };
+        let (link, used) = match mode {
+            AttachMode::Skb => (
+                program.attach(iface, XdpMode::Skb).map_err(attach_error)?,
+                "skb",
+            ),
+            AttachMode::Native => {
+                let link = program.attach(iface, XdpMode::Driver).map_err(|source| {
+                    DatapathError::NativeUnsupported {
+                        iface: iface.to_string(),
+                        source: boxed(source),
+                    }
+                })?;
+                (link, "native")
+            }
+            AttachMode::Auto => match program.attach(iface, XdpMode::Driver) {
+                Ok(link) => (link, "native"),
+                Err(native) => {
+                    tracing::warn!(%iface, error = %native, "native XDP unavailable, falling back to skb mode");
+                    (
+                        program.attach(iface, XdpMode::Skb).map_err(attach_error)?,
+                        "skb",
+                    )
+                }
+            },
+        };
+        self.link = Some(link);
+        Ok(used)
+    }
+
+    /// Pins every map under `dir` (which must exist, on a bpffs), named as in the object.
+    pub fn pin_maps(&self, dir: &Path) -> Result<(), DatapathError> {
+        for name in map_names::ALL {
+            let path = dir.join(name);
+            self.map(name)?
+                .pin(&path)
+                .map_err(|source| DatapathError::Pin {
+                    name,
+                    path: path.display().to_string(),
+                    source: boxed(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The kernel's id of the loaded program.
+    pub fn program_id(&self) -> Option<u32> {
+        self.program().info().ok().map(|info| info.id())
+    }
+
+    pub fn verdicts(&self) -> Result<VerdictCounts, DatapathError> {
+        VerdictCounts::read(self.map(map_names::VERDICTS)?)
+    }
+
+    pub fn rule_hits(&self, rules: u32) -> Result<Vec<u64>, DatapathError> {
+        read_rule_hits(self.map(map_names::RULE_HITS)?, rules)
+    }
+}
+
+/// Opens a map pinned at `path` (by another process, e.g. a running `enforcer run`).
+pub fn open_pinned(path: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(path).map_err(|e| DatapathError::Map {
+        name,
+        source: boxed(e),
+    })?;
+    Map::from_map_data(data).map_err(|e| DatapathError::Map {
+        name,
+        source: boxed(e),
+    })
+}
+
+/// Verdict counters summed over CPUs: carried out, and (monitor mode) drops let through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCounts {
+    pub enforced: Vec<(Reason, Counter)>,
+    pub monitored: Vec<(Reason, Counter)>,
+}
+
+impl VerdictCounts {
+    pub fn read(map: &Map) -> Result<Self, DatapathError> {
+        let name = map_names::VERDICTS;
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })?;
+        let sum = |slot: u32| -> Result<Counter, DatapathError> {
+            let values = array.get(&slot, 0).map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })?;
+            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
+        let mut counts = Self::default();
+        for reason in Reason::ALL {
+            counts.enforced.push((reason, sum(reason as u32)?));
+            counts
+                .monitored
+                .push((reason, sum(MONITOR_SLOT_OFFSET + reason as u32)?));
+        }
+        Ok(counts)
+    }
+
+    /// Packets carried out with `reason`.
+    pub fn packets(&self, reason: Reason) -> u64 {
+        self.enforced
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets)
+    }
+
+    /// Packets monitor mode let through that enforce mode would have dropped with `reason`.
+    pub fn would_drop(&self, reason: Reason) -> u64 {
+        self.monitored
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets)
+    }
+}
+
+pub fn read_rule_hits(map: &Map, rules: u32) -> Result<Vec<u64>, DatapathError> {
+    let name = map_names::RULE_HITS;
+    let array: Array<&MapData, u64> = Array::try_from(map).map_err(|e| DatapathError::Map {
+        name,
+        source: boxed(e),
+    })?;
+    (0..rules)
+        .map(|i| {
+            array.get(&i, 0).map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,264 @@
+//! Where a running enforcer keeps its state: maps pinned under one versioned bpffs root, and a
+//! state file (rule labels, mode, pid) under /run. One instance per (network namespace,
+//! interface), so enforcers on same-named interfaces in different namespaces never collide.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where bpffs is (or gets) mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Root of everything this enforcer pins; the version changes if the pinned layout does.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer/v1";
+/// Root of the state files.
+pub const STATE_ROOT: &str = "/run/enforcer";
+
+const BPF_FS_MAGIC: i64 = 0xCAFE_4A11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error(
+        "{BPFFS} is not a bpf filesystem and mounting one failed ({0}); mount it with `mount -t bpf bpf {BPFFS}`"
+    )]
+    Bpffs(std::io::Error),
+    #[error("an enforcer already runs on {instance} (pid {pid}); stop it first")]
+    AlreadyRunning { instance: String, pid: u32 },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no enforcer is running (no state under {STATE_ROOT}); start one with `enforcer run`")]
+    NoneRunning,
+    #[error("{0}")]
+    Ambiguous(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
+    move |source| InstanceError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The network namespace of this process, by inode number.
+pub fn current_netns() -> Result<u64, InstanceError> {
+    let path = Path::new("/proc/self/ns/net");
+    Ok(fs::metadata(path).map_err(io_error(path))?.ino())
+}
+
+/// Mounts bpffs at `BPFFS` unless one is already there.
+pub fn ensure_bpffs() -> Result<(), InstanceError> {
+    if is_bpffs(Path::new(BPFFS)) {
+        return Ok(());
+    }
+    let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be null for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(InstanceError::Bpffs(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into `buf`, which is large enough; c_path is NUL-terminated.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &raw mut buf) == 0 && i64::from(buf.f_type) == BPF_FS_MAGIC
+    }
+}
+
+/// One enforcer: an interface in a network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceId {
+    pub iface: String,
+    pub netns: u64,
+}
+
+impl InstanceId {
+    /// The name used for its directories and in `--instance`: `IFACE@NETNS-INODE`.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.iface, self.netns)
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        let (iface, netns) = name.rsplit_once('@')?;
+        Some(Self {
+            iface: iface.to_string(),
+            netns: netns.parse().ok()?,
+        })
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(PIN_ROOT).join(self.name())
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(self.name()).join("state.json")
+    }
+}
+
+/// A rule as `stats` names it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RuleLabel {
+    pub index: u32,
+    pub kind: String,
+    pub name: String,
+    pub prefix: String,
+}
+
+/// What `enforcer run` writes for `enforcer stats` and for the next start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub instance: String,
+    pub pid: u32,
+    pub iface: String,
+    pub netns: u64,
+    pub mode: String,
+    pub xdp_mode: String,
+    pub program_id: Option<u32>,
+    pub registry: String,
+    pub started_unix: u64,
+    pub rules: Vec<RuleLabel>,
+}
+
+impl State {
+    /// Writes the state file atomically (temporary file, fsync, rename).
+    pub fn write(&self, id: &InstanceId) -> Result<(), InstanceError> {
+        let path = id.state_file();
+        let dir = path.parent().expect("state file has a parent");
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let tmp = dir.join("state.json.tmp");
+        let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+        let json = serde_json::to_vec_pretty(self).expect("state serialises");
+        file.write_all(&json)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_error(&path))
+    }
+
+    pub fn read(path: &Path) -> Result<Self, InstanceError> {
+        let text = fs::read_to_string(path).map_err(io_error(path))?;
+        serde_json::from_str(&text).map_err(|e| InstanceError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Claims `id` for this process: refuses if a live enforcer holds it, clears what a dead one
+/// left behind, and creates an empty pin directory.
+pub fn claim(id: &InstanceId) -> Result<(), InstanceError> {
+    if let Ok(state) = State::read(&id.state_file())
+        && state.pid != std::process::id()
+        && pid_alive(state.pid)
+    {
+        return Err(InstanceError::AlreadyRunning {
+            instance: id.name(),
+            pid: state.pid,
+        });
+    }
+    release(id);
+    let dir = id.pin_dir();
+    fs::create_dir_all(&dir).map_err(io_error(&dir))
+}
+
+/// Removes the pins and state of `id` (unpinning does not detach: the link belongs to the
+/// process that attached).
+pub fn release(id: &InstanceId) {
+    let _ = fs::remove_dir_all(id.pin_dir());
+    if let Some(dir) = id.state_file().parent() {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// Running instances (state files whose process is alive).
+pub fn running() -> Vec<State> {
+    let Ok(dirs) = fs::read_dir(STATE_ROOT) else {
+        return Vec::new();
+    };
+    let mut states: Vec<State> = dirs
+        .filter_map(Result::ok)
+        .filter_map(|entry| State::read(&entry.path().join("state.json")).ok())
+        .filter(|state| pid_alive(state.pid))
+        .collect();
+    states.sort_by(|a, b| a.instance.cmp(&b.instance));
+    states
+}
+
+/// Picks the instance `stats` should read: by name, by interface (in this network namespace
+/// first), or the only one running.
+pub fn select(instance: Option<&str>, iface: Option<&str>) -> Result<State, InstanceError> {
+    let states = running();
+    if states.is_empty() {
+        return Err(InstanceError::NoneRunning);
+    }
+    let names = || {
+        states
+            .iter()
+            .map(|s| s.instance.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(name) = instance {
+        return states
+            .iter()
+            .find(|s| s.instance == name)
+            .cloned()
+            .ok_or_else(|| {
+                InstanceError::Ambiguous(format!(
+                    "no running instance {name}; running: {}",
+                    names()
+                ))
+            });
+    }
+    let mut candidates: Vec<&State> = states
+        .iter()
+        .filter(|s| iface.is_none_or(|i| s.iface == i))
+        .collect();
+    if candidates.len() > 1
+        && let Ok(here) = current_netns()
+    {
+        let local: Vec<&State> = candidates
+            .iter()
+            .copied()
+            .filter(|s| s.netns == here)
+            .collect();
+        if local.len() == 1 {
+            candidates = local;
+        }
+    }
+    match candidates.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(InstanceError::Ambiguous(format!(
+            "no running instance on interface {}; running: {}",
+            iface.unwrap_or("?"),
+            names()
+        ))),
+        _ => Err(InstanceError::Ambiguous(format!(
+            "several enforcers are running; choose one with --instance: {}",
+            names()
+        ))),
+    }
+}

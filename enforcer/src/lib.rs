@@ -1,0 +1,13 @@
+//! The enforcer's controller: registry → policy → kernel maps, and the CLI around it.
+//!
+//! - `registry`: the JSON file, parsed and validated, every problem with its place.
+//! - `policy`: the compiler from registry to map entries (pure, host-testable).
+//! - `datapath`: the one module that talks to aya (load, fill, attach, pin, counters).
+//! - `instance`: pin and state directories of a running enforcer.
+//! - `cli`: the verbs.
+
+pub mod cli;
+pub mod datapath;
+pub mod instance;
+pub mod policy;
+pub mod registry;

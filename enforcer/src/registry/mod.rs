@@ -1,0 +1,288 @@
+//! The approved-network registry: the JSON file an administrator edits, parsed and validated into
+//! a typed model. Validation reports every problem at once, each with its place in the file;
+//! a registry with any problem is rejected whole.
+
+mod date;
+mod ports;
+mod raw;
+
+use std::{collections::HashMap, fmt, net::IpAddr, path::Path};
+
+pub use date::Date;
+use ipnet::IpNet;
+pub use ports::{PortSpec, Protocol};
+
+/// The registry format this build reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop what the policy drops.
+    Enforce,
+    /// Pass everything; count what would have been dropped.
+    Monitor,
+}
+
+impl Mode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Monitor => "monitor",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "enforce" => Ok(Self::Enforce),
+            "monitor" => Ok(Self::Monitor),
+            other => Err(format!(
+                "unknown mode \"{other}\" (expected \"enforce\" or \"monitor\")"
+            )),
+        }
+    }
+}
+
+/// An approved network: a prefix, optionally limited to some ports, optionally time-limited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Network {
+    pub name: String,
+    pub cidr: IpNet,
+    pub ministry: Option<String>,
+    /// `None`: every port and protocol.
+    pub ports: Option<Vec<PortSpec>>,
+    pub expires: Option<Date>,
+    pub note: Option<String>,
+}
+
+/// A pre-approved single device (a /32 or /128).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub name: String,
+    pub address: IpAddr,
+    pub owner: Option<String>,
+    pub ports: Option<Vec<PortSpec>>,
+    pub expires: Option<Date>,
+    pub note: Option<String>,
+}
+
+/// An approved VPN endpoint (enforced by the VPN stage; validated and kept here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VpnEndpoint {
+    pub name: String,
+    pub address: IpNet,
+    pub protocol: String,
+    pub port: Option<u16>,
+    pub approval: String,
+    pub expires: Option<Date>,
+}
+
+/// A denied range: beats every allow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DenyEntry {
+    pub name: Option<String>,
+    pub cidr: IpNet,
+    pub note: Option<String>,
+    pub expires: Option<Date>,
+}
+
+impl DenyEntry {
+    /// How the entry is named in output: its name, or its CIDR.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.cidr.to_string())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    pub mode: Mode,
+    pub networks: Vec<Network>,
+    pub devices: Vec<Device>,
+    pub vpn_endpoints: Vec<VpnEndpoint>,
+    pub deny: Vec<DenyEntry>,
+}
+
+/// One validation problem and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column in the file, when known.
+    pub line: usize,
+    pub column: usize,
+    /// The entry and field, e.g. `networks[0] "moitt-hq-lan" field "cidr"`.
+    pub place: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.line, self.column)?;
+        if !self.place.is_empty() {
+            write!(f, "{}: ", self.place)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a registry was rejected: every problem found, in file order.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot read registry {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("registry {path} is invalid ({} problem{}):\n{}", .problems.len(),
+        if .problems.len() == 1 { "" } else { "s" },
+        .problems.iter().map(|p| format!("  {path}:{p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl RegistryError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+impl Registry {
+    /// Reads and validates a registry file.
+    pub fn load(path: &Path) -> Result<Self, RegistryError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|problems| RegistryError::Invalid {
+            path: display,
+            problems,
+        })
+    }
+
+    /// Parses and validates registry text; all problems at once, or the registry.
+    pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {
+        let mut located = raw::parse(text)?;
+        let mut problems = std::mem::take(&mut located.problems);
+        problems.extend(located.cross_check());
+        problems.sort_by_key(|p| (p.line, p.column));
+        if problems.is_empty() {
+            Ok(located.registry)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// A registry with the place of each entry, for checks across entries.
+pub(crate) struct Located {
+    pub registry: Registry,
+    /// (section, position in `registry`) → (index in the file's list, line, column).
+    pub places: HashMap<(&'static str, usize), (usize, usize, usize)>,
+    /// Problems of single entries (those entries are left out of `registry`).
+    pub problems: Vec<Problem>,
+}
+
+impl Located {
+    fn place_of(&self, section: &'static str, position: usize) -> (usize, usize, usize) {
+        self.places
+            .get(&(section, position))
+            .copied()
+            .unwrap_or((position, 1, 1))
+    }
+
+    /// Names unique across the whole registry; no prefix listed twice in the allowlist (networks
+    /// and devices) or twice in the deny list.
+    fn cross_check(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut names: HashMap<&str, String> = HashMap::new();
+        let mut allow: HashMap<IpNet, String> = HashMap::new();
+        let mut deny: HashMap<IpNet, String> = HashMap::new();
+        let r = &self.registry;
+
+        let mut entries: Vec<(&'static str, usize, Option<&str>, Option<(IpNet, bool)>)> =
+            Vec::new();
+        entries.extend(
+            r.networks
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ("networks", i, Some(n.name.as_str()), Some((n.cidr, true)))),
+        );
+        entries.extend(r.devices.iter().enumerate().map(|(i, d)| {
+            (
+                "devices",
+                i,
+                Some(d.name.as_str()),
+                Some((IpNet::from(d.address), true)),
+            )
+        }));
+        entries.extend(
+            r.vpn_endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, v)| ("vpn_endpoints", i, Some(v.name.as_str()), None)),
+        );
+        entries.extend(
+            r.deny
+                .iter()
+                .enumerate()
+                .map(|(i, d)| ("deny", i, d.name.as_deref(), Some((d.cidr, false)))),
+        );
+
+        for (section, position, name, prefix) in entries {
+            let (index, line, column) = self.place_of(section, position);
+            let here = format!("{section}[{index}]");
+            let mut problem = |place: String, message: String| {
+                problems.push(Problem {
+                    line,
+                    column,
+                    place,
+                    message,
+                });
+            };
+            if let Some(name) = name {
+                match names.get(name) {
+                    Some(first) => problem(
+                        format!("{here} \"{name}\" field \"name\""),
+                        format!("duplicate name \"{name}\", already used by {first}"),
+                    ),
+                    None => {
+                        names.insert(name, here.clone());
+                    }
+                }
+            }
+            if let Some((prefix, is_allow)) = prefix {
+                let seen = if is_allow { &mut allow } else { &mut deny };
+                match seen.get(&prefix) {
+                    Some(first) => problem(
+                        format!(
+                            "{here}{}",
+                            name.map(|n| format!(" \"{n}\"")).unwrap_or_default()
+                        ),
+                        format!("prefix {prefix} is already listed by {first}"),
+                    ),
+                    None => {
+                        seen.insert(prefix, here.clone());
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests;

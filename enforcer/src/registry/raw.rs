@@ -1,0 +1,462 @@
+//! The JSON layer: reads the file into raw entries, keeping where each one starts, so that every
+//! problem can name its line and column as well as its entry and field.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{
+    Date, DenyEntry, Device, Located, Mode, Network, PortSpec, Problem, Registry, SCHEMA_VERSION,
+    VpnEndpoint,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry<'a> {
+    schema: u32,
+    mode: String,
+    #[serde(borrow, default)]
+    networks: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    devices: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    vpn_endpoints: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    deny: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    name: String,
+    cidr: String,
+    ministry: Option<String>,
+    ports: Option<Vec<String>>,
+    expires: Option<String>,
+    note: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    address: String,
+    owner: Option<String>,
+    ports: Option<Vec<String>>,
+    expires: Option<String>,
+    note: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVpnEndpoint {
+    name: String,
+    address: String,
+    protocol: String,
+    port: Option<u16>,
+    approval: String,
+    expires: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeny {
+    name: Option<String>,
+    cidr: String,
+    note: Option<String>,
+    expires: Option<String>,
+}
+
+/// VPN protocols an approved endpoint may name (the kernel's VPN signatures use the same names).
+const VPN_PROTOCOLS: [&str; 9] = [
+    "wireguard",
+    "openvpn",
+    "ipsec",
+    "l2tp",
+    "pptp",
+    "tailscale",
+    "anyconnect",
+    "zerotier",
+    "softether",
+];
+
+/// Line and column (1-based) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+/// serde_json's message without its " at line L column C" suffix (we give the place ourselves).
+fn message_of(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" at line ") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
+/// Collects the problems of one entry, placing each at the field it concerns.
+struct EntryCheck<'t> {
+    text: &'t str,
+    raw: &'t RawValue,
+    place: String,
+    problems: Vec<Problem>,
+}
+
+impl<'t> EntryCheck<'t> {
+    fn new(text: &'t str, raw: &'t RawValue, section: &str, index: usize) -> Self {
+        Self {
+            text,
+            raw,
+            place: format!("{section}[{index}]"),
+            problems: Vec::new(),
+        }
+    }
+
+    fn offset(&self) -> usize {
+        self.raw.get().as_ptr() as usize - self.text.as_ptr() as usize
+    }
+
+    fn start(&self) -> (usize, usize) {
+        position(self.text, self.offset())
+    }
+
+    fn named(&mut self, name: Option<&str>) {
+        if let Some(name) = name {
+            self.place = format!("{} \"{name}\"", self.place);
+        }
+    }
+
+    /// Where `"field":` appears in this entry, or the entry's start.
+    fn field_position(&self, field: &str) -> (usize, usize) {
+        let raw = self.raw.get();
+        let key = format!("\"{field}\"");
+        let mut from = 0;
+        while let Some(found) = raw[from..].find(&key) {
+            let at = from + found;
+            if raw[at + key.len()..].trim_start().starts_with(':') {
+                return position(self.text, self.offset() + at);
+            }
+            from = at + key.len();
+        }
+        self.start()
+    }
+
+    fn problem(&mut self, field: &str, message: String) {
+        let (line, column) = self.field_position(field);
+        let place = format!("{} field \"{field}\"", self.place);
+        self.problems.push(Problem {
+            line,
+            column,
+            place,
+            message,
+        });
+    }
+
+    /// Parses the entry into its raw struct, or records serde's problem at its position.
+    fn deserialize<T: for<'de> Deserialize<'de>>(&mut self) -> Option<T> {
+        match serde_json::from_str::<T>(self.raw.get()) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let (line0, column0) = self.start();
+                let line = line0 + error.line().saturating_sub(1);
+                let column = if error.line() <= 1 {
+                    column0 + error.column().saturating_sub(1)
+                } else {
+                    error.column()
+                };
+                self.problems.push(Problem {
+                    line,
+                    column,
+                    place: self.place.clone(),
+                    message: message_of(&error),
+                });
+                None
+            }
+        }
+    }
+
+    fn cidr(&mut self, field: &str, text: &str) -> Option<IpNet> {
+        let net = match text.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => {
+                match text.parse::<IpAddr>() {
+                    // A bare address is its own /32 or /128.
+                    Ok(addr) => IpNet::from(addr),
+                    Err(_) => {
+                        self.problem(field, format!("invalid CIDR \"{text}\" (expected e.g. 10.20.0.0/16 or 2001:db8::/48)"));
+                        return None;
+                    }
+                }
+            }
+        };
+        if net.trunc() != net {
+            self.problem(
+                field,
+                format!(
+                    "host bits set in \"{text}\": the network is {}",
+                    net.trunc()
+                ),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn address(&mut self, field: &str, text: &str) -> Option<IpAddr> {
+        match text.parse::<IpAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(field, format!("invalid address \"{text}\" (a device is one IPv4 or IPv6 address, e.g. 10.30.5.17)"));
+                None
+            }
+        }
+    }
+
+    fn date(&mut self, field: &str, text: Option<&str>) -> Option<Option<Date>> {
+        match text.map(Date::parse) {
+            None => Some(None),
+            Some(Ok(date)) => Some(Some(date)),
+            Some(Err(message)) => {
+                self.problem(field, message);
+                None
+            }
+        }
+    }
+
+    fn ports(&mut self, specs: Option<&[String]>) -> Option<Option<Vec<PortSpec>>> {
+        let Some(specs) = specs else {
+            return Some(None);
+        };
+        if specs.is_empty() {
+            self.problem(
+                "ports",
+                "empty ports list: omit \"ports\" to allow every port".to_string(),
+            );
+            return None;
+        }
+        let mut parsed = Vec::with_capacity(specs.len());
+        let mut ok = true;
+        for spec in specs {
+            match PortSpec::parse(spec) {
+                Ok(spec) => parsed.push(spec),
+                Err(message) => {
+                    self.problem("ports", message);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(Some(parsed))
+    }
+
+    fn name(&mut self, name: &str) -> bool {
+        if name.trim().is_empty() {
+            self.problem("name", "empty name".to_string());
+            return false;
+        }
+        true
+    }
+}
+
+fn network(check: &mut EntryCheck<'_>) -> Option<Network> {
+    let raw: RawNetwork = check.deserialize()?;
+    check.named(Some(&raw.name));
+    let named = check.name(&raw.name);
+    let cidr = check.cidr("cidr", &raw.cidr);
+    let ports = check.ports(raw.ports.as_deref());
+    let expires = check.date("expires", raw.expires.as_deref());
+    Some(Network {
+        name: named.then_some(raw.name)?,
+        cidr: cidr?,
+        ministry: raw.ministry,
+        ports: ports?,
+        expires: expires?,
+        note: raw.note,
+    })
+}
+
+fn device(check: &mut EntryCheck<'_>) -> Option<Device> {
+    let raw: RawDevice = check.deserialize()?;
+    check.named(Some(&raw.name));
+    let named = check.name(&raw.name);
+    let address = check.address("address", &raw.address);
+    let ports = check.ports(raw.ports.as_deref());
+    let expires = check.date("expires", raw.expires.as_deref());
+    Some(Device {
+        name: named.then_some(raw.name)?,
+        address: address?,
+        owner: raw.owner,
+        ports: ports?,
+        expires: expires?,
+        note: raw.note,
+    })
+}
+
+fn vpn_endpoint(check: &mut EntryCheck<'_>) -> Option<VpnEndpoint> {
+    let raw: RawVpnEndpoint = check.deserialize()?;
+    check.named(Some(&raw.name));
+    let named = check.name(&raw.name);
+    let address = check.cidr("address", &raw.address);
+    let protocol_ok = VPN_PROTOCOLS.contains(&raw.protocol.as_str());
+    if !protocol_ok {
+        check.problem(
+            "protocol",
+            format!(
+                "unknown VPN protocol \"{}\" (expected one of: {})",
+                raw.protocol,
+                VPN_PROTOCOLS.join(", ")
+            ),
+        );
+    }
+    if raw.port == Some(0) {
+        check.problem("port", "port 0 is not a port".to_string());
+    }
+    let approval_ok = !raw.approval.trim().is_empty();
+    if !approval_ok {
+        check.problem(
+            "approval",
+            "an approved VPN endpoint needs its approval reference".to_string(),
+        );
+    }
+    let expires = check.date("expires", raw.expires.as_deref());
+    let valid = named && protocol_ok && approval_ok && raw.port != Some(0);
+    Some(VpnEndpoint {
+        name: raw.name,
+        address: address?,
+        protocol: raw.protocol,
+        port: raw.port,
+        approval: raw.approval,
+        expires: expires?,
+    })
+    .filter(|_| valid)
+}
+
+fn deny(check: &mut EntryCheck<'_>) -> Option<DenyEntry> {
+    let raw: RawDeny = check.deserialize()?;
+    check.named(raw.name.as_deref());
+    let named = raw.name.as_deref().is_none_or(|name| check.name(name));
+    let cidr = check.cidr("cidr", &raw.cidr);
+    let expires = check.date("expires", raw.expires.as_deref());
+    Some(DenyEntry {
+        name: raw.name,
+        cidr: cidr?,
+        note: raw.note,
+        expires: expires?,
+    })
+    .filter(|_| named)
+}
+
+/// Parses every section and entry, collecting all problems; the registry only if there are none.
+/// Only a file that is not JSON of the right overall shape fails here; the problems of entries
+/// are returned in `Located::problems`.
+pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
+    let top: RawRegistry<'_> = serde_json::from_str(text).map_err(|error| {
+        vec![Problem {
+            line: error.line().max(1),
+            column: error.column().max(1),
+            place: String::new(),
+            message: message_of(&error),
+        }]
+    })?;
+    let mut problems = Vec::new();
+    let top_problem = |field: &str, message: String| {
+        let key = format!("\"{field}\"");
+        let (line, column) = text.find(&key).map_or((1, 1), |at| position(text, at));
+        Problem {
+            line,
+            column,
+            place: format!("field \"{field}\""),
+            message,
+        }
+    };
+    if top.schema != SCHEMA_VERSION {
+        problems.push(top_problem(
+            "schema",
+            format!(
+                "unsupported schema {} (this enforcer reads schema {SCHEMA_VERSION})",
+                top.schema
+            ),
+        ));
+    }
+    let mode = match top.mode.parse::<Mode>() {
+        Ok(mode) => Some(mode),
+        Err(message) => {
+            problems.push(top_problem("mode", message));
+            None
+        }
+    };
+
+    let mut places = HashMap::new();
+    let networks = section(
+        text,
+        "networks",
+        &top.networks,
+        network,
+        &mut problems,
+        &mut places,
+    );
+    let devices = section(
+        text,
+        "devices",
+        &top.devices,
+        device,
+        &mut problems,
+        &mut places,
+    );
+    let vpn_endpoints = section(
+        text,
+        "vpn_endpoints",
+        &top.vpn_endpoints,
+        vpn_endpoint,
+        &mut problems,
+        &mut places,
+    );
+    let deny = section(text, "deny", &top.deny, deny, &mut problems, &mut places);
+
+    // A bad mode is already a problem; Monitor only fills the slot so that the cross-entry
+    // checks can still run and report everything at once.
+    let registry = Registry {
+        mode: mode.unwrap_or(Mode::Monitor),
+        networks,
+        devices,
+        vpn_endpoints,
+        deny,
+    };
+    Ok(Located {
+        registry,
+        places,
+        problems,
+    })
+}
+
+/// (section, position among the valid entries) → (index in the file's list, line, column).
+type Places = HashMap<(&'static str, usize), (usize, usize, usize)>;
+
+/// Parses one section's entries; an entry with a problem is left out and its problems recorded.
+fn section<T>(
+    text: &str,
+    name: &'static str,
+    raws: &[&RawValue],
+    parse_entry: fn(&mut EntryCheck<'_>) -> Option<T>,
+    problems: &mut Vec<Problem>,
+    places: &mut Places,
+) -> Vec<T> {
+    let mut entries = Vec::with_capacity(raws.len());
+    for (index, raw) in raws.iter().enumerate() {
+        let mut check = EntryCheck::new(text, raw, name, index);
+        if let Some(entry) = parse_entry(&mut check) {
+            let (line, column) = check.start();
+            places.insert((name, entries.len()), (index, line, column));
+            entries.push(entry);
+        }
+        problems.append(&mut check.problems);
+    }
+    entries
+}

@@ -1,0 +1,182 @@
+//! Runs the real `enforcer` binary inside a test namespace, and reads its counters through
+//! `enforcer stats --json`, as an operator would.
+
+use std::{
+    fs::File,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use enforcer::instance::InstanceId;
+use serde_json::Value;
+
+use crate::netns::Netns;
+
+/// The `enforcer` binary: `$ENFORCER_BIN`, else next to the running test binary's target dir.
+pub fn enforcer_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("ENFORCER_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("enforcer");
+    assert!(
+        bin.exists(),
+        "enforcer binary not found at {}; build it first (`cargo xtask test` does) or set ENFORCER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `enforcer run`, stopped with SIGTERM on drop.
+pub struct Enforcer {
+    child: Option<Child>,
+    pub instance: String,
+    log: PathBuf,
+}
+
+impl Enforcer {
+    /// Starts `enforcer run --iface IFACE --registry REGISTRY [extra args]` inside `ns` (network
+    /// namespace only: the mount namespace, and so bpffs, stays the host's) and waits until it
+    /// has attached.
+    pub fn start(ns: &Netns, iface: &str, registry: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let ns_file = File::open(ns.path())?;
+        let log = std::env::temp_dir().join(format!("{}-{iface}.log", ns.name));
+        let log_file = File::create(&log)?;
+        let mut command = Command::new(enforcer_bin());
+        command
+            .args(["run", "--iface", iface, "--registry"])
+            .arg(registry)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let fd = ns_file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `fd` stays open (ns_file lives until spawn returns).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("spawn enforcer")?;
+        let instance = InstanceId {
+            iface: iface.to_string(),
+            netns: ns.inode()?,
+        }
+        .name();
+        let mut enforcer = Self {
+            child: Some(child),
+            instance,
+            log,
+        };
+        enforcer.wait_attached()?;
+        Ok(enforcer)
+    }
+
+    fn wait_attached(&mut self) -> anyhow::Result<()> {
+        let state = InstanceId::parse(&self.instance)
+            .expect("instance name")
+            .state_file();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().expect("child").try_wait()? {
+                bail!(
+                    "enforcer exited with {status} before attaching:\n{}",
+                    self.log_text()
+                );
+            }
+            if state.exists() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("enforcer did not attach within 20 s:\n{}", self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `enforcer stats --instance I --json`.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let output = Command::new(enforcer_bin())
+            .args(["stats", "--json", "--instance", &self.instance])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "enforcer stats failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(Stats(serde_json::from_slice(&output.stdout)?))
+    }
+
+    /// Stops the enforcer (SIGTERM) and waits for it; returns its log.
+    pub fn stop(&mut self) -> anyhow::Result<String> {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id())?;
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("enforcer did not stop on SIGTERM within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(self.log_text())
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The JSON of `enforcer stats`.
+pub struct Stats(pub Value);
+
+impl Stats {
+    fn reason(&self, label: &str) -> &Value {
+        self.0["reasons"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["reason"] == label))
+            .unwrap_or_else(|| panic!("reason {label} missing from stats: {}", self.0))
+    }
+
+    /// Packets carried out with this reason.
+    pub fn packets(&self, label: &str) -> u64 {
+        self.reason(label)["packets"].as_u64().unwrap_or(0)
+    }
+
+    /// Packets monitor mode let through that would have been dropped with this reason.
+    pub fn would_drop(&self, label: &str) -> u64 {
+        self.reason(label)["would_drop_packets"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Packets a named rule decided.
+    pub fn rule_hits(&self, name: &str) -> u64 {
+        self.0["rules"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("rule {name} missing from stats: {}", self.0))
+    }
+}

@@ -1,0 +1,98 @@
+//! `cargo xtask`: set up, build, demo, test and benchmark the enforcer.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "Set-up, build, demo, test and bench of the enforcer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (Debian packages, rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Set up, then build the enforcer (the XDP program is built and embedded).
+    Build,
+    /// Set up, build, and show the enforcer protecting a throw-away namespace lab.
+    Demo,
+    /// Set up, build, and run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and measure the per-packet cost (BPF_PROG_TEST_RUN) beside a bare program.
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build()
+        }
+        Task::Demo => {
+            setup::setup()?;
+            build()?;
+            // The demo lives in the test harness crate: xtask itself must build on a machine
+            // without bpf-linker, since installing it is what setup is for.
+            cargo(&["run", "--quiet", "-p", "enforcer-tests", "--bin", "demo"])
+        }
+        Task::Test { args } => {
+            setup::setup()?;
+            build()?;
+            test(&args)
+        }
+        Task::Bench => {
+            setup::setup()?;
+            build()?;
+            cargo(&["run", "--release", "-p", "enforcer-tests", "--bin", "bench"])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn enforcer_bin() -> PathBuf {
+    workspace_root().join("target/debug/enforcer")
+}
+
+/// Runs cargo in the workspace with our bpf-linker on PATH.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+        .args(args)
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_linker())
+        .env("ENFORCER_BIN", enforcer_bin())
+        .status()?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    cargo(&["build", "-p", "enforcer"])
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
