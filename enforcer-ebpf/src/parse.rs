@@ -308,7 +308,8 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Frame, Malformed> {
     let mut walked: usize = 0;
     let mut fragment = Fragment::Whole;
     let mut done = false;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One pass more than the headers we walk: the last pass can only find the final protocol.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext = ptr_at::<Ipv6ExtHdr>(ctx, l3 + IPV6_HDR_LEN + walked)?;

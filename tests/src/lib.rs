@@ -3,6 +3,7 @@
 //! frames for BPF_PROG_TEST_RUN (`packet`). The demo uses the same pieces.
 
 pub mod daemon;
+pub mod kernel;
 pub mod netns;
 pub mod packet;
 pub mod topology;

@@ -1,1 +1,190 @@
+use enforcer_common::{PortKey, RULE_ANY_PORT, RULE_ICMP, Reason};
 
+use super::{Policy, PolicyError, RuleKind};
+use crate::registry::{Date, Protocol, Registry};
+
+const EXAMPLE: &str = include_str!("../../../examples/registry.json");
+
+fn today() -> Date {
+    Date::parse("2026-11-27").unwrap()
+}
+
+fn compile(text: &str) -> Policy {
+    Policy::compile(&Registry::parse(text).unwrap(), today()).unwrap()
+}
+
+#[test]
+fn rules_are_numbered_networks_devices_deny() {
+    let policy = compile(EXAMPLE);
+    let kinds: Vec<(u32, RuleKind, &str)> = policy
+        .rules
+        .iter()
+        .map(|r| (r.index, r.kind, r.name.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (0, RuleKind::Network, "moitt-hq-lan"),
+            (1, RuleKind::Network, "nitb-noc-v6"),
+            (2, RuleKind::Network, "mofa-branch"),
+            (3, RuleKind::Device, "dcs-laptop-01"),
+            (4, RuleKind::Device, "auditor-laptop"),
+            (5, RuleKind::Deny, "203.0.113.0/24"),
+            (6, RuleKind::Deny, "compromised-host"),
+        ]
+    );
+    assert_eq!(policy.rules[3].prefix.to_string(), "10.30.5.17/32");
+    assert_eq!(policy.rules[4].prefix.to_string(), "2001:db8:20:5::17/128");
+}
+
+#[test]
+fn flags_and_port_keys() {
+    let policy = compile(EXAMPLE);
+    assert_eq!(
+        policy.rules[0].flags(),
+        0,
+        "443/tcp,22/tcp: port-restricted, no ICMP"
+    );
+    assert_eq!(policy.rules[1].flags(), RULE_ANY_PORT);
+    assert_eq!(policy.rules[2].flags(), RULE_ICMP);
+    let key = |rule, port: u16| PortKey {
+        rule,
+        port_be: port.to_be_bytes(),
+        proto: 6,
+        _pad: 0,
+    };
+    for expected in [
+        key(0, 443),
+        key(0, 22),
+        key(2, 443),
+        key(2, 8443),
+        key(4, 443),
+    ] {
+        assert!(policy.port_keys.contains(&expected), "missing {expected:?}");
+    }
+    assert_eq!(policy.port_keys.len(), 5);
+}
+
+#[test]
+fn port_ranges_expand_and_are_bounded() {
+    let text = r#"{"schema": 1, "mode": "enforce", "networks": [
+      {"name": "a", "cidr": "10.0.0.0/8", "ports": ["8000-8009/tcp", "53/udp", "8005/tcp"]}]}"#;
+    let policy = compile(text);
+    assert_eq!(
+        policy.port_keys.len(),
+        11,
+        "10 TCP ports (8005 once) + 1 UDP"
+    );
+    assert!(
+        policy
+            .port_keys
+            .iter()
+            .any(|k| k.proto == 17 && k.port_be == 53u16.to_be_bytes())
+    );
+
+    let huge = r#"{"schema": 1, "mode": "enforce", "networks": [
+      {"name": "a", "cidr": "10.0.0.0/8", "ports": ["1-65535/tcp"]},
+      {"name": "b", "cidr": "10.1.0.0/16", "ports": ["1-65535/udp"]}]}"#;
+    let error = Policy::compile(&Registry::parse(huge).unwrap(), today()).unwrap_err();
+    assert!(
+        matches!(error, PolicyError::TooManyPorts(n) if n > 65_536),
+        "{error}"
+    );
+}
+
+#[test]
+fn expired_entries_are_skipped_and_reported() {
+    let text = r#"{"schema": 1, "mode": "enforce",
+      "networks": [{"name": "old", "cidr": "10.0.0.0/8", "expires": "2026-11-26"},
+                   {"name": "today", "cidr": "10.1.0.0/16", "expires": "2026-11-27"}],
+      "devices": [{"name": "gone", "address": "192.0.2.1", "expires": "2020-01-01"}],
+      "vpn_endpoints": [{"name": "wg", "address": "198.51.100.7", "protocol": "wireguard", "approval": "X", "expires": "2026-01-31"}],
+      "deny": [{"cidr": "203.0.113.0/24", "expires": "2025-01-01"}]}"#;
+    let policy = compile(text);
+    let names: Vec<&str> = policy.rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["today"],
+        "an entry applies through its expiry day"
+    );
+    let expired: Vec<(&str, &str)> = policy
+        .expired
+        .iter()
+        .map(|e| (e.section, e.name.as_str()))
+        .collect();
+    assert_eq!(
+        expired,
+        vec![
+            ("networks", "old"),
+            ("devices", "gone"),
+            ("deny", "203.0.113.0/24"),
+            ("vpn_endpoints", "wg")
+        ]
+    );
+    assert_eq!(policy.vpn_endpoints, 0);
+}
+
+#[test]
+fn check_follows_the_verdict_order() {
+    let policy = compile(EXAMPLE);
+    let check = |addr: &str, proto, port| {
+        let d = policy.check(addr.parse().unwrap(), proto, port);
+        (d.reason, d.rule.map(|r| r.name.clone()))
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        check("10.20.3.4", Protocol::Tcp, Some(443)),
+        (Reason::Allowed, some("moitt-hq-lan"))
+    );
+    assert_eq!(
+        check("10.20.3.4", Protocol::Tcp, Some(22)),
+        (Reason::Allowed, some("moitt-hq-lan"))
+    );
+    assert_eq!(
+        check("10.20.3.4", Protocol::Tcp, Some(80)),
+        (Reason::PortNotAllowed, some("moitt-hq-lan"))
+    );
+    assert_eq!(
+        check("10.20.3.4", Protocol::Udp, Some(443)),
+        (Reason::PortNotAllowed, some("moitt-hq-lan"))
+    );
+    assert_eq!(
+        check("10.20.3.4", Protocol::Icmp, None),
+        (Reason::PortNotAllowed, some("moitt-hq-lan"))
+    );
+    assert_eq!(
+        check("10.40.8.9", Protocol::Icmp, None),
+        (Reason::Allowed, some("mofa-branch"))
+    );
+    // deny beats a covering allow
+    assert_eq!(
+        check("10.20.66.6", Protocol::Tcp, Some(443)),
+        (Reason::Denied, some("compromised-host"))
+    );
+    assert_eq!(
+        check("203.0.113.5", Protocol::Tcp, Some(443)),
+        (Reason::Denied, some("203.0.113.0/24"))
+    );
+    // device: every port
+    assert_eq!(
+        check("10.30.5.17", Protocol::Udp, Some(9999)),
+        (Reason::Allowed, some("dcs-laptop-01"))
+    );
+    assert_eq!(
+        check("10.30.5.18", Protocol::Tcp, Some(443)),
+        (Reason::NotAllowlisted, None)
+    );
+    // IPv6: a device inside a network is the longer prefix and carries its own ports
+    assert_eq!(
+        check("2001:db8:20:5::17", Protocol::Tcp, Some(22)),
+        (Reason::PortNotAllowed, some("auditor-laptop"))
+    );
+    assert_eq!(
+        check("2001:db8:20:5::18", Protocol::Tcp, Some(22)),
+        (Reason::Allowed, some("nitb-noc-v6"))
+    );
+    assert_eq!(
+        check("2001:db8:21::1", Protocol::Tcp, Some(443)),
+        (Reason::NotAllowlisted, None)
+    );
+}

@@ -1,0 +1,173 @@
+//! Running crafted frames through the real compiled XDP program with BPF_PROG_TEST_RUN, and
+//! reading which counter each one moved.
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use enforcer::{
+    datapath::{Datapath, VerdictCounts},
+    policy::Policy,
+    registry::{Date, Mode, Registry},
+};
+use enforcer_common::{Action, Reason};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The program loaded with a policy, ready for test runs.
+pub struct Loaded {
+    pub datapath: Datapath,
+    pub policy: Policy,
+}
+
+impl Loaded {
+    /// Loads the program and fills its maps from registry text (entries in force on 2026-11-27).
+    pub fn new(registry: &str) -> Self {
+        crate::netns::require_root();
+        let registry =
+            Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
+        let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
+            .expect("test policy compiles");
+        let mut datapath = Datapath::load().expect("the XDP program loads (verifier accepts it)");
+        datapath.fill(&policy).expect("maps fill");
+        Self { datapath, policy }
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.datapath.set_mode(mode).expect("set mode");
+    }
+
+    /// Runs one frame; returns the XDP action.
+    pub fn run(&self, frame: &[u8]) -> u32 {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        self.datapath
+            .program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    }
+
+    /// Runs one frame `repeat` times in the kernel; returns the mean ns per run.
+    pub fn time(&self, frame: &[u8], repeat: u32) -> u64 {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let result = self
+            .datapath
+            .program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
+        u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn counts(&self) -> VerdictCounts {
+        self.datapath.verdicts().expect("read verdict counters")
+    }
+
+    pub fn hits(&self) -> Vec<u64> {
+        self.datapath
+            .rule_hits(u32::try_from(self.policy.rules.len()).unwrap())
+            .expect("read rule hits")
+    }
+
+    fn rule_index(&self, name: &str) -> usize {
+        self.policy
+            .rules
+            .iter()
+            .position(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no rule named {name} in the test registry"))
+    }
+}
+
+/// One row of a table: a frame and what the program must do with it.
+pub struct Case {
+    pub what: &'static str,
+    pub frame: Vec<u8>,
+    pub reason: Reason,
+    /// The rule that must be credited, by name (`None`: no rule).
+    pub rule: Option<&'static str>,
+}
+
+pub fn case(
+    what: &'static str,
+    frame: Vec<u8>,
+    reason: Reason,
+    rule: Option<&'static str>,
+) -> Case {
+    Case {
+        what,
+        frame,
+        reason,
+        rule,
+    }
+}
+
+/// Runs every case and checks the action, the one counter slot that moved (enforced, or
+/// would-drop in monitor mode) and the rule credited. Panics listing every failed row.
+pub fn check_table(loaded: &Loaded, monitor: bool, cases: &[Case]) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let before = loaded.counts();
+        let hits_before = loaded.hits();
+        let action = loaded.run(&case.frame);
+        let after = loaded.counts();
+        let hits_after = loaded.hits();
+
+        let drop = case.reason.action() == Action::Drop;
+        let expected_action = if drop && !monitor { XDP_DROP } else { XDP_PASS };
+        let mut problems = Vec::new();
+        if action != expected_action {
+            problems.push(format!(
+                "action {action}, expected {expected_action} (1 drop, 2 pass)"
+            ));
+        }
+        for reason in Reason::ALL {
+            let enforced = after.packets(reason) - before.packets(reason);
+            let monitored = after.would_drop(reason) - before.would_drop(reason);
+            let want_monitored = u64::from(reason == case.reason && drop && monitor);
+            let want_enforced = u64::from(reason == case.reason) - want_monitored;
+            if enforced != want_enforced || monitored != want_monitored {
+                problems.push(format!(
+                    "counter {}: +{enforced} enforced/+{monitored} would-drop, expected +{want_enforced}/+{want_monitored}",
+                    reason.label()
+                ));
+            }
+        }
+        let credited: Vec<usize> = (0..hits_after.len())
+            .filter(|&i| hits_after[i] != hits_before[i])
+            .collect();
+        let want: Vec<usize> = case
+            .rule
+            .map(|name| loaded.rule_index(name))
+            .into_iter()
+            .collect();
+        if credited != want {
+            let names: Vec<&str> = credited
+                .iter()
+                .map(|&i| loaded.policy.rules[i].name.as_str())
+                .collect();
+            problems.push(format!(
+                "rules credited {names:?}, expected {:?}",
+                case.rule
+            ));
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{} (expected {}): {}",
+                case.what,
+                case.reason.label(),
+                problems.join("; ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n  {}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n  ")
+    );
+}

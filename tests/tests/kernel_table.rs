@@ -1,0 +1,780 @@
+//! Tables of crafted frames through the real compiled XDP program (BPF_PROG_TEST_RUN): each row
+//! asserts the action, the verdict counter that moved and the rule credited. Needs root.
+
+use enforcer::registry::{Mode, Protocol};
+use enforcer_common::Reason::{
+    Allowed, Denied, FragmentUnverified, LinkControl, Malformed, NonIp, NotAllowlisted,
+    PortNotAllowed,
+};
+use enforcer_tests::{
+    kernel::{Loaded, case, check_table},
+    packet::{self, ETH_P_8021AD, ETH_P_8021Q, Frame, GRE, L4},
+};
+
+const REGISTRY: &str = r#"{
+  "schema": 1, "mode": "enforce",
+  "networks": [
+    {"name": "lan", "cidr": "198.51.100.0/24", "ports": ["8080/tcp", "5353/udp", "icmp"]},
+    {"name": "open", "cidr": "192.0.2.0/25"},
+    {"name": "lan6", "cidr": "2001:db8:100::/64", "ports": ["8080/tcp", "icmp"]},
+    {"name": "open6", "cidr": "2001:db8:200::/48"}
+  ],
+  "devices": [
+    {"name": "dev", "address": "192.0.2.200"},
+    {"name": "dev6", "address": "2001:db8:bad::17"}
+  ],
+  "deny": [
+    {"name": "bad", "cidr": "198.51.100.128/25"},
+    {"name": "bad6", "cidr": "2001:db8:200:66::/64"}
+  ]
+}"#;
+
+const SERVER: &str = "192.0.2.1";
+const SERVER6: &str = "2001:db8:1::1";
+
+fn tcp(src: &str, port: u16) -> Frame {
+    let dst = if src.contains(':') { SERVER6 } else { SERVER };
+    Frame::tcp(src, dst, port)
+}
+
+fn udp(src: &str, port: u16) -> Frame {
+    let dst = if src.contains(':') { SERVER6 } else { SERVER };
+    Frame::udp(src, dst, port)
+}
+
+fn echo(src: &str) -> Frame {
+    let dst = if src.contains(':') { SERVER6 } else { SERVER };
+    Frame::echo(src, dst)
+}
+
+fn icmpv6(src: &str, kind: u8, hop_limit: u8) -> Frame {
+    Frame::new(
+        src.parse().unwrap(),
+        "ff02::1".parse().unwrap(),
+        L4::Icmpv6 { kind },
+    )
+    .hop_limit(hop_limit)
+}
+
+#[test]
+fn ipv4_allowlist_ports_and_deny() {
+    let loaded = Loaded::new(REGISTRY);
+    check_table(
+        &loaded,
+        false,
+        &[
+            case(
+                "approved network, allowed TCP port",
+                tcp("198.51.100.10", 8080).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "approved network, TCP port not listed",
+                tcp("198.51.100.10", 22).build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "approved network, allowed UDP port",
+                udp("198.51.100.10", 5353).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "approved network, TCP-only port over UDP",
+                udp("198.51.100.10", 8080).build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "approved network with icmp, echo",
+                echo("198.51.100.10").build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "approved network, GRE not listed",
+                Frame::new(
+                    "198.51.100.10".parse().unwrap(),
+                    SERVER.parse().unwrap(),
+                    L4::Raw {
+                        proto: GRE,
+                        bytes: vec![0; 8],
+                    },
+                )
+                .build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "unapproved source",
+                tcp("203.0.113.5", 8080).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "any-port network, odd UDP port",
+                udp("192.0.2.5", 9999).build(),
+                Allowed,
+                Some("open"),
+            ),
+            case(
+                "any-port network, GRE",
+                Frame::new(
+                    "192.0.2.5".parse().unwrap(),
+                    SERVER.parse().unwrap(),
+                    L4::Raw {
+                        proto: GRE,
+                        bytes: vec![0; 8],
+                    },
+                )
+                .build(),
+                Allowed,
+                Some("open"),
+            ),
+            case(
+                "device /32 outside its neighbours' network",
+                tcp("192.0.2.200", 22).build(),
+                Allowed,
+                Some("dev"),
+            ),
+            case(
+                "address next to the device",
+                tcp("192.0.2.201", 22).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "deny beats a covering allow",
+                tcp("198.51.100.200", 8080).build(),
+                Denied,
+                Some("bad"),
+            ),
+            case(
+                "short UDP frame padded to 60 bytes",
+                {
+                    let mut f = udp("198.51.100.10", 5353).payload(1).build();
+                    f.resize(60, 0);
+                    f
+                },
+                Allowed,
+                Some("lan"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn ipv6_allowlist_extension_headers_and_deny() {
+    let loaded = Loaded::new(REGISTRY);
+    check_table(
+        &loaded,
+        false,
+        &[
+            case(
+                "approved v6 network, allowed port",
+                tcp("2001:db8:100::10", 8080).build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "approved v6 network, port not listed",
+                tcp("2001:db8:100::10", 22).build(),
+                PortNotAllowed,
+                Some("lan6"),
+            ),
+            case(
+                "approved v6 network, ICMPv6 echo",
+                echo("2001:db8:100::10").build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "unapproved v6 source",
+                tcp("2001:db8:999::1", 8080).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "v6 device /128",
+                udp("2001:db8:bad::17", 53).build(),
+                Allowed,
+                Some("dev6"),
+            ),
+            case(
+                "v6 deny inside an any-port network",
+                tcp("2001:db8:200:66::5", 443).build(),
+                Denied,
+                Some("bad6"),
+            ),
+            case(
+                "v6 any-port network",
+                tcp("2001:db8:200:1::5", 443).build(),
+                Allowed,
+                Some("open6"),
+            ),
+            case(
+                "hop-by-hop + destination options + routing, allowed port",
+                tcp("2001:db8:100::10", 8080)
+                    .ipv6_ext(0, 8)
+                    .ipv6_ext(60, 16)
+                    .ipv6_ext(43, 8)
+                    .build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "hop-by-hop + destination options + routing, port not listed",
+                tcp("2001:db8:100::10", 22)
+                    .ipv6_ext(0, 8)
+                    .ipv6_ext(60, 16)
+                    .ipv6_ext(43, 8)
+                    .build(),
+                PortNotAllowed,
+                Some("lan6"),
+            ),
+            case(
+                "eight extension headers (the most we walk)",
+                (0..7)
+                    .fold(tcp("2001:db8:100::10", 8080), |f, _| f.ipv6_ext(60, 8))
+                    .ipv6_ext(43, 8)
+                    .build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "nine extension headers: protocol unknowable",
+                (0..9)
+                    .fold(tcp("2001:db8:100::10", 8080), |f, _| f.ipv6_ext(60, 8))
+                    .build(),
+                Malformed,
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn vlan_tags_and_ipv4_options() {
+    let loaded = Loaded::new(REGISTRY);
+    check_table(
+        &loaded,
+        false,
+        &[
+            case(
+                "802.1Q, approved",
+                tcp("198.51.100.10", 8080).vlan(ETH_P_8021Q, 10).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "802.1Q, unapproved",
+                tcp("203.0.113.5", 8080).vlan(ETH_P_8021Q, 10).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "802.1Q, IPv6 port not listed",
+                tcp("2001:db8:100::10", 22).vlan(ETH_P_8021Q, 10).build(),
+                PortNotAllowed,
+                Some("lan6"),
+            ),
+            case(
+                "QinQ (802.1ad + 802.1Q), approved",
+                tcp("198.51.100.10", 8080)
+                    .vlan(ETH_P_8021AD, 100)
+                    .vlan(ETH_P_8021Q, 10)
+                    .build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "QinQ, denied",
+                tcp("198.51.100.200", 8080)
+                    .vlan(ETH_P_8021AD, 100)
+                    .vlan(ETH_P_8021Q, 10)
+                    .build(),
+                Denied,
+                Some("bad"),
+            ),
+            case(
+                "three VLAN tags: not parsed further",
+                tcp("198.51.100.10", 8080)
+                    .vlan(ETH_P_8021AD, 1)
+                    .vlan(ETH_P_8021Q, 2)
+                    .vlan(ETH_P_8021Q, 3)
+                    .build(),
+                NonIp,
+                None,
+            ),
+            case(
+                "IPv4 with 40 bytes of options, allowed port (IHL honoured)",
+                tcp("198.51.100.10", 8080).ipv4_options(40).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "IPv4 with options, port not listed",
+                tcp("198.51.100.10", 22).ipv4_options(40).build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "IPv4 with options in QinQ",
+                udp("198.51.100.10", 5353)
+                    .ipv4_options(8)
+                    .vlan(ETH_P_8021AD, 1)
+                    .vlan(ETH_P_8021Q, 2)
+                    .build(),
+                Allowed,
+                Some("lan"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn fragments_cannot_bypass_the_port_check() {
+    let loaded = Loaded::new(REGISTRY);
+    check_table(
+        &loaded,
+        false,
+        &[
+            case(
+                "v4 first fragment, allowed port",
+                tcp("198.51.100.10", 8080).fragment(0, true, 77).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "v4 later fragment of that datagram",
+                tcp("198.51.100.10", 8080).fragment(185, false, 77).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "v4 later fragment whose first was never seen",
+                tcp("198.51.100.10", 8080).fragment(185, false, 78).build(),
+                FragmentUnverified,
+                Some("lan"),
+            ),
+            case(
+                "v4 first fragment, port not listed",
+                tcp("198.51.100.10", 22).fragment(0, true, 79).build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "v4 later fragment of the refused datagram",
+                tcp("198.51.100.10", 22).fragment(185, false, 79).build(),
+                FragmentUnverified,
+                Some("lan"),
+            ),
+            case(
+                "v4 later fragment from an any-port network",
+                udp("192.0.2.5", 9).fragment(185, false, 999).build(),
+                Allowed,
+                Some("open"),
+            ),
+            case(
+                "v4 later fragment from an unapproved source",
+                udp("203.0.113.5", 9).fragment(185, false, 1000).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "v4 TCP fragment at offset 8 bytes (RFC 1858)",
+                tcp("198.51.100.10", 8080).fragment(1, true, 77).build(),
+                Malformed,
+                None,
+            ),
+            case(
+                "v6 first fragment, allowed port",
+                tcp("2001:db8:100::10", 8080).fragment(0, true, 5).build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "v6 later fragment of that datagram",
+                tcp("2001:db8:100::10", 8080)
+                    .fragment(100, false, 5)
+                    .build(),
+                Allowed,
+                Some("lan6"),
+            ),
+            case(
+                "v6 later fragment never matched",
+                tcp("2001:db8:100::10", 8080)
+                    .fragment(100, false, 6)
+                    .build(),
+                FragmentUnverified,
+                Some("lan6"),
+            ),
+            case(
+                "v6 first fragment after a hop-by-hop header, port not listed",
+                tcp("2001:db8:100::10", 22)
+                    .ipv6_ext(0, 8)
+                    .fragment(0, true, 7)
+                    .build(),
+                PortNotAllowed,
+                Some("lan6"),
+            ),
+            case(
+                "v6 later fragment of the refused datagram",
+                tcp("2001:db8:100::10", 22)
+                    .ipv6_ext(0, 8)
+                    .fragment(100, false, 7)
+                    .build(),
+                FragmentUnverified,
+                Some("lan6"),
+            ),
+        ],
+    );
+}
+
+/// Frames cut or corrupted at each header.
+#[test]
+fn malformed_and_truncated_headers() {
+    let loaded = Loaded::new(REGISTRY);
+    let good4 = tcp("198.51.100.10", 8080).build();
+    let good6 = tcp("2001:db8:100::10", 8080).build();
+    let patched = |mut frame: Vec<u8>, at: usize, value: u8| {
+        frame[at] = value;
+        frame
+    };
+    let cut = |frame: &[u8], len: usize| frame[..len].to_vec();
+    check_table(
+        &loaded,
+        false,
+        &[
+            case(
+                "Ethernet header only (IPv4 EtherType)",
+                cut(&good4, 14),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv4 header cut at 10 bytes",
+                cut(&good4, 24),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv4 total length beyond the frame",
+                cut(&good4, good4.len() - 4),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv4 IHL 4 (< 5)",
+                patched(good4.clone(), 14, 0x44),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv4 EtherType with version 6",
+                patched(good4.clone(), 14, 0x65),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv4 IHL beyond total length",
+                patched(patched(good4.clone(), 16, 0), 17, 24),
+                Malformed,
+                None,
+            ),
+            case(
+                "TCP header cut (IP total length covers 10 bytes of it)",
+                {
+                    let mut f = tcp("198.51.100.10", 8080).payload(0).build();
+                    f[16..18].copy_from_slice(&30u16.to_be_bytes());
+                    f.truncate(14 + 30);
+                    f
+                },
+                Malformed,
+                None,
+            ),
+            case(
+                "TCP data offset 4 (< 5)",
+                patched(good4.clone(), 14 + 20 + 12, 0x40),
+                Malformed,
+                None,
+            ),
+            case(
+                "TCP data offset beyond the IP payload",
+                patched(good4.clone(), 14 + 20 + 12, 0xF0),
+                Malformed,
+                None,
+            ),
+            case(
+                "UDP header cut",
+                cut(&udp("198.51.100.10", 5353).payload(0).build(), 14 + 20 + 4),
+                Malformed,
+                None,
+            ),
+            case(
+                "malformed beats deny: truncated frame from a denied source",
+                cut(&tcp("198.51.100.200", 8080).build(), 30),
+                Malformed,
+                None,
+            ),
+            case("IPv6 header cut", cut(&good6, 14 + 30), Malformed, None),
+            case(
+                "IPv6 payload length beyond the frame",
+                cut(&good6, good6.len() - 1),
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv6 payload length 0 (jumbogram)",
+                {
+                    let mut f = good6.clone();
+                    f[18] = 0;
+                    f[19] = 0;
+                    f
+                },
+                Malformed,
+                None,
+            ),
+            case(
+                "IPv6 extension header cut",
+                cut(
+                    &tcp("2001:db8:100::10", 8080)
+                        .ipv6_ext(60, 16)
+                        .payload(0)
+                        .build(),
+                    14 + 40 + 1,
+                ),
+                Malformed,
+                None,
+            ),
+            case(
+                "VLAN tag cut",
+                cut(&tcp("198.51.100.10", 8080).vlan(ETH_P_8021Q, 5).build(), 16),
+                Malformed,
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn link_control_and_non_ip() {
+    let loaded = Loaded::new(REGISTRY);
+    check_table(
+        &loaded,
+        false,
+        &[
+            case("ARP request", packet::arp_request(), LinkControl, None),
+            case(
+                "ARP in a VLAN",
+                {
+                    let mut f = packet::ethernet_header(&[(ETH_P_8021Q, 3)], packet::ETH_P_ARP);
+                    f.extend_from_slice(&packet::arp_request()[14..]);
+                    f
+                },
+                LinkControl,
+                None,
+            ),
+            case("LLDP", packet::non_ip_frame(), NonIp, None),
+            case(
+                "neighbour solicitation from an unapproved global address",
+                icmpv6("2001:db8:999::1", 135, 255).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "neighbour advertisement",
+                icmpv6("2001:db8:999::1", 136, 255).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "neighbour solicitation with hop limit 64 (routed: not NDP)",
+                icmpv6("2001:db8:999::1", 135, 64).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "router advertisement from link-local",
+                icmpv6("fe80::1", 134, 255).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "router advertisement from a global address",
+                icmpv6("2001:db8:999::1", 134, 255).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "router solicitation from ::",
+                icmpv6("::", 133, 255).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "MLDv2 report from :: behind hop-by-hop",
+                icmpv6("::", 143, 1).ipv6_ext(0, 8).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "MLD query from link-local",
+                icmpv6("fe80::1", 130, 1).ipv6_ext(0, 8).build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "MLD report from a global address",
+                icmpv6("2001:db8:999::1", 131, 1).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "ICMPv6 echo from unapproved",
+                echo("2001:db8:999::1").build(),
+                NotAllowlisted,
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn monitor_mode_passes_everything_and_counts_would_drops() {
+    let mut loaded = Loaded::new(REGISTRY);
+    loaded.set_mode(Mode::Monitor);
+    check_table(
+        &loaded,
+        true,
+        &[
+            case(
+                "allowed stays allowed",
+                tcp("198.51.100.10", 8080).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            case(
+                "unapproved passes, counted as would-drop",
+                tcp("203.0.113.5", 8080).build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
+                "denied passes, counted as would-drop",
+                tcp("198.51.100.200", 8080).build(),
+                Denied,
+                Some("bad"),
+            ),
+            case(
+                "port not listed passes, counted",
+                tcp("198.51.100.10", 22).build(),
+                PortNotAllowed,
+                Some("lan"),
+            ),
+            case(
+                "malformed passes, counted",
+                tcp("198.51.100.10", 8080).build()[..30].to_vec(),
+                Malformed,
+                None,
+            ),
+            case(
+                "link control unaffected",
+                packet::arp_request(),
+                LinkControl,
+                None,
+            ),
+        ],
+    );
+    loaded.set_mode(Mode::Enforce);
+    check_table(
+        &loaded,
+        false,
+        &[case(
+            "back in enforce mode: unapproved dropped",
+            tcp("203.0.113.5", 8080).build(),
+            NotAllowlisted,
+            None,
+        )],
+    );
+}
+
+/// A small xorshift generator: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The kernel's verdict equals the controller's reference evaluation (`Policy::check`) for random
+/// registries of overlapping prefixes and random addresses near them.
+#[test]
+fn kernel_agrees_with_the_reference_on_random_registries() {
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    for round in 0..4 {
+        let mut networks = Vec::new();
+        let mut deny = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..120 {
+            let len = 8 + rng.next() % 25; // /8 .. /32
+            let addr = u32::try_from(rng.next() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(); // clustered in 10.x
+            let net = ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
+                .unwrap()
+                .trunc();
+            let is_deny = rng.next() % 6 == 0;
+            if !seen.insert((net, is_deny)) {
+                continue;
+            }
+            let ports = if rng.next() % 2 == 0 {
+                String::new()
+            } else {
+                format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next() % 4)
+            };
+            if is_deny {
+                deny.push(format!(r#"{{"name": "d{i}", "cidr": "{net}"}}"#));
+            } else {
+                networks.push(format!(r#"{{"name": "n{i}", "cidr": "{net}"{ports}}}"#));
+            }
+        }
+        let text = format!(
+            r#"{{"schema": 1, "mode": "enforce", "networks": [{}], "deny": [{}]}}"#,
+            networks.join(","),
+            deny.join(",")
+        );
+        let loaded = Loaded::new(&text);
+        let mut mismatches = Vec::new();
+        for _ in 0..400 {
+            let addr = std::net::Ipv4Addr::from(
+                u32::try_from(rng.next() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
+            );
+            let port = u16::try_from(1 + rng.next() % 4).unwrap();
+            let expected = loaded.policy.check(addr.into(), Protocol::Tcp, Some(port));
+            let frame = Frame::tcp(&addr.to_string(), SERVER, port).build();
+            let before = loaded.counts();
+            loaded.run(&frame);
+            let after = loaded.counts();
+            let moved: Vec<_> = enforcer_common::Reason::ALL
+                .into_iter()
+                .filter(|r| after.packets(*r) != before.packets(*r))
+                .collect();
+            if moved != [expected.reason] {
+                mismatches.push(format!(
+                    "{addr} tcp/{port}: kernel {moved:?}, reference {expected}"
+                ));
+            }
+        }
+        assert!(
+            mismatches.is_empty(),
+            "round {round}: {} mismatches:\n{}",
+            mismatches.len(),
+            mismatches.join("\n")
+        );
+    }
+}
