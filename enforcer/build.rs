@@ -1,4 +1,4 @@
-//! Compiles the XDP program (`enforcer-ebpf`, nightly, bpfel-unknown-none) into OUT_DIR so that
+//! Compiles the XDP program (`enforcer-ebpf`, nightly, bpfel-unknown-none) into `OUT_DIR` so that
 //! the controller can embed it. Needs `bpf-linker` on PATH; `cargo xtask setup` installs it.
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=../enforcer-common/src");

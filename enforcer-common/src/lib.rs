@@ -64,7 +64,7 @@ const _: () = assert!(core::mem::size_of::<Rule>() == 4);
 
 /// The entry allows every port and protocol (no `ports` in the registry).
 pub const RULE_ANY_PORT: u32 = 1 << 0;
-/// A port-restricted entry that also allows ICMP / ICMPv6 (`"icmp"` in its ports).
+/// A port-restricted entry that also allows ICMP / `ICMPv6` (`"icmp"` in its ports).
 pub const RULE_ICMP: u32 = 1 << 1;
 
 /// Key of `PORT_RULES`: this rule allows this destination port for this protocol.

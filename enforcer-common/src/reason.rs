@@ -26,7 +26,7 @@ pub enum Reason {
     /// A later fragment of a datagram from a port-restricted network whose first fragment was
     /// not seen passing (fragments carry no ports, so they may not bypass the port check).
     FragmentUnverified = 6,
-    /// Neither IP nor link-layer control (another EtherType).
+    /// Neither IP nor link-layer control (another `EtherType`).
     NonIp = 7,
 }
 

@@ -219,6 +219,9 @@ fn run(
             "not running as root: loading the XDP program needs root or CAP_BPF + CAP_NET_ADMIN"
         );
     }
+    if !datapath::interface_exists(iface) {
+        return Err(datapath::DatapathError::NoSuchInterface(iface.to_string()).into());
+    }
     instance::ensure_bpffs()?;
     let id = InstanceId {
         iface: iface.to_string(),

@@ -20,7 +20,7 @@ use crate::{policy::Policy, registry::Mode};
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
-/// Floor programs for benchmarks (`baseline_pass`: XDP_PASS without reading the packet). Never
+/// Floor programs for benchmarks (`baseline_pass`: `XDP_PASS` without reading the packet). Never
 /// loaded by the enforcer itself; a few hundred bytes.
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
@@ -249,10 +249,7 @@ impl Datapath {
 
     /// Attaches to `iface`; returns the XDP mode in use.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
-        let c_iface = std::ffi::CString::new(iface)
-            .map_err(|_| DatapathError::NoSuchInterface(iface.to_string()))?;
-        // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
-        if unsafe { libc::if_nametoindex(c_iface.as_ptr()) } == 0 {
+        if !interface_exists(iface) {
             return Err(DatapathError::NoSuchInterface(iface.to_string()));
         }
         let program: &mut Xdp = self
@@ -320,6 +317,15 @@ impl Datapath {
     pub fn rule_hits(&self, rules: u32) -> Result<Vec<u64>, DatapathError> {
         read_rule_hits(self.map(map_names::RULE_HITS)?, rules)
     }
+}
+
+/// Whether `iface` names an interface in this network namespace.
+pub fn interface_exists(iface: &str) -> bool {
+    let Ok(c_iface) = std::ffi::CString::new(iface) else {
+        return false;
+    };
+    // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(c_iface.as_ptr()) != 0 }
 }
 
 /// Opens a map pinned at `path` (by another process, e.g. a running `enforcer run`).

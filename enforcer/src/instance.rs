@@ -81,7 +81,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs writes into `buf`, which is large enough; c_path is NUL-terminated.
     unsafe {
         let mut buf: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &raw mut buf) == 0 && i64::from(buf.f_type) == BPF_FS_MAGIC
+        libc::statfs(c_path.as_ptr(), &raw mut buf) == 0 && buf.f_type == BPF_FS_MAGIC
     }
 }
 

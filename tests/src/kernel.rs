@@ -1,4 +1,4 @@
-//! Running crafted frames through the real compiled XDP program with BPF_PROG_TEST_RUN, and
+//! Running crafted frames through the real compiled XDP program with `BPF_PROG_TEST_RUN`, and
 //! reading which counter each one moved.
 
 use aya::programs::{TestRun as _, TestRunOptions};

@@ -1,6 +1,6 @@
 //! The enforcer's test harness: network namespaces and links (`netns`), the lab topology with
 //! real services (`topology`), the real `enforcer` binary run inside it (`daemon`), and crafted
-//! frames for BPF_PROG_TEST_RUN (`packet`). The demo uses the same pieces.
+//! frames for `BPF_PROG_TEST_RUN` (`packet`). The demo uses the same pieces.
 
 pub mod daemon;
 pub mod kernel;

@@ -1,4 +1,4 @@
-//! Crafted Ethernet frames for BPF_PROG_TEST_RUN: a small builder that writes real headers
+//! Crafted Ethernet frames for `BPF_PROG_TEST_RUN`: a small builder that writes real headers
 //! (lengths and checksums where the kernel program could care), so each table row says in one
 //! line what it sends.
 
@@ -26,9 +26,9 @@ pub enum L4 {
     Udp {
         dst_port: u16,
     },
-    /// ICMP echo request (ICMPv6 echo request on IPv6).
+    /// ICMP echo request (`ICMPv6` echo request on IPv6).
     Echo,
-    /// An ICMPv6 message of this type (NDP, MLD, ...).
+    /// An `ICMPv6` message of this type (NDP, MLD, ...).
     Icmpv6 {
         kind: u8,
     },
@@ -190,7 +190,7 @@ impl Frame {
     }
 
     fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-        assert!(self.ipv4_options % 4 == 0 && self.ipv4_options <= 40);
+        assert!(self.ipv4_options.is_multiple_of(4) && self.ipv4_options <= 40);
         let header_len = 20 + self.ipv4_options;
         let total = header_len + l4.len();
         let mut h = vec![0u8; header_len];
@@ -204,7 +204,7 @@ impl Frame {
         h[9] = proto;
         h[12..16].copy_from_slice(&src.octets());
         h[16..20].copy_from_slice(&dst.octets());
-        for option in h[20..].iter_mut() {
+        for option in &mut h[20..] {
             *option = 1; // NOP options
         }
         let checksum = internet_checksum(&h);
@@ -272,7 +272,7 @@ pub fn arp_request() -> Vec<u8> {
     frame
 }
 
-/// A frame of another EtherType (LLDP here), padded to the Ethernet minimum.
+/// A frame of another `EtherType` (LLDP here), padded to the Ethernet minimum.
 pub fn non_ip_frame() -> Vec<u8> {
     let mut frame = ethernet_header(&[], ETH_P_LLDP);
     frame.resize(60, 0);

@@ -1,4 +1,4 @@
-//! Tables of crafted frames through the real compiled XDP program (BPF_PROG_TEST_RUN): each row
+//! Tables of crafted frames through the real compiled XDP program (`BPF_PROG_TEST_RUN)`: each row
 //! asserts the action, the verdict counter that moved and the rule credited. Needs root.
 
 use enforcer::registry::{Mode, Protocol};
@@ -728,11 +728,11 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
             let net = ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
                 .unwrap()
                 .trunc();
-            let is_deny = rng.next() % 6 == 0;
+            let is_deny = rng.next().is_multiple_of(6);
             if !seen.insert((net, is_deny)) {
                 continue;
             }
-            let ports = if rng.next() % 2 == 0 {
+            let ports = if rng.next().is_multiple_of(2) {
                 String::new()
             } else {
                 format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next() % 4)

@@ -187,6 +187,9 @@ impl Registry {
     }
 }
 
+/// (section, position, name, (prefix, is an allow entry)) of one entry, for the cross checks.
+type Entry<'a> = (&'static str, usize, Option<&'a str>, Option<(IpNet, bool)>);
+
 /// A registry with the place of each entry, for checks across entries.
 pub(crate) struct Located {
     pub registry: Registry,
@@ -213,8 +216,7 @@ impl Located {
         let mut deny: HashMap<IpNet, String> = HashMap::new();
         let r = &self.registry;
 
-        let mut entries: Vec<(&'static str, usize, Option<&str>, Option<(IpNet, bool)>)> =
-            Vec::new();
+        let mut entries: Vec<Entry<'_>> = Vec::new();
         entries.extend(
             r.networks
                 .iter()

@@ -82,18 +82,28 @@ const VPN_PROTOCOLS: [&str; 9] = [
     "softether",
 ];
 
-/// Line and column (1-based) of a byte offset.
-fn position(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
-    (line, column)
+/// Where each line starts, so that a byte offset becomes a line and column without rescanning
+/// the text (a registry may hold a million entries).
+struct Lines {
+    starts: Vec<usize>,
 }
 
-/// serde_json's message without its " at line L column C" suffix (we give the place ourselves).
+impl Lines {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(at, _)| at + 1))
+            .collect();
+        Self { starts }
+    }
+
+    /// Line and column (1-based) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&start| start <= offset);
+        (line, offset - self.starts[line - 1] + 1)
+    }
+}
+
+/// `serde_json`'s message without its " at line L column C" suffix (we give the place ourselves).
 fn message_of(error: &serde_json::Error) -> String {
     let text = error.to_string();
     match text.rfind(" at line ") {
@@ -105,15 +115,23 @@ fn message_of(error: &serde_json::Error) -> String {
 /// Collects the problems of one entry, placing each at the field it concerns.
 struct EntryCheck<'t> {
     text: &'t str,
+    lines: &'t Lines,
     raw: &'t RawValue,
     place: String,
     problems: Vec<Problem>,
 }
 
 impl<'t> EntryCheck<'t> {
-    fn new(text: &'t str, raw: &'t RawValue, section: &str, index: usize) -> Self {
+    fn new(
+        text: &'t str,
+        lines: &'t Lines,
+        raw: &'t RawValue,
+        section: &str,
+        index: usize,
+    ) -> Self {
         Self {
             text,
+            lines,
             raw,
             place: format!("{section}[{index}]"),
             problems: Vec::new(),
@@ -125,7 +143,7 @@ impl<'t> EntryCheck<'t> {
     }
 
     fn start(&self) -> (usize, usize) {
-        position(self.text, self.offset())
+        self.lines.position(self.offset())
     }
 
     fn named(&mut self, name: Option<&str>) {
@@ -142,7 +160,7 @@ impl<'t> EntryCheck<'t> {
         while let Some(found) = raw[from..].find(&key) {
             let at = from + found;
             if raw[at + key.len()..].trim_start().starts_with(':') {
-                return position(self.text, self.offset() + at);
+                return self.lines.position(self.offset() + at);
             }
             from = at + key.len();
         }
@@ -365,10 +383,11 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
             message: message_of(&error),
         }]
     })?;
+    let lines = Lines::new(text);
     let mut problems = Vec::new();
     let top_problem = |field: &str, message: String| {
         let key = format!("\"{field}\"");
-        let (line, column) = text.find(&key).map_or((1, 1), |at| position(text, at));
+        let (line, column) = text.find(&key).map_or((1, 1), |at| lines.position(at));
         Problem {
             line,
             column,
@@ -396,6 +415,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
     let mut places = HashMap::new();
     let networks = section(
         text,
+        &lines,
         "networks",
         &top.networks,
         network,
@@ -404,6 +424,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
     );
     let devices = section(
         text,
+        &lines,
         "devices",
         &top.devices,
         device,
@@ -412,13 +433,22 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
     );
     let vpn_endpoints = section(
         text,
+        &lines,
         "vpn_endpoints",
         &top.vpn_endpoints,
         vpn_endpoint,
         &mut problems,
         &mut places,
     );
-    let deny = section(text, "deny", &top.deny, deny, &mut problems, &mut places);
+    let deny = section(
+        text,
+        &lines,
+        "deny",
+        &top.deny,
+        deny,
+        &mut problems,
+        &mut places,
+    );
 
     // A bad mode is already a problem; Monitor only fills the slot so that the cross-entry
     // checks can still run and report everything at once.
@@ -442,6 +472,7 @@ type Places = HashMap<(&'static str, usize), (usize, usize, usize)>;
 /// Parses one section's entries; an entry with a problem is left out and its problems recorded.
 fn section<T>(
     text: &str,
+    lines: &Lines,
     name: &'static str,
     raws: &[&RawValue],
     parse_entry: fn(&mut EntryCheck<'_>) -> Option<T>,
@@ -450,7 +481,7 @@ fn section<T>(
 ) -> Vec<T> {
     let mut entries = Vec::with_capacity(raws.len());
     for (index, raw) in raws.iter().enumerate() {
-        let mut check = EntryCheck::new(text, raw, name, index);
+        let mut check = EntryCheck::new(text, lines, raw, name, index);
         if let Some(entry) = parse_entry(&mut check) {
             let (line, column) = check.start();
             places.insert((name, entries.len()), (index, line, column));

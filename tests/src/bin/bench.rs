@@ -1,1 +1,158 @@
-fn main() {}
+//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through `BPF_PROG_TEST_RUN`, at
+//! several registry sizes, beside a bare `XDP_PASS` program measured in the same run.
+//!
+//! Method: for each (program, packet, size) the kernel runs the program `REPEAT` times on the
+//! same frame and reports the mean ns per run; we take the median of `RUNS` such runs.
+
+use std::{fmt::Write as _, time::Instant};
+
+use aya::{
+    EbpfLoader,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use enforcer::datapath::BASELINE_OBJECT;
+use enforcer_tests::{kernel::Loaded, netns::require_root, packet::Frame};
+
+const REPEAT: u32 = 1_000_000;
+const RUNS: usize = 5;
+const SIZES: [usize; 2] = [10, 100_000];
+
+/// A registry of `n` networks: `n - 1` random prefixes from /8 to /30 (a BGP-table-like mix) plus
+/// the network the "allowed" packet comes from.
+fn registry(n: usize) -> String {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ n as u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut networks = vec![r#"{"name": "bench-allowed", "cidr": "198.51.100.0/24"}"#.to_string()];
+    while networks.len() < n {
+        let len = u8::try_from(8 + next() % 23).unwrap();
+        let addr = u32::try_from(next() & 0xFFFF_FFFF).unwrap();
+        let net = ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc();
+        // keep the dropped packet's source (203.0.113.5) and the allowed network out of the mix
+        let bench_ranges =
+            ["203.0.113.0/24", "198.51.100.0/24"].map(|c| c.parse::<ipnet::Ipv4Net>().unwrap());
+        if bench_ranges
+            .iter()
+            .any(|r| r.contains(&net) || net.contains(r))
+            || !seen.insert(net)
+        {
+            continue;
+        }
+        networks.push(format!(
+            r#"{{"name": "n{}", "cidr": "{net}"}}"#,
+            networks.len()
+        ));
+    }
+    format!(
+        r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
+        networks.join(",")
+    )
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+fn measure(time: impl Fn() -> u64) -> u64 {
+    median((0..RUNS).map(|_| time()).collect())
+}
+
+fn main() -> anyhow::Result<()> {
+    require_root();
+    let allowed = Frame::tcp("198.51.100.10", "192.0.2.1", 443).build();
+    let dropped = Frame::tcp("203.0.113.5", "192.0.2.1", 443).build();
+
+    let mut baseline_ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
+    let baseline: &mut Xdp = baseline_ebpf
+        .program_mut("baseline_pass")
+        .expect("baseline_pass")
+        .try_into()?;
+    baseline.load()?;
+    let bare = measure(|| {
+        let opts = TestRunOptions {
+            data_in: Some(&allowed),
+            repeat: REPEAT,
+            ..TestRunOptions::new()
+        };
+        u64::try_from(
+            baseline
+                .test_run(opts)
+                .expect("test_run")
+                .duration
+                .as_nanos(),
+        )
+        .unwrap()
+    });
+
+    let mut rows = Vec::new();
+    for size in SIZES {
+        let text = registry(size);
+        let started = Instant::now();
+        let loaded = Loaded::new(&text);
+        let load_ms = started.elapsed().as_millis();
+        let allowed_ns = measure(|| loaded.time(&allowed, REPEAT));
+        let dropped_ns = measure(|| loaded.time(&dropped, REPEAT));
+        assert_eq!(loaded.run(&allowed), 2, "the allowed packet passes");
+        assert_eq!(loaded.run(&dropped), 1, "the dropped packet drops");
+        rows.push((size, allowed_ns, dropped_ns, load_ms));
+    }
+
+    let mut table = String::new();
+    writeln!(
+        table,
+        "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats (ns)"
+    )?;
+    writeln!(
+        table,
+        "{:<34} {:>10} {:>10} {:>14}",
+        "program / packet", "prefixes", "ns/packet", "vs bare pass"
+    )?;
+    writeln!(
+        table,
+        "{:<34} {:>10} {:>10} {:>14}",
+        "bare XDP_PASS", "-", bare, "1.00"
+    )?;
+    let ratio = |ns: u64| format!("{:.2}", ns as f64 / bare.max(1) as f64);
+    for (size, allowed_ns, dropped_ns, _) in &rows {
+        writeln!(
+            table,
+            "{:<34} {:>10} {:>10} {:>14}",
+            "enforcer, allowed IPv4 TCP",
+            size,
+            allowed_ns,
+            ratio(*allowed_ns)
+        )?;
+        writeln!(
+            table,
+            "{:<34} {:>10} {:>10} {:>14}",
+            "enforcer, dropped IPv4 TCP",
+            size,
+            dropped_ns,
+            ratio(*dropped_ns)
+        )?;
+    }
+    for (size, _, _, load_ms) in &rows {
+        writeln!(
+            table,
+            "load (parse + compile + load + fill) of {size} prefixes: {load_ms} ms"
+        )?;
+    }
+    print!("{table}");
+
+    let json = serde_json::json!({
+        "repeat": REPEAT, "runs": RUNS, "bare_pass_ns": bare,
+        "enforcer": rows.iter().map(|(size, a, d, l)| serde_json::json!({
+            "prefixes": size, "allowed_ipv4_ns": a, "dropped_ipv4_ns": d, "load_ms": l})).collect::<Vec<_>>(),
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("bench.json"), format!("{json:#}\n"))?;
+    println!("written: target/bench/bench.json");
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! The `enforcer` binary as an operator meets it: exit codes and the one-line errors with the
+//! next step. `run` errors need root (they get as far as the kernel).
+
+use std::{path::PathBuf, process::Command};
+
+use enforcer_tests::{
+    daemon::enforcer_bin,
+    netns::{Netns, require_root},
+};
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn enforcer(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(enforcer_bin())
+        .args(args)
+        .output()
+        .expect("run enforcer");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("enforcer-cli-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn validate_exit_codes_and_located_errors() {
+    let (code, out, _) = enforcer(&["validate", example("registry.json").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("valid (mode enforce)")
+            && out.contains("3 networks, 2 devices, 2 deny ranges"),
+        "{out}"
+    );
+
+    let bad = temp_file(
+        "bad.json",
+        "{\"schema\": 1, \"mode\": \"enforce\",\n\"networks\": [{\"name\": \"x\", \"cidr\": \"10.0.0.1/8\"}]}",
+    );
+    let (code, _, err) = enforcer(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("{}:2:", bad.display())) && err.contains("host bits set"),
+        "{err}"
+    );
+
+    let (code, out, _) = enforcer(&["validate", "--json", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["problems"][0]["line"], 2);
+    std::fs::remove_file(bad).unwrap();
+}
+
+#[test]
+fn check_names_the_deciding_rule() {
+    let registry = example("registry.json");
+    let registry = registry.to_str().unwrap();
+    let (code, out, _) = enforcer(&[
+        "check",
+        "10.20.3.4",
+        "--port",
+        "443",
+        "--registry",
+        registry,
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("PASS (allowed") && out.contains("\"moitt-hq-lan\""),
+        "{out}"
+    );
+    let (_, out, _) = enforcer(&[
+        "check",
+        "10.20.66.6",
+        "--port",
+        "443",
+        "--registry",
+        registry,
+    ]);
+    assert!(
+        out.contains("DROP (denied") && out.contains("compromised-host"),
+        "{out}"
+    );
+    let (_, out, _) = enforcer(&[
+        "check",
+        "10.20.3.4",
+        "--port",
+        "80",
+        "--registry",
+        registry,
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["verdict"], "drop");
+    assert_eq!(json["reason"], "port_not_allowed");
+    assert_eq!(json["rule"]["name"], "moitt-hq-lan");
+}
+
+#[test]
+fn run_refuses_a_missing_interface_and_changes_nothing() {
+    require_root();
+    let ns = Netns::new("enf-cli").unwrap();
+    let output = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(enforcer_bin())
+        .args([
+            "run",
+            "--iface",
+            "nosuch0",
+            "--registry",
+            example("demo-registry.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interface nosuch0 not found; `ip link` lists the interfaces"),
+        "{err}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf/enforcer/v1")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("nosuch0@"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "a refused run must leave no pins: {leftovers:?}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_registry_before_touching_the_kernel() {
+    require_root();
+    let bad = temp_file(
+        "run-bad.json",
+        r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "x", "cidr": "10.0.0.0/40"}]}"#,
+    );
+    let (code, _, err) = enforcer(&["run", "--iface", "lo", "--registry", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is invalid (1 problem)") && err.contains("invalid CIDR \"10.0.0.0/40\""),
+        "{err}"
+    );
+    let lo = Command::new("ip")
+        .args(["link", "show", "lo"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&lo.stdout).contains("xdp"),
+        "nothing attached to lo"
+    );
+    std::fs::remove_file(bad).unwrap();
+}
+
+#[test]
+fn stats_without_a_running_instance_says_so() {
+    let (code, _, err) = enforcer(&["stats", "--instance", "nosuch0@1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no running instance nosuch0@1") || err.contains("no enforcer is running"),
+        "{err}"
+    );
+}
