@@ -91,9 +91,52 @@ fn build() -> anyhow::Result<()> {
     cargo(&["build", "-p", "enforcer"])
 }
 
+/// Runs the suite, echoing cargo's output, and closes with one line that totals every test
+/// binary's result (cargo's own last line is often a doc-test run with no tests).
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
     // The eBPF crate builds only for the BPF target (through enforcer's build.rs).
-    let mut args = vec!["test", "--workspace", "--exclude", "enforcer-ebpf"];
-    args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "enforcer-ebpf",
+            "--no-fail-fast",
+        ])
+        .args(extra)
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_linker())
+        .env("ENFORCER_BIN", enforcer_bin())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                summary
+                    .split(['.', ';'])
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
