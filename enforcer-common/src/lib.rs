@@ -5,7 +5,7 @@
 
 pub mod reason;
 
-pub use reason::{Action, Reason};
+pub use reason::{Action, Reason, VpnProtocol};
 
 /// Map names, defined once. The kernel program names its statics after these, and the
 /// controller reaches the maps only through these constants.
@@ -20,11 +20,29 @@ pub mod map_names {
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONFIG: &str = "CONFIG";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const VPN_V4: &str = "VPN_V4";
+    pub const VPN_V6: &str = "VPN_V6";
+    pub const VPN_GROUPS: &str = "VPN_GROUPS";
+    pub const VPN_FLOWS: &str = "VPN_FLOWS";
+    pub const VPN_VERDICTS: &str = "VPN_VERDICTS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 10] = [
-        ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, RULES, PORT_RULES, RULE_HITS, VERDICTS, CONFIG,
+    pub const ALL: [&str; 15] = [
+        ALLOW_V4,
+        ALLOW_V6,
+        DENY_V4,
+        DENY_V6,
+        RULES,
+        PORT_RULES,
+        RULE_HITS,
+        VERDICTS,
+        CONFIG,
         FRAGMENTS,
+        VPN_V4,
+        VPN_V6,
+        VPN_GROUPS,
+        VPN_FLOWS,
+        VPN_VERDICTS,
     ];
 }
 
@@ -44,6 +62,15 @@ pub const VERDICT_SLOTS: u32 = 64;
 pub const MONITOR_SLOT_OFFSET: u32 = 32;
 /// Marks "no registry entry decided" (e.g. a malformed packet).
 pub const NO_RULE: u32 = u32::MAX;
+/// Distinct approved-endpoint prefixes (each with its group of approvals).
+pub const MAX_VPN_GROUPS: u32 = 4096;
+/// Approvals that may cover one address (its own and those of wider prefixes around it).
+pub const MAX_APPROVALS_PER_GROUP: usize = 8;
+/// Flows remembered as VPN after a signature that only the first packet carries (OpenVPN's
+/// resets). LRU: the least recently seen flow is forgotten first.
+pub const MAX_VPN_FLOWS: u32 = 65_536;
+/// Slots of `VPN_VERDICTS`: `protocol * 2` unapproved (dropped or would-drop), `+ 1` approved.
+pub const VPN_VERDICT_SLOTS: u32 = 32;
 
 /// Key data of the IPv4 LPM tries (the prefix length sits in aya's `Key` wrapper).
 pub type Ipv4Addr = [u8; 4];
@@ -66,6 +93,62 @@ const _: () = assert!(core::mem::size_of::<Rule>() == 4);
 pub const RULE_ANY_PORT: u32 = 1 << 0;
 /// A port-restricted entry that also allows ICMP / `ICMPv6` (`"icmp"` in its ports).
 pub const RULE_ICMP: u32 = 1 << 1;
+/// A deny entry that came from a deny feed file (counted as `denied_feed`).
+pub const RULE_FEED: u32 = 1 << 2;
+
+/// One approval of a VPN endpoint group.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | rule index of the `vpn_endpoints` entry (host order) |
+/// | 4 | 1 | `VpnProtocol` |
+/// | 5 | 1 | padding, 0 |
+/// | 6 | 2 | port (network order), 0 = any port |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VpnApproval {
+    pub rule: u32,
+    pub protocol: u8,
+    pub _pad: u8,
+    pub port_be: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<VpnApproval>() == 8);
+
+/// The approvals that apply to addresses whose longest approved-endpoint prefix is this group's
+/// (value of `VPN_GROUPS`, indexed by the value of `VPN_V4`/`VPN_V6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VpnGroup {
+    pub count: u32,
+    pub _pad: u32,
+    pub approvals: [VpnApproval; MAX_APPROVALS_PER_GROUP],
+}
+const _: () = assert!(core::mem::size_of::<VpnGroup>() == 8 + 8 * MAX_APPROVALS_PER_GROUP);
+
+/// Key of `VPN_FLOWS`: a flow in canonical order (the lower address/port pair first), so both
+/// directions find the same entry. IPv4 addresses use the first 4 bytes.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 16 | lower address |
+/// | 16 | 16 | higher address |
+/// | 32 | 2 | port of the lower address (network order) |
+/// | 34 | 2 | port of the higher address (network order) |
+/// | 36 | 1 | IP protocol |
+/// | 37 | 1 | family (4 or 6) |
+/// | 38 | 2 | padding, 0 |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub lo_addr: [u8; 16],
+    pub hi_addr: [u8; 16],
+    pub lo_port: [u8; 2],
+    pub hi_port: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// Key of `PORT_RULES`: this rule allows this destination port for this protocol.
 ///
@@ -98,13 +181,14 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 ///
 /// | offset | size | field |
 /// |---|---|---|
-/// | 0 | 4 | mode (`MODE_*`) |
-/// | 4 | 4 | reserved, 0 |
+/// | 0 | 4 | mode (`MODE_*`), written by the controller |
+/// | 4 | 4 | 1 once the program has put a flow in `VPN_FLOWS` (written by the program, so that
+///         |   | ordinary traffic skips the flow lookup until a stateful VPN was ever seen) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub mode: u32,
-    pub _reserved: u32,
+    pub vpn_flows_seen: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
@@ -145,4 +229,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::VpnApproval {}
+    unsafe impl aya::Pod for super::VpnGroup {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -28,11 +28,17 @@ pub enum Reason {
     FragmentUnverified = 6,
     /// Neither IP nor link-layer control (another `EtherType`).
     NonIp = 7,
+    /// A VPN packet to or from an endpoint approved for its protocol.
+    ApprovedVpn = 8,
+    /// A VPN packet (recognised by its signature) whose endpoints are not approved for it.
+    UnapprovedVpn = 9,
+    /// Source in a deny feed (a plain list of ranges named by the registry).
+    DeniedFeed = 10,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 11] = [
         Self::Allowed,
         Self::LinkControl,
         Self::Malformed,
@@ -41,17 +47,22 @@ impl Reason {
         Self::PortNotAllowed,
         Self::FragmentUnverified,
         Self::NonIp,
+        Self::ApprovedVpn,
+        Self::UnapprovedVpn,
+        Self::DeniedFeed,
     ];
 
     pub const fn action(self) -> Action {
         match self {
-            Self::Allowed | Self::LinkControl => Action::Pass,
+            Self::Allowed | Self::LinkControl | Self::ApprovedVpn => Action::Pass,
             Self::Malformed
             | Self::Denied
             | Self::NotAllowlisted
             | Self::PortNotAllowed
             | Self::FragmentUnverified
-            | Self::NonIp => Action::Drop,
+            | Self::NonIp
+            | Self::UnapprovedVpn
+            | Self::DeniedFeed => Action::Drop,
         }
     }
 
@@ -66,6 +77,9 @@ impl Reason {
             Self::PortNotAllowed => "port_not_allowed",
             Self::FragmentUnverified => "fragment_unverified",
             Self::NonIp => "non_ip",
+            Self::ApprovedVpn => "approved_vpn",
+            Self::UnapprovedVpn => "unapproved_vpn",
+            Self::DeniedFeed => "denied_feed",
         }
     }
 
@@ -82,6 +96,9 @@ impl Reason {
                 "later IP fragment whose first fragment was not seen passing the port check"
             }
             Self::NonIp => "EtherType that is neither IP nor link-layer control",
+            Self::ApprovedVpn => "VPN packet to/from an endpoint approved for its protocol",
+            Self::UnapprovedVpn => "VPN packet whose endpoints are not approved for its protocol",
+            Self::DeniedFeed => "source in a deny feed file",
         }
     }
 }
@@ -94,6 +111,64 @@ impl TryFrom<u32> for Reason {
             .iter()
             .copied()
             .find(|reason| *reason as u32 == value)
+            .ok_or(value)
+    }
+}
+
+/// VPN protocols the program recognises, one packet at a time: a stable, append-only numbering
+/// (counters are indexed by it).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VpnProtocol {
+    /// All four message types, data packets included.
+    WireGuard = 0,
+    /// Client and server hard resets (UDP and TCP); the rest of the flow through the flow map.
+    OpenVpn = 1,
+    /// IKEv1/IKEv2 (500, 4500 with the non-ESP marker, any port), ESP, AH, ESP-in-UDP and
+    /// NAT-T keepalives on 4500.
+    Ipsec = 2,
+    /// L2TPv2 control (and data on 1701), L2TPv3 (IP 115).
+    L2tp = 3,
+    /// PPTP control (TCP, magic cookie) and its enhanced GRE v1.
+    Pptp = 4,
+    /// Tailscale disco packets (its data is WireGuard).
+    Tailscale = 5,
+}
+
+impl VpnProtocol {
+    pub const ALL: [Self; 6] = [
+        Self::WireGuard,
+        Self::OpenVpn,
+        Self::Ipsec,
+        Self::L2tp,
+        Self::Pptp,
+        Self::Tailscale,
+    ];
+
+    /// The name used in the registry (`vpn_endpoints[].protocol`) and in output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::WireGuard => "wireguard",
+            Self::OpenVpn => "openvpn",
+            Self::Ipsec => "ipsec",
+            Self::L2tp => "l2tp",
+            Self::Pptp => "pptp",
+            Self::Tailscale => "tailscale",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl TryFrom<u8> for VpnProtocol {
+    type Error = u8;
+
+    fn try_from(value: u8) -> Result<Self, u8> {
+        Self::ALL
+            .into_iter()
+            .find(|p| *p as u8 == value)
             .ok_or(value)
     }
 }

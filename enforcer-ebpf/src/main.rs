@@ -11,6 +11,7 @@
 )]
 
 mod parse;
+mod vpn;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -22,8 +23,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
-    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_ICMP, Reason, Rule,
-    VERDICT_SLOTS,
+    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_FEED, RULE_ICMP,
+    Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
 };
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
@@ -55,22 +56,31 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static FRAGMENTS: LruHashMap<FragmentKey, u8> =
     LruHashMap::with_max_entries(MAX_TRACKED_FRAGMENTS, 0);
+/// Per-CPU VPN verdicts by protocol: slot `protocol * 2` unapproved, `+ 1` approved.
+#[map]
+static VPN_VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VPN_VERDICT_SLOTS, 0);
 
-/// Which reason decided, and which registry entry (or `NO_RULE`).
+/// Which reason decided, which registry entry (or `NO_RULE`), and the VPN protocol recognised.
 #[derive(Clone, Copy)]
 struct Verdict {
     reason: Reason,
     rule: u32,
+    vpn: Option<VpnProtocol>,
 }
 
 impl Verdict {
     const fn new(reason: Reason, rule: u32) -> Self {
-        Self { reason, rule }
+        Self {
+            reason,
+            rule,
+            vpn: None,
+        }
     }
     const fn without_rule(reason: Reason) -> Self {
         Self {
             reason,
             rule: NO_RULE,
+            vpn: None,
         }
     }
 }
@@ -92,15 +102,36 @@ fn decide(ctx: &XdpContext) -> Verdict {
         Ok(Frame::NonIp) => return Verdict::without_rule(Reason::NonIp),
         Err(Malformed) => return Verdict::without_rule(Reason::Malformed),
     };
-    // 3. The deny list beats every allow.
+    // 3. The deny list (registry entries and deny feeds) beats every allow.
     if let Some(rule) = lookup_source(&packet.addrs, &DENY_V4, &DENY_V6) {
-        return Verdict::new(Reason::Denied, rule);
+        let feed = RULES.get(rule).is_some_and(|r| r.flags & RULE_FEED != 0);
+        return Verdict::new(
+            if feed {
+                Reason::DeniedFeed
+            } else {
+                Reason::Denied
+            },
+            rule,
+        );
     }
-    // 4. The source allowlist (networks and devices; longest prefix wins) ...
+    // 4. A VPN packet passes only to or from an endpoint approved for its protocol, whatever
+    //    its source: an allowlisted network may not open an unapproved VPN either.
+    if let Some(protocol) = vpn::classify(ctx, &packet, &CONFIG) {
+        let (reason, rule) = match vpn::approved(&packet, protocol) {
+            Some(rule) => (Reason::ApprovedVpn, rule),
+            None => (Reason::UnapprovedVpn, NO_RULE),
+        };
+        return Verdict {
+            reason,
+            rule,
+            vpn: Some(protocol),
+        };
+    }
+    // 5. The source allowlist (networks and devices; longest prefix wins) ...
     let Some(rule) = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6) else {
         return Verdict::without_rule(Reason::NotAllowlisted);
     };
-    // ... and the matched entry's ports; 5. otherwise drop.
+    // ... and the matched entry's ports; 6. otherwise drop.
     Verdict::new(check_ports(&packet, rule), rule)
 }
 
@@ -130,7 +161,7 @@ fn check_ports(packet: &IpPacket, rule: u32) -> Reason {
         return Reason::Allowed;
     }
     let allowed = match packet.l4 {
-        L4::Ports { dst_port_be } => {
+        L4::Ports { dst_port_be, .. } => {
             let key = PortKey {
                 rule,
                 port_be: dst_port_be,
@@ -140,7 +171,7 @@ fn check_ports(packet: &IpPacket, rule: u32) -> Reason {
             PORT_RULES.get_ptr(key).is_some()
         }
         L4::Icmp => flags & RULE_ICMP != 0,
-        L4::Other => false,
+        L4::Other { .. } => false,
         L4::Unknown => {
             return if FRAGMENTS.get_ptr(fragment_key(packet)).is_some() {
                 Reason::Allowed
@@ -208,6 +239,16 @@ fn record(ctx: &XdpContext, verdict: Verdict) -> u32 {
         unsafe {
             (*counter).packets += 1;
             (*counter).bytes += parse::frame_len(ctx);
+        }
+    }
+    if let Some(protocol) = verdict.vpn {
+        let slot = protocol as u32 * 2 + u32::from(verdict.reason == Reason::ApprovedVpn);
+        if let Some(counter) = VPN_VERDICTS.get_ptr_mut(slot) {
+            // SAFETY: this CPU's own slot of a per-CPU array, as above.
+            unsafe {
+                (*counter).packets += 1;
+                (*counter).bytes += parse::frame_len(ctx);
+            }
         }
     }
     if verdict.rule != NO_RULE

@@ -18,8 +18,12 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_GRE: u8 = 47;
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_AH: u8 = 51;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_L2TPV3: u8 = 115;
 
 /// How many 802.1Q / 802.1ad tags we step over (QinQ).
 const MAX_VLAN_TAGS: usize = 2;
@@ -157,14 +161,30 @@ pub enum Fragment {
     Later { id: [u8; 4] },
 }
 
+/// Where the L4 payload is. Lengths come from the IP and UDP headers, never from the frame end.
+#[derive(Clone, Copy)]
+pub struct Payload {
+    /// Offset from the frame start.
+    pub offset: usize,
+    /// Bytes of payload in this packet (within the IP datagram).
+    pub len: usize,
+    /// Bytes of payload in the whole datagram: the UDP length field's view, which a first
+    /// fragment carries too; for TCP and other protocols the same as `len`.
+    pub total: usize,
+}
+
 pub enum L4 {
-    /// TCP or UDP, with the destination port as on the wire.
+    /// TCP or UDP, with the ports as on the wire.
     Ports {
+        src_port_be: [u8; 2],
         dst_port_be: [u8; 2],
+        payload: Payload,
     },
     Icmp,
     /// Another IP protocol (its number is in `IpPacket::proto`).
-    Other,
+    Other {
+        payload: Payload,
+    },
     /// A later fragment: the L4 header is in the first fragment.
     Unknown,
 }
@@ -181,6 +201,23 @@ pub struct IpPacket {
 #[inline(always)]
 pub fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
+}
+
+/// `N` bytes at `offset` into the frame, if they lie inside it.
+#[inline(always)]
+pub fn read<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let ptr = ptr_at::<[u8; N]>(ctx, offset).ok()?;
+    // SAFETY: ptr_at checked that N bytes at `offset` lie inside the frame.
+    Some(unsafe { *ptr })
+}
+
+/// `value & mask`, computed where the compiler cannot drop the mask. Verifier: a variable packet
+/// offset must visibly stay under 64 KiB, but LLVM removes a mask it can prove redundant from
+/// earlier range checks that the verifier does not connect to this register.
+#[inline(always)]
+pub fn masked(value: usize, mask: usize) -> usize {
+    // SAFETY: a volatile read of a local that is initialised and aligned.
+    unsafe { core::ptr::read_volatile(&raw const value) & mask }
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
@@ -405,21 +442,50 @@ fn parse_l4(
         IPPROTO_TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
             // SAFETY: ptr_at checked that TCP_MIN_HDR_LEN bytes at `offset` lie inside the frame.
-            let (dst_port_be, data_offset) = unsafe { ((*tcp).dst_port, (*tcp).data_offset) };
+            let (src_port_be, dst_port_be, data_offset) =
+                unsafe { ((*tcp).src_port, (*tcp).dst_port, (*tcp).data_offset) };
             let header_len = usize::from(data_offset >> 4) * 4;
             if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
                 return Err(Malformed);
             }
-            Ok(L4::Ports { dst_port_be })
+            let len = ip_payload_len - header_len;
+            let payload = Payload {
+                offset: offset + header_len,
+                len,
+                total: len,
+            };
+            Ok(L4::Ports {
+                src_port_be,
+                dst_port_be,
+                payload,
+            })
         }
         IPPROTO_UDP => {
             let udp = ptr_at::<UdpHdr>(ctx, offset)?;
             // SAFETY: ptr_at checked that UDP_HDR_LEN bytes at `offset` lie inside the frame.
-            let dst_port_be = unsafe { (*udp).dst_port };
-            if UDP_HDR_LEN > ip_payload_len {
+            let (src_port_be, dst_port_be, udp_len) = unsafe {
+                (
+                    (*udp).src_port,
+                    (*udp).dst_port,
+                    usize::from(be16((*udp).len)),
+                )
+            };
+            if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
                 return Err(Malformed);
             }
-            Ok(L4::Ports { dst_port_be })
+            let total = udp_len - UDP_HDR_LEN;
+            let in_packet = ip_payload_len - UDP_HDR_LEN;
+            let len = if total < in_packet { total } else { in_packet };
+            let payload = Payload {
+                offset: offset + UDP_HDR_LEN,
+                len,
+                total,
+            };
+            Ok(L4::Ports {
+                src_port_be,
+                dst_port_be,
+                payload,
+            })
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             ptr_at::<IcmpHdr>(ctx, offset)?;
@@ -428,6 +494,12 @@ fn parse_l4(
             }
             Ok(L4::Icmp)
         }
-        _ => Ok(L4::Other),
+        _ => Ok(L4::Other {
+            payload: Payload {
+                offset,
+                len: ip_payload_len,
+                total: ip_payload_len,
+            },
+        }),
     }
 }

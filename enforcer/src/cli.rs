@@ -9,10 +9,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use enforcer_common::{Action, Reason, map_names};
+use enforcer_common::{Action, Reason, VpnProtocol, map_names};
 
 use crate::{
-    datapath::{self, AttachMode, Datapath, VerdictCounts},
+    datapath::{self, AttachMode, Datapath, VerdictCounts, VpnCounts},
     instance::{self, InstanceId, RuleLabel, State},
     policy::{Policy, RuleKind},
     registry::{Date, Mode, Protocol, Registry},
@@ -61,6 +61,10 @@ pub enum Command {
         port: Option<u16>,
         #[arg(long, default_value = "tcp")]
         proto: Protocol,
+        /// Treat ADDR as the remote endpoint of a VPN packet of this protocol (wireguard,
+        /// openvpn, ipsec, l2tp, pptp, tailscale) and say whether it is approved.
+        #[arg(long, value_parser = parse_vpn_protocol)]
+        vpn: Option<VpnProtocol>,
         #[arg(long)]
         registry: PathBuf,
         #[arg(long)]
@@ -93,9 +97,10 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             addr,
             port,
             proto,
+            vpn,
             registry,
             json,
-        } => check(addr, port, proto, &registry, json),
+        } => check(addr, port, proto, vpn, &registry, json),
         Command::Stats {
             instance,
             iface,
@@ -152,28 +157,47 @@ fn validate(file: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
 
 fn summary(policy: &Policy) -> String {
     format!(
-        "  {} networks, {} devices, {} deny ranges, {} approved VPN endpoints in force; {} expired entries skipped",
+        "  {} networks, {} devices, {} deny ranges, {} deny-feed ranges, {} approved VPN endpoints in force; {} expired entries skipped",
         policy.count(RuleKind::Network),
         policy.count(RuleKind::Device),
         policy.count(RuleKind::Deny),
+        policy.count(RuleKind::DenyFeed),
         policy.vpn_endpoints,
         policy.expired.len()
     )
+}
+
+fn parse_vpn_protocol(name: &str) -> Result<VpnProtocol, String> {
+    VpnProtocol::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown VPN protocol \"{name}\" (expected one of: {})",
+            VpnProtocol::ALL.map(VpnProtocol::name).join(", ")
+        )
+    })
 }
 
 fn check(
     addr: IpAddr,
     port: Option<u16>,
     proto: Protocol,
+    vpn: Option<VpnProtocol>,
     registry: &Path,
     json: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     let registry = Registry::load(registry)?;
     let policy = Policy::compile(&registry, Date::today())?;
-    let decision = policy.check(addr, proto, port);
+    // The kernel's order: the deny list first, then the VPN stage, then the allowlist.
+    let deny = policy.check(addr, proto, port);
+    let decision = match vpn {
+        Some(vpn) if !matches!(deny.reason, Reason::Denied | Reason::DeniedFeed) => {
+            policy.check_vpn(addr, vpn, port)
+        }
+        _ => deny,
+    };
     if json {
         let out = serde_json::json!({
             "address": addr,
+            "vpn": vpn.map(VpnProtocol::name),
             "protocol": proto,
             "port": port,
             "verdict": if decision.reason.action() == Action::Pass { "pass" } else { "drop" },
@@ -183,10 +207,20 @@ fn check(
         });
         println!("{out:#}");
     } else {
+        let what = match vpn {
+            Some(vpn) => format!("{} VPN packet to/from {addr}", vpn.name()),
+            None => format!("{addr} {proto}"),
+        };
         println!(
-            "{addr} {proto}{}: {decision}",
+            "{what}{}: {decision}",
             port.map(|p| format!("/{p}")).unwrap_or_default()
         );
+        if let Some(info) = decision.rule.and_then(|r| r.vpn.as_ref()) {
+            let expires = info
+                .expires
+                .map_or_else(|| "no expiry".to_string(), |d| format!("expires {d}"));
+            println!("  approval {} ({expires})", info.approval);
+        }
         if policy.mode == Mode::Monitor && decision.reason.action() == Action::Drop {
             println!(
                 "  (registry mode is monitor: the packet would pass and be counted as a would-be drop)"
@@ -275,6 +309,7 @@ fn run(
         networks = policy.count(RuleKind::Network),
         devices = policy.count(RuleKind::Device),
         deny = policy.count(RuleKind::Deny),
+        deny_feed = policy.count(RuleKind::DenyFeed),
         vpn_endpoints = policy.vpn_endpoints,
         expired_skipped = policy.expired.len(),
         "enforcer attached to {iface}"
@@ -320,7 +355,18 @@ fn stats(
     let counts = VerdictCounts::read(&verdicts)?;
     let rules = u32::try_from(state.rules.len()).unwrap_or(u32::MAX);
     let hits = datapath::read_rule_hits(&hits_map, rules)?;
+    let vpn_map =
+        datapath::open_pinned(&dir.join(map_names::VPN_VERDICTS), map_names::VPN_VERDICTS)?;
+    let vpn = VpnCounts::read(&vpn_map)?;
     if json {
+        let by_vpn: Vec<_> = vpn
+            .0
+            .iter()
+            .map(|(p, u, a)| {
+                serde_json::json!({"protocol": p.name(), "unapproved_packets": u.packets, "unapproved_bytes": u.bytes,
+                    "approved_packets": a.packets, "approved_bytes": a.bytes})
+            })
+            .collect();
         let by_reason: Vec<_> = counts
             .enforced
             .iter()
@@ -343,7 +389,7 @@ fn stats(
         let out = serde_json::json!({
             "instance": state.instance, "iface": state.iface, "mode": state.mode, "xdp_mode": state.xdp_mode,
             "program_id": state.program_id, "pid": state.pid, "registry": state.registry,
-            "reasons": by_reason, "rules": by_rule,
+            "reasons": by_reason, "rules": by_rule, "vpn": by_vpn,
         });
         println!("{out:#}");
     } else {
@@ -353,10 +399,23 @@ fn stats(
         );
         println!("{}", render_verdicts(&counts));
         println!(
+            "{:<20} {:>12} {:>12}",
+            "vpn protocol", "unapproved", "approved"
+        );
+        for (p, u, a) in &vpn.0 {
+            println!("{:<20} {:>12} {:>12}", p.name(), u.packets, a.packets);
+        }
+        println!(
             "{:>8}  {:<8} {:<28} {:<22} {:>12}",
             "rule", "kind", "name", "prefix", "packets"
         );
+        let mut quiet_feed_ranges = 0;
         for (r, h) in state.rules.iter().zip(&hits) {
+            // A feed may hold a million ranges: list only those that matched something.
+            if r.kind == RuleKind::DenyFeed.as_str() && *h == 0 {
+                quiet_feed_ranges += 1;
+                continue;
+            }
             println!(
                 "{:>8}  {:<8} {:<28} {:<22} {:>12}",
                 format!("#{}", r.index),
@@ -364,6 +423,11 @@ fn stats(
                 r.name,
                 r.prefix,
                 h
+            );
+        }
+        if quiet_feed_ranges > 0 {
+            println!(
+                "  ({quiet_feed_ranges} deny-feed ranges without hits not listed; --json lists all)"
             );
         }
     }

@@ -9,8 +9,8 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, Reason, Rule,
-    map_names,
+    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, PortKey,
+    Reason, Rule, VpnGroup, VpnProtocol, map_names,
 };
 use ipnet::IpNet;
 
@@ -71,6 +71,16 @@ fn permission_hint(error: &Box<dyn std::error::Error + Send + Sync>) -> &'static
         cause = e.source();
     }
     ""
+}
+
+/// Wraps an aya error with the map it concerns.
+fn map_error<E: std::error::Error + Send + Sync + 'static>(
+    name: &'static str,
+) -> impl FnOnce(E) -> DatapathError {
+    move |e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    }
 }
 
 fn boxed<E: std::error::Error + Send + Sync + 'static>(
@@ -142,109 +152,87 @@ impl Datapath {
     /// so no packet ever meets a half-filled policy.
     pub fn fill(&mut self, policy: &Policy) -> Result<(), DatapathError> {
         self.set_mode(policy.mode)?;
-        {
-            let name = map_names::RULES;
-            let mut rules: Array<&mut MapData, Rule> = Array::try_from(self.map_mut(name)?)
-                .map_err(|e| DatapathError::Map {
-                    name,
-                    source: boxed(e),
-                })?;
-            for rule in &policy.rules {
-                rules
-                    .set(
-                        rule.index,
-                        Rule {
-                            flags: rule.flags(),
-                        },
-                        0,
-                    )
-                    .map_err(|e| DatapathError::Map {
-                        name,
-                        source: boxed(e),
-                    })?;
-            }
+        let name = map_names::RULES;
+        let mut rules: Array<&mut MapData, Rule> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        for rule in &policy.rules {
+            rules
+                .set(
+                    rule.index,
+                    Rule {
+                        flags: rule.flags(),
+                    },
+                    0,
+                )
+                .map_err(map_error(name))?;
         }
-        {
-            let name = map_names::PORT_RULES;
-            let mut ports: HashMap<&mut MapData, enforcer_common::PortKey, u8> =
-                HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::Map {
-                    name,
-                    source: boxed(e),
-                })?;
-            for key in &policy.port_keys {
-                ports.insert(key, 1, 0).map_err(|e| DatapathError::Map {
-                    name,
-                    source: boxed(e),
-                })?;
-            }
+        let name = map_names::PORT_RULES;
+        let mut ports: HashMap<&mut MapData, PortKey, u8> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        for key in &policy.port_keys {
+            ports.insert(key, 1, 0).map_err(map_error(name))?;
         }
-        for (rules, v4, v6) in [
-            (
-                policy.allow_rules().collect::<Vec<_>>(),
-                map_names::ALLOW_V4,
-                map_names::ALLOW_V6,
-            ),
-            (
-                policy.deny_rules().collect::<Vec<_>>(),
-                map_names::DENY_V4,
-                map_names::DENY_V6,
-            ),
-        ] {
-            for rule in rules {
-                match rule.prefix {
-                    IpNet::V4(net) => {
-                        let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
-                            LpmTrie::try_from(self.map_mut(v4)?).map_err(|e| {
-                                DatapathError::Map {
-                                    name: v4,
-                                    source: boxed(e),
-                                }
-                            })?;
-                        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                        trie.insert(&key, rule.index, 0)
-                            .map_err(|e| DatapathError::Map {
-                                name: v4,
-                                source: boxed(e),
-                            })?;
-                    }
-                    IpNet::V6(net) => {
-                        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
-                            LpmTrie::try_from(self.map_mut(v6)?).map_err(|e| {
-                                DatapathError::Map {
-                                    name: v6,
-                                    source: boxed(e),
-                                }
-                            })?;
-                        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                        trie.insert(&key, rule.index, 0)
-                            .map_err(|e| DatapathError::Map {
-                                name: v6,
-                                source: boxed(e),
-                            })?;
-                    }
+        let allow: Vec<(IpNet, u32)> = policy.allow_rules().map(|r| (r.prefix, r.index)).collect();
+        self.fill_tries(&allow, map_names::ALLOW_V4, map_names::ALLOW_V6)?;
+        let deny: Vec<(IpNet, u32)> = policy.deny_rules().map(|r| (r.prefix, r.index)).collect();
+        self.fill_tries(&deny, map_names::DENY_V4, map_names::DENY_V6)?;
+
+        let name = map_names::VPN_GROUPS;
+        let mut groups: Array<&mut MapData, VpnGroup> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut vpn_prefixes = Vec::with_capacity(policy.vpn_groups.len());
+        for (index, (prefix, approvals)) in policy.vpn_groups.iter().enumerate() {
+            let index = u32::try_from(index).expect("the policy bounds the groups");
+            let mut group = VpnGroup {
+                count: u32::try_from(approvals.len()).unwrap_or(0),
+                ..VpnGroup::default()
+            };
+            group.approvals[..approvals.len()].copy_from_slice(approvals);
+            groups.set(index, group, 0).map_err(map_error(name))?;
+            vpn_prefixes.push((*prefix, index));
+        }
+        self.fill_tries(&vpn_prefixes, map_names::VPN_V4, map_names::VPN_V6)
+    }
+
+    /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie.
+    fn fill_tries(
+        &mut self,
+        entries: &[(IpNet, u32)],
+        v4: &'static str,
+        v6: &'static str,
+    ) -> Result<(), DatapathError> {
+        {
+            let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+                LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+            for (prefix, value) in entries {
+                if let IpNet::V4(net) = prefix {
+                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                    trie.insert(&key, value, 0).map_err(map_error(v4))?;
                 }
+            }
+        }
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+            LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+        for (prefix, value) in entries {
+            if let IpNet::V6(net) = prefix {
+                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                trie.insert(&key, value, 0).map_err(map_error(v6))?;
             }
         }
         Ok(())
     }
 
+    /// Switches between enforce and monitor; keeps what the program itself wrote in `CONFIG`.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), DatapathError> {
         let name = map_names::CONFIG;
-        let mut config: Array<&mut MapData, Config> = Array::try_from(self.map_mut(name)?)
-            .map_err(|e| DatapathError::Map {
-                name,
-                source: boxed(e),
-            })?;
-        let mode = match mode {
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut current = config.get(&0, 0).map_err(map_error(name))?;
+        current.mode = match mode {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Monitor => MODE_MONITOR,
         };
-        config
-            .set(0, Config { mode, _reserved: 0 }, 0)
-            .map_err(|e| DatapathError::Map {
-                name,
-                source: boxed(e),
-            })
+        config.set(0, current, 0).map_err(map_error(name))
     }
 
     /// Attaches to `iface`; returns the XDP mode in use.
@@ -406,4 +394,51 @@ pub fn read_rule_hits(map: &Map, rules: u32) -> Result<Vec<u64>, DatapathError> 
             })
         })
         .collect()
+}
+
+/// VPN verdicts by protocol, summed over CPUs: (protocol, unapproved, approved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VpnCounts(pub Vec<(VpnProtocol, Counter, Counter)>);
+
+impl VpnCounts {
+    pub fn read(map: &Map) -> Result<Self, DatapathError> {
+        let name = map_names::VPN_VERDICTS;
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(map_error(name))?;
+        let sum = |slot: u32| -> Result<Counter, DatapathError> {
+            let values = array.get(&slot, 0).map_err(map_error(name))?;
+            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
+        let mut counts = Vec::new();
+        for protocol in VpnProtocol::ALL {
+            let slot = u32::from(protocol as u8) * 2;
+            counts.push((protocol, sum(slot)?, sum(slot + 1)?));
+        }
+        Ok(Self(counts))
+    }
+
+    /// Packets of `protocol` whose endpoints were not approved.
+    pub fn unapproved(&self, protocol: VpnProtocol) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, ..)| *p == protocol)
+            .map_or(0, |(_, u, _)| u.packets)
+    }
+
+    /// Packets of `protocol` to or from an approved endpoint.
+    pub fn approved(&self, protocol: VpnProtocol) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, ..)| *p == protocol)
+            .map_or(0, |(_, _, a)| a.packets)
+    }
+}
+
+impl Datapath {
+    pub fn vpn_verdicts(&self) -> Result<VpnCounts, DatapathError> {
+        VpnCounts::read(self.map(map_names::VPN_VERDICTS)?)
+    }
 }

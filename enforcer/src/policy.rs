@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
-use enforcer_common::{MAX_PORT_RULES, MAX_RULES, PortKey, RULE_ANY_PORT, RULE_ICMP, Reason};
+use enforcer_common::{
+    MAX_APPROVALS_PER_GROUP, MAX_PORT_RULES, MAX_RULES, MAX_VPN_GROUPS, PortKey, RULE_ANY_PORT,
+    RULE_FEED, RULE_ICMP, Reason, VpnApproval, VpnProtocol,
+};
 use ipnet::IpNet;
 
 use crate::registry::{Date, Mode, PortSpec, Protocol, Registry};
@@ -15,6 +18,10 @@ pub enum RuleKind {
     Network,
     Device,
     Deny,
+    /// A range from a deny feed file.
+    DenyFeed,
+    /// An approved VPN endpoint.
+    VpnEndpoint,
 }
 
 impl RuleKind {
@@ -23,6 +30,8 @@ impl RuleKind {
             Self::Network => "network",
             Self::Device => "device",
             Self::Deny => "deny",
+            Self::DenyFeed => "feed",
+            Self::VpnEndpoint => "vpn",
         }
     }
 }
@@ -37,6 +46,35 @@ pub struct CompiledRule {
     /// `None`: every port and protocol.
     #[serde(serialize_with = "serialize_ports")]
     pub ports: Option<Vec<PortSpec>>,
+    /// For an approved VPN endpoint: what is approved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpn: Option<VpnApprovalInfo>,
+}
+
+/// What a `vpn_endpoints` entry approves.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VpnApprovalInfo {
+    #[serde(serialize_with = "serialize_protocol")]
+    pub protocol: VpnProtocol,
+    pub port: Option<u16>,
+    pub approval: String,
+    #[serde(serialize_with = "serialize_opt_date")]
+    pub expires: Option<Date>,
+}
+
+fn serialize_protocol<S: serde::Serializer>(p: &VpnProtocol, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.name())
+}
+
+#[expect(
+    clippy::ref_option,
+    reason = "serde's serialize_with passes a reference to the field"
+)]
+fn serialize_opt_date<S: serde::Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.collect_str(d),
+        None => s.serialize_none(),
+    }
 }
 
 #[expect(
@@ -56,6 +94,9 @@ fn serialize_ports<S: serde::Serializer>(
 impl CompiledRule {
     /// The `RULE_*` flags the kernel reads.
     pub fn flags(&self) -> u32 {
+        if self.kind == RuleKind::DenyFeed {
+            return RULE_FEED;
+        }
         match &self.ports {
             None => RULE_ANY_PORT,
             Some(ports) if ports.contains(&PortSpec::Icmp) => RULE_ICMP,
@@ -99,13 +140,19 @@ fn serialize_date<S: serde::Serializer>(date: &Date, s: S) -> Result<S::Ok, S::E
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(
-        "the registry has {0} networks, devices and deny ranges; the kernel maps hold {MAX_RULES}"
+        "the registry has {0} entries (networks, devices, deny and feed ranges, VPN endpoints); the kernel maps hold {MAX_RULES}"
     )]
     TooManyRules(usize),
     #[error(
         "the registry's port lists expand to {0} (rule, protocol, port) entries; the kernel map holds {MAX_PORT_RULES} (use fewer or narrower port ranges)"
     )]
     TooManyPorts(usize),
+    #[error(
+        "{0} approvals cover addresses in {1}; at most {MAX_APPROVALS_PER_GROUP} may overlap (merge vpn_endpoints entries)"
+    )]
+    TooManyApprovals(usize, IpNet),
+    #[error("{0} distinct approved VPN endpoint prefixes; the kernel map holds {MAX_VPN_GROUPS}")]
+    TooManyVpnPrefixes(usize),
 }
 
 /// The registry compiled for the kernel.
@@ -116,8 +163,13 @@ pub struct Policy {
     pub rules: Vec<CompiledRule>,
     pub port_keys: Vec<PortKey>,
     pub expired: Vec<Expired>,
-    /// Approved VPN endpoints that are in force (used by the VPN stage).
+    /// Approved VPN endpoints in force.
     pub vpn_endpoints: usize,
+    /// Each distinct approved-endpoint prefix with every approval that covers it (its own and
+    /// those of wider prefixes), so that the kernel's longest-prefix match finds them all.
+    pub vpn_groups: Vec<(IpNet, Vec<VpnApproval>)>,
+    /// Deny-feed ranges that duplicated another deny range and were left out.
+    pub feed_duplicates: usize,
 }
 
 /// What the policy does with a packet, and which rule decided.
@@ -158,9 +210,9 @@ impl fmt::Display for Decision<'_> {
 }
 
 impl Policy {
-    /// Compiles the entries in force on `today`: networks, then devices, then deny ranges.
+    /// Compiles the entries in force on `today`: networks, devices, deny ranges, deny-feed
+    /// ranges, approved VPN endpoints (rule numbers in that order).
     pub fn compile(registry: &Registry, today: Date) -> Result<Self, PolicyError> {
-        let mut rules = Vec::new();
         let mut expired = Vec::new();
         let mut keep = |section: &'static str, name: &str, expires: Option<Date>| match expires {
             Some(date) if date.is_past(today) => {
@@ -173,90 +225,142 @@ impl Policy {
             }
             _ => true,
         };
-        let mut candidates: Vec<(RuleKind, String, IpNet, Option<Vec<PortSpec>>)> = Vec::new();
-        for n in &registry.networks {
-            if keep("networks", &n.name, n.expires) {
-                candidates.push((RuleKind::Network, n.name.clone(), n.cidr, n.ports.clone()));
-            }
-        }
-        for d in &registry.devices {
-            if keep("devices", &d.name, d.expires) {
-                candidates.push((
-                    RuleKind::Device,
-                    d.name.clone(),
-                    IpNet::from(d.address),
-                    d.ports.clone(),
-                ));
-            }
-        }
-        for d in &registry.deny {
-            if keep("deny", &d.label(), d.expires) {
-                candidates.push((RuleKind::Deny, d.label(), d.cidr, None));
-            }
-        }
-        let vpn_endpoints = registry
-            .vpn_endpoints
-            .iter()
-            .filter(|v| keep("vpn_endpoints", &v.name, v.expires))
-            .count();
-        if candidates.len() > MAX_RULES as usize {
-            return Err(PolicyError::TooManyRules(candidates.len()));
-        }
-        for (index, (kind, name, prefix, ports)) in candidates.into_iter().enumerate() {
-            let index = u32::try_from(index).map_err(|_| PolicyError::TooManyRules(usize::MAX))?;
+        let mut rules: Vec<CompiledRule> = Vec::new();
+        let mut push = |kind, name: String, prefix, ports, vpn| {
+            let index = u32::try_from(rules.len()).unwrap_or(u32::MAX);
             rules.push(CompiledRule {
                 index,
                 kind,
                 name,
                 prefix,
                 ports,
+                vpn,
             });
+        };
+        for n in &registry.networks {
+            if keep("networks", &n.name, n.expires) {
+                push(
+                    RuleKind::Network,
+                    n.name.clone(),
+                    n.cidr,
+                    n.ports.clone(),
+                    None,
+                );
+            }
         }
-
-        let mut port_keys = BTreeSet::new();
-        for rule in &rules {
-            for spec in rule.ports.iter().flatten() {
-                if let PortSpec::Range {
-                    protocol,
-                    first,
-                    last,
-                } = *spec
-                {
-                    for port in first..=last {
-                        port_keys.insert((rule.index, protocol.number(), port));
-                    }
+        for d in &registry.devices {
+            if keep("devices", &d.name, d.expires) {
+                push(
+                    RuleKind::Device,
+                    d.name.clone(),
+                    IpNet::from(d.address),
+                    d.ports.clone(),
+                    None,
+                );
+            }
+        }
+        let mut denied = std::collections::HashSet::new();
+        for d in &registry.deny {
+            if keep("deny", &d.label(), d.expires) {
+                denied.insert(d.cidr);
+                push(RuleKind::Deny, d.label(), d.cidr, None, None);
+            }
+        }
+        let mut feed_duplicates = 0;
+        for feed in &registry.feeds {
+            for entry in &feed.entries {
+                if denied.insert(entry.cidr) {
+                    push(
+                        RuleKind::DenyFeed,
+                        format!("{}:{}", feed.path, entry.line),
+                        entry.cidr,
+                        None,
+                        None,
+                    );
+                } else {
+                    feed_duplicates += 1;
                 }
             }
-            if port_keys.len() > MAX_PORT_RULES as usize {
-                return Err(PolicyError::TooManyPorts(port_keys.len()));
+        }
+        let mut vpn_endpoints = 0;
+        for v in &registry.vpn_endpoints {
+            if keep("vpn_endpoints", &v.name, v.expires) {
+                vpn_endpoints += 1;
+                let info = VpnApprovalInfo {
+                    protocol: v.protocol,
+                    port: v.port,
+                    approval: v.approval.clone(),
+                    expires: v.expires,
+                };
+                push(
+                    RuleKind::VpnEndpoint,
+                    v.name.clone(),
+                    v.address,
+                    None,
+                    Some(info),
+                );
             }
         }
-        let port_keys = port_keys
-            .into_iter()
-            .map(|(rule, proto, port)| PortKey {
-                rule,
-                port_be: port.to_be_bytes(),
-                proto,
-                _pad: 0,
-            })
-            .collect();
+        if rules.len() > MAX_RULES as usize {
+            return Err(PolicyError::TooManyRules(rules.len()));
+        }
+        let port_keys = port_keys(&rules)?;
+        let vpn_groups = vpn_groups(&rules)?;
         Ok(Self {
             mode: registry.mode,
             rules,
             port_keys,
             expired,
             vpn_endpoints,
+            vpn_groups,
+            feed_duplicates,
         })
     }
 
     /// Rules that go into the allow tries (networks and devices).
     pub fn allow_rules(&self) -> impl Iterator<Item = &CompiledRule> {
-        self.rules.iter().filter(|r| r.kind != RuleKind::Deny)
+        self.rules
+            .iter()
+            .filter(|r| matches!(r.kind, RuleKind::Network | RuleKind::Device))
     }
 
-    /// Rules that go into the deny tries.
+    /// Rules that go into the deny tries (registry entries and feed ranges).
     pub fn deny_rules(&self) -> impl Iterator<Item = &CompiledRule> {
-        self.rules.iter().filter(|r| r.kind == RuleKind::Deny)
+        self.rules
+            .iter()
+            .filter(|r| matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed))
+    }
+
+    /// What the kernel does with a packet of VPN `protocol` between `remote` and this host:
+    /// it passes only if `remote` (on `port`, when both name one) is approved for `protocol`.
+    pub fn check_vpn(
+        &self,
+        remote: IpAddr,
+        protocol: VpnProtocol,
+        port: Option<u16>,
+    ) -> Decision<'_> {
+        let group = self
+            .vpn_groups
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&remote))
+            .max_by_key(|(prefix, _)| prefix.prefix_len());
+        let approval = group.and_then(|(_, approvals)| {
+            approvals.iter().find(|a| {
+                let approved_port = u16::from_be_bytes(a.port_be);
+                a.protocol == protocol as u8
+                    && (approved_port == 0 || port.is_none_or(|p| p == approved_port))
+            })
+        });
+        match approval {
+            Some(a) => Decision {
+                reason: Reason::ApprovedVpn,
+                rule: Some(&self.rules[a.rule as usize]),
+            },
+            None => Decision {
+                reason: Reason::UnapprovedVpn,
+                rule: None,
+            },
+        }
     }
 
     pub fn count(&self, kind: RuleKind) -> usize {
@@ -273,9 +377,15 @@ impl Policy {
                 .map(|r| r.index as usize)
         };
         if let Some(index) = longest(&mut self.deny_rules()) {
+            let rule = &self.rules[index];
+            let reason = if rule.kind == RuleKind::DenyFeed {
+                Reason::DeniedFeed
+            } else {
+                Reason::Denied
+            };
             return Decision {
-                reason: Reason::Denied,
-                rule: Some(&self.rules[index]),
+                reason,
+                rule: Some(rule),
             };
         }
         let Some(index) = longest(&mut self.allow_rules()) else {
@@ -295,6 +405,71 @@ impl Policy {
             rule: Some(rule),
         }
     }
+}
+
+/// The (rule, protocol, port) triples of every port-restricted rule.
+fn port_keys(rules: &[CompiledRule]) -> Result<Vec<PortKey>, PolicyError> {
+    let mut keys = BTreeSet::new();
+    for rule in rules {
+        for spec in rule.ports.iter().flatten() {
+            if let PortSpec::Range {
+                protocol,
+                first,
+                last,
+            } = *spec
+            {
+                for port in first..=last {
+                    keys.insert((rule.index, protocol.number(), port));
+                }
+            }
+        }
+        if keys.len() > MAX_PORT_RULES as usize {
+            return Err(PolicyError::TooManyPorts(keys.len()));
+        }
+    }
+    Ok(keys
+        .into_iter()
+        .map(|(rule, proto, port)| PortKey {
+            rule,
+            port_be: port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        })
+        .collect())
+}
+
+/// For each distinct endpoint prefix, the approvals of every endpoint whose prefix contains it.
+fn vpn_groups(rules: &[CompiledRule]) -> Result<Vec<(IpNet, Vec<VpnApproval>)>, PolicyError> {
+    let endpoints: Vec<&CompiledRule> = rules
+        .iter()
+        .filter(|r| r.kind == RuleKind::VpnEndpoint)
+        .collect();
+    let prefixes: BTreeSet<IpNet> = endpoints.iter().map(|r| r.prefix).collect();
+    if prefixes.len() > MAX_VPN_GROUPS as usize {
+        return Err(PolicyError::TooManyVpnPrefixes(prefixes.len()));
+    }
+    prefixes
+        .into_iter()
+        .map(|prefix| {
+            let approvals: Vec<VpnApproval> = endpoints
+                .iter()
+                .filter(|r| r.prefix.contains(&prefix))
+                .filter_map(|r| {
+                    let vpn = r.vpn.as_ref()?;
+                    Some(VpnApproval {
+                        rule: r.index,
+                        protocol: vpn.protocol as u8,
+                        _pad: 0,
+                        port_be: vpn.port.unwrap_or(0).to_be_bytes(),
+                    })
+                })
+                .collect();
+            if approvals.len() > MAX_APPROVALS_PER_GROUP {
+                return Err(PolicyError::TooManyApprovals(approvals.len(), prefix));
+            }
+            Ok((prefix, approvals))
+        })
+        .collect()
 }
 
 #[cfg(test)]

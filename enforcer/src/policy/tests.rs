@@ -2,6 +2,7 @@ use enforcer_common::{PortKey, RULE_ANY_PORT, RULE_ICMP, Reason};
 
 use super::{Policy, PolicyError, RuleKind};
 use crate::registry::{Date, Protocol, Registry};
+use enforcer_common::VpnProtocol;
 
 const EXAMPLE: &str = include_str!("../../../examples/registry.json");
 
@@ -31,6 +32,8 @@ fn rules_are_numbered_networks_devices_deny() {
             (4, RuleKind::Device, "auditor-laptop"),
             (5, RuleKind::Deny, "203.0.113.0/24"),
             (6, RuleKind::Deny, "compromised-host"),
+            (7, RuleKind::VpnEndpoint, "nitb-wg-gw"),
+            (8, RuleKind::VpnEndpoint, "moitt-ipsec"),
         ]
     );
     assert_eq!(policy.rules[3].prefix.to_string(), "10.30.5.17/32");
@@ -187,4 +190,164 @@ fn check_follows_the_verdict_order() {
         check("2001:db8:21::1", Protocol::Tcp, Some(443)),
         (Reason::NotAllowlisted, None)
     );
+}
+
+#[test]
+fn vpn_groups_merge_covering_approvals() {
+    let text = r#"{"schema": 1, "mode": "enforce", "vpn_endpoints": [
+      {"name": "wg", "address": "198.51.100.7", "protocol": "wireguard", "port": 51820, "approval": "A-1"},
+      {"name": "ipsec", "address": "198.51.100.0/28", "protocol": "ipsec", "approval": "A-2"},
+      {"name": "ovpn6", "address": "2001:db8:7::/64", "protocol": "openvpn", "approval": "A-3", "expires": "2020-01-01"}]}"#;
+    let policy = compile(text);
+    assert_eq!(
+        policy.vpn_endpoints, 2,
+        "the expired approval is not in force"
+    );
+    let groups: Vec<(String, Vec<(u32, u8, u16)>)> = policy
+        .vpn_groups
+        .iter()
+        .map(|(p, a)| {
+            (
+                p.to_string(),
+                a.iter()
+                    .map(|a| (a.rule, a.protocol, u16::from_be_bytes(a.port_be)))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            (
+                "198.51.100.0/28".to_string(),
+                vec![(1, VpnProtocol::Ipsec as u8, 0)]
+            ),
+            // the /32 inherits the /28's approval, so the kernel's longest match finds both
+            (
+                "198.51.100.7/32".to_string(),
+                vec![
+                    (0, VpnProtocol::WireGuard as u8, 51820),
+                    (1, VpnProtocol::Ipsec as u8, 0)
+                ]
+            ),
+        ]
+    );
+    let check = |addr: &str, protocol, port| {
+        let d = policy.check_vpn(addr.parse().unwrap(), protocol, port);
+        (d.reason, d.rule.map(|r| r.name.clone()))
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        check("198.51.100.7", VpnProtocol::WireGuard, Some(51820)),
+        (Reason::ApprovedVpn, some("wg"))
+    );
+    assert_eq!(
+        check("198.51.100.7", VpnProtocol::WireGuard, Some(51821)),
+        (Reason::UnapprovedVpn, None)
+    );
+    assert_eq!(
+        check("198.51.100.7", VpnProtocol::Ipsec, None),
+        (Reason::ApprovedVpn, some("ipsec"))
+    );
+    assert_eq!(
+        check("198.51.100.9", VpnProtocol::Ipsec, Some(500)),
+        (Reason::ApprovedVpn, some("ipsec"))
+    );
+    assert_eq!(
+        check("198.51.100.9", VpnProtocol::WireGuard, Some(51820)),
+        (Reason::UnapprovedVpn, None)
+    );
+    assert_eq!(
+        check("198.51.100.99", VpnProtocol::Ipsec, None),
+        (Reason::UnapprovedVpn, None)
+    );
+    assert_eq!(
+        check("2001:db8:7::1", VpnProtocol::OpenVpn, None),
+        (Reason::UnapprovedVpn, None)
+    );
+}
+
+#[test]
+fn too_many_overlapping_approvals_are_refused() {
+    let endpoints: Vec<String> = (0..9)
+        .map(|i| format!(r#"{{"name": "e{i}", "address": "198.51.100.0/{}", "protocol": "wireguard", "port": {}, "approval": "X"}}"#, 24 + i / 3, 1000 + i))
+        .collect();
+    let text = format!(
+        r#"{{"schema": 1, "mode": "enforce", "vpn_endpoints": [{}]}}"#,
+        endpoints.join(",")
+    );
+    let error = Policy::compile(&Registry::parse(&text).unwrap(), today()).unwrap_err();
+    assert!(
+        matches!(error, PolicyError::TooManyApprovals(9, _)),
+        "{error}"
+    );
+}
+
+#[test]
+fn deny_feeds_become_feed_rules() {
+    let dir = std::env::temp_dir().join(format!("enforcer-feed-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("feeds")).unwrap();
+    std::fs::write(
+        dir.join("feeds/vpn.txt"),
+        "# providers\n192.0.2.0/24\n203.0.113.0/24 # also in deny\n2001:db8:66::/48\n",
+    )
+    .unwrap();
+    let text = r#"{"schema": 1, "mode": "enforce", "deny": [{"cidr": "203.0.113.0/24"}],
+      "deny_files": ["feeds/vpn.txt"], "networks": [{"name": "lan", "cidr": "192.0.2.0/23"}]}"#;
+    let registry = Registry::parse_at(text, &dir).unwrap();
+    let policy = Policy::compile(&registry, today()).unwrap();
+    let feed: Vec<(String, String, u32)> = policy
+        .rules
+        .iter()
+        .filter(|r| r.kind == RuleKind::DenyFeed)
+        .map(|r| (r.name.clone(), r.prefix.to_string(), r.flags()))
+        .collect();
+    assert_eq!(
+        feed,
+        vec![
+            (
+                "feeds/vpn.txt:2".to_string(),
+                "192.0.2.0/24".to_string(),
+                enforcer_common::RULE_FEED
+            ),
+            (
+                "feeds/vpn.txt:4".to_string(),
+                "2001:db8:66::/48".to_string(),
+                enforcer_common::RULE_FEED
+            ),
+        ]
+    );
+    assert_eq!(policy.feed_duplicates, 1);
+    let d = policy.check("192.0.2.9".parse().unwrap(), Protocol::Tcp, Some(443));
+    assert_eq!(
+        d.reason,
+        Reason::DeniedFeed,
+        "a feed range beats a covering allow"
+    );
+    assert_eq!(
+        policy
+            .check("192.0.3.9".parse().unwrap(), Protocol::Tcp, Some(443))
+            .reason,
+        Reason::Allowed
+    );
+
+    std::fs::write(dir.join("feeds/vpn.txt"), "192.0.2.0/24\nbogus\n").unwrap();
+    let problems = Registry::parse_at(text, &dir).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].line, 2);
+    assert!(
+        problems[0]
+            .file
+            .as_deref()
+            .unwrap()
+            .ends_with("feeds/vpn.txt")
+    );
+    std::fs::remove_file(dir.join("feeds/vpn.txt")).unwrap();
+    let problems = Registry::parse_at(text, &dir).unwrap_err();
+    assert!(
+        problems[0].message.contains("cannot read deny feed"),
+        "{problems:#?}"
+    );
+    assert_eq!(problems[0].line, 2, "placed at the deny_files field");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,12 +3,15 @@
 //! a registry with any problem is rejected whole.
 
 mod date;
+mod feed;
 mod ports;
 mod raw;
 
 use std::{collections::HashMap, fmt, net::IpAddr, path::Path};
 
 pub use date::Date;
+pub use enforcer_common::VpnProtocol;
+pub use feed::{Feed, FeedEntry};
 use ipnet::IpNet;
 pub use ports::{PortSpec, Protocol};
 
@@ -81,7 +84,7 @@ pub struct Device {
 pub struct VpnEndpoint {
     pub name: String,
     pub address: IpNet,
-    pub protocol: String,
+    pub protocol: VpnProtocol,
     pub port: Option<u16>,
     pub approval: String,
     pub expires: Option<Date>,
@@ -110,11 +113,17 @@ pub struct Registry {
     pub devices: Vec<Device>,
     pub vpn_endpoints: Vec<VpnEndpoint>,
     pub deny: Vec<DenyEntry>,
+    /// Deny feed files as written in the registry (relative to the registry's directory).
+    pub deny_files: Vec<String>,
+    /// Their contents, read when the registry was loaded.
+    pub feeds: Vec<Feed>,
 }
 
 /// One validation problem and where it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    /// The file the problem is in, when it is not the registry itself (a deny feed).
+    pub file: Option<String>,
     /// 1-based line and column in the file, when known.
     pub line: usize,
     pub column: usize,
@@ -143,7 +152,7 @@ pub enum RegistryError {
     },
     #[error("registry {path} is invalid ({} problem{}):\n{}", .problems.len(),
         if .problems.len() == 1 { "" } else { "s" },
-        .problems.iter().map(|p| format!("  {path}:{p}")).collect::<Vec<_>>().join("\n"))]
+        .problems.iter().map(|p| format!("  {}:{p}", p.file.as_deref().unwrap_or(path))).collect::<Vec<_>>().join("\n"))]
     Invalid {
         path: String,
         problems: Vec<Problem>,
@@ -160,26 +169,36 @@ impl RegistryError {
 }
 
 impl Registry {
-    /// Reads and validates a registry file.
+    /// Reads and validates a registry file, and the deny feeds it names.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let display = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
             path: display.clone(),
             source,
         })?;
-        Self::parse(&text).map_err(|problems| RegistryError::Invalid {
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_at(&text, base).map_err(|problems| RegistryError::Invalid {
             path: display,
             problems,
         })
     }
 
-    /// Parses and validates registry text; all problems at once, or the registry.
+    /// Parses and validates registry text (deny feeds relative to the current directory).
     pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {
+        Self::parse_at(text, Path::new("."))
+    }
+
+    /// Parses and validates registry text whose deny feeds are relative to `base`; all problems
+    /// at once, or the registry.
+    pub fn parse_at(text: &str, base: &Path) -> Result<Self, Vec<Problem>> {
         let mut located = raw::parse(text)?;
         let mut problems = std::mem::take(&mut located.problems);
         problems.extend(located.cross_check());
+        let (feeds, feed_problems) = feed::load_all(&located.registry.deny_files, base, text);
         problems.sort_by_key(|p| (p.line, p.column));
+        problems.extend(feed_problems);
         if problems.is_empty() {
+            located.registry.feeds = feeds;
             Ok(located.registry)
         } else {
             Err(problems)
@@ -249,6 +268,7 @@ impl Located {
             let here = format!("{section}[{index}]");
             let mut problem = |place: String, message: String| {
                 problems.push(Problem {
+                    file: None,
                     line,
                     column,
                     place,

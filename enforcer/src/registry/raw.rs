@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Date, DenyEntry, Device, Located, Mode, Network, PortSpec, Problem, Registry, SCHEMA_VERSION,
-    VpnEndpoint,
+    VpnEndpoint, VpnProtocol,
 };
 
 #[derive(Deserialize)]
@@ -25,6 +25,8 @@ struct RawRegistry<'a> {
     vpn_endpoints: Vec<&'a RawValue>,
     #[serde(borrow, default)]
     deny: Vec<&'a RawValue>,
+    #[serde(default)]
+    deny_files: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -68,19 +70,6 @@ struct RawDeny {
     note: Option<String>,
     expires: Option<String>,
 }
-
-/// VPN protocols an approved endpoint may name (the kernel's VPN signatures use the same names).
-const VPN_PROTOCOLS: [&str; 9] = [
-    "wireguard",
-    "openvpn",
-    "ipsec",
-    "l2tp",
-    "pptp",
-    "tailscale",
-    "anyconnect",
-    "zerotier",
-    "softether",
-];
 
 /// Where each line starts, so that a byte offset becomes a line and column without rescanning
 /// the text (a registry may hold a million entries).
@@ -171,6 +160,7 @@ impl<'t> EntryCheck<'t> {
         let (line, column) = self.field_position(field);
         let place = format!("{} field \"{field}\"", self.place);
         self.problems.push(Problem {
+            file: None,
             line,
             column,
             place,
@@ -191,6 +181,7 @@ impl<'t> EntryCheck<'t> {
                     error.column()
                 };
                 self.problems.push(Problem {
+                    file: None,
                     line,
                     column,
                     place: self.place.clone(),
@@ -322,14 +313,15 @@ fn vpn_endpoint(check: &mut EntryCheck<'_>) -> Option<VpnEndpoint> {
     check.named(Some(&raw.name));
     let named = check.name(&raw.name);
     let address = check.cidr("address", &raw.address);
-    let protocol_ok = VPN_PROTOCOLS.contains(&raw.protocol.as_str());
+    let protocol = VpnProtocol::from_name(&raw.protocol);
+    let protocol_ok = protocol.is_some();
     if !protocol_ok {
         check.problem(
             "protocol",
             format!(
                 "unknown VPN protocol \"{}\" (expected one of: {})",
                 raw.protocol,
-                VPN_PROTOCOLS.join(", ")
+                VpnProtocol::ALL.map(VpnProtocol::name).join(", ")
             ),
         );
     }
@@ -348,7 +340,7 @@ fn vpn_endpoint(check: &mut EntryCheck<'_>) -> Option<VpnEndpoint> {
     Some(VpnEndpoint {
         name: raw.name,
         address: address?,
-        protocol: raw.protocol,
+        protocol: protocol?,
         port: raw.port,
         approval: raw.approval,
         expires: expires?,
@@ -377,6 +369,7 @@ fn deny(check: &mut EntryCheck<'_>) -> Option<DenyEntry> {
 pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
     let top: RawRegistry<'_> = serde_json::from_str(text).map_err(|error| {
         vec![Problem {
+            file: None,
             line: error.line().max(1),
             column: error.column().max(1),
             place: String::new(),
@@ -389,6 +382,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         let key = format!("\"{field}\"");
         let (line, column) = text.find(&key).map_or((1, 1), |at| lines.position(at));
         Problem {
+            file: None,
             line,
             column,
             place: format!("field \"{field}\""),
@@ -458,6 +452,8 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         devices,
         vpn_endpoints,
         deny,
+        deny_files: top.deny_files,
+        feeds: Vec::new(),
     };
     Ok(Located {
         registry,

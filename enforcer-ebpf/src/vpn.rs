@@ -1,0 +1,444 @@
+//! VPN signatures, one packet at a time, and the approved-endpoint check. The rules and their
+//! sources are in ../shared/VPN-SIGNATURES.md (nDPI, Wireshark, Zeek, tcpdump); each was checked
+//! against labelled captures by the replay test. Ports are hints, never the test, except where a
+//! rule needs a port gate to stay precise (NAT-T on 4500, L2TP on 1701).
+
+use aya_ebpf::{
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::XdpContext,
+};
+use enforcer_common::{Config, FlowKey, MAX_APPROVALS_PER_GROUP, VpnGroup, VpnProtocol};
+
+use crate::parse::{
+    Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_UDP, IpPacket, L4,
+    Payload, masked, read,
+};
+
+const IPSEC_NAT_T_PORT: u16 = 4500;
+const L2TP_PORT: u16 = 1701;
+
+const WG_INIT_LEN: usize = 148;
+const WG_RESPONSE_LEN: usize = 92;
+const WG_COOKIE_LEN: usize = 64;
+const WG_DATA_MIN_LEN: usize = 32;
+/// TunnelBear's WireGuard handshake sizes (nDPI wireguard.c).
+const WG_TUNNELBEAR_INIT_LEN: usize = 204;
+const WG_TUNNELBEAR_RESPONSE_LEN: usize = 100;
+/// Data packets are padded to 16 bytes unless MTU-capped (drivers/net/wireguard/messages.h).
+const WG_PADDING: usize = 16;
+const WG_MTU_CAPPED_MIN_LEN: usize = 1280;
+
+const TAILSCALE_DISCO_MAGIC: [u8; 6] = *b"TS\xF0\x9F\x92\xAC";
+const TAILSCALE_DISCO_MIN_LEN: usize = 62;
+
+const IKE_HEADER_LEN: usize = 28;
+const IKE_V1: u8 = 0x10;
+const IKE_V2: u8 = 0x20;
+
+const OPENVPN_CLIENT_RESET_V2: u8 = 0x38;
+const OPENVPN_SERVER_RESET_V2: u8 = 0x40;
+const OPENVPN_CLIENT_RESET_V3: u8 = 0x50;
+/// OpenVPN's `net_time` top byte: Unix time between 2005 and 2044.
+const OPENVPN_TIME_MIN: u8 = 0x42;
+const OPENVPN_TIME_MAX: u8 = 0x8B;
+/// The packet id of the first control packet.
+const PACKET_ID_ONE: [u8; 4] = [0, 0, 0, 1];
+
+const PPTP_MAGIC_COOKIE: [u8; 4] = [0x1A, 0x2B, 0x3C, 0x4D];
+const PPTP_CONTROL_MESSAGE: [u8; 2] = [0, 1];
+const GRE_PPTP_FLAGS_MASK: u16 = 0xEF7F;
+const GRE_PPTP_FLAGS: u16 = 0x2001;
+const GRE_PROTO_PPP: u16 = 0x880B;
+
+/// Approved endpoints: address prefix → group index in `VPN_GROUPS`.
+#[aya_ebpf::macros::map]
+pub static VPN_V4: LpmTrie<[u8; 4], u32> =
+    LpmTrie::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
+#[aya_ebpf::macros::map]
+pub static VPN_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
+#[aya_ebpf::macros::map]
+pub static VPN_GROUPS: Array<VpnGroup> =
+    Array::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
+/// Flows that showed a first-packet-only signature; value: `VpnProtocol`.
+#[aya_ebpf::macros::map]
+pub static VPN_FLOWS: LruHashMap<FlowKey, u8> =
+    LruHashMap::with_max_entries(enforcer_common::MAX_VPN_FLOWS, 0);
+
+#[inline(always)]
+fn be16(bytes: [u8; 2]) -> u16 {
+    u16::from_be_bytes(bytes)
+}
+
+/// The VPN protocol of this packet, if it carries a signature or belongs to a flow that did.
+#[inline(always)]
+pub fn classify(
+    ctx: &XdpContext,
+    packet: &IpPacket,
+    config: &Array<Config>,
+) -> Option<VpnProtocol> {
+    match packet.proto {
+        // By protocol number, fragments included.
+        IPPROTO_ESP | IPPROTO_AH => return Some(VpnProtocol::Ipsec),
+        IPPROTO_L2TPV3 => return Some(VpnProtocol::L2tp),
+        _ => {}
+    }
+    match packet.l4 {
+        L4::Other { payload } if packet.proto == IPPROTO_GRE => pptp_gre(ctx, payload),
+        L4::Ports {
+            src_port_be,
+            dst_port_be,
+            payload,
+        } => {
+            let found = if packet.proto == IPPROTO_UDP {
+                udp(ctx, be16(src_port_be), be16(dst_port_be), payload)
+            } else {
+                tcp(ctx, payload)
+            };
+            match found {
+                Some((protocol, stateful)) => {
+                    if stateful {
+                        remember_flow(packet, src_port_be, dst_port_be, protocol, config);
+                    }
+                    Some(protocol)
+                }
+                None => known_flow(packet, src_port_be, dst_port_be, config),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `(protocol, the rest of the flow carries no signature)`.
+type Found = Option<(VpnProtocol, bool)>;
+
+#[inline(always)]
+fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
+    let nat_t = src_port == IPSEC_NAT_T_PORT || dst_port == IPSEC_NAT_T_PORT;
+    if nat_t && p.len == 1 {
+        // NAT-T keepalive (RFC 3948): one 0xFF byte.
+        return (read::<1>(ctx, p.offset)? == [0xFF]).then_some((VpnProtocol::Ipsec, false));
+    }
+    if p.len < 4 {
+        return None;
+    }
+    let head = read::<4>(ctx, p.offset)?;
+    if nat_t && p.len >= 8 {
+        // On 4500 a zero non-ESP marker introduces IKE; anything else is ESP (SPI > 255).
+        if head == [0; 4] {
+            return ike(ctx, p.offset + 4, p.total - 4).then_some((VpnProtocol::Ipsec, false));
+        }
+        if u32::from_be_bytes(head) > 255 {
+            return Some((VpnProtocol::Ipsec, false));
+        }
+    }
+    if wireguard(ctx, p, head) {
+        return Some((VpnProtocol::WireGuard, false));
+    }
+    if p.len >= TAILSCALE_DISCO_MIN_LEN && read::<6>(ctx, p.offset)? == TAILSCALE_DISCO_MAGIC {
+        return Some((VpnProtocol::Tailscale, false));
+    }
+    if (src_port == L2TP_PORT || dst_port == L2TP_PORT) && l2tp(p, head) {
+        return Some((VpnProtocol::L2tp, false));
+    }
+    if ike(ctx, p.offset, p.total) {
+        return Some((VpnProtocol::Ipsec, false));
+    }
+    if openvpn_reset(ctx, p.offset, p.len, head[0]) {
+        return Some((VpnProtocol::OpenVpn, true));
+    }
+    None
+}
+
+#[inline(always)]
+fn tcp(ctx: &XdpContext, p: Payload) -> Found {
+    // Signatures sit in the first data segment of a stream.
+    if p.len < 14 {
+        return None;
+    }
+    let head = read::<12>(ctx, p.offset)?;
+    // PPTP control (RFC 2637): length, message type 1, magic cookie, control type 1..15, 0.
+    if head[2..4] == PPTP_CONTROL_MESSAGE
+        && head[4..8] == PPTP_MAGIC_COOKIE
+        && (1..=15).contains(&be16([head[8], head[9]]))
+        && head[10..12] == [0, 0]
+    {
+        return Some((VpnProtocol::Pptp, false));
+    }
+    // OpenVPN over TCP: a 2-byte length, then a hard reset as over UDP.
+    let packet_len = usize::from(be16([head[0], head[1]]));
+    let plausible = (14..=255).contains(&packet_len) || (336..=1278).contains(&packet_len);
+    if plausible && packet_len == p.len - 2 && openvpn_reset(ctx, p.offset + 2, packet_len, head[2])
+    {
+        return Some((VpnProtocol::OpenVpn, true));
+    }
+    None
+}
+
+/// All four message types; data packets by their seven fixed bytes and padded length.
+#[inline(always)]
+fn wireguard(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
+    if head[1..4] != [0, 0, 0] || p.len != p.total {
+        return false;
+    }
+    match head[0] {
+        1 => p.len == WG_INIT_LEN || p.len == WG_TUNNELBEAR_INIT_LEN,
+        2 => p.len == WG_RESPONSE_LEN || p.len == WG_TUNNELBEAR_RESPONSE_LEN,
+        3 => p.len == WG_COOKIE_LEN,
+        4 => {
+            // The counter is a little-endian u64 that restarts with every key: its high half is 0.
+            p.len >= WG_DATA_MIN_LEN
+                && (p.len % WG_PADDING == 0 || p.len >= WG_MTU_CAPPED_MIN_LEN)
+                && read::<4>(ctx, p.offset + 12) == Some([0; 4])
+        }
+        _ => false,
+    }
+}
+
+/// IKEv1/IKEv2 header at `offset`, whose length field must equal the message length (`total`).
+#[inline(always)]
+fn ike(ctx: &XdpContext, offset: usize, total: usize) -> bool {
+    if total < IKE_HEADER_LEN {
+        return false;
+    }
+    let Some(h) = read::<IKE_HEADER_LEN>(ctx, offset) else {
+        return false;
+    };
+    let length = u32::from_be_bytes([h[24], h[25], h[26], h[27]]) as usize;
+    if h[0..8] == [0; 8] || length != total {
+        return false;
+    }
+    let (next_payload, version, exchange, flags) = (h[16], h[17], h[18], h[19]);
+    match version {
+        IKE_V1 => matches!(exchange, 1..=6 | 32 | 33) && flags < 8 && next_payload <= 13,
+        IKE_V2 => {
+            matches!(exchange, 34..=37 | 43 | 44)
+                && flags & 0xC7 == 0
+                && (next_payload == 0 || (33..=54).contains(&next_payload))
+        }
+        _ => false,
+    }
+}
+
+/// L2TPv2 on port 1701: control (T, L, S set; version 2; length = payload) or data (T clear,
+/// reserved bits clear, version 2).
+#[inline(always)]
+fn l2tp(p: Payload, head: [u8; 4]) -> bool {
+    let flags = be16([head[0], head[1]]);
+    if flags == 0xC802 {
+        return usize::from(be16([head[2], head[3]])) == p.len;
+    }
+    flags & 0x8000 == 0 && flags & 0x34F0 == 0 && flags & 0x000F == 2
+}
+
+/// Enhanced GRE v1 carrying PPP (RFC 2637): plain GRE v0 never matches.
+#[inline(always)]
+fn pptp_gre(ctx: &XdpContext, p: Payload) -> Option<VpnProtocol> {
+    if p.len < 8 {
+        return None;
+    }
+    let h = read::<4>(ctx, p.offset)?;
+    (be16([h[0], h[1]]) & GRE_PPTP_FLAGS_MASK == GRE_PPTP_FLAGS
+        && be16([h[2], h[3]]) == GRE_PROTO_PPP)
+        .then_some(VpnProtocol::Pptp)
+}
+
+#[inline(always)]
+fn plausible_time(byte: u8) -> bool {
+    (OPENVPN_TIME_MIN..=OPENVPN_TIME_MAX).contains(&byte)
+}
+
+/// OpenVPN hard resets (client v2/v3, server v2), with each authentication variant's exact
+/// layout: plain, tls-auth with an HMAC of 16/20/32/48/64 bytes, tls-crypt, tls-crypt-v2.
+#[inline(always)]
+fn openvpn_reset(ctx: &XdpContext, o: usize, len: usize, opcode: u8) -> bool {
+    match opcode {
+        OPENVPN_CLIENT_RESET_V2 => {
+            // plain: op | session id (8) | ack len 0 | message packet id 0
+            if len == 14 {
+                return read::<5>(ctx, o + 9) == Some([0; 5]);
+            }
+            // tls-crypt: op | sid | packet id 1 | net_time | tag (32) | ...
+            if len == 54
+                && let Some(b) = read::<5>(ctx, o + 9)
+                && b[0..4] == PACKET_ID_ONE
+                && plausible_time(b[4])
+            {
+                return true;
+            }
+            // tls-auth: op | sid | HMAC (H) | packet id 1 | net_time | ack len 0 | msg id 0
+            let h = match len {
+                38 => 16,
+                42 => 20,
+                54 => 32,
+                70 => 48,
+                86 => 64,
+                _ => return false,
+            };
+            let Some(b) = read::<13>(ctx, o + 9 + h) else {
+                return false;
+            };
+            b[0..4] == PACKET_ID_ONE && plausible_time(b[4]) && b[8..13] == [0; 5]
+        }
+        OPENVPN_SERVER_RESET_V2 => {
+            // plain: op | sid | ack len 1 | ack id 0 | remote sid | msg id 0 (+6 with early-neg TLV)
+            if len == 26 || len == 32 {
+                let Some(b) = read::<17>(ctx, o + 9) else {
+                    return false;
+                };
+                return b[0] == 1 && b[1..5] == [0; 4] && b[13..17] == [0; 4];
+            }
+            // tls-crypt: op | sid | packet id 1 | net_time | tag | encrypted
+            if (54..=120).contains(&len)
+                && let Some(b) = read::<5>(ctx, o + 9)
+                && b[0..4] == PACKET_ID_ONE
+                && plausible_time(b[4])
+            {
+                return true;
+            }
+            // tls-auth: op | sid | HMAC | pid 1 | time | ack len 1 | ack id 0 | remote sid | msg id 0
+            let h = match len {
+                50 | 56 => 16,
+                54 | 60 => 20,
+                66 | 72 => 32,
+                82 | 88 => 48,
+                98 | 104 => 64,
+                _ => return false,
+            };
+            let Some(b) = read::<25>(ctx, o + 9 + h) else {
+                return false;
+            };
+            b[0..4] == PACKET_ID_ONE
+                && plausible_time(b[4])
+                && b[8] == 1
+                && b[9..13] == [0; 4]
+                && b[21..25] == [0; 4]
+        }
+        OPENVPN_CLIENT_RESET_V3 => {
+            // tls-crypt-v2: ... | WKc | u16 length of WKc, at the very end.
+            if !(344..1500).contains(&len) {
+                return false;
+            }
+            // Verifier: bound the variable offset of the trailer read.
+            let end = masked(len - 2, 0x7FF);
+            let Some(wkc) = read::<2>(ctx, o + end) else {
+                return false;
+            };
+            let wkc = usize::from(be16(wkc));
+            let Some(time) = read::<1>(ctx, o + 13) else {
+                return false;
+            };
+            (290..=len - 54).contains(&wkc) && len - wkc <= 118 && plausible_time(time[0])
+        }
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> FlowKey {
+    let mut key = FlowKey {
+        proto: packet.proto,
+        ..FlowKey::default()
+    };
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    match packet.addrs {
+        Addrs::V4 { src, dst } => {
+            key.family = 4;
+            a[..4].copy_from_slice(&src);
+            b[..4].copy_from_slice(&dst);
+        }
+        Addrs::V6 { src, dst } => {
+            key.family = 6;
+            a = src;
+            b = dst;
+        }
+    }
+    if (a, src_port) <= (b, dst_port) {
+        (key.lo_addr, key.lo_port, key.hi_addr, key.hi_port) = (a, src_port, b, dst_port);
+    } else {
+        (key.lo_addr, key.lo_port, key.hi_addr, key.hi_port) = (b, dst_port, a, src_port);
+    }
+    key
+}
+
+#[inline(always)]
+fn remember_flow(
+    packet: &IpPacket,
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    protocol: VpnProtocol,
+    config: &Array<Config>,
+) {
+    let _ = VPN_FLOWS.insert(flow_key(packet, src_port, dst_port), protocol as u8, 0);
+    if let Some(c) = config.get_ptr_mut(0) {
+        // SAFETY: points into the single-entry config array; a racing write stores the same 1.
+        unsafe { (*c).vpn_flows_seen = 1 };
+    }
+}
+
+#[inline(always)]
+fn known_flow(
+    packet: &IpPacket,
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    config: &Array<Config>,
+) -> Option<VpnProtocol> {
+    // Ordinary traffic skips the hash lookup until a stateful VPN flow was ever seen.
+    if !matches!(
+        config.get(0),
+        Some(Config {
+            vpn_flows_seen: 1,
+            ..
+        })
+    ) {
+        return None;
+    }
+    let protocol = VPN_FLOWS.get_ptr(flow_key(packet, src_port, dst_port))?;
+    // SAFETY: the pointer is to a live map value of one byte.
+    VpnProtocol::try_from(unsafe { *protocol }).ok()
+}
+
+/// The rule of an approval that covers the packet's source or destination for `protocol` (and
+/// the endpoint's port, when the approval names one and the packet has ports).
+#[inline(always)]
+pub fn approved(packet: &IpPacket, protocol: VpnProtocol) -> Option<u32> {
+    let (src_port, dst_port) = match packet.l4 {
+        L4::Ports {
+            src_port_be,
+            dst_port_be,
+            ..
+        } => (src_port_be, dst_port_be),
+        _ => ([0; 2], [0; 2]),
+    };
+    let (src_group, dst_group) = match packet.addrs {
+        Addrs::V4 { src, dst } => (
+            VPN_V4.get(Key::new(32, src)).copied(),
+            VPN_V4.get(Key::new(32, dst)).copied(),
+        ),
+        Addrs::V6 { src, dst } => (
+            VPN_V6.get(Key::new(128, src)).copied(),
+            VPN_V6.get(Key::new(128, dst)).copied(),
+        ),
+    };
+    if let Some(rule) = src_group.and_then(|g| match_group(g, protocol, src_port)) {
+        return Some(rule);
+    }
+    dst_group.and_then(|g| match_group(g, protocol, dst_port))
+}
+
+#[inline(always)]
+fn match_group(group: u32, protocol: VpnProtocol, port: [u8; 2]) -> Option<u32> {
+    let group = VPN_GROUPS.get(group)?;
+    for i in 0..MAX_APPROVALS_PER_GROUP {
+        if i as u32 >= group.count {
+            break;
+        }
+        let a = &group.approvals[i];
+        if a.protocol == protocol as u8
+            && (a.port_be == [0; 2] || port == [0; 2] || a.port_be == port)
+        {
+            return Some(a.rule);
+        }
+    }
+    None
+}
