@@ -37,15 +37,16 @@ impl Loaded {
 
     /// Runs one frame; returns the XDP action.
     pub fn run(&self, frame: &[u8]) -> u32 {
+        self.try_run(frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs one frame; the kernel refuses frames larger than a page less its head and tail room.
+    pub fn try_run(&self, frame: &[u8]) -> Result<u32, aya::programs::ProgramError> {
         let opts = TestRunOptions {
             data_in: Some(frame),
             ..TestRunOptions::new()
         };
-        self.datapath
-            .program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
+        Ok(self.datapath.program().test_run(opts)?.return_value)
     }
 
     /// Runs one frame `repeat` times in the kernel; returns the mean ns per run.

@@ -2,6 +2,7 @@
 //! real services (`topology`), the real `enforcer` binary run inside it (`daemon`), and crafted
 //! frames for `BPF_PROG_TEST_RUN` (`packet`). The demo uses the same pieces.
 
+pub mod capture;
 pub mod daemon;
 pub mod kernel;
 pub mod netns;

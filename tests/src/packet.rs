@@ -37,13 +37,25 @@ pub enum L4 {
         proto: u8,
         bytes: Vec<u8>,
     },
+    /// A UDP datagram with this exact payload (`Frame::payload` is ignored).
+    UdpData {
+        src_port: u16,
+        dst_port: u16,
+        data: Vec<u8>,
+    },
+    /// A TCP segment (ACK|PSH) with this exact payload.
+    TcpData {
+        src_port: u16,
+        dst_port: u16,
+        data: Vec<u8>,
+    },
 }
 
 impl L4 {
     fn proto(&self, v6: bool) -> u8 {
         match self {
-            Self::Tcp { .. } => TCP,
-            Self::Udp { .. } => UDP,
+            Self::Tcp { .. } | Self::TcpData { .. } => TCP,
+            Self::Udp { .. } | Self::UdpData { .. } => UDP,
             Self::Echo if v6 => ICMPV6,
             Self::Echo => ICMP,
             Self::Icmpv6 { .. } => ICMPV6,
@@ -72,6 +84,32 @@ impl L4 {
             Self::Echo => vec![if v6 { 128 } else { 8 }, 0, 0, 0, 0, 1, 0, 1],
             Self::Icmpv6 { kind } => vec![*kind, 0, 0, 0, 0, 0, 0, 0],
             Self::Raw { bytes, .. } => bytes.clone(),
+            Self::UdpData {
+                src_port,
+                dst_port,
+                data,
+            } => {
+                let mut h = vec![0u8; 8];
+                h[0..2].copy_from_slice(&src_port.to_be_bytes());
+                h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+                h[4..6].copy_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
+                h.extend_from_slice(data);
+                return h;
+            }
+            Self::TcpData {
+                src_port,
+                dst_port,
+                data,
+            } => {
+                let mut h = vec![0u8; 20];
+                h[0..2].copy_from_slice(&src_port.to_be_bytes());
+                h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+                h[12] = 5 << 4;
+                h[13] = 0x18; // ACK | PSH
+                h[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+                h.extend_from_slice(data);
+                return h;
+            }
         };
         out.extend(std::iter::repeat_n(0xAB, payload));
         out

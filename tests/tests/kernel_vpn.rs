@@ -1,0 +1,720 @@
+//! The VPN stage through the real program (BPF_PROG_TEST_RUN): crafted packets of every protocol
+//! the program recognises, approved and unapproved endpoints, an allowlisted source that may
+//! still not open an unapproved VPN, flow state for OpenVPN, look-alikes that must stay
+//! ordinary traffic, and monitor mode. Each row checks the verdict counter, the rule credited
+//! and the per-protocol VPN counter.
+
+use enforcer::registry::Mode;
+use enforcer_common::{
+    Reason::{self, Allowed, ApprovedVpn, NotAllowlisted, UnapprovedVpn},
+    VpnProtocol::{self, Ipsec, L2tp, OpenVpn, Pptp, Tailscale, WireGuard},
+};
+use enforcer_tests::{
+    kernel::{Case, Loaded, case, check_table},
+    packet::{Frame, GRE, L4},
+};
+
+const REGISTRY: &str = r#"{
+  "schema": 1, "mode": "enforce",
+  "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}, {"name": "lan6", "cidr": "2001:db8:100::/64"}],
+  "vpn_endpoints": [
+    {"name": "wg-gw", "address": "192.0.2.7", "protocol": "wireguard", "port": 51820, "approval": "NITB-2026-0042"},
+    {"name": "ipsec-gw", "address": "192.0.2.0/28", "protocol": "ipsec", "approval": "NITB-2026-0057"},
+    {"name": "ovpn6", "address": "2001:db8:7::1", "protocol": "openvpn", "approval": "NITB-2026-0061"}
+  ]
+}"#;
+
+const SERVER: &str = "198.51.100.1";
+const LAN: &str = "198.51.100.10";
+
+fn udp(src: &str, src_port: u16, dst: &str, dst_port: u16, data: Vec<u8>) -> Frame {
+    Frame::new(
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        L4::UdpData {
+            src_port,
+            dst_port,
+            data,
+        },
+    )
+}
+
+fn tcp(src: &str, src_port: u16, dst: &str, dst_port: u16, data: Vec<u8>) -> Frame {
+    Frame::new(
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        L4::TcpData {
+            src_port,
+            dst_port,
+            data,
+        },
+    )
+}
+
+fn ip(src: &str, proto: u8, bytes: Vec<u8>) -> Frame {
+    Frame::new(
+        src.parse().unwrap(),
+        SERVER.parse().unwrap(),
+        L4::Raw { proto, bytes },
+    )
+}
+
+/// `head` followed by filler bytes up to `len`.
+fn bytes(head: &[u8], len: usize) -> Vec<u8> {
+    let mut out = head.to_vec();
+    out.resize(len, 0x5C);
+    out
+}
+
+fn wg_init() -> Vec<u8> {
+    bytes(&[1, 0, 0, 0, 0x11, 0x22, 0x33, 0x44], 148)
+}
+
+fn wg_data(len: usize) -> Vec<u8> {
+    // type 4, reserved, receiver index, counter 7 (little-endian u64), then ciphertext
+    bytes(
+        &[4, 0, 0, 0, 0xAA, 0xBB, 0xCC, 0xDD, 7, 0, 0, 0, 0, 0, 0, 0],
+        len,
+    )
+}
+
+/// An IKE message of `len` bytes: SPIi, SPIr 0, next payload, version, exchange, flags, id, length.
+fn ike(version: u8, exchange: u8, next: u8, flags: u8, len: usize) -> Vec<u8> {
+    let mut h = vec![
+        0x1B, 0xAD, 0xC0, 0xDE, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, next, version, exchange, flags,
+        0, 0, 0, 0,
+    ];
+    h.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    bytes(&h, len)
+}
+
+fn openvpn_plain_client_reset() -> Vec<u8> {
+    bytes(&[0x38, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0], 14)
+}
+
+fn openvpn_tls_auth_client_reset() -> Vec<u8> {
+    // op | session id | HMAC-SHA1 (20) | packet id 1 | net_time (2026) | ack len 0 | msg id 0
+    let mut p = vec![0x38, 1, 2, 3, 4, 5, 6, 7, 8];
+    p.extend_from_slice(&[0x77; 20]);
+    p.extend_from_slice(&[0, 0, 0, 1, 0x69, 0x2A, 0x00, 0x00, 0, 0, 0, 0, 0]);
+    p
+}
+
+fn l2tp_sccrq() -> Vec<u8> {
+    // T L S set, version 2 | length | tunnel 0 | session 0 | Ns 0 | Nr 0 | Message Type AVP = SCCRQ
+    let mut p = vec![
+        0xC8, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0x08, 0, 0, 0, 0, 0, 1,
+    ];
+    p.extend_from_slice(&[0x80, 0x08, 0, 0, 0, 2, 1, 0]); // protocol version AVP
+    let len = u16::try_from(p.len()).unwrap();
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+fn pptp_sccrq() -> Vec<u8> {
+    bytes(
+        &[0, 156, 0, 1, 0x1A, 0x2B, 0x3C, 0x4D, 0, 1, 0, 0, 1, 0],
+        156,
+    )
+}
+
+/// Runs the cases and checks, besides the verdict, that the VPN counter of `protocol` moved
+/// (unapproved or approved as the reason says), and no VPN counter for non-VPN rows.
+fn check(loaded: &Loaded, monitor: bool, rows: Vec<(Case, Option<VpnProtocol>)>) {
+    let mut failures = Vec::new();
+    for (case, protocol) in rows {
+        let what = case.what;
+        let reason: Reason = case.reason;
+        let before = loaded.datapath.vpn_verdicts().unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_table(loaded, monitor, &[case])
+        }));
+        if let Err(panic) = outcome {
+            let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            failures.push(message.lines().skip(1).collect::<Vec<_>>().join(" "));
+            continue;
+        }
+        let after = loaded.datapath.vpn_verdicts().unwrap();
+        for p in VpnProtocol::ALL {
+            let moved = (
+                after.unapproved(p) - before.unapproved(p),
+                after.approved(p) - before.approved(p),
+            );
+            let want = match protocol {
+                Some(q) if q == p && reason == ApprovedVpn => (0, 1),
+                Some(q) if q == p => (1, 0),
+                _ => (0, 0),
+            };
+            if moved != want {
+                failures.push(format!(
+                    "{what}: {} counter moved (unapproved, approved) {moved:?}, expected {want:?}",
+                    p.name()
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
+
+#[test]
+fn every_protocol_is_recognised_and_unapproved_endpoints_dropped() {
+    let loaded = Loaded::new(REGISTRY);
+    let (wg, ov, ips, l2, pp, ts) = (
+        Some(WireGuard),
+        Some(OpenVpn),
+        Some(Ipsec),
+        Some(L2tp),
+        Some(Pptp),
+        Some(Tailscale),
+    );
+    check(
+        &loaded,
+        false,
+        vec![
+            (
+                case(
+                    "WireGuard init from an allowlisted LAN host",
+                    udp(LAN, 40000, SERVER, 51820, wg_init()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard init on a non-default port",
+                    udp("203.0.113.5", 5060, SERVER, 5060, wg_init()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard response",
+                    udp(
+                        "203.0.113.5",
+                        51820,
+                        SERVER,
+                        40000,
+                        bytes(&[2, 0, 0, 0], 92),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard cookie reply",
+                    udp(
+                        "203.0.113.5",
+                        51820,
+                        SERVER,
+                        40000,
+                        bytes(&[3, 0, 0, 0], 64),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard data (keepalive, 32 bytes)",
+                    udp("203.0.113.5", 51820, SERVER, 40000, wg_data(32)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard data, 1452 bytes (MTU-capped)",
+                    udp(LAN, 51820, SERVER, 40000, wg_data(1452)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "IPv6 WireGuard data",
+                    udp(
+                        "2001:db8:100::10",
+                        51820,
+                        "2001:db8:1::1",
+                        40000,
+                        wg_data(128),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "OpenVPN plain client reset",
+                    udp(LAN, 40001, SERVER, 1194, openvpn_plain_client_reset()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                case(
+                    "OpenVPN control packet of that flow (no signature: flow map)",
+                    udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                case(
+                    "OpenVPN reply of that flow (the other direction)",
+                    udp(SERVER, 1194, LAN, 40001, bytes(&[0x48, 1], 120)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                case(
+                    "OpenVPN tls-auth (SHA1) client reset on 443",
+                    udp(LAN, 40002, SERVER, 443, openvpn_tls_auth_client_reset()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                case(
+                    "OpenVPN over TCP: length-prefixed client reset",
+                    tcp(
+                        LAN,
+                        40003,
+                        SERVER,
+                        443,
+                        [&[0u8, 14][..], &openvpn_plain_client_reset()].concat(),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                case(
+                    "IKEv2 IKE_SA_INIT on 500",
+                    udp(LAN, 500, SERVER, 500, ike(0x20, 34, 33, 0x08, 300)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "IKEv1 main mode on an odd port",
+                    udp(LAN, 10500, SERVER, 10500, ike(0x10, 2, 1, 0, 200)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "IKEv2 behind the NAT-T non-ESP marker",
+                    udp(
+                        LAN,
+                        4500,
+                        SERVER,
+                        4500,
+                        [&[0u8; 4][..], &ike(0x20, 35, 46, 0x08, 240)].concat(),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "ESP in UDP on 4500",
+                    udp(
+                        LAN,
+                        4500,
+                        SERVER,
+                        4500,
+                        bytes(&[0, 0, 0x10, 0, 0, 0, 0, 1], 120),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "NAT-T keepalive",
+                    udp(LAN, 4500, SERVER, 4500, vec![0xFF]).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "ESP (IP 50)",
+                    ip(LAN, 50, bytes(&[0, 0, 0x10, 1, 0, 0, 0, 1], 64)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "AH (IP 51)",
+                    ip(LAN, 51, bytes(&[4, 4, 0, 0, 0, 0, 0x10, 1, 0, 0, 0, 1], 64)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "L2TPv2 SCCRQ on 1701",
+                    udp(LAN, 1701, SERVER, 1701, l2tp_sccrq()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                l2,
+            ),
+            (
+                case(
+                    "L2TPv2 data on 1701",
+                    udp(
+                        LAN,
+                        1701,
+                        SERVER,
+                        1701,
+                        bytes(&[0x00, 0x02, 0, 5, 0, 7, 0xFF, 0x03], 60),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                l2,
+            ),
+            (
+                case(
+                    "L2TPv3 (IP 115)",
+                    ip(LAN, 115, bytes(&[0, 0, 0, 9], 40)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                l2,
+            ),
+            (
+                case(
+                    "PPTP control SCCRQ on 1723",
+                    tcp(LAN, 40004, SERVER, 1723, pptp_sccrq()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                pp,
+            ),
+            (
+                case(
+                    "PPTP enhanced GRE v1",
+                    ip(
+                        LAN,
+                        GRE,
+                        bytes(&[0x30, 0x01, 0x88, 0x0B, 0, 32, 0, 7, 0, 0, 0, 1], 44),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                pp,
+            ),
+            (
+                case(
+                    "Tailscale disco",
+                    udp(LAN, 41641, SERVER, 41641, bytes(b"TS\xF0\x9F\x92\xAC", 90)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ts,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn approved_endpoints_pass_and_only_for_their_protocol_and_port() {
+    let loaded = Loaded::new(REGISTRY);
+    let (wg, ov, ips) = (Some(WireGuard), Some(OpenVpn), Some(Ipsec));
+    check(
+        &loaded,
+        false,
+        vec![
+            (
+                case(
+                    "WireGuard from the approved gateway's port",
+                    udp("192.0.2.7", 51820, SERVER, 40000, wg_data(64)).build(),
+                    ApprovedVpn,
+                    Some("wg-gw"),
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard to the approved gateway (enforcer on a gateway)",
+                    udp(LAN, 40000, "192.0.2.7", 51820, wg_init()).build(),
+                    ApprovedVpn,
+                    Some("wg-gw"),
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "WireGuard from the gateway's address, other port",
+                    udp("192.0.2.7", 51821, SERVER, 40000, wg_data(64)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "IPsec ESP from inside the approved /28",
+                    ip("192.0.2.5", 50, bytes(&[0, 0, 0x10, 1], 64)).build(),
+                    ApprovedVpn,
+                    Some("ipsec-gw"),
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "IKE from the WireGuard gateway (inside the ipsec /28)",
+                    udp("192.0.2.7", 500, SERVER, 500, ike(0x20, 34, 33, 0x08, 300)).build(),
+                    ApprovedVpn,
+                    Some("ipsec-gw"),
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "WireGuard from inside the /28 (only ipsec approved there)",
+                    udp("192.0.2.5", 51820, SERVER, 40000, wg_data(64)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "IPsec ESP from just outside the /28",
+                    ip("192.0.2.16", 50, bytes(&[0, 0, 0x10, 1], 64)).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ips,
+            ),
+            (
+                case(
+                    "OpenVPN to the approved IPv6 server",
+                    udp(
+                        "2001:db8:100::10",
+                        40000,
+                        "2001:db8:7::1",
+                        1194,
+                        openvpn_plain_client_reset(),
+                    )
+                    .build(),
+                    ApprovedVpn,
+                    Some("ovpn6"),
+                ),
+                ov,
+            ),
+        ],
+    );
+}
+
+/// Traffic that looks a little like a VPN protocol, from an allowlisted source: ordinary.
+#[test]
+fn look_alikes_stay_ordinary_traffic() {
+    let loaded = Loaded::new(REGISTRY);
+    let quic_initial = bytes(&[0xC1, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8], 1200);
+    let dns_query = bytes(
+        &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'e', b'x'],
+        40,
+    );
+    let tls_client_hello = bytes(&[0x16, 3, 1, 2, 0, 1, 0, 1, 0xFC, 3, 3], 517);
+    let ssh_banner = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n".to_vec();
+    check(
+        &loaded,
+        false,
+        vec![
+            (
+                case(
+                    "QUIC initial on 443",
+                    udp(LAN, 50000, SERVER, 443, quic_initial).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "DNS query",
+                    udp(LAN, 50001, SERVER, 53, dns_query).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "TLS ClientHello",
+                    tcp(LAN, 50002, SERVER, 443, tls_client_hello).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "SSH banner",
+                    tcp(LAN, 50003, SERVER, 22, ssh_banner).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "WireGuard-like data, 33 bytes (not padded)",
+                    udp(LAN, 50004, SERVER, 9999, wg_data(33)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "type 1 with reserved bytes set",
+                    udp(LAN, 50005, SERVER, 9999, bytes(&[1, 0, 0, 1], 148)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "0x38 + zeros, 20 bytes (NFS-reply-like)",
+                    udp(
+                        LAN,
+                        2049,
+                        SERVER,
+                        900,
+                        bytes(&[0x38, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0], 20),
+                    )
+                    .build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "UDP on 4500 with a small first word",
+                    udp(LAN, 4500, SERVER, 4500, bytes(&[0, 0, 0, 5], 40)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "IKE-shaped header with a wrong length",
+                    udp(LAN, 500, SERVER, 500, {
+                        let mut m = ike(0x20, 34, 33, 0x08, 300);
+                        m[27] = 1;
+                        m
+                    })
+                    .build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "plain GRE v0 (IPv4 payload)",
+                    ip(LAN, GRE, bytes(&[0, 0, 0x08, 0x00], 44)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "L2TP-data-shaped bytes off port 1701 (the data rule is port-gated)",
+                    udp(LAN, 1702, SERVER, 1702, bytes(&[0x00, 0x02, 0, 5], 60)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "unapproved non-VPN source stays not_allowlisted",
+                    udp("203.0.113.5", 50000, SERVER, 53, bytes(&[1], 30)).build(),
+                    NotAllowlisted,
+                    None,
+                ),
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn monitor_mode_lets_unapproved_vpn_through_and_counts_it() {
+    let mut loaded = Loaded::new(REGISTRY);
+    loaded.set_mode(Mode::Monitor);
+    check(
+        &loaded,
+        true,
+        vec![
+            (
+                case(
+                    "unapproved WireGuard passes in monitor mode",
+                    udp(LAN, 40000, SERVER, 51820, wg_init()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(WireGuard),
+            ),
+            (
+                case(
+                    "approved stays approved",
+                    udp("192.0.2.7", 51820, SERVER, 40000, wg_data(64)).build(),
+                    ApprovedVpn,
+                    Some("wg-gw"),
+                ),
+                Some(WireGuard),
+            ),
+        ],
+    );
+}
