@@ -182,15 +182,18 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | mode (`MODE_*`), written by the controller |
-/// | 4 | 4 | 1 once the program has put a flow in `VPN_FLOWS` (written by the program, so that
-///         |   | ordinary traffic skips the flow lookup until a stateful VPN was ever seen) |
+/// | 4 | 4 | 1 once the program has put a flow in `VPN_FLOWS` (written by the program, so that ordinary traffic skips the flow lookup until a stateful VPN was ever seen) |
+/// | 8 | 4 | 1 if some approved VPN endpoint names a port (written by the controller): then a TCP/UDP packet from that endpoint's address and port passes as approved VPN even without a signature (a TCP VPN's SYN-ACK and ACKs carry none) |
+/// | 12 | 4 | padding, 0 |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub mode: u32,
     pub vpn_flows_seen: u32,
+    pub port_endpoints: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// Drop what the policy drops.
 pub const MODE_ENFORCE: u32 = 0;

@@ -127,6 +127,15 @@ fn decide(ctx: &XdpContext) -> Verdict {
             vpn: Some(protocol),
         };
     }
+    //    The signature-less packets of a VPN over TCP (SYN-ACK, ACKs) from an approved
+    //    endpoint's address and port belong to that approved VPN.
+    if let Some((rule, protocol)) = vpn::from_approved_port(&packet, &CONFIG) {
+        return Verdict {
+            reason: Reason::ApprovedVpn,
+            rule,
+            vpn: Some(protocol),
+        };
+    }
     // 5. The source allowlist (networks and devices; longest prefix wins) ...
     let Some(rule) = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6) else {
         return Verdict::without_rule(Reason::NotAllowlisted);

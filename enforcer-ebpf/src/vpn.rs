@@ -426,6 +426,39 @@ pub fn approved(packet: &IpPacket, protocol: VpnProtocol) -> Option<u32> {
     dst_group.and_then(|g| match_group(g, protocol, dst_port))
 }
 
+/// For a TCP/UDP packet without a signature: the approval (rule, protocol) whose endpoint is the
+/// packet's source address and port, when the controller said some approval names a port.
+#[inline(always)]
+pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> Option<(u32, VpnProtocol)> {
+    let L4::Ports { src_port_be, .. } = packet.l4 else {
+        return None;
+    };
+    if !matches!(
+        config.get(0),
+        Some(Config {
+            port_endpoints: 1,
+            ..
+        })
+    ) {
+        return None;
+    }
+    let group = match packet.addrs {
+        Addrs::V4 { src, .. } => VPN_V4.get(Key::new(32, src)).copied(),
+        Addrs::V6 { src, .. } => VPN_V6.get(Key::new(128, src)).copied(),
+    }?;
+    let group = VPN_GROUPS.get(group)?;
+    for i in 0..MAX_APPROVALS_PER_GROUP {
+        if i as u32 >= group.count {
+            break;
+        }
+        let a = &group.approvals[i];
+        if a.port_be != [0; 2] && a.port_be == src_port_be {
+            return VpnProtocol::try_from(a.protocol).ok().map(|p| (a.rule, p));
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn match_group(group: u32, protocol: VpnProtocol, port: [u8; 2]) -> Option<u32> {
     let group = VPN_GROUPS.get(group)?;

@@ -191,7 +191,31 @@ impl Datapath {
             groups.set(index, group, 0).map_err(map_error(name))?;
             vpn_prefixes.push((*prefix, index));
         }
-        self.fill_tries(&vpn_prefixes, map_names::VPN_V4, map_names::VPN_V6)
+        self.fill_tries(&vpn_prefixes, map_names::VPN_V4, map_names::VPN_V6)?;
+        let port_endpoints = policy
+            .vpn_groups
+            .iter()
+            .flat_map(|(_, a)| a)
+            .any(|a| a.port_be != [0; 2]);
+        self.update_config(|c| c.port_endpoints = u32::from(port_endpoints))
+    }
+
+    /// The program's settings as the kernel holds them.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        let name = map_names::CONFIG;
+        let config: Array<&MapData, Config> =
+            Array::try_from(self.map(name)?).map_err(map_error(name))?;
+        config.get(&0, 0).map_err(map_error(name))
+    }
+
+    /// Read-modify-write of `CONFIG`, keeping what the program itself wrote there.
+    fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
+        let name = map_names::CONFIG;
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut current = config.get(&0, 0).map_err(map_error(name))?;
+        change(&mut current);
+        config.set(0, current, 0).map_err(map_error(name))
     }
 
     /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie.
@@ -222,17 +246,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Switches between enforce and monitor; keeps what the program itself wrote in `CONFIG`.
+    /// Switches between enforce and monitor.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), DatapathError> {
-        let name = map_names::CONFIG;
-        let mut config: Array<&mut MapData, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        let mut current = config.get(&0, 0).map_err(map_error(name))?;
-        current.mode = match mode {
+        let mode = match mode {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Monitor => MODE_MONITOR,
         };
-        config.set(0, current, 0).map_err(map_error(name))
+        self.update_config(|c| c.mode = mode)
     }
 
     /// Attaches to `iface`; returns the XDP mode in use.

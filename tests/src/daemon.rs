@@ -179,4 +179,23 @@ impl Stats {
             .and_then(|r| r["packets"].as_u64())
             .unwrap_or_else(|| panic!("rule {name} missing from stats: {}", self.0))
     }
+
+    fn vpn(&self, protocol: &str) -> &Value {
+        self.0["vpn"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["protocol"] == protocol))
+            .unwrap_or_else(|| panic!("vpn protocol {protocol} missing from stats: {}", self.0))
+    }
+
+    /// VPN packets of `protocol` whose endpoints were not approved.
+    pub fn vpn_unapproved(&self, protocol: &str) -> u64 {
+        self.vpn(protocol)["unapproved_packets"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// VPN packets of `protocol` to or from an approved endpoint.
+    pub fn vpn_approved(&self, protocol: &str) -> u64 {
+        self.vpn(protocol)["approved_packets"].as_u64().unwrap_or(0)
+    }
 }

@@ -8,3 +8,4 @@ pub mod kernel;
 pub mod netns;
 pub mod packet;
 pub mod topology;
+pub mod vpn;

@@ -78,6 +78,23 @@ pub const DENIED: ClientSpec = ClientSpec {
     server_v6: "2001:db8:203::1",
 };
 
+/// A VPN gateway whose address the VPN test registry approves (`192.0.2.7`).
+pub const APPROVED_VPN_GW: ClientSpec = ClientSpec {
+    label: "approved VPN gateway",
+    v4: "192.0.2.7",
+    server_v4: "192.0.2.1",
+    v6: "2001:db8:bad::7",
+    server_v6: "2001:db8:bad::1",
+};
+/// A VPN gateway inside the allowlisted ministry LAN whose VPN is not approved.
+pub const ROGUE_VPN_GW: ClientSpec = ClientSpec {
+    label: "unapproved VPN gateway in the LAN",
+    v4: "198.51.100.66",
+    server_v4: "198.51.100.1",
+    v6: "2001:db8:100::66",
+    server_v6: "2001:db8:100::1",
+};
+
 pub struct Lab {
     pub server: Netns,
     pub clients: Vec<Client>,

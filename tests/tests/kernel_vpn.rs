@@ -532,6 +532,24 @@ fn approved_endpoints_pass_and_only_for_their_protocol_and_port() {
             ),
             (
                 case(
+                    "TCP segment without payload from the approved WireGuard port (signature-less)",
+                    tcp("192.0.2.7", 51820, SERVER, 40000, vec![]).build(),
+                    ApprovedVpn,
+                    Some("wg-gw"),
+                ),
+                wg,
+            ),
+            (
+                case(
+                    "TCP segment without payload from the gateway's other port",
+                    tcp("192.0.2.7", 51821, SERVER, 40000, vec![]).build(),
+                    NotAllowlisted,
+                    None,
+                ),
+                None,
+            ),
+            (
+                case(
                     "OpenVPN to the approved IPv6 server",
                     udp(
                         "2001:db8:100::10",

@@ -8,8 +8,18 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages the demo and the tests use (`ip`, `ping`, `sysctl`, `nsenter`).
-const APT_PACKAGES: [&str; 4] = ["iproute2", "iputils-ping", "procps", "util-linux"];
+/// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, and the real
+/// VPN software of the VPN tests (userspace WireGuard, OpenVPN, openssl for its certificates).
+const APT_PACKAGES: [&str; 8] = [
+    "iproute2",
+    "iputils-ping",
+    "procps",
+    "util-linux",
+    "wireguard-go",
+    "wireguard-tools",
+    "openvpn",
+    "openssl",
+];
 
 /// Where slow-to-build tools are cached: `$ENFORCER_CACHE`, else `~/.cache/enforcer`.
 pub fn cache_dir() -> PathBuf {

@@ -1,0 +1,237 @@
+//! Real VPN software through the enforcer. The e-Office server (enforcer on its eth0) opens a
+//! tunnel to a VPN gateway: to the approved gateway the tunnel comes up and carries pings; to a
+//! gateway in the allowlisted ministry LAN whose VPN is not approved, the handshake never
+//! completes, and the counters say why. Needs root, wireguard-go, wireguard-tools, openvpn.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{
+    daemon::{Enforcer, Stats},
+    netns::require_root,
+    topology::{self, APPROVED_VPN_GW, Lab, ROGUE_VPN_GW, SERVER_IFACE},
+    vpn::{Certificate, OpenVpn, TempDir, WgKeys, WireGuard, tls_crypt_key},
+};
+
+const REGISTRY: &str = r#"{
+  "schema": 1, "mode": "enforce",
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24"}],
+  "vpn_endpoints": [
+    {"name": "nitb-wg-gw", "address": "192.0.2.7", "protocol": "wireguard", "port": 51820,
+     "approval": "NITB-2026-0042", "expires": "2099-01-31"},
+    {"name": "nitb-ovpn-gw", "address": "192.0.2.7", "protocol": "openvpn", "port": 1194,
+     "approval": "NITB-2026-0043"}
+  ]
+}"#;
+
+/// Tunnel addresses (inside the tunnel only).
+const TUN_GW: &str = "203.0.113.201";
+const TUN_SERVER: &str = "203.0.113.202";
+
+struct Setup {
+    lab: Lab,
+    enforcer: Enforcer,
+    dir: TempDir,
+}
+
+fn setup() -> Setup {
+    require_root();
+    let lab = Lab::new(&[APPROVED_VPN_GW, ROGUE_VPN_GW]).unwrap();
+    let dir = TempDir::new("enf-vpn").unwrap();
+    let registry: PathBuf = dir.0.join("registry.json");
+    std::fs::write(&registry, REGISTRY).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    Setup { lab, enforcer, dir }
+}
+
+fn wireguard_tunnel(s: &Setup, gateway: &str) -> (WireGuard, WireGuard) {
+    let gw = s.lab.client(gateway);
+    let (server_keys, gw_keys) = (WgKeys::generate().unwrap(), WgKeys::generate().unwrap());
+    let gw_side = WireGuard::up(
+        &gw.ns,
+        &s.dir,
+        &gw_keys,
+        51820,
+        TUN_GW,
+        &server_keys.public,
+        None,
+        &format!("{TUN_SERVER}/32"),
+    )
+    .unwrap();
+    let endpoint = format!("{}:51820", gw.v4);
+    let server_side = WireGuard::up(
+        &s.lab.server,
+        &s.dir,
+        &server_keys,
+        40000,
+        TUN_SERVER,
+        &gw_keys.public,
+        Some(endpoint),
+        &format!("{TUN_GW}/32"),
+    )
+    .unwrap();
+    (gw_side, server_side)
+}
+
+#[test]
+fn wireguard_to_the_approved_gateway_carries_traffic() {
+    let s = setup();
+    let (_gw, server) = wireguard_tunnel(&s, APPROVED_VPN_GW.label);
+    let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 5).unwrap();
+    assert!(
+        replies >= 4,
+        "pings through the approved WireGuard tunnel: {replies}/5"
+    );
+    assert!(
+        server.latest_handshake().unwrap() > 0,
+        "the handshake completed"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_approved("wireguard") >= 5,
+        "approved WireGuard packets counted: {}",
+        stats.0["vpn"]
+    );
+    assert_eq!(stats.vpn_unapproved("wireguard"), 0);
+    assert!(stats.rule_hits("nitb-wg-gw") >= 5);
+}
+
+#[test]
+fn wireguard_to_an_unapproved_gateway_never_completes_its_handshake() {
+    let s = setup();
+    let (_gw, server) = wireguard_tunnel(&s, ROGUE_VPN_GW.label);
+    let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 5).unwrap();
+    assert_eq!(replies, 0, "no ping may cross an unapproved tunnel");
+    assert_eq!(
+        server.latest_handshake().unwrap(),
+        0,
+        "the handshake must never complete"
+    );
+    let stats: Stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_unapproved("wireguard") >= 1,
+        "the gateway's handshake responses are counted: {}",
+        stats.0["vpn"]
+    );
+    assert!(stats.packets("unapproved_vpn") >= 1);
+    assert_eq!(
+        stats.rule_hits("ministry-lan"),
+        0,
+        "the gateway's allowlisted network did not let the VPN through"
+    );
+}
+
+fn openvpn_tunnel(s: &Setup, gateway: &str, proto: &str) -> (OpenVpn, OpenVpn) {
+    let gw = s.lab.client(gateway);
+    let (gw_cert, server_cert) = (
+        Certificate::self_signed(&s.dir, "gateway").unwrap(),
+        Certificate::self_signed(&s.dir, "eoffice").unwrap(),
+    );
+    let key = tls_crypt_key(&s.dir).unwrap();
+    let gw_side = OpenVpn::start(
+        &gw.ns,
+        &s.dir,
+        proto,
+        &gw_cert,
+        &server_cert,
+        &key,
+        true,
+        None,
+        1194,
+        TUN_GW,
+        TUN_SERVER,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let remote = gw.v4.to_string();
+    let server_side = OpenVpn::start(
+        &s.lab.server,
+        &s.dir,
+        proto,
+        &server_cert,
+        &gw_cert,
+        &key,
+        false,
+        Some(&remote),
+        1194,
+        TUN_SERVER,
+        TUN_GW,
+    )
+    .unwrap();
+    (gw_side, server_side)
+}
+
+fn wait_connected(client: &OpenVpn, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if client.connected() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn openvpn_approved(proto: &str) {
+    let s = setup();
+    let (gw, client) = openvpn_tunnel(&s, APPROVED_VPN_GW.label, proto);
+    let connected = wait_connected(&client, Duration::from_secs(20));
+    assert!(
+        connected,
+        "OpenVPN ({proto}) to the approved gateway must connect.\nclient log:\n{}\ngateway log:\n{}\nenforcer: {:#}",
+        client.log_text(),
+        gw.log_text(),
+        s.enforcer.stats().map(|st| st.0).unwrap_or_default()
+    );
+    let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 3).unwrap();
+    assert!(
+        replies >= 2,
+        "pings through the approved OpenVPN ({proto}) tunnel: {replies}/3"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_approved("openvpn") >= 3,
+        "approved OpenVPN packets counted: {}",
+        stats.0["vpn"]
+    );
+    assert_eq!(stats.vpn_unapproved("openvpn"), 0);
+}
+
+fn openvpn_unapproved(proto: &str) {
+    let s = setup();
+    let (_gw, client) = openvpn_tunnel(&s, ROGUE_VPN_GW.label, proto);
+    assert!(
+        !wait_connected(&client, Duration::from_secs(8)),
+        "OpenVPN ({proto}) to an unapproved gateway must not connect:\n{}",
+        client.log_text()
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_unapproved("openvpn") >= 1,
+        "the gateway's reset is counted: {}",
+        stats.0["vpn"]
+    );
+    assert_eq!(stats.vpn_approved("openvpn"), 0);
+}
+
+#[test]
+fn openvpn_udp_to_the_approved_gateway_connects() {
+    openvpn_approved("udp");
+}
+
+#[test]
+fn openvpn_udp_to_an_unapproved_gateway_never_connects() {
+    openvpn_unapproved("udp");
+}
+
+#[test]
+fn openvpn_tcp_to_the_approved_gateway_connects() {
+    openvpn_approved("tcp");
+}
+
+#[test]
+fn openvpn_tcp_to_an_unapproved_gateway_never_connects() {
+    openvpn_unapproved("tcp");
+}
