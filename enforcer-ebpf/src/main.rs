@@ -60,6 +60,11 @@ static FRAGMENTS: LruHashMap<FragmentKey, u8> =
 #[map]
 static VPN_VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VPN_VERDICT_SLOTS, 0);
 
+/// Load-time switch (read-only data, so the verifier prunes the stage when it is 0): the
+/// enforcer always runs with the VPN stage; benchmarks load it without to measure its cost.
+#[unsafe(no_mangle)]
+static VPN_STAGE: u8 = 1;
+
 /// Which reason decided, which registry entry (or `NO_RULE`), and the VPN protocol recognised.
 #[derive(Clone, Copy)]
 struct Verdict {
@@ -116,7 +121,11 @@ fn decide(ctx: &XdpContext) -> Verdict {
     }
     // 4. A VPN packet passes only to or from an endpoint approved for its protocol, whatever
     //    its source: an allowlisted network may not open an unapproved VPN either.
-    if let Some(protocol) = vpn::classify(ctx, &packet, &CONFIG) {
+    // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
+    let vpn_stage = unsafe { core::ptr::read_volatile(&raw const VPN_STAGE) } != 0;
+    if !vpn_stage {
+        // (benchmark baseline only: straight to the allowlist)
+    } else if let Some(protocol) = vpn::classify(ctx, &packet, &CONFIG) {
         let (reason, rule) = match vpn::approved(&packet, protocol) {
             Some(rule) => (Reason::ApprovedVpn, rule),
             None => (Reason::UnapprovedVpn, NO_RULE),
@@ -129,7 +138,7 @@ fn decide(ctx: &XdpContext) -> Verdict {
     }
     //    The signature-less packets of a VPN over TCP (SYN-ACK, ACKs) from an approved
     //    endpoint's address and port belong to that approved VPN.
-    if let Some((rule, protocol)) = vpn::from_approved_port(&packet, &CONFIG) {
+    if vpn_stage && let Some((rule, protocol)) = vpn::from_approved_port(&packet, &CONFIG) {
         return Verdict {
             reason: Reason::ApprovedVpn,
             rule,

@@ -110,7 +110,19 @@ impl Datapath {
     /// Loads the embedded program into the kernel (the verifier runs here). Maps start empty and
     /// the mode starts as enforce; nothing is attached yet.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(true)
+    }
+
+    /// Loads the program with the VPN stage switched off (a load-time constant): only for
+    /// benchmarks that measure what the VPN stage costs.
+    pub fn load_without_vpn_stage() -> Result<Self, DatapathError> {
+        Self::load_with(false)
+    }
+
+    fn load_with(vpn_stage: bool) -> Result<Self, DatapathError> {
+        let vpn_stage = u8::from(vpn_stage);
         let mut ebpf = EbpfLoader::new()
+            .override_global("VPN_STAGE", &vpn_stage, true)
             .load(PROGRAM_OBJECT)
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         let program: &mut Xdp = ebpf

@@ -21,12 +21,24 @@ pub struct Loaded {
 impl Loaded {
     /// Loads the program and fills its maps from registry text (entries in force on 2026-11-27).
     pub fn new(registry: &str) -> Self {
+        Self::build(registry, Datapath::load)
+    }
+
+    /// The same, with the VPN stage switched off at load time (benchmark baseline).
+    pub fn without_vpn_stage(registry: &str) -> Self {
+        Self::build(registry, Datapath::load_without_vpn_stage)
+    }
+
+    fn build(
+        registry: &str,
+        load: fn() -> Result<Datapath, enforcer::datapath::DatapathError>,
+    ) -> Self {
         crate::netns::require_root();
         let registry =
             Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
         let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
             .expect("test policy compiles");
-        let mut datapath = Datapath::load().expect("the XDP program loads (verifier accepts it)");
+        let mut datapath = load().expect("the XDP program loads (verifier accepts it)");
         datapath.fill(&policy).expect("maps fill");
         Self { datapath, policy }
     }

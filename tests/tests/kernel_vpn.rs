@@ -736,3 +736,23 @@ fn monitor_mode_lets_unapproved_vpn_through_and_counts_it() {
         ],
     );
 }
+
+/// The load-time switch the benchmark uses really removes the stage: the same WireGuard packet
+/// from the allowlisted LAN is then just allowed.
+#[test]
+fn without_the_vpn_stage_vpn_packets_meet_the_allowlist() {
+    let loaded = Loaded::without_vpn_stage(REGISTRY);
+    check(
+        &loaded,
+        false,
+        vec![(
+            case(
+                "WireGuard init, VPN stage off",
+                udp(LAN, 40000, SERVER, 51820, wg_init()).build(),
+                Allowed,
+                Some("lan"),
+            ),
+            None,
+        )],
+    );
+}

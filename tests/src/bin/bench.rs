@@ -11,7 +11,11 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use enforcer::datapath::BASELINE_OBJECT;
-use enforcer_tests::{kernel::Loaded, netns::require_root, packet::Frame};
+use enforcer_tests::{
+    kernel::Loaded,
+    netns::require_root,
+    packet::{Frame, L4},
+};
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
@@ -103,6 +107,70 @@ fn main() -> anyhow::Result<()> {
         rows.push((size, allowed_ns, dropped_ns, load_ms));
     }
 
+    // The VPN stage: the same packets through the program with and without it (a load-time
+    // switch), at 10 prefixes.
+    let udp = |src: &str, src_port, dst_port, mut data: Vec<u8>, len: usize| {
+        data.resize(len, 0x5C);
+        Frame::new(
+            src.parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
+            L4::UdpData {
+                src_port,
+                dst_port,
+                data,
+            },
+        )
+        .build()
+    };
+    let vpn_packets = [
+        (
+            "WireGuard data packet (128 B)",
+            udp(
+                "203.0.113.5",
+                51820,
+                40000,
+                vec![4, 0, 0, 0, 1, 2, 3, 4, 9, 0, 0, 0, 0, 0, 0, 0],
+                128,
+            ),
+        ),
+        (
+            "OpenVPN client hard reset",
+            udp(
+                "203.0.113.5",
+                40001,
+                1194,
+                vec![0x38, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0],
+                14,
+            ),
+        ),
+        ("HTTPS from an allowed source", {
+            let mut hello = vec![0x16, 3, 1, 2, 0, 1, 0, 1, 0xFC, 3, 3];
+            hello.resize(517, 0x5C);
+            Frame::new(
+                "198.51.100.10".parse().unwrap(),
+                "192.0.2.1".parse().unwrap(),
+                L4::TcpData {
+                    src_port: 40002,
+                    dst_port: 443,
+                    data: hello,
+                },
+            )
+            .build()
+        }),
+    ];
+    let with_vpn = Loaded::new(&registry(10));
+    let without_vpn = Loaded::without_vpn_stage(&registry(10));
+    let vpn_rows: Vec<(&str, u64, u64)> = vpn_packets
+        .iter()
+        .map(|(what, frame)| {
+            (
+                *what,
+                measure(|| with_vpn.time(frame, REPEAT)),
+                measure(|| without_vpn.time(frame, REPEAT)),
+            )
+        })
+        .collect();
+
     let mut table = String::new();
     writeln!(
         table,
@@ -137,6 +205,17 @@ fn main() -> anyhow::Result<()> {
             ratio(*dropped_ns)
         )?;
     }
+    writeln!(
+        table,
+        "\nVPN stage (10 prefixes)                   with VPN stage   without   difference"
+    )?;
+    for (what, with, without) in &vpn_rows {
+        writeln!(
+            table,
+            "{what:<40} {with:>12} {without:>10} {:>+12}",
+            i128::from(*with) - i128::from(*without)
+        )?;
+    }
     for (size, _, _, load_ms) in &rows {
         writeln!(
             table,
@@ -149,6 +228,7 @@ fn main() -> anyhow::Result<()> {
         "repeat": REPEAT, "runs": RUNS, "bare_pass_ns": bare,
         "enforcer": rows.iter().map(|(size, a, d, l)| serde_json::json!({
             "prefixes": size, "allowed_ipv4_ns": a, "dropped_ipv4_ns": d, "load_ms": l})).collect::<Vec<_>>(),
+        "vpn_stage": vpn_rows.iter().map(|(w, a, b)| serde_json::json!({"packet": w, "with_ns": a, "without_ns": b})).collect::<Vec<_>>(),
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
