@@ -359,3 +359,115 @@ pub fn tls_crypt_key(dir: &TempDir) -> anyhow::Result<PathBuf> {
     )?;
     Ok(path)
 }
+
+/// One strongSwan (charon) instance in a namespace: IKEv2 with a pre-shared key, ESP carried by
+/// the kernel-libipsec plugin (this kernel has XFRM but no ESP), so IKE_AUTH and ESP travel as
+/// UDP on 4500 after IKE_SA_INIT on 500. Its own strongswan.conf, vici socket and a private
+/// /run (charon always writes /run/charon.pid); retransmissions shortened so that a blocked
+/// initiator gives up in seconds.
+pub struct StrongSwan {
+    _daemon: Daemon,
+    dir: PathBuf,
+    ns_name: String,
+}
+
+impl StrongSwan {
+    /// Starts charon and loads one connection `tunnel` between `local` and `remote`, whose
+    /// CHILD_SA covers `local_inner/32 === remote_inner/32` (added to the namespace's lo).
+    pub fn start(
+        ns: &Netns,
+        dir: &TempDir,
+        name: &str,
+        (local, local_id, local_inner): (&str, &str, &str),
+        (remote, remote_id, remote_inner): (&str, &str, &str),
+    ) -> anyhow::Result<Self> {
+        let home = dir.0.join(name);
+        std::fs::create_dir_all(home.join("run"))?;
+        let vici = home.join("charon.vici");
+        let conf = home.join("strongswan.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "charon {{\n  load = random nonce pem pkcs1 x509 pubkey curve25519 aes sha1 sha2 hmac kdf \
+                 kernel-libipsec kernel-netlink socket-default vici\n  port = 500\n  port_nat_t = 4500\n  \
+                 retransmit_tries = 2\n  retransmit_timeout = 1.0\n  retransmit_base = 1.0\n  \
+                 plugins {{\n    vici {{ socket = unix://{vici} }}\n  }}\n  \
+                 filelog {{\n    log {{\n      path = {log}\n      default = 1\n      ike = 2\n      flush_line = yes\n    }}\n  }}\n}}\n",
+                vici = vici.display(),
+                log = home.join("charon.log").display()
+            ),
+        )?;
+        let swanctl = home.join("swanctl.conf");
+        std::fs::write(
+            &swanctl,
+            format!(
+                "connections {{\n  tunnel {{\n    version = 2\n    local_addrs = {local}\n    remote_addrs = {remote}\n    \
+                 proposals = aes128-sha256-x25519\n    \
+                 local {{ auth = psk\n id = {local_id} }}\n    remote {{ auth = psk\n id = {remote_id} }}\n    \
+                 children {{\n      net {{\n        local_ts = {local_inner}/32\n        remote_ts = {remote_inner}/32\n        \
+                 esp_proposals = aes128-sha256\n      }}\n    }}\n  }}\n}}\n\
+                 secrets {{\n  ike-lab {{\n    id-1 = {local_id}\n    id-2 = {remote_id}\n    secret = \"enforcer-lab-psk\"\n  }}\n}}\n"
+            ),
+        )?;
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{local_inner}/32"),
+            "dev",
+            "lo",
+        ])?;
+        let script = format!(
+            "mount --bind {} /run && exec /usr/lib/ipsec/charon",
+            home.join("run").display()
+        );
+        let daemon = Daemon::spawn(
+            ns,
+            &[
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ],
+            home.join("charon.out"),
+            &[("STRONGSWAN_CONF", conf.to_str().unwrap())],
+        )?;
+        let me = Self {
+            _daemon: daemon,
+            dir: home,
+            ns_name: ns.name.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vici.exists() {
+            if Instant::now() > deadline {
+                bail!("charon did not open its vici socket: {}", me.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        me.swanctl(&["--load-all", "--file", swanctl.to_str().unwrap()])?;
+        Ok(me)
+    }
+
+    fn swanctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let uri = format!("unix://{}", self.dir.join("charon.vici").display());
+        let mut all = vec!["netns", "exec", &self.ns_name, "swanctl"];
+        all.extend_from_slice(args);
+        all.extend(["--uri", &uri]);
+        output("ip", &all, None)
+    }
+
+    /// `swanctl --initiate --child net`: Ok if the IKE_SA and CHILD_SA came up, else what
+    /// swanctl said.
+    pub fn initiate(&self) -> Result<String, String> {
+        self.swanctl(&["--initiate", "--child", "net", "--timeout", "15"])
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("charon.log")).unwrap_or_default()
+            + &std::fs::read_to_string(self.dir.join("charon.out")).unwrap_or_default()
+    }
+}

@@ -10,9 +10,10 @@ use std::{
 
 use enforcer_tests::{
     daemon::{Enforcer, Stats},
+    netns::Netns,
     netns::require_root,
     topology::{self, APPROVED_VPN_GW, Lab, ROGUE_VPN_GW, SERVER_IFACE},
-    vpn::{Certificate, OpenVpn, TempDir, WgKeys, WireGuard, tls_crypt_key},
+    vpn::{Certificate, OpenVpn, StrongSwan, TempDir, WgKeys, WireGuard, tls_crypt_key},
 };
 
 const REGISTRY: &str = r#"{
@@ -36,12 +37,51 @@ struct Setup {
     dir: TempDir,
 }
 
+const IPSEC_REGISTRY: &str = r#"{
+  "schema": 1, "mode": "enforce",
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24"}],
+  "vpn_endpoints": [
+    {"name": "nitb-ipsec-gw", "address": "192.0.2.0/29", "protocol": "ipsec", "approval": "NITB-2026-0057"}
+  ]
+}"#;
+
 fn setup() -> Setup {
+    setup_with(REGISTRY)
+}
+
+/// Pings `to` from `ns` with source address `from` (tunnel inner addresses).
+fn ping_from(ns: &Netns, from: &str, to: &str, count: u32) -> u32 {
+    let out = ns
+        .exec_status(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.3",
+            "-W",
+            "1",
+            "-I",
+            from,
+            to,
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn setup_with(registry_text: &str) -> Setup {
     require_root();
     let lab = Lab::new(&[APPROVED_VPN_GW, ROGUE_VPN_GW]).unwrap();
     let dir = TempDir::new("enf-vpn").unwrap();
     let registry: PathBuf = dir.0.join("registry.json");
-    std::fs::write(&registry, REGISTRY).unwrap();
+    std::fs::write(&registry, registry_text).unwrap();
     let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
     Setup { lab, enforcer, dir }
 }
@@ -234,4 +274,75 @@ fn openvpn_tcp_to_the_approved_gateway_connects() {
 #[test]
 fn openvpn_tcp_to_an_unapproved_gateway_never_connects() {
     openvpn_unapproved("tcp");
+}
+
+fn strongswan_tunnel(s: &Setup, gateway: &str) -> (StrongSwan, StrongSwan) {
+    let gw = s.lab.client(gateway);
+    let (gw_addr, server_addr) = (gw.v4.to_string(), gw.server_v4.to_string());
+    let gw_side = StrongSwan::start(
+        &gw.ns,
+        &s.dir,
+        "gateway",
+        (&gw_addr, "gateway", TUN_GW),
+        (&server_addr, "eoffice", TUN_SERVER),
+    )
+    .unwrap();
+    let server_side = StrongSwan::start(
+        &s.lab.server,
+        &s.dir,
+        "eoffice",
+        (&server_addr, "eoffice", TUN_SERVER),
+        (&gw_addr, "gateway", TUN_GW),
+    )
+    .unwrap();
+    (gw_side, server_side)
+}
+
+#[test]
+fn ipsec_ikev2_to_the_approved_gateway_carries_traffic() {
+    let s = setup_with(IPSEC_REGISTRY);
+    let (gw, server) = strongswan_tunnel(&s, APPROVED_VPN_GW.label);
+    let initiated = server.initiate();
+    assert!(
+        initiated.is_ok(),
+        "IKEv2 to the approved gateway must come up: {initiated:?}\n{}\ngateway:\n{}",
+        server.log_text(),
+        gw.log_text()
+    );
+    let replies = ping_from(&s.lab.server, TUN_SERVER, TUN_GW, 3);
+    assert!(
+        replies >= 2,
+        "pings through the approved IPsec tunnel (ESP in UDP 4500): {replies}/3"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_approved("ipsec") >= 4,
+        "approved IKE and ESP packets counted: {}",
+        stats.0["vpn"]
+    );
+    assert_eq!(stats.vpn_unapproved("ipsec"), 0);
+}
+
+#[test]
+fn ipsec_ikev2_to_an_unapproved_gateway_never_completes() {
+    let s = setup_with(IPSEC_REGISTRY);
+    let (_gw, server) = strongswan_tunnel(&s, ROGUE_VPN_GW.label);
+    let initiated = server.initiate();
+    assert!(
+        initiated.is_err(),
+        "IKEv2 to an unapproved gateway must not come up: {initiated:?}\n{}",
+        server.log_text()
+    );
+    assert!(
+        server.log_text().contains("sending packet"),
+        "the initiator did try:\n{}",
+        server.log_text()
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.vpn_unapproved("ipsec") >= 1,
+        "the gateway's IKE_SA_INIT responses are counted: {}",
+        stats.0["vpn"]
+    );
+    assert_eq!(stats.vpn_approved("ipsec"), 0);
 }

@@ -9,8 +9,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, and the real
-/// VPN software of the VPN tests (userspace WireGuard, OpenVPN, openssl for its certificates).
-const APT_PACKAGES: [&str; 8] = [
+/// VPN software of the VPN tests (userspace WireGuard, OpenVPN, openssl for its certificates,
+/// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins).
+const APT_PACKAGES: [&str; 12] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -19,6 +20,10 @@ const APT_PACKAGES: [&str; 8] = [
     "wireguard-tools",
     "openvpn",
     "openssl",
+    "strongswan-charon",
+    "strongswan-swanctl",
+    "libcharon-extra-plugins",
+    "libstrongswan-extra-plugins",
 ];
 
 /// Where slow-to-build tools are cached: `$ENFORCER_CACHE`, else `~/.cache/enforcer`.
