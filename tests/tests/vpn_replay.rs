@@ -18,7 +18,12 @@ use enforcer_tests::{capture, kernel::Loaded};
 const EMPTY_REGISTRY: &str = r#"{"schema": 1, "mode": "enforce"}"#;
 
 fn corpus() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/vpn-pcaps");
+    // `ENFORCER_SHARED` overrides where shared/ is (it sits beside the checkout in CI).
+    let shared = std::env::var_os("ENFORCER_SHARED").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+        PathBuf::from,
+    );
+    let dir = shared.join("data/vpn-pcaps");
     assert!(
         dir.join("MANIFEST.tsv").exists(),
         "the labelled captures are expected at {} (the shared/ folder beside the checkout)",

@@ -11,7 +11,8 @@ fn today() -> Date {
 }
 
 fn compile(text: &str) -> Policy {
-    Policy::compile(&Registry::parse(text).unwrap(), today()).unwrap()
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    Policy::compile(&Registry::parse_at(text, &examples).unwrap(), today()).unwrap()
 }
 
 #[test]
@@ -32,8 +33,11 @@ fn rules_are_numbered_networks_devices_deny() {
             (4, RuleKind::Device, "auditor-laptop"),
             (5, RuleKind::Deny, "203.0.113.0/24"),
             (6, RuleKind::Deny, "compromised-host"),
-            (7, RuleKind::VpnEndpoint, "nitb-wg-gw"),
-            (8, RuleKind::VpnEndpoint, "moitt-ipsec"),
+            (7, RuleKind::DenyFeed, "feeds/vpn-providers.txt:3"),
+            (8, RuleKind::DenyFeed, "feeds/vpn-providers.txt:4"),
+            (9, RuleKind::DenyFeed, "feeds/vpn-providers.txt:5"),
+            (10, RuleKind::VpnEndpoint, "nitb-wg-gw"),
+            (11, RuleKind::VpnEndpoint, "moitt-ipsec"),
         ]
     );
     assert_eq!(policy.rules[3].prefix.to_string(), "10.30.5.17/32");

@@ -1,6 +1,11 @@
 use super::{Mode, PortSpec, Problem, Protocol, Registry};
 
 const EXAMPLE: &str = include_str!("../../../examples/registry.json");
+
+/// The examples directory, against which the example's deny feed resolves.
+pub fn examples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
 const DEMO: &str = include_str!("../../../examples/demo-registry.json");
 
 fn problems(text: &str) -> Vec<Problem> {
@@ -20,7 +25,14 @@ fn with_network(entry: &str) -> String {
 
 #[test]
 fn committed_examples_are_valid() {
-    let registry = Registry::parse(EXAMPLE).expect("examples/registry.json is valid");
+    let registry =
+        Registry::parse_at(EXAMPLE, &examples()).expect("examples/registry.json is valid");
+    assert_eq!(registry.feeds.len(), 1);
+    assert_eq!(
+        registry.feeds[0].entries.len(),
+        3,
+        "examples/feeds/vpn-providers.txt"
+    );
     assert_eq!(registry.mode, Mode::Enforce);
     assert_eq!(registry.networks.len(), 3);
     assert_eq!(registry.networks[0].name, "moitt-hq-lan");
