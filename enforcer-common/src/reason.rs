@@ -133,16 +133,34 @@ pub enum VpnProtocol {
     Pptp = 4,
     /// Tailscale disco packets (its data is WireGuard).
     Tailscale = 5,
+    /// Cloudflare WARP (a WireGuard variant with message types 0xC1-0xC4), gated on UDP 2408.
+    CloudflareWarp = 6,
+    /// Cisco AnyConnect / OpenConnect DTLS records with the Cisco-legacy version 0x0100.
+    AnyConnect = 7,
+    /// SoftEther's NAT-traversal helper (`IP=...,PORT=...`).
+    SoftEther = 8,
+    /// UltraSurf's first TCP payload bytes.
+    UltraSurf = 9,
+    /// ExpressVPN Lightway over UDP (`He` header).
+    Lightway = 10,
+    /// ZeroTier HELLO (unencrypted, identity address equals source address).
+    ZeroTier = 11,
 }
 
 impl VpnProtocol {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 12] = [
         Self::WireGuard,
         Self::OpenVpn,
         Self::Ipsec,
         Self::L2tp,
         Self::Pptp,
         Self::Tailscale,
+        Self::CloudflareWarp,
+        Self::AnyConnect,
+        Self::SoftEther,
+        Self::UltraSurf,
+        Self::Lightway,
+        Self::ZeroTier,
     ];
 
     /// The name used in the registry (`vpn_endpoints[].protocol`) and in output.
@@ -154,6 +172,12 @@ impl VpnProtocol {
             Self::L2tp => "l2tp",
             Self::Pptp => "pptp",
             Self::Tailscale => "tailscale",
+            Self::CloudflareWarp => "warp",
+            Self::AnyConnect => "anyconnect",
+            Self::SoftEther => "softether",
+            Self::UltraSurf => "ultrasurf",
+            Self::Lightway => "lightway",
+            Self::ZeroTier => "zerotier",
         }
     }
 

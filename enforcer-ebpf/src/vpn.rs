@@ -44,6 +44,10 @@ const OPENVPN_TIME_MAX: u8 = 0x8B;
 /// The packet id of the first control packet.
 const PACKET_ID_ONE: [u8; 4] = [0, 0, 0, 1];
 
+const WARP_PORT: u16 = 2408;
+const ULTRASURF_PREFIX: [u8; 8] = [0xCC, 0x1C, 0x30, 0x41, 0x5B, 0xA4, 0x38, 0x66];
+const ZEROTIER_HELLO_MIN_LEN: usize = 111;
+
 const PPTP_MAGIC_COOKIE: [u8; 4] = [0x1A, 0x2B, 0x3C, 0x4D];
 const PPTP_CONTROL_MESSAGE: [u8; 2] = [0, 1];
 const GRE_PPTP_FLAGS_MASK: u16 = 0xEF7F;
@@ -84,14 +88,22 @@ pub fn classify(
         _ => {}
     }
     match packet.l4 {
-        L4::Other { payload } if packet.proto == IPPROTO_GRE => pptp_gre(ctx, payload),
+        L4::Other { payload } if packet.proto == IPPROTO_GRE => pptp_gre(ctx, converge(payload)),
         L4::Ports {
             src_port_be,
             dst_port_be,
             payload,
         } => {
+            let payload = converge(payload);
             let found = if packet.proto == IPPROTO_UDP {
-                udp(ctx, be16(src_port_be), be16(dst_port_be), payload)
+                // Verifier: laundered copies, so that comparing them with 4500, 1701 or 2408
+                // teaches the verifier nothing about the ports the allowlist stage reads later
+                // (each such fact would split every later state in two).
+                let (src, dst) = (
+                    masked(usize::from(be16(src_port_be)), 0xFFFF),
+                    masked(usize::from(be16(dst_port_be)), 0xFFFF),
+                );
+                udp(ctx, src as u16, dst as u16, payload)
             } else {
                 tcp(ctx, payload)
             };
@@ -109,43 +121,94 @@ pub fn classify(
     }
 }
 
+/// The payload's position as values the verifier cannot tell apart by the path that produced
+/// them. Verifier: every parse path (VLAN tags, IPv4 options, IPv6 extension headers) reaches
+/// the signatures with its own exact offset; without this the signature checks are explored once
+/// per path and the program exceeds the verifier's budget. With it the first exploration covers
+/// the rest (state pruning). The masks cannot cut a real value: offsets stay far below 16 KiB
+/// and lengths below 64 KiB.
+#[inline(always)]
+fn converge(p: Payload) -> Payload {
+    Payload {
+        offset: masked(p.offset, 0x3FFF),
+        len: masked(p.len, 0xFFFF),
+        total: masked(p.total, 0xFFFF),
+    }
+}
+
 /// `(protocol, the rest of the flow carries no signature)`.
 type Found = Option<(VpnProtocol, bool)>;
 
 #[inline(always)]
 fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
-    let nat_t = src_port == IPSEC_NAT_T_PORT || dst_port == IPSEC_NAT_T_PORT;
-    if nat_t && p.len == 1 {
-        // NAT-T keepalive (RFC 3948): one 0xFF byte.
-        return (read::<1>(ctx, p.offset)? == [0xFF]).then_some((VpnProtocol::Ipsec, false));
+    // Verifier: each check gets freshly laundered lengths and ports (`converge`, `on_port`).
+    // A comparison such as `len >= 62` that fails leaves `len < 62` known for the rest of a
+    // chain, and every such split doubles the states explored after it; fresh values keep the
+    // checks independent.
+    let on_port = |port: u16| {
+        masked(usize::from(src_port), 0xFFFF) == usize::from(port)
+            || masked(usize::from(dst_port), 0xFFFF) == usize::from(port)
+    };
+    if on_port(IPSEC_NAT_T_PORT) && converge(p).len == 1 {
+        // NAT-T keepalive (RFC 3948): a single byte (0xFF) on 4500. The length and the port
+        // decide. Verifier: a one-byte bound check compiles to `p >= end`, from which the verifier
+        // learns no range when the pointer has no constant offset, so the byte is not read.
+        return Some((VpnProtocol::Ipsec, false));
     }
     if p.len < 4 {
         return None;
     }
     let head = read::<4>(ctx, p.offset)?;
-    if nat_t && p.len >= 8 {
+    if on_port(IPSEC_NAT_T_PORT) && converge(p).len >= 8 {
         // On 4500 a zero non-ESP marker introduces IKE; anything else is ESP (SPI > 255).
         if head == [0; 4] {
+            let p = converge(p);
             return ike(ctx, p.offset + 4, p.total - 4).then_some((VpnProtocol::Ipsec, false));
         }
         if u32::from_be_bytes(head) > 255 {
             return Some((VpnProtocol::Ipsec, false));
         }
     }
-    if wireguard(ctx, p, head) {
+    if wireguard(ctx, converge(p), head) {
         return Some((VpnProtocol::WireGuard, false));
     }
-    if p.len >= TAILSCALE_DISCO_MIN_LEN && read::<6>(ctx, p.offset)? == TAILSCALE_DISCO_MAGIC {
+    let q = converge(p);
+    if q.len >= TAILSCALE_DISCO_MIN_LEN && read::<6>(ctx, q.offset)? == TAILSCALE_DISCO_MAGIC {
         return Some((VpnProtocol::Tailscale, false));
     }
-    if (src_port == L2TP_PORT || dst_port == L2TP_PORT) && l2tp(p, head) {
+    if on_port(L2TP_PORT) && l2tp(converge(p), head) {
         return Some((VpnProtocol::L2tp, false));
     }
-    if ike(ctx, p.offset, p.total) {
+    let q = converge(p);
+    if ike(ctx, q.offset, q.total) {
         return Some((VpnProtocol::Ipsec, false));
     }
-    if openvpn_reset(ctx, p.offset, p.len, head[0]) {
+    let q = converge(p);
+    if openvpn_reset(ctx, q.offset, q.len, head[0]) {
         return Some((VpnProtocol::OpenVpn, true));
+    }
+    if on_port(WARP_PORT) && warp(ctx, converge(p), head) {
+        return Some((VpnProtocol::CloudflareWarp, false));
+    }
+    // DTLS record with Cisco's legacy version 0x0100 (DTLS1_BAD_VER) and a length that fits.
+    let q = converge(p);
+    if (20..=23).contains(&head[0]) && head[1..3] == [0x01, 0x00] && q.len >= 13 {
+        let length = read::<2>(ctx, q.offset + 11)?;
+        if usize::from(be16(length)) + 13 <= q.len {
+            return Some((VpnProtocol::AnyConnect, false));
+        }
+    }
+    if head[0..3] == *b"IP=" && softether_ip_port(ctx, converge(p)) {
+        return Some((VpnProtocol::SoftEther, false));
+    }
+    // Lightway: 'H' 'e', major version 1, reserved zero.
+    let q = converge(p);
+    if head[0..3] == [b'H', b'e', 1] && q.len > 16 && read::<3>(ctx, q.offset + 5) == Some([0; 3]) {
+        return Some((VpnProtocol::Lightway, false));
+    }
+    let q = converge(p);
+    if q.len >= ZEROTIER_HELLO_MIN_LEN && zerotier_hello(ctx, q) {
+        return Some((VpnProtocol::ZeroTier, false));
     }
     None
 }
@@ -153,6 +216,9 @@ fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
 #[inline(always)]
 fn tcp(ctx: &XdpContext, p: Payload) -> Found {
     // Signatures sit in the first data segment of a stream.
+    if p.len >= 8 && read::<8>(ctx, p.offset)? == ULTRASURF_PREFIX {
+        return Some((VpnProtocol::UltraSurf, false));
+    }
     if p.len < 14 {
         return None;
     }
@@ -173,6 +239,51 @@ fn tcp(ctx: &XdpContext, p: Payload) -> Found {
         return Some((VpnProtocol::OpenVpn, true));
     }
     None
+}
+
+/// Cloudflare WARP on UDP 2408 (nDPI `cloudflare_warp.c`): message types 0xC1-0xC4; the
+/// initiation keeps its reserved bytes zero; data packets have the counter's high half zero.
+/// Never without the port gate: `C1 00 00 00` also starts a QUIC v1 Initial.
+#[inline(always)]
+fn warp(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
+    match head[0] {
+        0xC1 => head[1..4] == [0, 0, 0] && p.len >= WG_COOKIE_LEN,
+        0xC2 | 0xC3 => p.len >= WG_COOKIE_LEN,
+        0xC4 => p.len >= WG_DATA_MIN_LEN && read::<4>(ctx, p.offset + 12) == Some([0; 4]),
+        _ => false,
+    }
+}
+
+/// SoftEther's NAT-traversal helper (nDPI `softether.c`): `IP=<address>,PORT=<n>`, 10-29 bytes.
+#[inline(always)]
+fn softether_ip_port(ctx: &XdpContext, p: Payload) -> bool {
+    if !(10..30).contains(&p.len) {
+        return false;
+    }
+    // Verifier: a fixed number of bounded reads.
+    for start in 3..24 {
+        if start + 6 > p.len {
+            break;
+        }
+        if read::<6>(ctx, p.offset + start) == Some(*b",PORT=") {
+            return true;
+        }
+    }
+    false
+}
+
+/// ZeroTier HELLO (`node/Packet.hpp`): cipher NONE, verb HELLO, protocol version 4-30, and the
+/// identity's address (41..46) equal to the packet's source address (13..18), identity type 0.
+#[inline(always)]
+fn zerotier_hello(ctx: &XdpContext, p: Payload) -> bool {
+    let Some(h) = read::<47>(ctx, p.offset) else {
+        return false;
+    };
+    h[18] & 0x38 == 0
+        && h[27] & 0x1F == 1
+        && (4..=30).contains(&h[28])
+        && h[41..46] == h[13..18]
+        && h[46] == 0
 }
 
 /// All four message types; data packets by their seven fixed bytes and padded length.
@@ -325,10 +436,11 @@ fn openvpn_reset(ctx: &XdpContext, o: usize, len: usize, opcode: u8) -> bool {
                 return false;
             };
             let wkc = usize::from(be16(wkc));
-            let Some(time) = read::<1>(ctx, o + 13) else {
+            // Two bytes, not one: see the NAT-T keepalive (a reset this long has them).
+            let Some([time, _]) = read::<2>(ctx, o + 13) else {
                 return false;
             };
-            (290..=len - 54).contains(&wkc) && len - wkc <= 118 && plausible_time(time[0])
+            (290..=len - 54).contains(&wkc) && len - wkc <= 118 && plausible_time(time)
         }
         _ => false,
     }

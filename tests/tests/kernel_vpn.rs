@@ -7,7 +7,10 @@
 use enforcer::registry::Mode;
 use enforcer_common::{
     Reason::{self, Allowed, ApprovedVpn, NotAllowlisted, UnapprovedVpn},
-    VpnProtocol::{self, Ipsec, L2tp, OpenVpn, Pptp, Tailscale, WireGuard},
+    VpnProtocol::{
+        self, AnyConnect, CloudflareWarp, Ipsec, L2tp, Lightway, OpenVpn, Pptp, SoftEther,
+        Tailscale, UltraSurf, WireGuard, ZeroTier,
+    },
 };
 use enforcer_tests::{
     kernel::{Case, Loaded, case, check_table},
@@ -754,5 +757,150 @@ fn without_the_vpn_stage_vpn_packets_meet_the_allowlist() {
             ),
             None,
         )],
+    );
+}
+
+/// ZeroTier HELLO: IV(8) dest(5) source(5) flags(1: cipher NONE) MAC(8) verb HELLO, protocol
+/// version, versions, timestamp, then the identity whose address equals the source address.
+fn zerotier_hello() -> Vec<u8> {
+    let mut p = vec![0x11; 8];
+    p.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD, 0xEE]); // destination
+    p.extend_from_slice(&[0x01, 0x02, 0x03, 0x04, 0x05]); // source (13..18)
+    p.push(0x00); // flags: hops 0, cipher 0 (POLY1305_NONE)
+    p.extend_from_slice(&[0x22; 8]); // MAC (19..27)
+    p.push(0x01); // verb HELLO (27)
+    p.push(11); // protocol version (28)
+    p.extend_from_slice(&[1, 12, 0, 4]); // major, minor, revision (29..33)
+    p.extend_from_slice(&[0, 0, 1, 0x8F, 0, 0, 0, 0]); // timestamp (33..41)
+    p.extend_from_slice(&[0x01, 0x02, 0x03, 0x04, 0x05, 0x00]); // identity address, type 0
+    bytes(&p, 160)
+}
+
+#[test]
+fn further_vpn_families_are_recognised() {
+    let loaded = Loaded::new(REGISTRY);
+    let warp_init = bytes(&[0xC1, 0, 0, 0, 0x12, 0x34], 194);
+    let warp_data = bytes(
+        &[0xC4, 0x02, 0x78, 0x00, 1, 2, 3, 4, 9, 0, 0, 0, 0, 0, 0, 0],
+        96,
+    );
+    let dtls_bad_ver = bytes(&[23, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 7, 0, 40], 53);
+    let ultrasurf = bytes(&[0xCC, 0x1C, 0x30, 0x41, 0x5B, 0xA4, 0x38, 0x66], 60);
+    let lightway = bytes(&[b'H', b'e', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 120);
+    check(
+        &loaded,
+        false,
+        vec![
+            (
+                case(
+                    "Cloudflare WARP initiation on 2408",
+                    udp(LAN, 40000, SERVER, 2408, warp_init.clone()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(CloudflareWarp),
+            ),
+            (
+                case(
+                    "Cloudflare WARP data from 2408",
+                    udp("203.0.113.5", 2408, SERVER, 40000, warp_data).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(CloudflareWarp),
+            ),
+            (
+                case(
+                    "AnyConnect DTLS 0x0100 record",
+                    udp(LAN, 40001, SERVER, 443, dtls_bad_ver).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(AnyConnect),
+            ),
+            (
+                case(
+                    "SoftEther NAT-T helper",
+                    udp(
+                        LAN,
+                        40002,
+                        SERVER,
+                        5004,
+                        b"IP=198.51.100.10,PORT=4433".to_vec(),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(SoftEther),
+            ),
+            (
+                case(
+                    "UltraSurf first segment",
+                    tcp(LAN, 40003, SERVER, 443, ultrasurf).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(UltraSurf),
+            ),
+            (
+                case(
+                    "Lightway UDP datagram",
+                    udp(LAN, 40004, SERVER, 443, lightway).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(Lightway),
+            ),
+            (
+                case(
+                    "ZeroTier HELLO",
+                    udp(LAN, 9993, SERVER, 9993, zerotier_hello()).build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                Some(ZeroTier),
+            ),
+            // look-alikes
+            (
+                case(
+                    "QUIC Initial (C1 00 00 00 01) off port 2408 is not WARP",
+                    udp(LAN, 40005, SERVER, 443, warp_init).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "DTLS 1.2 record on 443 (WebRTC-style) is not AnyConnect",
+                    udp(
+                        LAN,
+                        40006,
+                        SERVER,
+                        443,
+                        bytes(&[23, 0xFE, 0xFD, 0, 1, 0, 0, 0, 0, 0, 7, 0, 40], 53),
+                    )
+                    .build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "ZeroTier-like packet whose identity is not its source",
+                    udp(LAN, 9993, SERVER, 9993, {
+                        let mut z = zerotier_hello();
+                        z[41] ^= 0xFF;
+                        z
+                    })
+                    .build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+        ],
     );
 }

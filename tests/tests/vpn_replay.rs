@@ -42,6 +42,10 @@ fn protocol_of(rule: &str) -> Option<VpnProtocol> {
         r if r.starts_with("pptp-") => Some(VpnProtocol::Pptp),
         "tailscale-disco" => Some(VpnProtocol::Tailscale),
         r if r.starts_with("l2tp") => Some(VpnProtocol::L2tp),
+        r if r.starts_with("warp-") => Some(VpnProtocol::CloudflareWarp),
+        r if r.starts_with("dtls-0x0100") => Some(VpnProtocol::AnyConnect),
+        "softether-ipport" => Some(VpnProtocol::SoftEther),
+        "ultrasurf" => Some(VpnProtocol::UltraSurf),
         _ => None,
     }
 }
