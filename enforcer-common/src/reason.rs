@@ -13,7 +13,7 @@ pub enum Action {
 pub enum Reason {
     /// Source in the allowlist, and its port/protocol allowed.
     Allowed = 0,
-    /// Link-layer control the link needs: ARP, IPv6 neighbour discovery, MLD.
+    /// Link-layer control the link needs: ARP, IPv6 neighbour discovery, MLD, link-local IGMP.
     LinkControl = 1,
     /// Truncated or inconsistent headers.
     Malformed = 2,
@@ -87,7 +87,9 @@ impl Reason {
     pub const fn help(self) -> &'static str {
         match self {
             Self::Allowed => "source allowlisted and its port/protocol allowed",
-            Self::LinkControl => "ARP, IPv6 neighbour discovery or MLD, needed for the link",
+            Self::LinkControl => {
+                "ARP, IPv6 neighbour discovery, MLD or link-local IGMP, needed for the link"
+            }
             Self::Malformed => "truncated or inconsistent Ethernet/VLAN/IP/TCP/UDP headers",
             Self::Denied => "source in the deny list",
             Self::NotAllowlisted => "source in no approved network or device",

@@ -14,6 +14,7 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IGMP: u8 = 2;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ROUTING: u8 = 43;
@@ -255,7 +256,7 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
     }
 
     match ether_type {
-        ETH_P_IPV4 => parse_ipv4(ctx, offset).map(Frame::Ip),
+        ETH_P_IPV4 => parse_ipv4(ctx, offset),
         ETH_P_IPV6 => parse_ipv6(ctx, offset),
         ETH_P_ARP => Ok(Frame::LinkControl),
         // A third VLAN tag is as foreign to us as any other EtherType.
@@ -264,15 +265,16 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Frame, Malformed> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
     // SAFETY: ptr_at checked that IPV4_MIN_HDR_LEN bytes at `l3` lie inside the frame.
-    let (version_ihl, tot_len, id, frag_off, proto, src, dst) = unsafe {
+    let (version_ihl, tot_len, id, frag_off, ttl, proto, src, dst) = unsafe {
         (
             (*ip).version_ihl,
             usize::from(be16((*ip).tot_len)),
             (*ip).id,
             be16((*ip).frag_off),
+            (*ip).ttl,
             (*ip).proto,
             (*ip).src,
             (*ip).dst,
@@ -285,6 +287,11 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
     // The datagram must be all there (trailing Ethernet padding is fine).
     if ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Malformed);
+    }
+    // IGMP to link-local multicast (224.0.0.0/24) with TTL 1: membership reports and queries,
+    // the IPv4 counterpart of MLD (hosts send them from 0.0.0.0 before they have an address).
+    if proto == IPPROTO_IGMP && dst[0..3] == [224, 0, 0] && ttl == 1 {
+        return Ok(Frame::LinkControl);
     }
 
     let offset_8 = frag_off & IPV4_OFFSET_MASK;
@@ -303,20 +310,20 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
         if proto == IPPROTO_TCP && offset_8 == 1 {
             return Err(Malformed);
         }
-        return Ok(IpPacket {
+        return Ok(Frame::Ip(IpPacket {
             addrs,
             proto,
             fragment,
             l4: L4::Unknown,
-        });
+        }));
     }
     let l4 = parse_l4(ctx, l3 + header_len, tot_len - header_len, proto)?;
-    Ok(IpPacket {
+    Ok(Frame::Ip(IpPacket {
         addrs,
         proto,
         fragment,
         l4,
-    })
+    }))
 }
 
 #[inline(always)]

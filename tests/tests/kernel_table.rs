@@ -579,6 +579,35 @@ fn link_control_and_non_ip() {
             ),
             case("LLDP", packet::non_ip_frame(), NonIp, None),
             case(
+                "IGMPv3 report from 0.0.0.0 to 224.0.0.22, TTL 1",
+                Frame::new(
+                    "0.0.0.0".parse().unwrap(),
+                    "224.0.0.22".parse().unwrap(),
+                    L4::Raw {
+                        proto: 2,
+                        bytes: vec![0x22, 0, 0xF9, 0x93, 0, 0, 0, 1],
+                    },
+                )
+                .hop_limit(1)
+                .build(),
+                LinkControl,
+                None,
+            ),
+            case(
+                "IGMP to a routable group with TTL 64 (not link control)",
+                Frame::new(
+                    "203.0.113.5".parse().unwrap(),
+                    "239.1.2.3".parse().unwrap(),
+                    L4::Raw {
+                        proto: 2,
+                        bytes: vec![0x22, 0, 0xF9, 0x93, 0, 0, 0, 1],
+                    },
+                )
+                .build(),
+                NotAllowlisted,
+                None,
+            ),
+            case(
                 "neighbour solicitation from an unapproved global address",
                 icmpv6("2001:db8:999::1", 135, 255).build(),
                 LinkControl,
