@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use enforcer_common::{Action, Reason, VpnProtocol, map_names};
 
 use crate::{
+    control,
     datapath::{self, AttachMode, Datapath, VerdictCounts, VpnCounts},
     instance::{self, InstanceId, RuleLabel, State},
     policy::{Policy, RuleKind},
@@ -70,6 +71,50 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Approved networks of the running enforcer.
+    Allow {
+        #[command(subcommand)]
+        action: AllowAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Pre-approved single devices of the running enforcer.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Denied ranges of the running enforcer.
+    Deny {
+        #[command(subcommand)]
+        action: DenyAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Approved VPN endpoints of the running enforcer.
+    Vpn {
+        #[command(subcommand)]
+        action: VpnAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Switch the running enforcer between enforce and monitor (written to the registry).
+    Mode {
+        mode: Mode,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Re-read the registry file and apply the difference, or reject the file whole.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Interface, mode, program, entries, registry serial and uptime of the running enforcer.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -81,6 +126,280 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which running enforcer a control command talks to, and how it answers.
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// Instance name (IFACE@NETNS) when several enforcers run.
+    #[arg(long, global = true)]
+    instance: Option<String>,
+    /// Interface of the enforcer.
+    #[arg(long, global = true)]
+    iface: Option<String>,
+    /// Print the whole answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AllowAction {
+    /// Approve a network (validated like the registry file; in force when this returns).
+    Add {
+        cidr: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ministry: Option<String>,
+        /// Comma-separated port specs (443/tcp,8000-8080/udp,icmp); none = every port.
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<String>,
+        /// Last day in force (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Remove a network by name or CIDR.
+    Remove {
+        target: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceAction {
+    /// Approve a single device address.
+    Add {
+        address: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<String>,
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Remove a device by name or address.
+    Remove {
+        target: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DenyAction {
+    /// Deny a range (beats every allow).
+    Add {
+        cidr: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Remove a denied range by name or CIDR.
+    Remove {
+        target: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VpnAction {
+    /// Approve a VPN endpoint (address or CIDR) for one protocol.
+    Approve {
+        address: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        protocol: String,
+        /// The national IT board's approval reference.
+        #[arg(long)]
+        approval: String,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Revoke an approval by name or address.
+    Revoke {
+        target: String,
+    },
+    List,
+}
+
+/// A registry entry from command-line flags: only the fields given.
+fn entry(fields: &[(&str, Option<serde_json::Value>)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .filter_map(|(k, v)| v.clone().map(|v| ((*k).to_string(), v)))
+            .collect(),
+    )
+}
+
+fn opt(value: Option<&String>) -> Option<serde_json::Value> {
+    value.map(|v| serde_json::json!(v))
+}
+
+fn ports(ports: &[String]) -> Option<serde_json::Value> {
+    (!ports.is_empty()).then(|| serde_json::json!(ports))
+}
+
+/// Sends one request to the selected enforcer and prints the answer; exit 1 if refused.
+fn control(target: &Target, request: &control::Request) -> anyhow::Result<std::process::ExitCode> {
+    let state = instance::select(target.instance.as_deref(), target.iface.as_deref())?;
+    let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
+    let response = control::send(&id.control_socket(), request)?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else if response.ok {
+        println!("{}", response.message);
+        if let Some(entries) = response.data.as_array() {
+            for e in entries {
+                println!("  {e}");
+            }
+        }
+    } else {
+        eprintln!("error: {}", response.message);
+    }
+    Ok(if response.ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn control_command(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    use control::Request;
+    let (target, request) = match command {
+        Command::Allow { action, target } => (
+            target,
+            match action {
+                AllowAction::Add {
+                    cidr,
+                    name,
+                    ministry,
+                    ports: p,
+                    expires,
+                    note,
+                } => Request::Add {
+                    section: "networks".into(),
+                    entry: entry(&[
+                        ("name", Some(serde_json::json!(name))),
+                        ("cidr", Some(serde_json::json!(cidr))),
+                        ("ministry", opt(ministry.as_ref())),
+                        ("ports", ports(&p)),
+                        ("expires", opt(expires.as_ref())),
+                        ("note", opt(note.as_ref())),
+                    ]),
+                },
+                AllowAction::Remove { target } => Request::Remove {
+                    section: "networks".into(),
+                    target,
+                },
+                AllowAction::List => Request::List {
+                    section: "networks".into(),
+                },
+            },
+        ),
+        Command::Device { action, target } => (
+            target,
+            match action {
+                DeviceAction::Add {
+                    address,
+                    name,
+                    owner,
+                    ports: p,
+                    expires,
+                    note,
+                } => Request::Add {
+                    section: "devices".into(),
+                    entry: entry(&[
+                        ("name", Some(serde_json::json!(name))),
+                        ("address", Some(serde_json::json!(address))),
+                        ("owner", opt(owner.as_ref())),
+                        ("ports", ports(&p)),
+                        ("expires", opt(expires.as_ref())),
+                        ("note", opt(note.as_ref())),
+                    ]),
+                },
+                DeviceAction::Remove { target } => Request::Remove {
+                    section: "devices".into(),
+                    target,
+                },
+                DeviceAction::List => Request::List {
+                    section: "devices".into(),
+                },
+            },
+        ),
+        Command::Deny { action, target } => (
+            target,
+            match action {
+                DenyAction::Add {
+                    cidr,
+                    name,
+                    note,
+                    expires,
+                } => Request::Add {
+                    section: "deny".into(),
+                    entry: entry(&[
+                        ("name", opt(name.as_ref())),
+                        ("cidr", Some(serde_json::json!(cidr))),
+                        ("note", opt(note.as_ref())),
+                        ("expires", opt(expires.as_ref())),
+                    ]),
+                },
+                DenyAction::Remove { target } => Request::Remove {
+                    section: "deny".into(),
+                    target,
+                },
+                DenyAction::List => Request::List {
+                    section: "deny".into(),
+                },
+            },
+        ),
+        Command::Vpn { action, target } => (
+            target,
+            match action {
+                VpnAction::Approve {
+                    address,
+                    name,
+                    protocol,
+                    approval,
+                    port,
+                    expires,
+                } => Request::Add {
+                    section: "vpn_endpoints".into(),
+                    entry: entry(&[
+                        ("name", Some(serde_json::json!(name))),
+                        ("address", Some(serde_json::json!(address))),
+                        ("protocol", Some(serde_json::json!(protocol))),
+                        ("port", port.map(|p| serde_json::json!(p))),
+                        ("approval", Some(serde_json::json!(approval))),
+                        ("expires", opt(expires.as_ref())),
+                    ]),
+                },
+                VpnAction::Revoke { target } => Request::Remove {
+                    section: "vpn_endpoints".into(),
+                    target,
+                },
+                VpnAction::List => Request::List {
+                    section: "vpn_endpoints".into(),
+                },
+            },
+        ),
+        Command::Mode { mode, target } => (target, Request::Mode { mode }),
+        Command::Reload { target } => (target, Request::Reload),
+        Command::Status { target } => (target, Request::Status),
+        _ => unreachable!("only control commands reach here"),
+    };
+    control(&target, &request)
 }
 
 pub fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -106,6 +425,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             iface,
             json,
         } => stats(instance.as_deref(), iface.as_deref(), json),
+        command => control_command(command),
     }
 }
 
@@ -280,16 +600,7 @@ fn run(
             started_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            rules: policy
-                .rules
-                .iter()
-                .map(|r| RuleLabel {
-                    index: r.index,
-                    kind: r.kind.as_str().to_string(),
-                    name: r.name.clone(),
-                    prefix: r.prefix.to_string(),
-                })
-                .collect(),
+            rules: rule_labels(&policy),
         }
         .write(&id)?;
         Ok(xdp)
@@ -323,17 +634,46 @@ fn run(
         policy.mode
     );
 
+    let socket = id.control_socket();
+    let _ = std::fs::remove_file(&socket);
+    let state = State::read(&id.state_file())?;
+    let mut live = control::Live::new(
+        datapath,
+        policy,
+        &registry,
+        registry_path,
+        mode,
+        id.clone(),
+        state,
+        xdp.to_string(),
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let signal = runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
-            _ = term.recv() => Ok("SIGTERM"),
+    let served = runtime.block_on(async {
+        let listener = tokio::net::UnixListener::bind(&socket)?;
+        // Root only: the file mode keeps others from connecting, peer credentials are checked too.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        tracing::info!(socket = %socket.display(), "control socket ready");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").map_err(anyhow::Error::from),
+                _ = term.recv() => Ok("SIGTERM"),
+            }
+        };
+        control::serve(listener, &mut live, shutdown).await
+    });
+    let signal = match served {
+        Ok(signal) => signal,
+        Err(error) => {
+            drop(live);
+            instance::release(&id);
+            return Err(error);
         }
-    })?;
-
+    };
+    let datapath = live.datapath;
     let counts = datapath.verdicts()?;
     drop(datapath); // detaches the program
     instance::release(&id);
@@ -353,8 +693,8 @@ fn stats(
     let verdicts = datapath::open_pinned(&dir.join(map_names::VERDICTS), map_names::VERDICTS)?;
     let hits_map = datapath::open_pinned(&dir.join(map_names::RULE_HITS), map_names::RULE_HITS)?;
     let counts = VerdictCounts::read(&verdicts)?;
-    let rules = u32::try_from(state.rules.len()).unwrap_or(u32::MAX);
-    let hits = datapath::read_rule_hits(&hits_map, rules)?;
+    let indices: Vec<u32> = state.rules.iter().map(|r| r.index).collect();
+    let hits = datapath::read_rule_hits(&hits_map, &indices)?;
     let vpn_map =
         datapath::open_pinned(&dir.join(map_names::VPN_VERDICTS), map_names::VPN_VERDICTS)?;
     let vpn = VpnCounts::read(&vpn_map)?;
@@ -432,6 +772,20 @@ fn stats(
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Rule labels for `stats`, from a compiled policy.
+pub fn rule_labels(policy: &Policy) -> Vec<RuleLabel> {
+    policy
+        .rules
+        .iter()
+        .map(|r| RuleLabel {
+            index: r.index,
+            kind: r.kind.as_str().to_string(),
+            name: r.name.clone(),
+            prefix: r.prefix.to_string(),
+        })
+        .collect()
 }
 
 /// The counters by reason as a table.

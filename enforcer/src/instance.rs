@@ -113,6 +113,11 @@ impl InstanceId {
     pub fn state_file(&self) -> PathBuf {
         Path::new(STATE_ROOT).join(self.name()).join("state.json")
     }
+
+    /// The running enforcer's control socket (root only).
+    pub fn control_socket(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(self.name()).join("control.sock")
+    }
 }
 
 /// A rule as `stats` names it.

@@ -4,9 +4,11 @@
 //! - `policy`: the compiler from registry to map entries (pure, host-testable).
 //! - `datapath`: the one module that talks to aya (load, fill, attach, pin, counters).
 //! - `instance`: pin and state directories of a running enforcer.
+//! - `control`: the running enforcer's socket, live changes, persistence and audit.
 //! - `cli`: the verbs.
 
 pub mod cli;
+pub mod control;
 pub mod datapath;
 pub mod instance;
 pub mod policy;

@@ -213,6 +213,18 @@ impl Policy {
     /// Compiles the entries in force on `today`: networks, devices, deny ranges, deny-feed
     /// ranges, approved VPN endpoints (rule numbers in that order).
     pub fn compile(registry: &Registry, today: Date) -> Result<Self, PolicyError> {
+        Self::compile_after(registry, today, None)
+    }
+
+    /// Compiles like `compile`, keeping the rule number of every entry that `previous` already
+    /// had (same kind and prefix, or same VPN endpoint name), and giving new entries numbers that
+    /// `previous` did not use: so a live update is a diff, and a number freed by a removal is
+    /// not reused while the removal is still being applied.
+    pub fn compile_after(
+        registry: &Registry,
+        today: Date,
+        previous: Option<&Policy>,
+    ) -> Result<Self, PolicyError> {
         let mut expired = Vec::new();
         let mut keep = |section: &'static str, name: &str, expires: Option<Date>| match expires {
             Some(date) if date.is_past(today) => {
@@ -227,7 +239,7 @@ impl Policy {
         };
         let mut rules: Vec<CompiledRule> = Vec::new();
         let mut push = |kind, name: String, prefix, ports, vpn| {
-            let index = u32::try_from(rules.len()).unwrap_or(u32::MAX);
+            let index = u32::MAX; // assigned below
             rules.push(CompiledRule {
                 index,
                 kind,
@@ -304,6 +316,7 @@ impl Policy {
         if rules.len() > MAX_RULES as usize {
             return Err(PolicyError::TooManyRules(rules.len()));
         }
+        assign_indices(&mut rules, previous)?;
         let port_keys = port_keys(&rules)?;
         let vpn_groups = vpn_groups(&rules)?;
         Ok(Self {
@@ -315,6 +328,14 @@ impl Policy {
             vpn_groups,
             feed_duplicates,
         })
+    }
+
+    /// The rule with this number.
+    pub fn rule(&self, index: u32) -> Option<&CompiledRule> {
+        self.rules
+            .binary_search_by_key(&index, |r| r.index)
+            .ok()
+            .map(|i| &self.rules[i])
     }
 
     /// Rules that go into the allow tries (networks and devices).
@@ -354,7 +375,7 @@ impl Policy {
         match approval {
             Some(a) => Decision {
                 reason: Reason::ApprovedVpn,
-                rule: Some(&self.rules[a.rule as usize]),
+                rule: self.rule(a.rule),
             },
             None => Decision {
                 reason: Reason::UnapprovedVpn,
@@ -370,14 +391,14 @@ impl Policy {
     /// The verdict for a packet from `source`, the way the kernel program decides it for a whole
     /// (unfragmented) IP packet: deny list, then the longest allowlist prefix and its ports.
     pub fn check(&self, source: IpAddr, protocol: Protocol, port: Option<u16>) -> Decision<'_> {
-        let longest = |rules: &mut dyn Iterator<Item = &'_ CompiledRule>| -> Option<usize> {
+        let longest = |rules: &mut dyn Iterator<Item = &'_ CompiledRule>| -> Option<u32> {
             rules
                 .filter(|r| r.prefix.contains(&source))
                 .max_by_key(|r| r.prefix.prefix_len())
-                .map(|r| r.index as usize)
+                .map(|r| r.index)
         };
         if let Some(index) = longest(&mut self.deny_rules()) {
-            let rule = &self.rules[index];
+            let rule = self.rule(index).expect("index from this policy");
             let reason = if rule.kind == RuleKind::DenyFeed {
                 Reason::DeniedFeed
             } else {
@@ -394,7 +415,7 @@ impl Policy {
                 rule: None,
             };
         };
-        let rule = &self.rules[index];
+        let rule = self.rule(index).expect("index from this policy");
         let reason = if rule.allows(protocol, port) {
             Reason::Allowed
         } else {
@@ -405,6 +426,53 @@ impl Policy {
             rule: Some(rule),
         }
     }
+}
+
+/// What identifies a rule across updates: its deny or allow prefix, or its VPN endpoint name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleKey {
+    Allow(IpNet),
+    Deny(IpNet),
+    Vpn(String),
+}
+
+impl CompiledRule {
+    pub fn key(&self) -> RuleKey {
+        match self.kind {
+            RuleKind::Network | RuleKind::Device => RuleKey::Allow(self.prefix),
+            RuleKind::Deny | RuleKind::DenyFeed => RuleKey::Deny(self.prefix),
+            RuleKind::VpnEndpoint => RuleKey::Vpn(self.name.clone()),
+        }
+    }
+}
+
+/// Numbers the rules: an entry `previous` had keeps its number; new entries get the lowest
+/// numbers `previous` did not use. The result is sorted by number.
+fn assign_indices(
+    rules: &mut [CompiledRule],
+    previous: Option<&Policy>,
+) -> Result<(), PolicyError> {
+    let old: std::collections::HashMap<RuleKey, u32> = previous
+        .map(|p| p.rules.iter().map(|r| (r.key(), r.index)).collect())
+        .unwrap_or_default();
+    let taken: std::collections::HashSet<u32> = old.values().copied().collect();
+    let mut next = 0u32;
+    for rule in rules.iter_mut() {
+        if let Some(&index) = old.get(&rule.key()) {
+            rule.index = index;
+            continue;
+        }
+        while taken.contains(&next) {
+            next += 1;
+        }
+        if next >= MAX_RULES {
+            return Err(PolicyError::TooManyRules(next as usize + 1));
+        }
+        rule.index = next;
+        next += 1;
+    }
+    rules.sort_by_key(|r| r.index);
+    Ok(())
 }
 
 /// The (rule, protocol, port) triples of every port-restricted rule.

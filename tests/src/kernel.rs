@@ -81,9 +81,8 @@ impl Loaded {
     }
 
     pub fn hits(&self) -> Vec<u64> {
-        self.datapath
-            .rule_hits(u32::try_from(self.policy.rules.len()).unwrap())
-            .expect("read rule hits")
+        let indices: Vec<u32> = self.policy.rules.iter().map(|r| r.index).collect();
+        self.datapath.rule_hits(&indices).expect("read rule hits")
     }
 
     fn rule_index(&self, name: &str) -> usize {

@@ -10,11 +10,13 @@ use aya::{
 };
 use enforcer_common::{
     Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, PortKey,
-    Reason, Rule, VpnGroup, VpnProtocol, map_names,
+    Reason, Rule, VpnApproval, VpnGroup, VpnProtocol, map_names,
 };
 use ipnet::IpNet;
 
 use crate::{policy::Policy, registry::Mode};
+
+mod diff;
 
 /// The compiled `enforcer-ebpf` object, embedded at build time.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -104,6 +106,8 @@ pub enum AttachMode {
 pub struct Datapath {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
+    /// Approved-endpoint prefix → (its slot in `VPN_GROUPS`, the approvals written there).
+    vpn_slots: std::collections::BTreeMap<IpNet, (u32, Vec<VpnApproval>)>,
 }
 
 impl Datapath {
@@ -135,7 +139,11 @@ impl Datapath {
             .try_into()
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         program.load().map_err(|e| DatapathError::Load(boxed(e)))?;
-        Ok(Self { ebpf, link: None })
+        Ok(Self {
+            ebpf,
+            link: None,
+            vpn_slots: std::collections::BTreeMap::new(),
+        })
     }
 
     /// The single place that looks maps up by name.
@@ -189,18 +197,11 @@ impl Datapath {
         let deny: Vec<(IpNet, u32)> = policy.deny_rules().map(|r| (r.prefix, r.index)).collect();
         self.fill_tries(&deny, map_names::DENY_V4, map_names::DENY_V6)?;
 
-        let name = map_names::VPN_GROUPS;
-        let mut groups: Array<&mut MapData, VpnGroup> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
         let mut vpn_prefixes = Vec::with_capacity(policy.vpn_groups.len());
         for (index, (prefix, approvals)) in policy.vpn_groups.iter().enumerate() {
             let index = u32::try_from(index).expect("the policy bounds the groups");
-            let mut group = VpnGroup {
-                count: u32::try_from(approvals.len()).unwrap_or(0),
-                ..VpnGroup::default()
-            };
-            group.approvals[..approvals.len()].copy_from_slice(approvals);
-            groups.set(index, group, 0).map_err(map_error(name))?;
+            self.write_group(index, approvals)?;
+            self.vpn_slots.insert(*prefix, (index, approvals.clone()));
             vpn_prefixes.push((*prefix, index));
         }
         self.fill_tries(&vpn_prefixes, map_names::VPN_V4, map_names::VPN_V6)?;
@@ -228,6 +229,19 @@ impl Datapath {
         let mut current = config.get(&0, 0).map_err(map_error(name))?;
         change(&mut current);
         config.set(0, current, 0).map_err(map_error(name))
+    }
+
+    /// Writes one approval group into its slot of `VPN_GROUPS`.
+    fn write_group(&mut self, slot: u32, approvals: &[VpnApproval]) -> Result<(), DatapathError> {
+        let name = map_names::VPN_GROUPS;
+        let mut groups: Array<&mut MapData, VpnGroup> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut group = VpnGroup {
+            count: u32::try_from(approvals.len()).unwrap_or(0),
+            ..VpnGroup::default()
+        };
+        group.approvals[..approvals.len()].copy_from_slice(approvals);
+        groups.set(slot, group, 0).map_err(map_error(name))
     }
 
     /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie.
@@ -334,8 +348,8 @@ impl Datapath {
         VerdictCounts::read(self.map(map_names::VERDICTS)?)
     }
 
-    pub fn rule_hits(&self, rules: u32) -> Result<Vec<u64>, DatapathError> {
-        read_rule_hits(self.map(map_names::RULE_HITS)?, rules)
+    pub fn rule_hits(&self, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
+        read_rule_hits(self.map(map_names::RULE_HITS)?, indices)
     }
 }
 
@@ -412,19 +426,13 @@ impl VerdictCounts {
     }
 }
 
-pub fn read_rule_hits(map: &Map, rules: u32) -> Result<Vec<u64>, DatapathError> {
+/// The hit counters of the rules with these numbers.
+pub fn read_rule_hits(map: &Map, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
     let name = map_names::RULE_HITS;
-    let array: Array<&MapData, u64> = Array::try_from(map).map_err(|e| DatapathError::Map {
-        name,
-        source: boxed(e),
-    })?;
-    (0..rules)
-        .map(|i| {
-            array.get(&i, 0).map_err(|e| DatapathError::Map {
-                name,
-                source: boxed(e),
-            })
-        })
+    let array: Array<&MapData, u64> = Array::try_from(map).map_err(map_error(name))?;
+    indices
+        .iter()
+        .map(|i| array.get(i, 0).map_err(map_error(name)))
         .collect()
 }
 

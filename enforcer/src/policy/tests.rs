@@ -355,3 +355,34 @@ fn deny_feeds_become_feed_rules() {
     assert_eq!(problems[0].line, 2, "placed at the deny_files field");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn compile_after_keeps_rule_numbers_and_never_reuses_a_freed_one_at_once() {
+    let v1 = r#"{"schema": 1, "mode": "enforce", "networks": [
+      {"name": "a", "cidr": "10.1.0.0/16"}, {"name": "b", "cidr": "10.2.0.0/16"}, {"name": "c", "cidr": "10.3.0.0/16"}]}"#;
+    let v2 = r#"{"schema": 1, "mode": "enforce", "networks": [
+      {"name": "c-renamed", "cidr": "10.3.0.0/16", "ports": ["443/tcp"]}, {"name": "a", "cidr": "10.1.0.0/16"},
+      {"name": "d", "cidr": "10.4.0.0/16"}]}"#;
+    let old = compile(v1);
+    let new = Policy::compile_after(&Registry::parse(v2).unwrap(), today(), Some(&old)).unwrap();
+    let numbers: Vec<(&str, u32)> = new
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.index))
+        .collect();
+    // a and c keep 0 and 2 (c by its prefix, renamed); b's 1 is freed but not reused by d.
+    assert_eq!(numbers, vec![("a", 0), ("c-renamed", 2), ("d", 3)]);
+    assert_eq!(new.rule(2).unwrap().ports.as_ref().map(Vec::len), Some(1));
+    assert!(new.rule(1).is_none());
+    let next = Policy::compile_after(&Registry::parse(v1).unwrap(), today(), Some(&new)).unwrap();
+    let numbers: Vec<(&str, u32)> = next
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.index))
+        .collect();
+    assert_eq!(
+        numbers,
+        vec![("a", 0), ("b", 1), ("c", 2)],
+        "1 is free again one update later"
+    );
+}

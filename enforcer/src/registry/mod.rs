@@ -18,7 +18,7 @@ pub use ports::{PortSpec, Protocol};
 /// The registry format this build reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Drop what the policy drops.
@@ -117,6 +117,8 @@ pub struct Registry {
     pub deny_files: Vec<String>,
     /// Their contents, read when the registry was loaded.
     pub feeds: Vec<Feed>,
+    /// The change counter (`serial`, 0 when absent): +1 per change made through the daemon.
+    pub serial: u64,
 }
 
 /// One validation problem and where it is.

@@ -27,6 +27,9 @@ struct RawRegistry<'a> {
     deny: Vec<&'a RawValue>,
     #[serde(default)]
     deny_files: Vec<String>,
+    /// Increases by one with every change applied through the control socket.
+    #[serde(default)]
+    serial: u64,
 }
 
 #[derive(Deserialize)]
@@ -453,6 +456,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         vpn_endpoints,
         deny,
         deny_files: top.deny_files,
+        serial: top.serial,
         feeds: Vec::new(),
     };
     Ok(Located {

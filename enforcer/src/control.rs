@@ -1,0 +1,540 @@
+//! The running enforcer's control plane: a root-only Unix socket taking one JSON request per
+//! connection, and the live state behind it. Every change is validated exactly like the
+//! registry file (it *is* the registry file, edited), compiled against the policy in force,
+//! applied to the kernel as a diff, written to the registry atomically with the next serial,
+//! and appended to the audit log — in that order, all or nothing.
+
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{
+    datapath::Datapath,
+    instance::{InstanceId, State},
+    policy::{Policy, RuleKind},
+    registry::{Date, Mode, Protocol, Registry, VpnProtocol},
+};
+
+/// One request on the control socket (a JSON object on one line).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    /// Add an entry to a section (`networks`, `devices`, `deny`, `vpn_endpoints`); `entry` has
+    /// the registry's fields.
+    Add {
+        section: String,
+        entry: Value,
+    },
+    /// Remove the entry of a section whose name, CIDR or address is `target`.
+    Remove {
+        section: String,
+        target: String,
+    },
+    List {
+        section: String,
+    },
+    Mode {
+        mode: Mode,
+    },
+    /// Re-read the registry file and apply the difference (or reject it whole).
+    Reload,
+    Check {
+        addr: IpAddr,
+        port: Option<u16>,
+        proto: Protocol,
+        vpn: Option<String>,
+    },
+}
+
+/// The answer: `ok`, a one-line `message`, and `data` for scripts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl Response {
+    fn ok(message: impl Into<String>, data: Value) -> Self {
+        Self {
+            ok: true,
+            message: message.into(),
+            data,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            message: message.into(),
+            data: Value::Null,
+        }
+    }
+}
+
+const SECTIONS: [&str; 4] = ["networks", "devices", "deny", "vpn_endpoints"];
+
+/// What the daemon holds while it runs.
+pub struct Live {
+    pub datapath: Datapath,
+    pub policy: Policy,
+    registry_path: PathBuf,
+    /// The registry document as last read or written (the source of truth).
+    doc: Value,
+    serial: u64,
+    /// `run --mode` wins over the file until a `mode` request changes it.
+    mode_override: Option<Mode>,
+    audit_path: PathBuf,
+    started: SystemTime,
+    pub instance: String,
+    pub xdp_mode: String,
+    id: InstanceId,
+    /// The state file `stats` reads; its rule labels follow every change.
+    state: State,
+}
+
+impl Live {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the daemon's state, gathered once at start"
+    )]
+    pub fn new(
+        datapath: Datapath,
+        policy: Policy,
+        registry: &Registry,
+        registry_path: &Path,
+        mode_override: Option<Mode>,
+        id: InstanceId,
+        state: State,
+        xdp_mode: String,
+    ) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(registry_path)?;
+        let doc: Value = serde_json::from_str(&text)?;
+        Ok(Self {
+            datapath,
+            policy,
+            audit_path: audit_path(registry_path),
+            registry_path: registry_path.to_path_buf(),
+            doc,
+            serial: registry.serial,
+            mode_override,
+            started: SystemTime::now(),
+            instance: id.name(),
+            xdp_mode,
+            id,
+            state,
+        })
+    }
+
+    /// Serves one request from a peer with this uid.
+    pub fn handle(&mut self, request: Request, uid: u32) -> Response {
+        match request {
+            Request::Status => self.status(),
+            Request::List { section } => match section_name(&section) {
+                Ok(section) => self.list(section),
+                Err(e) => Response::error(e),
+            },
+            Request::Check {
+                addr,
+                port,
+                proto,
+                vpn,
+            } => self.check(addr, port, proto, vpn.as_deref()),
+            Request::Add { section, entry } => {
+                let section = match section_name(&section) {
+                    Ok(s) => s,
+                    Err(e) => return Response::error(e),
+                };
+                let label = entry_label(&entry);
+                let approval = entry.get("approval").cloned().unwrap_or(Value::Null);
+                self.mutate(uid, &format!("{section} add"), &entry, approval, |doc| {
+                    if !entry.is_object() {
+                        return Err("the entry must be a JSON object with the registry's fields"
+                            .to_string());
+                    }
+                    section_array(doc, section).push(entry.clone());
+                    Ok(format!("added {section} entry {label}"))
+                })
+            }
+            Request::Remove { section, target } => {
+                let section = match section_name(&section) {
+                    Ok(s) => s,
+                    Err(e) => return Response::error(e),
+                };
+                let entry = json!({"target": target});
+                self.mutate(
+                    uid,
+                    &format!("{section} remove"),
+                    &entry,
+                    Value::Null,
+                    |doc| {
+                        let list = section_array(doc, section);
+                        let before = list.len();
+                        list.retain(|e| !matches_target(e, &target));
+                        if list.len() == before {
+                            return Err(format!(
+                                "no {section} entry named {target} or covering exactly {target}"
+                            ));
+                        }
+                        Ok(format!("removed {section} entry {target}"))
+                    },
+                )
+            }
+            Request::Mode { mode } => {
+                let entry = json!({"mode": mode});
+                // An explicit mode request ends `run --mode`'s override.
+                let saved = self.mode_override.take();
+                let response = self.mutate(uid, "mode", &entry, Value::Null, |doc| {
+                    doc["mode"] = json!(mode.as_str());
+                    Ok(format!("mode {mode}"))
+                });
+                if !response.ok {
+                    self.mode_override = saved;
+                }
+                response
+            }
+            Request::Reload => self.reload(uid),
+        }
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        self.registry_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+
+    /// Validates, compiles, applies, persists and audits one change of the registry document.
+    fn mutate(
+        &mut self,
+        uid: u32,
+        verb: &str,
+        entry: &Value,
+        approval: Value,
+        change: impl FnOnce(&mut Value) -> Result<String, String>,
+    ) -> Response {
+        let mut doc = self.doc.clone();
+        let what = match change(&mut doc) {
+            Ok(what) => what,
+            Err(e) => return Response::error(e),
+        };
+        let serial = self.serial + 1;
+        doc["serial"] = json!(serial);
+        let text = serde_json::to_string_pretty(&doc).expect("JSON serialises") + "\n";
+        let response = self.adopt(&text, serial, what);
+        if response.ok {
+            self.doc = doc;
+            self.audit(uid, verb, entry, &approval, serial - 1, serial);
+        }
+        response
+    }
+
+    /// Makes `text` (a whole registry) the policy in force and the file on disk, or nothing.
+    fn adopt(&mut self, text: &str, serial: u64, what: String) -> Response {
+        let registry = match Registry::parse_at(text, &self.base_dir()) {
+            Ok(r) => r,
+            Err(problems) => {
+                let list: Vec<String> = problems
+                    .iter()
+                    .map(|p| match &p.file {
+                        Some(file) => format!("{file}:{}: {}", p.line, p.message),
+                        None if p.place.is_empty() => p.message.clone(),
+                        None => format!("{}: {}", p.place, p.message),
+                    })
+                    .collect();
+                return Response::error(format!("refused, nothing changed: {}", list.join("; ")));
+            }
+        };
+        let mut policy = match Policy::compile_after(&registry, Date::today(), Some(&self.policy)) {
+            Ok(p) => p,
+            Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
+        };
+        if let Some(mode) = self.mode_override {
+            policy.mode = mode;
+        }
+        if let Err(e) = self.datapath.apply(&self.policy, &policy) {
+            // Put back what was there; the maps hold a mixture only until this returns.
+            let _ = self.datapath.apply(&policy, &self.policy);
+            return Response::error(format!(
+                "refused, nothing changed: applying to the kernel failed: {e}"
+            ));
+        }
+        if let Err(e) = write_atomically(&self.registry_path, text) {
+            let _ = self.datapath.apply(&policy, &self.policy);
+            return Response::error(format!(
+                "refused, nothing changed: writing {}: {e}",
+                self.registry_path.display()
+            ));
+        }
+        self.policy = policy;
+        self.serial = serial;
+        self.state.rules = crate::cli::rule_labels(&self.policy);
+        self.state.mode = self.policy.mode.to_string();
+        if let Err(e) = self.state.write(&self.id) {
+            tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
+        }
+        Response::ok(what, json!({"serial": serial}))
+    }
+
+    fn reload(&mut self, uid: u32) -> Response {
+        let text = match std::fs::read_to_string(&self.registry_path) {
+            Ok(t) => t,
+            Err(e) => {
+                return Response::error(format!(
+                    "cannot read {}: {e}",
+                    self.registry_path.display()
+                ));
+            }
+        };
+        let doc: Value = match serde_json::from_str(&text) {
+            Ok(d) => d,
+            Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
+        };
+        let serial = doc.get("serial").and_then(Value::as_u64).unwrap_or(0);
+        let before = self.serial;
+        let response = self.adopt(
+            &text,
+            serial,
+            format!("reloaded {}", self.registry_path.display()),
+        );
+        if response.ok {
+            self.doc = doc;
+            self.audit(
+                uid,
+                "reload",
+                &json!({"file": self.registry_path}),
+                &Value::Null,
+                before,
+                serial,
+            );
+        }
+        response
+    }
+
+    fn status(&self) -> Response {
+        let uptime = self.started.elapsed().map_or(0, |d| d.as_secs());
+        let data = json!({
+            "instance": self.instance,
+            "mode": self.policy.mode,
+            "xdp_mode": self.xdp_mode,
+            "program_id": self.datapath.program_id(),
+            "registry": self.registry_path,
+            "serial": self.serial,
+            "uptime_s": uptime,
+            "networks": self.policy.count(RuleKind::Network),
+            "devices": self.policy.count(RuleKind::Device),
+            "deny": self.policy.count(RuleKind::Deny),
+            "deny_feed": self.policy.count(RuleKind::DenyFeed),
+            "vpn_endpoints": self.policy.vpn_endpoints,
+        });
+        let message = format!(
+            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints, up {uptime} s",
+            self.instance,
+            self.policy.mode,
+            self.xdp_mode,
+            self.serial,
+            data["networks"],
+            data["devices"],
+            data["deny"],
+            data["deny_feed"],
+            data["vpn_endpoints"]
+        );
+        Response::ok(message, data)
+    }
+
+    fn list(&self, section: &'static str) -> Response {
+        let entries = self.doc.get(section).cloned().unwrap_or_else(|| json!([]));
+        let count = entries.as_array().map_or(0, Vec::len);
+        Response::ok(format!("{count} {section} entries"), entries)
+    }
+
+    fn check(
+        &self,
+        addr: IpAddr,
+        port: Option<u16>,
+        proto: Protocol,
+        vpn: Option<&str>,
+    ) -> Response {
+        let deny = self.policy.check(addr, proto, port);
+        let decision = match vpn.map(|v| VpnProtocol::from_name(v).ok_or(v)) {
+            Some(Err(v)) => return Response::error(format!("unknown VPN protocol {v}")),
+            Some(Ok(v))
+                if !matches!(
+                    deny.reason,
+                    enforcer_common::Reason::Denied | enforcer_common::Reason::DeniedFeed
+                ) =>
+            {
+                self.policy.check_vpn(addr, v, port)
+            }
+            _ => deny,
+        };
+        let data = json!({"reason": decision.reason.label(), "rule": decision.rule});
+        Response::ok(decision.to_string(), data)
+    }
+
+    fn audit(
+        &self,
+        uid: u32,
+        verb: &str,
+        entry: &Value,
+        approval: &Value,
+        before: u64,
+        after: u64,
+    ) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let line = json!({
+            "time": timestamp(now), "uid": uid, "verb": verb, "entry": entry, "approval": approval,
+            "serial_before": before, "serial_after": after, "instance": self.instance,
+        });
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit_path)
+            .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+        if let Err(e) = written {
+            tracing::error!(path = %self.audit_path.display(), error = %e, "cannot append to the audit log");
+        }
+    }
+}
+
+/// The audit log beside the registry: `REGISTRY.audit.jsonl`.
+pub fn audit_path(registry: &Path) -> PathBuf {
+    let mut name = registry
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
+    name.push(".audit.jsonl");
+    registry.with_file_name(name)
+}
+
+fn section_name(section: &str) -> Result<&'static str, String> {
+    SECTIONS.into_iter().find(|s| *s == section).ok_or_else(|| {
+        format!(
+            "unknown section {section} (expected one of {})",
+            SECTIONS.join(", ")
+        )
+    })
+}
+
+fn section_array<'a>(doc: &'a mut Value, section: &str) -> &'a mut Vec<Value> {
+    if !doc.get(section).is_some_and(Value::is_array) {
+        doc[section] = json!([]);
+    }
+    doc[section].as_array_mut().expect("just made an array")
+}
+
+fn entry_label(entry: &Value) -> String {
+    ["name", "cidr", "address"]
+        .iter()
+        .find_map(|k| entry.get(*k).and_then(Value::as_str))
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn matches_target(entry: &Value, target: &str) -> bool {
+    ["name", "cidr", "address"]
+        .iter()
+        .any(|k| entry.get(*k).and_then(Value::as_str) == Some(target))
+}
+
+/// Replaces `path` with `text`: a new file beside it, fsync, rename over, fsync of the directory.
+/// A crash leaves the old file or the new one, never a torn one.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// `YYYY-MM-DDThh:mm:ssZ` for Unix seconds.
+fn timestamp(secs: u64) -> String {
+    let day = Date::from_days_since_epoch(i64::try_from(secs / 86_400).unwrap_or(0));
+    let rem = secs % 86_400;
+    format!(
+        "{day}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Sends one request to a running enforcer's socket and waits for its answer.
+pub fn send(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    use std::io::{BufRead as _, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the enforcer at {}: {e} (is `enforcer run` running, and are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    writeln!(stream, "{}", serde_json::to_string(request)?)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        anyhow::bail!("the enforcer closed the connection without an answer");
+    }
+    Ok(serde_json::from_str(&line)?)
+}
+
+/// Serves the socket until `shutdown` resolves; requests are handled one at a time, so
+/// concurrent clients never interleave their changes.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    live: &mut Live,
+    shutdown: impl std::future::Future<Output = anyhow::Result<&'static str>>,
+) -> anyhow::Result<&'static str> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            signal = &mut shutdown => return signal,
+            accepted = listener.accept() => accepted?,
+        };
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(read);
+        let read_line = reader.read_line(&mut line);
+        let response =
+            match tokio::time::timeout(std::time::Duration::from_secs(5), read_line).await {
+                Err(_) => Response::error("no request within 5 s"),
+                Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
+                Ok(Ok(_)) if uid != 0 => {
+                    tracing::warn!(uid, "refused a control request from a non-root peer");
+                    Response::error("refused: only root may control the enforcer")
+                }
+                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => {
+                        let response = live.handle(request, uid);
+                        tracing::info!(uid, ok = response.ok, "{}", response.message);
+                        response
+                    }
+                    Err(e) => Response::error(format!("malformed request, nothing changed: {e}")),
+                },
+            };
+        let mut out = serde_json::to_string(&response)?;
+        out.push('\n');
+        let _ = write.write_all(out.as_bytes()).await;
+    }
+}

@@ -1,0 +1,212 @@
+//! Live updates: moving the kernel maps from one compiled policy to the next as a diff, in an
+//! order that never drops what both policies allow — additions and widenings first, narrowings
+//! and removals last — and never lets a packet see a half-written rule (a rule is written before
+//! any prefix points at it, and a prefix is unlinked before its rule is cleared).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
+use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
+use ipnet::IpNet;
+
+use super::{Datapath, DatapathError, map_error};
+use crate::{
+    policy::{CompiledRule, Policy, RuleKey, RuleKind},
+    registry::Mode,
+};
+
+/// Which LPM tries a rule's prefix lives in.
+fn tries(kind: RuleKind) -> (&'static str, &'static str) {
+    match kind {
+        RuleKind::Network | RuleKind::Device => (map_names::ALLOW_V4, map_names::ALLOW_V6),
+        RuleKind::Deny | RuleKind::DenyFeed => (map_names::DENY_V4, map_names::DENY_V6),
+        RuleKind::VpnEndpoint => (map_names::VPN_V4, map_names::VPN_V6),
+    }
+}
+
+impl Datapath {
+    /// Applies the difference between `old` (what the maps hold) and `new`. When this returns,
+    /// `new` is in force.
+    pub fn apply(&mut self, old: &Policy, new: &Policy) -> Result<(), DatapathError> {
+        let before: HashMap<RuleKey, &CompiledRule> =
+            old.rules.iter().map(|r| (r.key(), r)).collect();
+        let after: HashMap<RuleKey, &CompiledRule> =
+            new.rules.iter().map(|r| (r.key(), r)).collect();
+        let added: Vec<&CompiledRule> = new
+            .rules
+            .iter()
+            .filter(|r| !before.contains_key(&r.key()))
+            .collect();
+        let removed: Vec<&CompiledRule> = old
+            .rules
+            .iter()
+            .filter(|r| !after.contains_key(&r.key()))
+            .collect();
+        let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
+        let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
+        let port_endpoints = |p: &Policy| {
+            p.vpn_groups
+                .iter()
+                .flat_map(|(_, a)| a)
+                .any(|a| a.port_be != [0; 2])
+        };
+
+        // Widen first.
+        if new.mode == Mode::Monitor && old.mode != Mode::Monitor {
+            self.set_mode(Mode::Monitor)?;
+        }
+        if port_endpoints(new) {
+            self.update_config(|c| c.port_endpoints = 1)?;
+        }
+        // Ports before flags before prefixes: a rule is complete before anything points at it.
+        for key in new_ports.difference(&old_ports) {
+            self.port_rules()?
+                .insert(key, 1, 0)
+                .map_err(map_error(map_names::PORT_RULES))?;
+        }
+        for rule in &new.rules {
+            let changed = before
+                .get(&rule.key())
+                .is_none_or(|old_rule| old_rule.flags() != rule.flags());
+            if changed {
+                self.set_rule(rule.index, rule.flags())?;
+            }
+        }
+        for rule in added.iter().filter(|r| r.kind != RuleKind::VpnEndpoint) {
+            if matches!(rule.kind, RuleKind::Network | RuleKind::Device) {
+                self.lpm_insert(tries(rule.kind), rule.prefix, rule.index)?;
+            }
+        }
+        self.update_vpn_groups(new)?;
+        // Then narrow: new deny ranges, then removals.
+        for rule in added
+            .iter()
+            .filter(|r| matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed))
+        {
+            self.lpm_insert(tries(rule.kind), rule.prefix, rule.index)?;
+        }
+        for rule in removed.iter().filter(|r| r.kind != RuleKind::VpnEndpoint) {
+            self.lpm_remove(tries(rule.kind), rule.prefix)?;
+        }
+        for key in old_ports.difference(&new_ports) {
+            // An absent key is already what we want.
+            let _ = self.port_rules()?.remove(key);
+        }
+        for rule in &removed {
+            self.set_rule(rule.index, 0)?;
+            self.zero_hits(rule.index)?;
+        }
+        if !port_endpoints(new) {
+            self.update_config(|c| c.port_endpoints = 0)?;
+        }
+        if new.mode == Mode::Enforce && old.mode != Mode::Enforce {
+            self.set_mode(Mode::Enforce)?;
+        }
+        Ok(())
+    }
+
+    /// Approval groups: a changed group is written to a free slot and its prefix then switched
+    /// to it in one trie update, so a packet sees the old group or the new one, never a mixture.
+    fn update_vpn_groups(&mut self, new: &Policy) -> Result<(), DatapathError> {
+        let wanted: HashMap<IpNet, &Vec<enforcer_common::VpnApproval>> =
+            new.vpn_groups.iter().map(|(p, a)| (*p, a)).collect();
+        for (prefix, approvals) in &new.vpn_groups {
+            if self
+                .vpn_slots
+                .get(prefix)
+                .is_some_and(|(_, current)| current == approvals)
+            {
+                continue;
+            }
+            let used: BTreeSet<u32> = self.vpn_slots.values().map(|(slot, _)| *slot).collect();
+            let slot = (0..MAX_VPN_GROUPS)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| DatapathError::Map {
+                    name: map_names::VPN_GROUPS,
+                    source: "no free approval-group slot".into(),
+                })?;
+            self.write_group(slot, approvals)?;
+            self.lpm_insert(tries(RuleKind::VpnEndpoint), *prefix, slot)?;
+            self.vpn_slots.insert(*prefix, (slot, approvals.clone()));
+        }
+        let gone: Vec<IpNet> = self
+            .vpn_slots
+            .keys()
+            .filter(|p| !wanted.contains_key(*p))
+            .copied()
+            .collect();
+        for prefix in gone {
+            self.lpm_remove(tries(RuleKind::VpnEndpoint), prefix)?;
+            self.vpn_slots.remove(&prefix);
+        }
+        Ok(())
+    }
+
+    fn port_rules(&mut self) -> Result<BpfHashMap<&mut MapData, PortKey, u8>, DatapathError> {
+        let name = map_names::PORT_RULES;
+        BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))
+    }
+
+    fn set_rule(&mut self, index: u32, flags: u32) -> Result<(), DatapathError> {
+        let name = map_names::RULES;
+        let mut rules: Array<&mut MapData, Rule> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        rules.set(index, Rule { flags }, 0).map_err(map_error(name))
+    }
+
+    fn zero_hits(&mut self, index: u32) -> Result<(), DatapathError> {
+        let name = map_names::RULE_HITS;
+        let mut hits: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        hits.set(index, 0, 0).map_err(map_error(name))
+    }
+
+    fn lpm_insert(
+        &mut self,
+        (v4, v6): (&'static str, &'static str),
+        prefix: IpNet,
+        value: u32,
+    ) -> Result<(), DatapathError> {
+        match prefix {
+            IpNet::V4(net) => {
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+                    LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                trie.insert(&key, value, 0).map_err(map_error(v4))
+            }
+            IpNet::V6(net) => {
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+                    LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                trie.insert(&key, value, 0).map_err(map_error(v6))
+            }
+        }
+    }
+
+    fn lpm_remove(
+        &mut self,
+        (v4, v6): (&'static str, &'static str),
+        prefix: IpNet,
+    ) -> Result<(), DatapathError> {
+        // An absent key is already what we want.
+        match prefix {
+            IpNet::V4(net) => {
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+                    LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+                let _ = trie.remove(&Key::new(
+                    u32::from(net.prefix_len()),
+                    net.network().octets(),
+                ));
+            }
+            IpNet::V6(net) => {
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+                    LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+                let _ = trie.remove(&Key::new(
+                    u32::from(net.prefix_len()),
+                    net.network().octets(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
