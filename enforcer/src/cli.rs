@@ -46,6 +46,20 @@ pub enum Command {
         /// XDP attach mode.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
+        /// On SIGINT/SIGTERM also detach the program (default: it keeps enforcing without the
+        /// controller until `enforcer detach`).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove an enforcer's program from its interface, and its pins and state (its controller
+    /// must be stopped first). Traffic is unfiltered afterwards.
+    Detach {
+        /// Instance name (IFACE@NETNS).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Interface of the enforcer.
+        #[arg(long)]
+        iface: Option<String>,
     },
     /// Check a registry file; exit 0 if valid, 1 with every problem if not.
     Validate {
@@ -410,7 +424,9 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             registry,
             mode,
             xdp_mode,
-        } => run(&iface, &registry, mode, xdp_mode),
+            detach_on_exit,
+        } => run(&iface, &registry, mode, xdp_mode, detach_on_exit),
+        Command::Detach { instance, iface } => detach(instance.as_deref(), iface.as_deref()),
         Command::Validate { file, json } => validate(&file, json),
         Command::Check {
             addr,
@@ -561,6 +577,7 @@ fn run(
     registry_path: &Path,
     mode: Option<Mode>,
     xdp_mode: AttachMode,
+    detach_on_exit: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     let registry = Registry::load(registry_path)?;
     let mut policy = Policy::compile(&registry, Date::today())?;
@@ -582,19 +599,39 @@ fn run(
         netns: instance::current_netns()?,
     };
 
-    let mut datapath = Datapath::load()?;
-    datapath.fill(&policy)?;
     instance::claim(&id)?;
-    let attached = (|| -> anyhow::Result<&'static str> {
-        datapath.pin_maps(&id.pin_dir())?;
-        let xdp = datapath.attach(iface, xdp_mode)?;
+    let pin_dir = id.pin_dir();
+    let previous = State::read(&id.state_file()).ok();
+    let adopting = pin_dir.join(datapath::LINK_PIN).exists();
+    // The maps under the pin directory are the ones the kernel enforces with (an earlier run's,
+    // when its program is still attached): what they hold is diffed to the registry.
+    let mut datapath = Datapath::load_pinned(&pin_dir)?;
+    let started = (|| -> anyhow::Result<String> {
+        let current = datapath.read_back()?;
+        let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
+        if let Some(mode) = mode {
+            compiled.mode = mode;
+        }
+        policy = compiled;
+        datapath.apply(&current, &policy)?;
+        let xdp = if adopting {
+            let how = datapath.adopt(&pin_dir)?;
+            tracing::info!(instance = %id.name(), "{how}; maps reconciled with {}", registry_path.display());
+            previous
+                .as_ref()
+                .map_or_else(|| "adopted".to_string(), |p| p.xdp_mode.clone())
+        } else {
+            datapath
+                .attach_pinned(iface, xdp_mode, &pin_dir)?
+                .to_string()
+        };
         State {
             instance: id.name(),
             pid: std::process::id(),
             iface: iface.to_string(),
             netns: id.netns,
             mode: policy.mode.to_string(),
-            xdp_mode: xdp.to_string(),
+            xdp_mode: xdp.clone(),
             program_id: datapath.program_id(),
             registry: registry_path.display().to_string(),
             started_unix: SystemTime::now()
@@ -605,13 +642,18 @@ fn run(
         .write(&id)?;
         Ok(xdp)
     })();
-    let xdp = match attached {
+    let xdp = match started {
         Ok(xdp) => xdp,
         Err(error) => {
-            instance::release(&id);
+            // Only what this run created is removed; an adopted program keeps enforcing.
+            if !adopting {
+                let _ = datapath::detach_pinned(&pin_dir);
+                instance::release(&id);
+            }
             return Err(error);
         }
     };
+    let xdp = xdp.as_str();
 
     tracing::info!(
         instance = %id.name(),
@@ -668,17 +710,53 @@ fn run(
     let signal = match served {
         Ok(signal) => signal,
         Err(error) => {
+            // The program stays attached and pinned: enforcement continues without us.
             drop(live);
-            instance::release(&id);
             return Err(error);
         }
     };
     let datapath = live.datapath;
     let counts = datapath.verdicts()?;
-    drop(datapath); // detaches the program
-    instance::release(&id);
-    tracing::info!(signal, "detached from {iface}");
+    drop(datapath);
+    if detach_on_exit {
+        datapath::detach_pinned(&id.pin_dir())?;
+        instance::release(&id);
+        tracing::info!(signal, "detached from {iface}");
+    } else {
+        tracing::info!(
+            signal,
+            "controller stopping; the program stays attached to {iface} and keeps enforcing (`enforcer detach --instance {}` removes it)",
+            id.name()
+        );
+    }
     println!("{}", render_verdicts(&counts));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn detach(
+    instance_name: Option<&str>,
+    iface: Option<&str>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let state = instance::select(instance_name, iface)?;
+    if instance::daemon_alive(&state) && state.pid != std::process::id() {
+        bail!(
+            "the controller of {} is running (pid {}): stop it first",
+            state.instance,
+            state.pid
+        );
+    }
+    let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
+    let had_link = datapath::detach_pinned(&id.pin_dir())?;
+    instance::release(&id);
+    println!(
+        "{}: {}",
+        state.instance,
+        if had_link {
+            "program detached, pins and state removed; traffic is unfiltered"
+        } else {
+            "no program was attached; pins and state removed"
+        }
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }
 

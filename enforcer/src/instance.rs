@@ -172,8 +172,9 @@ fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// Claims `id` for this process: refuses if a live enforcer holds it, clears what a dead one
-/// left behind, and creates an empty pin directory.
+/// Claims `id` for this process: refuses if a live enforcer holds it, and makes sure the pin
+/// directory exists. What a dead enforcer left pinned (program, link, maps) stays: the new
+/// process adopts it.
 pub fn claim(id: &InstanceId) -> Result<(), InstanceError> {
     if let Ok(state) = State::read(&id.state_file())
         && state.pid != std::process::id()
@@ -184,9 +185,13 @@ pub fn claim(id: &InstanceId) -> Result<(), InstanceError> {
             pid: state.pid,
         });
     }
-    release(id);
     let dir = id.pin_dir();
     fs::create_dir_all(&dir).map_err(io_error(&dir))
+}
+
+/// Whether the process of a state file is alive.
+pub fn daemon_alive(state: &State) -> bool {
+    pid_alive(state.pid)
 }
 
 /// Removes the pins and state of `id` (unpinning does not detach: the link belongs to the
@@ -198,7 +203,8 @@ pub fn release(id: &InstanceId) {
     }
 }
 
-/// Running instances (state files whose process is alive).
+/// Instances with a live controller, or whose program is still attached (pinned link) after
+/// their controller died.
 pub fn running() -> Vec<State> {
     let Ok(dirs) = fs::read_dir(STATE_ROOT) else {
         return Vec::new();
@@ -206,7 +212,11 @@ pub fn running() -> Vec<State> {
     let mut states: Vec<State> = dirs
         .filter_map(Result::ok)
         .filter_map(|entry| State::read(&entry.path().join("state.json")).ok())
-        .filter(|state| pid_alive(state.pid))
+        .filter(|state| {
+            pid_alive(state.pid)
+                || InstanceId::parse(&state.instance)
+                    .is_some_and(|id| id.pin_dir().join("link").exists())
+        })
         .collect();
     states.sort_by(|a, b| a.instance.cmp(&b.instance));
     states

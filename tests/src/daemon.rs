@@ -95,7 +95,13 @@ impl Enforcer {
                     self.log_text()
                 );
             }
-            if state.exists() {
+            // Ready once it has written its own state and opened its control socket.
+            let pid = self.child.as_ref().expect("child").id();
+            let own_state = enforcer::instance::State::read(&state).is_ok_and(|s| s.pid == pid);
+            if own_state
+                && std::os::unix::net::UnixStream::connect(state.with_file_name("control.sock"))
+                    .is_ok()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -121,7 +127,8 @@ impl Enforcer {
         Ok(Stats(serde_json::from_slice(&output.stdout)?))
     }
 
-    /// Stops the enforcer (SIGTERM) and waits for it; returns its log.
+    /// Stops the enforcer (SIGTERM), waits for it, then `enforcer detach`es its program (which
+    /// outlives the controller by design); returns the log and the detach output.
     pub fn stop(&mut self) -> anyhow::Result<String> {
         if let Some(mut child) = self.child.take() {
             let pid = i32::try_from(child.id())?;
@@ -137,7 +144,44 @@ impl Enforcer {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Ok(self.log_text())
+        Ok(self.log_text() + &self.detach()?)
+    }
+
+    /// `enforcer detach --instance I` (a no-op message when nothing is attached).
+    pub fn detach(&self) -> anyhow::Result<String> {
+        let out = Command::new(enforcer_bin())
+            .args(["detach", "--instance", &self.instance])
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// Kills the controller with SIGKILL, as a crash would; the program stays attached.
+    pub fn kill_hard(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new controller for the same instance (after `kill_hard`), which adopts what
+    /// the old one left pinned.
+    pub fn restart(
+        &mut self,
+        ns: &Netns,
+        iface: &str,
+        registry: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let fresh = Self::start(ns, iface, registry, extra)?;
+        let mut fresh = std::mem::ManuallyDrop::new(fresh);
+        self.child = fresh.child.take();
+        self.log = fresh.log.clone();
+        Ok(())
     }
 }
 

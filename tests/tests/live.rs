@@ -430,3 +430,87 @@ fn non_root_and_malformed_requests_change_nothing() {
     );
     assert!(s.audit_lines().is_empty());
 }
+
+/// kill -9 of the controller during traffic: enforcement goes on unchanged; a new controller
+/// adopts the pinned program and maps, reconciles them with a registry edited meanwhile, and
+/// serves again; `enforcer detach` then removes everything.
+#[test]
+fn a_killed_controller_leaves_enforcement_running_and_a_restart_adopts_it() {
+    let mut s = Setup::new();
+    let lan = s.lab.client(MINISTRY_LAN.label);
+    let internet = s.lab.client(INTERNET.label);
+    let registry = s.dir.0.join("registry.json");
+    let program_before = s.enforcer.stats().unwrap().0["program_id"].clone();
+
+    s.enforcer.kill_hard().unwrap();
+    assert!(
+        topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "approved traffic still passes with no controller"
+    );
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "unapproved traffic still dropped with no controller"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.packets("not_allowlisted") > 0,
+        "the kernel keeps counting: {}",
+        stats.0
+    );
+
+    // The registry is edited while no controller runs: the internet office is approved.
+    let mut doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&registry).unwrap()).unwrap();
+    doc["networks"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "internet-office", "cidr": "192.0.2.64/26", "ports": ["8080/tcp"]}));
+    std::fs::write(&registry, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+
+    s.enforcer
+        .restart(&s.lab.server, SERVER_IFACE, &registry, &[])
+        .unwrap();
+    let log = s.enforcer.log_text();
+    assert!(
+        log.contains("adopted the running program"),
+        "the new controller adopts:\n{log}"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert_eq!(
+        stats.0["program_id"], program_before,
+        "the same program keeps running"
+    );
+    assert!(
+        topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "reconciled with the edited registry"
+    );
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, TIMEOUT).unwrap());
+    let (ok, out) = s.cli(&["allow", "remove", "internet-office"]);
+    assert!(ok, "the adopted instance serves the socket: {out}");
+    assert!(!topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap());
+
+    // Stopping the controller leaves the program; detach removes it.
+    let out = s.enforcer.stop().unwrap();
+    assert!(out.contains("program detached"), "{out}");
+    let link = s
+        .lab
+        .server
+        .exec(&["ip", "link", "show", SERVER_IFACE])
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no program left on the interface"
+    );
+    assert!(
+        !InstanceId::parse(&s.enforcer.instance)
+            .unwrap()
+            .pin_dir()
+            .exists(),
+        "no pins left"
+    );
+    assert!(
+        topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "unfiltered after detach"
+    );
+    let _ = s.services.udp_received.load(Ordering::Relaxed);
+}

@@ -210,3 +210,107 @@ impl Datapath {
         Ok(())
     }
 }
+
+impl Datapath {
+    /// What the maps hold, as a policy to diff from: after a restart the maps are the truth
+    /// (the process that filled them is gone). Rule names are not in the maps and stay empty;
+    /// the diff goes by prefixes, flags, port keys and approval groups.
+    pub fn read_back(&mut self) -> Result<Policy, DatapathError> {
+        use enforcer_common::{RULE_ANY_PORT, RULE_FEED, RULE_ICMP, VpnGroup};
+
+        let mut rules = Vec::new();
+        for (kind, pair) in [
+            (RuleKind::Network, tries(RuleKind::Network)),
+            (RuleKind::Deny, tries(RuleKind::Deny)),
+        ] {
+            for (prefix, index) in self.lpm_entries(pair)? {
+                let flags = self.rule_flags(index)?;
+                let kind = if kind == RuleKind::Deny && flags & RULE_FEED != 0 {
+                    RuleKind::DenyFeed
+                } else {
+                    kind
+                };
+                let ports = if kind != RuleKind::Network || flags & RULE_ANY_PORT != 0 {
+                    None
+                } else if flags & RULE_ICMP != 0 {
+                    Some(vec![crate::registry::PortSpec::Icmp])
+                } else {
+                    Some(Vec::new())
+                };
+                rules.push(CompiledRule {
+                    index,
+                    kind,
+                    name: String::new(),
+                    prefix,
+                    ports,
+                    vpn: None,
+                });
+            }
+        }
+        rules.sort_by_key(|r| r.index);
+        let port_keys: Vec<PortKey> = {
+            let ports = self.port_rules()?;
+            ports.keys().filter_map(Result::ok).collect()
+        };
+        self.vpn_slots.clear();
+        let mut vpn_groups = Vec::new();
+        for (prefix, slot) in self.lpm_entries(tries(RuleKind::VpnEndpoint))? {
+            let name = map_names::VPN_GROUPS;
+            let groups: Array<&MapData, VpnGroup> =
+                Array::try_from(self.map(name)?).map_err(map_error(name))?;
+            let group = groups.get(&slot, 0).map_err(map_error(name))?;
+            let count = (group.count as usize).min(group.approvals.len());
+            let approvals = group.approvals[..count].to_vec();
+            self.vpn_slots.insert(prefix, (slot, approvals.clone()));
+            vpn_groups.push((prefix, approvals));
+        }
+        let mode = if self.config()?.mode == enforcer_common::MODE_MONITOR {
+            Mode::Monitor
+        } else {
+            Mode::Enforce
+        };
+        Ok(Policy {
+            mode,
+            rules,
+            port_keys,
+            expired: Vec::new(),
+            vpn_endpoints: 0,
+            vpn_groups,
+            feed_duplicates: 0,
+        })
+    }
+
+    fn rule_flags(&self, index: u32) -> Result<u32, DatapathError> {
+        let name = map_names::RULES;
+        let rules: Array<&MapData, Rule> =
+            Array::try_from(self.map(name)?).map_err(map_error(name))?;
+        Ok(rules.get(&index, 0).map_err(map_error(name))?.flags)
+    }
+
+    /// Every (prefix, value) of an IPv4/IPv6 trie pair.
+    fn lpm_entries(
+        &self,
+        (v4, v6): (&'static str, &'static str),
+    ) -> Result<Vec<(IpNet, u32)>, DatapathError> {
+        let mut out = Vec::new();
+        let trie: LpmTrie<&MapData, [u8; 4], u32> =
+            LpmTrie::try_from(self.map(v4)?).map_err(map_error(v4))?;
+        for entry in trie.iter() {
+            let (key, value) = entry.map_err(map_error(v4))?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(32);
+            if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), len) {
+                out.push((IpNet::V4(net), value));
+            }
+        }
+        let trie: LpmTrie<&MapData, [u8; 16], u32> =
+            LpmTrie::try_from(self.map(v6)?).map_err(map_error(v6))?;
+        for entry in trie.iter() {
+            let (key, value) = entry.map_err(map_error(v6))?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(128);
+            if let Ok(net) = ipnet::Ipv6Net::new(key.data().into(), len) {
+                out.push((IpNet::V6(net), value));
+            }
+        }
+        Ok(out)
+    }
+}

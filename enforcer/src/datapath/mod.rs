@@ -108,6 +108,34 @@ pub struct Datapath {
     link: Option<XdpLinkId>,
     /// Approved-endpoint prefix → (its slot in `VPN_GROUPS`, the approvals written there).
     vpn_slots: std::collections::BTreeMap<IpNet, (u32, Vec<VpnApproval>)>,
+    /// Set when an earlier run's program was adopted instead of this one.
+    adopted_program_id: Option<u32>,
+}
+
+/// File names of the pinned link and program inside an instance's pin directory.
+pub const LINK_PIN: &str = "link";
+pub const PROGRAM_PIN: &str = "program";
+
+/// Removes an instance's program from its interface and every pin: the explicit way out.
+/// Returns whether a link was pinned.
+pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
+    let link_path = dir.join(LINK_PIN);
+    let had_link = link_path.exists();
+    if had_link {
+        let link = aya::programs::links::PinnedLink::from_pin(&link_path).map_err(|e| {
+            DatapathError::Attach {
+                iface: link_path.display().to_string(),
+                source: boxed(e),
+            }
+        })?;
+        // Unpinned and dropped: the last reference goes, the kernel detaches the program.
+        drop(link.unpin().map_err(|e| DatapathError::Attach {
+            iface: link_path.display().to_string(),
+            source: boxed(e),
+        })?);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(had_link)
 }
 
 impl Datapath {
@@ -124,9 +152,32 @@ impl Datapath {
     }
 
     fn load_with(vpn_stage: bool) -> Result<Self, DatapathError> {
+        Self::load_full(vpn_stage, None)
+    }
+
+    /// Loads the program with every map pinned under `dir`: maps already pinned there (by an
+    /// earlier run whose program may still be attached) are reused, the others are created and
+    /// pinned. So a restarted controller works on the very maps the kernel is enforcing with.
+    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_full(true, Some(dir))
+    }
+
+    fn load_full(vpn_stage: bool, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         let vpn_stage = u8::from(vpn_stage);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("VPN_STAGE", &vpn_stage, true)
+        let paths: Vec<(&'static str, std::path::PathBuf)> = pin_dir
+            .map(|dir| {
+                map_names::ALL
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("VPN_STAGE", &vpn_stage, true);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(PROGRAM_OBJECT)
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         let program: &mut Xdp = ebpf
@@ -143,6 +194,7 @@ impl Datapath {
             ebpf,
             link: None,
             vpn_slots: std::collections::BTreeMap::new(),
+            adopted_program_id: None,
         })
     }
 
@@ -154,7 +206,7 @@ impl Datapath {
         })
     }
 
-    fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
+    pub(crate) fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
         self.ebpf.map(name).ok_or_else(|| DatapathError::Map {
             name,
             source: "missing from the object".into(),
@@ -324,6 +376,96 @@ impl Datapath {
         Ok(used)
     }
 
+    /// Attaches the program and pins it and its link under `dir`, so that enforcement outlives
+    /// this process (a killed controller leaves the program running).
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        dir: &Path,
+    ) -> Result<&'static str, DatapathError> {
+        let used = self.attach(iface, mode)?;
+        let link_id = self.link.take().expect("attach stored the link");
+        let pin_error = |name: &'static str, path: &Path| {
+            let path = path.display().to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Pin {
+                name,
+                path,
+                source: e,
+            }
+        };
+        let link_path = dir.join(LINK_PIN);
+        let program = self.program_mut();
+        let link = program
+            .take_link(link_id)
+            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
+        let fd_link = aya::programs::links::FdLink::try_from(link)
+            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
+        fd_link
+            .pin(&link_path)
+            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
+        let program_path = dir.join(PROGRAM_PIN);
+        let _ = std::fs::remove_file(&program_path);
+        self.program_mut()
+            .pin(&program_path)
+            .map_err(|e| pin_error("program", &program_path)(boxed(e)))?;
+        Ok(used)
+    }
+
+    /// Takes over an attached program pinned under `dir` by an earlier run. If it is the
+    /// program this build carries (same tag), it stays; otherwise the link is switched to this
+    /// build's program in one kernel call (no moment without a program). Returns what happened.
+    pub fn adopt(&mut self, dir: &Path) -> Result<&'static str, DatapathError> {
+        let link_path = dir.join(LINK_PIN);
+        let program_path = dir.join(PROGRAM_PIN);
+        let adopt_error = |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            iface: format!("pinned link {}", link_path.display()),
+            source: e,
+        };
+        let pinned_tag = aya::programs::ProgramInfo::from_pin(&program_path)
+            .map(|i| i.tag())
+            .ok();
+        let our_tag = self
+            .program()
+            .info()
+            .map_err(|e| adopt_error(boxed(e)))?
+            .tag();
+        if pinned_tag == Some(our_tag) {
+            self.adopted_program_id = aya::programs::ProgramInfo::from_pin(&program_path)
+                .ok()
+                .map(|i| i.id());
+            return Ok("adopted the running program");
+        }
+        let link = aya::programs::links::PinnedLink::from_pin(&link_path)
+            .map_err(|e| adopt_error(boxed(e)))?;
+        let fd_link = link.unpin().map_err(|e| adopt_error(boxed(e)))?;
+        let xdp_link =
+            aya::programs::xdp::XdpLink::try_from(fd_link).map_err(|e| adopt_error(boxed(e)))?;
+        let id = self
+            .program_mut()
+            .attach_to_link(xdp_link)
+            .map_err(|e| adopt_error(boxed(e)))?;
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|e| adopt_error(boxed(e)))?;
+        let fd_link =
+            aya::programs::links::FdLink::try_from(link).map_err(|e| adopt_error(boxed(e)))?;
+        fd_link.pin(&link_path).map_err(|e| adopt_error(boxed(e)))?;
+        let _ = std::fs::remove_file(&program_path);
+        self.program_mut()
+            .pin(&program_path)
+            .map_err(|e| adopt_error(boxed(e)))?;
+        Ok("replaced the running program with this build's (one link update)")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("load() checked that the program exists and is XDP")
+    }
+
     /// Pins every map under `dir` (which must exist, on a bpffs), named as in the object.
     pub fn pin_maps(&self, dir: &Path) -> Result<(), DatapathError> {
         for name in map_names::ALL {
@@ -339,9 +481,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// The kernel's id of the loaded program.
+    /// The kernel's id of the program enforcing (an adopted one, or the one loaded here).
     pub fn program_id(&self) -> Option<u32> {
-        self.program().info().ok().map(|info| info.id())
+        self.adopted_program_id
+            .or_else(|| self.program().info().ok().map(|info| info.id()))
     }
 
     pub fn verdicts(&self) -> Result<VerdictCounts, DatapathError> {

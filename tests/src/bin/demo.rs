@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             String::from_utf8_lossy(&stats.stdout)
         );
         enforcer.stop()?;
-        println!("enforcer detached\n");
+        println!("enforcer stopped and detached (`enforcer detach`)\n");
     }
     drop(services);
     drop(lab);
