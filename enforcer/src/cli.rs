@@ -50,6 +50,12 @@ pub enum Command {
         /// controller until `enforcer detach`).
         #[arg(long)]
         detach_on_exit: bool,
+        /// A management network (repeatable) that no live change may cut off without --force.
+        #[arg(long = "protect", value_name = "CIDR")]
+        protect: Vec<ipnet::IpNet>,
+        /// How often expired entries are removed (seconds).
+        #[arg(long, default_value_t = 60, hide = true)]
+        expiry_check_secs: u64,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -80,10 +86,11 @@ pub enum Command {
         /// openvpn, ipsec, l2tp, pptp, tailscale) and say whether it is approved.
         #[arg(long, value_parser = parse_vpn_protocol)]
         vpn: Option<VpnProtocol>,
+        /// A registry file to check against; without it, the running enforcer's live policy.
         #[arg(long)]
-        registry: PathBuf,
-        #[arg(long)]
-        json: bool,
+        registry: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
     /// Approved networks of the running enforcer.
     Allow {
@@ -145,6 +152,9 @@ pub enum Command {
 /// Which running enforcer a control command talks to, and how it answers.
 #[derive(clap::Args, Debug)]
 pub struct Target {
+    /// Apply a change even if it would cut off this SSH session or a protected network.
+    #[arg(long, global = true)]
+    force: bool,
     /// Instance name (IFACE@NETNS) when several enforcers run.
     #[arg(long, global = true)]
     instance: Option<String>,
@@ -269,7 +279,20 @@ fn ports(ports: &[String]) -> Option<serde_json::Value> {
 fn control(target: &Target, request: &control::Request) -> anyhow::Result<std::process::ExitCode> {
     let state = instance::select(target.instance.as_deref(), target.iface.as_deref())?;
     let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
-    let response = control::send(&id.control_socket(), request)?;
+    // The caller's own SSH session (client address, server port), so that the enforcer can
+    // refuse a change that would cut it off.
+    let operator = std::env::var("SSH_CLIENT").ok().and_then(|v| {
+        let mut parts = v.split_whitespace();
+        let addr = parts.next()?.parse().ok()?;
+        let port = parts.nth(1).and_then(|p| p.parse().ok());
+        Some(control::Operator { addr, port })
+    });
+    let envelope = control::Envelope {
+        request: request.clone(),
+        operator,
+        force: target.force,
+    };
+    let response = control::send(&id.control_socket(), &envelope)?;
     if target.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
     } else if response.ok {
@@ -425,7 +448,17 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             mode,
             xdp_mode,
             detach_on_exit,
-        } => run(&iface, &registry, mode, xdp_mode, detach_on_exit),
+            protect,
+            expiry_check_secs,
+        } => run(
+            &iface,
+            &registry,
+            mode,
+            xdp_mode,
+            detach_on_exit,
+            protect,
+            expiry_check_secs,
+        ),
         Command::Detach { instance, iface } => detach(instance.as_deref(), iface.as_deref()),
         Command::Validate { file, json } => validate(&file, json),
         Command::Check {
@@ -433,9 +466,25 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             port,
             proto,
             vpn,
-            registry,
-            json,
-        } => check(addr, port, proto, vpn, &registry, json),
+            registry: Some(registry),
+            target,
+        } => check(addr, port, proto, vpn, &registry, target.json),
+        Command::Check {
+            addr,
+            port,
+            proto,
+            vpn,
+            registry: None,
+            target,
+        } => control(
+            &target,
+            &control::Request::Check {
+                addr,
+                port,
+                proto,
+                vpn: vpn.map(|v| v.name().to_string()),
+            },
+        ),
         Command::Stats {
             instance,
             iface,
@@ -578,6 +627,8 @@ fn run(
     mode: Option<Mode>,
     xdp_mode: AttachMode,
     detach_on_exit: bool,
+    protect: Vec<ipnet::IpNet>,
+    expiry_check_secs: u64,
 ) -> anyhow::Result<std::process::ExitCode> {
     let registry = Registry::load(registry_path)?;
     let mut policy = Policy::compile(&registry, Date::today())?;
@@ -689,6 +740,8 @@ fn run(
         state,
         xdp.to_string(),
     )?;
+    live.protected = protect;
+    live.expiry_check = std::time::Duration::from_secs(expiry_check_secs.max(1));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -53,6 +53,27 @@ pub enum Request {
     },
 }
 
+/// Who is asking, for the lockout check: the SSH client of the calling terminal.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Operator {
+    pub addr: IpAddr,
+    /// The server-side port of the session (22 for SSH, usually).
+    pub port: Option<u16>,
+}
+
+/// A request with the caller's context: what a client sends on the socket, as one JSON line
+/// `{"request": {"verb": ...}, "operator": ..., "force": false}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub request: Request,
+    #[serde(default)]
+    pub operator: Option<Operator>,
+    /// Apply even if the change would cut off the operator or a protected network.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// The answer: `ok`, a one-line `message`, and `data` for scripts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
@@ -99,6 +120,13 @@ pub struct Live {
     id: InstanceId,
     /// The state file `stats` reads; its rule labels follow every change.
     state: State,
+    /// Management networks no change may cut off without `force`.
+    pub protected: Vec<ipnet::IpNet>,
+    /// How often expired entries are swept out.
+    pub expiry_check: std::time::Duration,
+    /// The context of the request being served.
+    caller: Option<Operator>,
+    force: bool,
 }
 
 impl Live {
@@ -131,7 +159,21 @@ impl Live {
             xdp_mode,
             id,
             state,
+            protected: Vec::new(),
+            expiry_check: std::time::Duration::from_secs(60),
+            caller: None,
+            force: false,
         })
+    }
+
+    /// Serves one request (with its caller's context) from a peer with this uid.
+    pub fn handle_envelope(&mut self, envelope: Envelope, uid: u32) -> Response {
+        self.caller = envelope.operator;
+        self.force = envelope.force;
+        let response = self.handle(envelope.request, uid);
+        self.caller = None;
+        self.force = false;
+        response
     }
 
     /// Serves one request from a peer with this uid.
@@ -259,6 +301,13 @@ impl Live {
         if let Some(mode) = self.mode_override {
             policy.mode = mode;
         }
+        if !self.force
+            && let Some(cut) = self.lockout(&policy)
+        {
+            return Response::error(format!(
+                "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
+            ));
+        }
         if let Err(e) = self.datapath.apply(&self.policy, &policy) {
             // Put back what was there; the maps hold a mixture only until this returns.
             let _ = self.datapath.apply(&policy, &self.policy);
@@ -281,6 +330,83 @@ impl Live {
             tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
         }
         Response::ok(what, json!({"serial": serial}))
+    }
+
+    /// What `new` would cut off that the policy in force lets in: the caller's SSH session (its
+    /// address on its server port), or a protected management network (its first address no
+    /// longer allowlisted at all).
+    fn lockout(&self, new: &Policy) -> Option<String> {
+        use enforcer_common::{Action, Reason};
+        let passes = |p: &Policy, addr: IpAddr, port: u16| {
+            p.mode == Mode::Monitor
+                || p.check(addr, Protocol::Tcp, Some(port)).reason.action() == Action::Pass
+        };
+        let listed = |p: &Policy, addr: IpAddr| {
+            p.mode == Mode::Monitor
+                || matches!(
+                    p.check(addr, Protocol::Tcp, None).reason,
+                    Reason::Allowed | Reason::PortNotAllowed
+                )
+        };
+        if let Some(op) = self.caller {
+            let port = op.port.unwrap_or(22);
+            if passes(&self.policy, op.addr, port) && !passes(new, op.addr, port) {
+                return Some(format!("your own session from {} (tcp/{port})", op.addr));
+            }
+        }
+        for net in &self.protected {
+            let probe = match net {
+                ipnet::IpNet::V4(n) => IpAddr::V4(n.hosts().next().unwrap_or(n.network())),
+                ipnet::IpNet::V6(n) => IpAddr::V6(n.hosts().next().unwrap_or(n.network())),
+            };
+            if listed(&self.policy, probe) && !listed(new, probe) {
+                return Some(format!("the protected management network {net}"));
+            }
+        }
+        None
+    }
+
+    /// Removes the entries whose expiry date has passed from the registry (written and audited
+    /// like any change); the kernel stops applying them in the same step.
+    pub fn expire(&mut self) -> Option<Response> {
+        let today = Date::today();
+        let expired = |e: &Value| {
+            e.get("expires")
+                .and_then(Value::as_str)
+                .and_then(|d| Date::parse(d).ok())
+                .is_some_and(|d| d.is_past(today))
+        };
+        let mut gone = Vec::new();
+        for section in SECTIONS {
+            for e in self
+                .doc
+                .get(section)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if expired(e) {
+                    gone.push(json!({"section": section, "entry": e}));
+                }
+            }
+        }
+        if gone.is_empty() {
+            return None;
+        }
+        let entry = json!(gone);
+        let count = gone.len();
+        // The system removes what its owner set to expire: no lockout check applies.
+        self.force = true;
+        let response = self.mutate(0, "expire", &entry, Value::Null, |doc| {
+            for section in SECTIONS {
+                if let Some(list) = doc.get_mut(section).and_then(Value::as_array_mut) {
+                    list.retain(|e| !expired(e));
+                }
+            }
+            Ok(format!("removed {count} expired entries"))
+        });
+        self.force = false;
+        Some(response)
     }
 
     fn reload(&mut self, uid: u32) -> Response {
@@ -479,7 +605,7 @@ fn timestamp(secs: u64) -> String {
 }
 
 /// Sends one request to a running enforcer's socket and waits for its answer.
-pub fn send(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+pub fn send(socket: &Path, request: &Envelope) -> anyhow::Result<Response> {
     use std::io::{BufRead as _, BufReader};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
         anyhow::anyhow!(
@@ -506,9 +632,16 @@ pub async fn serve(
 ) -> anyhow::Result<&'static str> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
     tokio::pin!(shutdown);
+    let mut expiry = tokio::time::interval(live.expiry_check);
     loop {
         let (stream, _) = tokio::select! {
             signal = &mut shutdown => return signal,
+            _ = expiry.tick() => {
+                if let Some(response) = live.expire() {
+                    tracing::info!(ok = response.ok, "expiry: {}", response.message);
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted?,
         };
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
@@ -524,9 +657,9 @@ pub async fn serve(
                     tracing::warn!(uid, "refused a control request from a non-root peer");
                     Response::error("refused: only root may control the enforcer")
                 }
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => {
-                        let response = live.handle(request, uid);
+                Ok(Ok(_)) => match serde_json::from_str::<Envelope>(&line) {
+                    Ok(envelope) => {
+                        let response = live.handle_envelope(envelope, uid);
                         tracing::info!(uid, ok = response.ok, "{}", response.message);
                         response
                     }
@@ -536,5 +669,27 @@ pub async fn serve(
         let mut out = serde_json::to_string(&response)?;
         out.push('\n');
         let _ = write.write_all(out.as_bytes()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Envelope, Request};
+
+    #[test]
+    fn envelopes_round_trip() {
+        let envelope = Envelope {
+            request: Request::Add {
+                section: "networks".into(),
+                entry: serde_json::json!({"name": "a", "cidr": "10.0.0.0/8"}),
+            },
+            operator: None,
+            force: false,
+        };
+        let line = serde_json::to_string(&envelope).unwrap();
+        let back: Envelope = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(matches!(back.request, Request::Add { .. }));
+        let status: Envelope = serde_json::from_str(r#"{"request":{"verb":"status"}}"#).unwrap();
+        assert!(matches!(status.request, Request::Status));
     }
 }

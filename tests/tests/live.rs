@@ -11,7 +11,7 @@ use std::{
 
 use aya::maps::{LpmTrie, Map, MapData};
 use enforcer::{
-    control::{self, Request},
+    control::{self, Envelope, Request, Response},
     instance::InstanceId,
 };
 use enforcer_tests::{
@@ -33,14 +33,23 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    fn with_args(args: &[&str]) -> Self {
         require_root();
         let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
         let services = Services::start(&lab.server).unwrap();
         let dir = TempDir::new("enf-live").unwrap();
         let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-registry.json");
         std::fs::copy(demo, dir.0.join("registry.json")).unwrap();
-        let enforcer =
-            Enforcer::start(&lab.server, SERVER_IFACE, &dir.0.join("registry.json"), &[]).unwrap();
+        let enforcer = Enforcer::start(
+            &lab.server,
+            SERVER_IFACE,
+            &dir.0.join("registry.json"),
+            args,
+        )
+        .unwrap();
         Self {
             lab,
             services,
@@ -70,9 +79,15 @@ impl Setup {
 
     /// The CLI, as an administrator types it.
     fn cli(&self, args: &[&str]) -> (bool, String) {
+        self.cli_env(args, &[])
+    }
+
+    fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         let out = Command::new(enforcer_bin())
             .args(args)
             .args(["--instance", &self.enforcer.instance])
+            .env_remove("SSH_CLIENT")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         (
@@ -84,6 +99,19 @@ impl Setup {
             ),
         )
     }
+}
+
+/// One request on the socket, as the CLI sends it (no SSH session, no --force).
+fn send(socket: &Path, request: Request) -> Response {
+    control::send(
+        socket,
+        &Envelope {
+            request,
+            operator: None,
+            force: false,
+        },
+    )
+    .unwrap()
 }
 
 fn names(registry: &Value, section: &str) -> Vec<String> {
@@ -118,6 +146,11 @@ fn a_change_is_in_force_when_the_command_returns() {
     assert!(
         topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
         "connects right after the command returned"
+    );
+    let (ok, out) = s.cli(&["check", "192.0.2.70", "--port", "8080"]);
+    assert!(
+        ok && out.contains("PASS") && out.contains("branch-office"),
+        "check against the live policy: {out}"
     );
     let registry = s.registry();
     assert!(names(&registry, "networks").contains(&"branch-office".to_string()));
@@ -215,16 +248,21 @@ fn an_allowed_flow_loses_nothing_during_1000_updates() {
             .spawn(|| topology::udp_send(&lan.ns, lan.server_v4, UDP_PORT, DATAGRAMS).unwrap());
         for i in 0..500u32 {
             let cidr = format!("10.{}.{}.0/24", i / 250, i % 250);
-            let add = control::send(&socket, &Request::Add { section: "networks".into(), entry: json!({"name": format!("churn-{i}"), "cidr": cidr, "ports": ["443/tcp"]}) }).unwrap();
-            assert!(add.ok, "{}", add.message);
-            let remove = control::send(
+            let add = send(
                 &socket,
-                &Request::Remove {
+                Request::Add {
+                    section: "networks".into(),
+                    entry: json!({"name": format!("churn-{i}"), "cidr": cidr, "ports": ["443/tcp"]}),
+                },
+            );
+            assert!(add.ok, "{}", add.message);
+            let remove = send(
+                &socket,
+                Request::Remove {
                     section: "networks".into(),
                     target: format!("churn-{i}"),
                 },
-            )
-            .unwrap();
+            );
             assert!(remove.ok, "{}", remove.message);
         }
         sender.join().unwrap();
@@ -513,4 +551,84 @@ fn a_killed_controller_leaves_enforcement_running_and_a_restart_adopts_it() {
         "unfiltered after detach"
     );
     let _ = s.services.udp_received.load(Ordering::Relaxed);
+}
+
+#[test]
+fn changes_that_would_lock_the_operator_out_need_force() {
+    let s = Setup::with_args(&["--protect", "198.51.100.0/24"]);
+    let ssh_from_laptop = [("SSH_CLIENT", "192.0.2.17 50022 22")];
+
+    let (ok, out) = s.cli(&["allow", "remove", "ministry-lan"]);
+    assert!(
+        !ok && out.contains("protected management network 198.51.100.0/24"),
+        "{out}"
+    );
+    let (ok, out) = s.cli_env(&["device", "remove", "dcs-laptop"], &ssh_from_laptop);
+    assert!(
+        !ok && out.contains("your own session from 192.0.2.17 (tcp/22)"),
+        "{out}"
+    );
+    let (ok, out) = s.cli_env(
+        &["deny", "add", "192.0.2.16/28", "--name", "oops"],
+        &ssh_from_laptop,
+    );
+    assert!(
+        !ok && out.contains("your own session"),
+        "a deny covering the operator is refused too: {out}"
+    );
+    let (ok, out) = s.cli_env(
+        &["allow", "add", "10.50.0.0/16", "--name", "harmless"],
+        &ssh_from_laptop,
+    );
+    assert!(ok, "changes that keep the session are fine: {out}");
+    assert_eq!(
+        s.registry()["serial"],
+        1,
+        "only the harmless change was made"
+    );
+
+    let (ok, out) = s.cli_env(
+        &["device", "remove", "dcs-laptop", "--force"],
+        &ssh_from_laptop,
+    );
+    assert!(ok, "--force applies it: {out}");
+    assert!(!names(&s.registry(), "devices").contains(&"dcs-laptop".to_string()));
+}
+
+#[test]
+fn expired_entries_leave_the_registry_without_a_restart() {
+    let s = Setup::with_args(&["--expiry-check-secs", "1"]);
+    let internet = s.lab.client(INTERNET.label);
+    let (ok, out) = s.cli(&[
+        "allow",
+        "add",
+        "192.0.2.64/26",
+        "--name",
+        "old-contract",
+        "--ports",
+        "8080/tcp",
+        "--expires",
+        "2020-01-31",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "an expired entry is never in force"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while names(&s.registry(), "networks").contains(&"old-contract".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expiry sweep removes it from the registry"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let audit = s.audit_lines();
+    let expire = audit
+        .iter()
+        .find(|a| a["verb"] == "expire")
+        .unwrap_or_else(|| panic!("an expire line in the audit log: {audit:?}"));
+    assert_eq!(expire["entry"][0]["entry"]["name"], "old-contract");
+    assert_eq!(expire["uid"], 0);
+    assert!(s.enforcer.log_text().contains("removed 1 expired entries"));
 }
