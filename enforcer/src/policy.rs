@@ -153,6 +153,10 @@ pub enum PolicyError {
     TooManyApprovals(usize, IpNet),
     #[error("{0} distinct approved VPN endpoint prefixes; the kernel map holds {MAX_VPN_GROUPS}")]
     TooManyVpnPrefixes(usize),
+    #[error(
+        "a live update needs fresh rule numbers for its {added} new entries while the {in_use} entries in force keep theirs, and the kernel maps hold {MAX_RULES}: apply it in two steps (remove, then add) or restart the controller"
+    )]
+    NoFreeRuleNumbers { added: usize, in_use: usize },
 }
 
 /// The registry compiled for the kernel.
@@ -466,7 +470,11 @@ fn assign_indices(
             next += 1;
         }
         if next >= MAX_RULES {
-            return Err(PolicyError::TooManyRules(next as usize + 1));
+            let added = rules.iter().filter(|r| !old.contains_key(&r.key())).count();
+            return Err(PolicyError::NoFreeRuleNumbers {
+                added,
+                in_use: taken.len(),
+            });
         }
         rule.index = next;
         next += 1;

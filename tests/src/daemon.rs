@@ -109,6 +109,11 @@ impl Enforcer {
         bail!("enforcer did not attach within 20 s:\n{}", self.log_text())
     }
 
+    /// The controller's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -346,3 +346,43 @@ fn ipsec_ikev2_to_an_unapproved_gateway_never_completes() {
     );
     assert_eq!(stats.vpn_approved("ipsec"), 0);
 }
+
+/// Once live updates exist: revoking the approval of an established tunnel cuts it at once
+/// (WireGuard data packets carry their signature, so the next packet is judged again).
+#[test]
+fn revoking_an_approval_cuts_an_established_wireguard_tunnel() {
+    let s = setup();
+    let (_gw, server) = wireguard_tunnel(&s, APPROVED_VPN_GW.label);
+    assert!(
+        topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 3).unwrap() >= 2,
+        "the approved tunnel works"
+    );
+    assert!(server.latest_handshake().unwrap() > 0);
+    let out = std::process::Command::new(enforcer_tests::daemon::enforcer_bin())
+        .args([
+            "vpn",
+            "revoke",
+            "nitb-wg-gw",
+            "--instance",
+            &s.enforcer.instance,
+        ])
+        .env_remove("SSH_CLIENT")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = s.enforcer.stats().unwrap().vpn_unapproved("wireguard");
+    assert_eq!(
+        topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 3).unwrap(),
+        0,
+        "the tunnel is cut when its approval is revoked"
+    );
+    let after = s.enforcer.stats().unwrap().vpn_unapproved("wireguard");
+    assert!(
+        after > before,
+        "its packets now count as unapproved: {before} → {after}"
+    );
+}

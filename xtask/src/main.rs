@@ -57,7 +57,12 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup::setup()?;
             build()?;
-            cargo(&["run", "--release", "-p", "enforcer-tests", "--bin", "bench"])
+            // The controller is measured as shipped: a release build.
+            cargo(&["build", "--release", "-p", "enforcer"])?;
+            cargo_with(
+                &["run", "--release", "-p", "enforcer-tests", "--bin", "bench"],
+                &workspace_root().join("target/release/enforcer"),
+            )
         }
     }
 }
@@ -75,11 +80,16 @@ fn enforcer_bin() -> PathBuf {
 
 /// Runs cargo in the workspace with our bpf-linker on PATH.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with(args, &enforcer_bin())
+}
+
+/// Runs cargo with `ENFORCER_BIN` (the controller binary tests and benches run) set to `bin`.
+fn cargo_with(args: &[&str], bin: &std::path::Path) -> anyhow::Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
         .args(args)
         .current_dir(workspace_root())
         .env("PATH", setup::path_with_linker())
-        .env("ENFORCER_BIN", enforcer_bin())
+        .env("ENFORCER_BIN", bin)
         .status()?;
     if !status.success() {
         bail!("`cargo {}` failed", args.join(" "));

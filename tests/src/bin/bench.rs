@@ -24,6 +24,10 @@ const SIZES: [usize; 2] = [10, 100_000];
 /// A registry of `n` networks: `n - 1` random prefixes from /8 to /30 (a BGP-table-like mix) plus
 /// the network the "allowed" packet comes from.
 fn registry(n: usize) -> String {
+    registry_text(n)
+}
+
+fn registry_text(n: usize) -> String {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ n as u64;
     let mut next = move || {
         state ^= state << 13;
@@ -65,6 +69,95 @@ fn median(mut values: Vec<u64>) -> u64 {
 
 fn measure(time: impl Fn() -> u64) -> u64 {
     median((0..RUNS).map(|_| time()).collect())
+}
+
+/// The peak resident memory of a process (VmHWM), in MiB.
+fn peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Control plane: a real controller on a namespace's interface; the latency of one
+/// `enforcer allow add` (process start → return, when the map is updated), and the time and
+/// peak controller memory of `enforcer reload` to registries of 100,000 and 1,000,000 networks.
+fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
+    use enforcer_tests::{
+        daemon::{Enforcer, enforcer_bin},
+        topology::{Lab, SERVER_IFACE},
+        vpn::TempDir,
+    };
+    let lab = Lab::new(&[])?;
+    let dir = TempDir::new("enf-bench")?;
+    let registry = dir.0.join("registry.json");
+    std::fs::write(
+        &registry,
+        r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}]}"#,
+    )?;
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[])?;
+    let cli = |args: &[&str]| -> anyhow::Result<std::time::Duration> {
+        let started = Instant::now();
+        let status = std::process::Command::new(enforcer_bin())
+            .args(args)
+            .args(["--instance", &enforcer.instance])
+            .output()?;
+        anyhow::ensure!(
+            status.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        Ok(started.elapsed())
+    };
+    let mut adds: Vec<u64> = (0..100)
+        .map(|i| {
+            cli(&[
+                "allow",
+                "add",
+                &format!("10.{}.{}.0/24", i / 250, i % 250),
+                "--name",
+                &format!("lat-{i}"),
+            ])
+            .map(|d| d.as_micros() as u64)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    adds.sort_unstable();
+    let (median, p90) = (adds[50], adds[90]);
+    writeln!(
+        out,
+        "\ncontrol plane (real controller, CLI process start → return = map updated)"
+    )?;
+    writeln!(
+        out,
+        "allow add: median {:.2} ms, p90 {:.2} ms over 100",
+        median as f64 / 1000.0,
+        p90 as f64 / 1000.0
+    )?;
+    let mut reloads = Vec::new();
+    for size in [100_000usize, 1_000_000] {
+        // Back to a small registry first: a reload keeps the old entries' rule numbers in
+        // force until the new ones are in, so 100,000 + 1,000,000 would not fit the maps.
+        std::fs::write(&registry, registry_text(10))?;
+        cli(&["reload"])?;
+        std::fs::write(&registry, registry_text(size))?;
+        let took = cli(&["reload"])?;
+        let peak = enforcer.pid().map_or(0.0, peak_mib);
+        writeln!(
+            out,
+            "reload to {size} networks: {:.2} s, controller peak memory {peak:.0} MiB (VmHWM)",
+            took.as_secs_f64()
+        )?;
+        reloads.push(
+            serde_json::json!({"networks": size, "seconds": took.as_secs_f64(), "peak_mib": peak}),
+        );
+    }
+    Ok(
+        serde_json::json!({"allow_add_median_ms": median as f64 / 1000.0, "allow_add_p90_ms": p90 as f64 / 1000.0, "reloads": reloads}),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -226,12 +319,14 @@ fn main() -> anyhow::Result<()> {
             "load (parse + compile + load + fill) of {size} prefixes: {load_ms} ms"
         )?;
     }
+    let control = control_plane(&mut table)?;
     print!("{table}");
 
     let json = serde_json::json!({
         "repeat": REPEAT, "runs": RUNS, "bare_pass_ns": bare,
         "enforcer": rows.iter().map(|(size, a, d, l)| serde_json::json!({
             "prefixes": size, "allowed_ipv4_ns": a, "dropped_ipv4_ns": d, "load_ms": l})).collect::<Vec<_>>(),
+        "control_plane": control,
         "vpn_stage": vpn_rows.iter().map(|(w, a, b)| serde_json::json!({"packet": w, "with_ns": a, "without_ns": b})).collect::<Vec<_>>(),
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
