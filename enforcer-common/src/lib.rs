@@ -66,7 +66,7 @@ pub const NO_RULE: u32 = u32::MAX;
 pub const MAX_VPN_GROUPS: u32 = 4096;
 /// Approvals that may cover one address (its own and those of wider prefixes around it).
 pub const MAX_APPROVALS_PER_GROUP: usize = 8;
-/// Flows remembered as VPN after a signature that only the first packet carries (OpenVPN's
+/// Flows remembered as VPN after a signature that only the first packet carries (`OpenVPN`'s
 /// resets). LRU: the least recently seen flow is forgotten first.
 pub const MAX_VPN_FLOWS: u32 = 65_536;
 /// Slots of `VPN_VERDICTS`: `protocol * 2` unapproved (dropped or would-drop), `+ 1` approved.

@@ -129,23 +129,23 @@ pub enum VpnProtocol {
     /// IKEv1/IKEv2 (500, 4500 with the non-ESP marker, any port), ESP, AH, ESP-in-UDP and
     /// NAT-T keepalives on 4500.
     Ipsec = 2,
-    /// L2TPv2 control (and data on 1701), L2TPv3 (IP 115).
+    /// `L2TPv2` control (and data on 1701), `L2TPv3` (IP 115).
     L2tp = 3,
     /// PPTP control (TCP, magic cookie) and its enhanced GRE v1.
     Pptp = 4,
-    /// Tailscale disco packets (its data is WireGuard).
+    /// Tailscale disco packets (its data is `WireGuard`).
     Tailscale = 5,
-    /// Cloudflare WARP (a WireGuard variant with message types 0xC1-0xC4), gated on UDP 2408.
+    /// Cloudflare WARP (a `WireGuard` variant with message types 0xC1-0xC4), gated on UDP 2408.
     CloudflareWarp = 6,
-    /// Cisco AnyConnect / OpenConnect DTLS records with the Cisco-legacy version 0x0100.
+    /// Cisco `AnyConnect` / `OpenConnect` DTLS records with the Cisco-legacy version 0x0100.
     AnyConnect = 7,
-    /// SoftEther's NAT-traversal helper (`IP=...,PORT=...`).
+    /// `SoftEther`'s NAT-traversal helper (`IP=...,PORT=...`).
     SoftEther = 8,
-    /// UltraSurf's first TCP payload bytes.
+    /// `UltraSurf`'s first TCP payload bytes.
     UltraSurf = 9,
-    /// ExpressVPN Lightway over UDP (`He` header).
+    /// `ExpressVPN` Lightway over UDP (`He` header).
     Lightway = 10,
-    /// ZeroTier HELLO (unencrypted, identity address equals source address).
+    /// `ZeroTier` HELLO (unencrypted, identity address equals source address).
     ZeroTier = 11,
 }
 

@@ -197,7 +197,7 @@ impl Live {
                 };
                 let label = entry_label(&entry);
                 let approval = entry.get("approval").cloned().unwrap_or(Value::Null);
-                self.mutate(uid, &format!("{section} add"), &entry, approval, |doc| {
+                self.mutate(uid, &format!("{section} add"), &entry, &approval, |doc| {
                     if !entry.is_object() {
                         return Err("the entry must be a JSON object with the registry's fields"
                             .to_string());
@@ -216,7 +216,7 @@ impl Live {
                     uid,
                     &format!("{section} remove"),
                     &entry,
-                    Value::Null,
+                    &Value::Null,
                     |doc| {
                         let list = section_array(doc, section);
                         let before = list.len();
@@ -234,7 +234,7 @@ impl Live {
                 let entry = json!({"mode": mode});
                 // An explicit mode request ends `run --mode`'s override.
                 let saved = self.mode_override.take();
-                let response = self.mutate(uid, "mode", &entry, Value::Null, |doc| {
+                let response = self.mutate(uid, "mode", &entry, &Value::Null, |doc| {
                     doc["mode"] = json!(mode.as_str());
                     Ok(format!("mode {mode}"))
                 });
@@ -259,7 +259,7 @@ impl Live {
         uid: u32,
         verb: &str,
         entry: &Value,
-        approval: Value,
+        approval: &Value,
         change: impl FnOnce(&mut Value) -> Result<String, String>,
     ) -> Response {
         let mut doc = self.doc.clone();
@@ -273,7 +273,7 @@ impl Live {
         let response = self.adopt(&text, serial, what);
         if response.ok {
             self.doc = doc;
-            self.audit(uid, verb, entry, &approval, serial - 1, serial);
+            self.audit(uid, verb, entry, approval, serial - 1, serial);
         }
         response
     }
@@ -397,7 +397,7 @@ impl Live {
         let count = gone.len();
         // The system removes what its owner set to expire: no lockout check applies.
         self.force = true;
-        let response = self.mutate(0, "expire", &entry, Value::Null, |doc| {
+        let response = self.mutate(0, "expire", &entry, &Value::Null, |doc| {
             for section in SECTIONS {
                 if let Some(list) = doc.get_mut(section).and_then(Value::as_array_mut) {
                     list.retain(|e| !expired(e));

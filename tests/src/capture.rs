@@ -1,5 +1,5 @@
 //! Reading public packet captures (pcap and pcapng, any of the link types in the labelled corpus)
-//! as Ethernet frames, ready for BPF_PROG_TEST_RUN.
+//! as Ethernet frames, ready for `BPF_PROG_TEST_RUN`.
 
 use std::path::Path;
 

@@ -1,5 +1,5 @@
-//! Real VPN software in test namespaces: wireguard-go (userspace WireGuard over TUN; this kernel
-//! has no WireGuard module) and OpenVPN in TLS mode with tls-crypt. Every daemon is a child
+//! Real VPN software in test namespaces: wireguard-go (userspace `WireGuard` over TUN; this kernel
+//! has no `WireGuard` module) and `OpenVPN` in TLS mode with tls-crypt. Every daemon is a child
 //! process killed on drop; keys and certificates live in a temporary directory.
 
 use std::{
@@ -94,7 +94,7 @@ fn output(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<S
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
-/// A WireGuard key pair (`wg genkey`, `wg pubkey`).
+/// A `WireGuard` key pair (`wg genkey`, `wg pubkey`).
 pub struct WgKeys {
     pub private: String,
     pub public: String,
@@ -108,7 +108,7 @@ impl WgKeys {
     }
 }
 
-/// One WireGuard peer: wireguard-go in a namespace, configured with `wg set`. The interface
+/// One `WireGuard` peer: wireguard-go in a namespace, configured with `wg set`. The interface
 /// name is unique across the host because wireguard-go's control socket
 /// (`/var/run/wireguard/NAME.sock`) is not per network namespace.
 pub struct WireGuard {
@@ -119,6 +119,10 @@ pub struct WireGuard {
 
 impl WireGuard {
     /// Brings up an interface with `address/24`, listening on `port`, with one peer.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one peer's whole configuration, spelled out at the call"
+    )]
     pub fn up(
         ns: &Netns,
         dir: &TempDir,
@@ -209,7 +213,7 @@ impl WireGuard {
     }
 }
 
-/// A self-signed certificate and key for OpenVPN's `peer-fingerprint` mode (no CA needed).
+/// A self-signed certificate and key for `OpenVPN`'s `peer-fingerprint` mode (no CA needed).
 pub struct Certificate {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -265,7 +269,7 @@ impl Certificate {
     }
 }
 
-/// An OpenVPN peer in TLS mode (p2p, tls-crypt, peer fingerprints).
+/// An `OpenVPN` peer in TLS mode (p2p, tls-crypt, peer fingerprints).
 pub struct OpenVpn {
     daemon: Daemon,
 }
@@ -273,13 +277,17 @@ pub struct OpenVpn {
 impl OpenVpn {
     /// `server`: listens on `port`; otherwise connects to `remote:port`. `local`/`remote_tun` are
     /// the point-to-point tunnel addresses.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one peer's whole configuration, spelled out at the call"
+    )]
     pub fn start(
         ns: &Netns,
         dir: &TempDir,
         proto: &str,
         me: &Certificate,
         peer: &Certificate,
-        tls_crypt: &PathBuf,
+        tls_crypt: &std::path::Path,
         server: bool,
         remote: Option<&str>,
         port: u16,
@@ -337,7 +345,7 @@ impl OpenVpn {
         })
     }
 
-    /// Whether OpenVPN logged that the connection completed.
+    /// Whether `OpenVPN` logged that the connection completed.
     pub fn connected(&self) -> bool {
         self.daemon
             .log_text()
@@ -360,9 +368,9 @@ pub fn tls_crypt_key(dir: &TempDir) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// One strongSwan (charon) instance in a namespace: IKEv2 with a pre-shared key, ESP carried by
-/// the kernel-libipsec plugin (this kernel has XFRM but no ESP), so IKE_AUTH and ESP travel as
-/// UDP on 4500 after IKE_SA_INIT on 500. Its own strongswan.conf, vici socket and a private
+/// One strongSwan (charon) instance in a namespace: `IKEv2` with a pre-shared key, ESP carried by
+/// the kernel-libipsec plugin (this kernel has XFRM but no ESP), so `IKE_AUTH` and ESP travel as
+/// UDP on 4500 after `IKE_SA_INIT` on 500. Its own strongswan.conf, vici socket and a private
 /// /run (charon always writes /run/charon.pid); retransmissions shortened so that a blocked
 /// initiator gives up in seconds.
 pub struct StrongSwan {
@@ -373,7 +381,7 @@ pub struct StrongSwan {
 
 impl StrongSwan {
     /// Starts charon and loads one connection `tunnel` between `local` and `remote`, whose
-    /// CHILD_SA covers `local_inner/32 === remote_inner/32` (added to the namespace's lo).
+    /// `CHILD_SA` covers `local_inner/32 === remote_inner/32` (added to the namespace's lo).
     pub fn start(
         ns: &Netns,
         dir: &TempDir,
@@ -459,7 +467,7 @@ impl StrongSwan {
         output("ip", &all, None)
     }
 
-    /// `swanctl --initiate --child net`: Ok if the IKE_SA and CHILD_SA came up, else what
+    /// `swanctl --initiate --child net`: Ok if the `IKE_SA` and `CHILD_SA` came up, else what
     /// swanctl said.
     pub fn initiate(&self) -> Result<String, String> {
         self.swanctl(&["--initiate", "--child", "net", "--timeout", "15"])

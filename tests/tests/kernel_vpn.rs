@@ -1,6 +1,6 @@
-//! The VPN stage through the real program (BPF_PROG_TEST_RUN): crafted packets of every protocol
+//! The VPN stage through the real program (`BPF_PROG_TEST_RUN)`: crafted packets of every protocol
 //! the program recognises, approved and unapproved endpoints, an allowlisted source that may
-//! still not open an unapproved VPN, flow state for OpenVPN, look-alikes that must stay
+//! still not open an unapproved VPN, flow state for `OpenVPN`, look-alikes that must stay
 //! ordinary traffic, and monitor mode. Each row checks the verdict counter, the rule credited
 //! and the per-protocol VPN counter.
 
@@ -81,7 +81,7 @@ fn wg_data(len: usize) -> Vec<u8> {
     )
 }
 
-/// An IKE message of `len` bytes: SPIi, SPIr 0, next payload, version, exchange, flags, id, length.
+/// An IKE message of `len` bytes: `SPIi`, `SPIr` 0, next payload, version, exchange, flags, id, length.
 fn ike(version: u8, exchange: u8, next: u8, flags: u8, len: usize) -> Vec<u8> {
     let mut h = vec![
         0x1B, 0xAD, 0xC0, 0xDE, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, next, version, exchange, flags,
@@ -130,7 +130,7 @@ fn check(loaded: &Loaded, monitor: bool, rows: Vec<(Case, Option<VpnProtocol>)>)
         let reason: Reason = case.reason;
         let before = loaded.datapath.vpn_verdicts().unwrap();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            check_table(loaded, monitor, &[case])
+            check_table(loaded, monitor, &[case]);
         }));
         if let Err(panic) = outcome {
             let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
@@ -740,7 +740,7 @@ fn monitor_mode_lets_unapproved_vpn_through_and_counts_it() {
     );
 }
 
-/// The load-time switch the benchmark uses really removes the stage: the same WireGuard packet
+/// The load-time switch the benchmark uses really removes the stage: the same `WireGuard` packet
 /// from the allowlisted LAN is then just allowed.
 #[test]
 fn without_the_vpn_stage_vpn_packets_meet_the_allowlist() {
@@ -760,7 +760,7 @@ fn without_the_vpn_stage_vpn_packets_meet_the_allowlist() {
     );
 }
 
-/// ZeroTier HELLO: IV(8) dest(5) source(5) flags(1: cipher NONE) MAC(8) verb HELLO, protocol
+/// `ZeroTier` HELLO: IV(8) dest(5) source(5) flags(1: cipher NONE) MAC(8) verb HELLO, protocol
 /// version, versions, timestamp, then the identity whose address equals the source address.
 fn zerotier_hello() -> Vec<u8> {
     let mut p = vec![0x11; 8];

@@ -348,7 +348,7 @@ fn ipsec_ikev2_to_an_unapproved_gateway_never_completes() {
 }
 
 /// Once live updates exist: revoking the approval of an established tunnel cuts it at once
-/// (WireGuard data packets carry their signature, so the next packet is judged again).
+/// (`WireGuard` data packets carry their signature, so the next packet is judged again).
 #[test]
 fn revoking_an_approval_cuts_an_established_wireguard_tunnel() {
     let s = setup();

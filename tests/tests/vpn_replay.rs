@@ -1,5 +1,5 @@
 //! Replays the labelled public captures in ../shared/data/vpn-pcaps through the real program
-//! (BPF_PROG_TEST_RUN), with no VPN endpoint approved: every packet recognised as VPN is counted
+//! (`BPF_PROG_TEST_RUN`), with no VPN endpoint approved: every packet recognised as VPN is counted
 //! under its protocol. For each capture the manifest gives how many packets the research
 //! prototype's per-packet rules recognised (`prototype_xdp_signature_hits`): we must recognise
 //! at least as many for every protocol we implement, and nothing in the negative captures.

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, and the real
-/// VPN software of the VPN tests (userspace WireGuard, OpenVPN, openssl for its certificates,
+/// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
 /// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins).
 const APT_PACKAGES: [&str; 12] = [
     "iproute2",

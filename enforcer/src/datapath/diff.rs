@@ -295,7 +295,7 @@ impl Datapath {
         let mut out = Vec::new();
         let trie: LpmTrie<&MapData, [u8; 4], u32> =
             LpmTrie::try_from(self.map(v4)?).map_err(map_error(v4))?;
-        for entry in trie.iter() {
+        for entry in &trie {
             let (key, value) = entry.map_err(map_error(v4))?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(32);
             if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), len) {
@@ -304,7 +304,7 @@ impl Datapath {
         }
         let trie: LpmTrie<&MapData, [u8; 16], u32> =
             LpmTrie::try_from(self.map(v6)?).map_err(map_error(v6))?;
-        for entry in trie.iter() {
+        for entry in &trie {
             let (key, value) = entry.map_err(map_error(v6))?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(128);
             if let Ok(net) = ipnet::Ipv6Net::new(key.data().into(), len) {

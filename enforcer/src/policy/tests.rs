@@ -207,7 +207,9 @@ fn vpn_groups_merge_covering_approvals() {
         policy.vpn_endpoints, 2,
         "the expired approval is not in force"
     );
-    let groups: Vec<(String, Vec<(u32, u8, u16)>)> = policy
+    // (prefix, [(rule, protocol, port)])
+    type Groups = Vec<(String, Vec<(u32, u8, u16)>)>;
+    let groups: Groups = policy
         .vpn_groups
         .iter()
         .map(|(p, a)| {

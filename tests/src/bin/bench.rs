@@ -71,7 +71,7 @@ fn measure(time: impl Fn() -> u64) -> u64 {
     median((0..RUNS).map(|_| time()).collect())
 }
 
-/// The peak resident memory of a process (VmHWM), in MiB.
+/// The peak resident memory of a process (`VmHWM`), in MiB.
 fn peak_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
