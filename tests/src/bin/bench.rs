@@ -1,65 +1,125 @@
-//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through `BPF_PROG_TEST_RUN`, at
-//! several registry sizes, beside a bare `XDP_PASS` program measured in the same run.
+//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through BPF_PROG_TEST_RUN at
+//! registry sizes from 10 to 1,000,000 in two distributions, beside floor programs measured in
+//! the same run (a bare XDP_PASS, and one kernel LPM-trie lookup of the IPv4 source with the
+//! same prefixes); the cost of the VPN stage; and the control plane with a real controller.
+//! Prints a table and writes `target/bench/bench.json` and `target/bench/cost.svg`.
 //!
 //! Method: for each (program, packet, size) the kernel runs the program `REPEAT` times on the
 //! same frame and reports the mean ns per run; we take the median of `RUNS` such runs.
 
-use std::{fmt::Write as _, time::Instant};
+use std::{collections::HashSet, fmt::Write as _, time::Instant};
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
+    maps::{LpmTrie, lpm_trie::Key},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use enforcer::datapath::BASELINE_OBJECT;
 use enforcer_tests::{
     kernel::Loaded,
     netns::require_root,
-    packet::{Frame, L4},
+    packet::{ETH_P_8021Q, Frame, L4},
 };
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
-const SIZES: [usize; 2] = [10, 100_000];
+const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
-/// A registry of `n` networks: `n - 1` random prefixes from /8 to /30 (a BGP-table-like mix) plus
-/// the network the "allowed" packet comes from.
-fn registry(n: usize) -> String {
-    registry_text(n)
+/// A small deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }
 
-fn registry_text(n: usize) -> String {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ n as u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut seen = std::collections::HashSet::new();
-    let mut networks = vec![r#"{"name": "bench-allowed", "cidr": "198.51.100.0/24"}"#.to_string()];
-    while networks.len() < n {
-        let len = u8::try_from(8 + next() % 23).unwrap();
-        let addr = u32::try_from(next() & 0xFFFF_FFFF).unwrap();
-        let net = ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc();
-        // keep the dropped packet's source (203.0.113.5) and the allowed network out of the mix
-        let bench_ranges =
-            ["203.0.113.0/24", "198.51.100.0/24"].map(|c| c.parse::<ipnet::Ipv4Net>().unwrap());
-        if bench_ranges
-            .iter()
-            .any(|r| r.contains(&net) || net.contains(r))
-            || !seen.insert(net)
-        {
-            continue;
+/// Ranges the measured packets come from; generated entries stay clear of them.
+fn reserved() -> [IpNet; 4] {
+    [
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "2001:db8::/32",
+        "192.0.2.0/24",
+    ]
+    .map(|c| c.parse().unwrap())
+}
+
+fn clear_of_reserved(net: IpNet) -> bool {
+    reserved()
+        .iter()
+        .all(|r| !r.contains(&net) && !net.contains(r))
+}
+
+/// Two kinds of registry, each with the two networks the allowed packets come from.
+#[derive(Clone, Copy)]
+enum Distribution {
+    /// Shaped like a public prefix list: IPv4 /8 to /30 (80 %), single IPv4 devices (10 %),
+    /// IPv6 /32 to /64 (10 %).
+    Realistic,
+    /// Random single addresses: /32 and /128, half and half.
+    Worst,
+}
+
+impl Distribution {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Realistic => "realistic",
+            Self::Worst => "worst-case",
         }
-        networks.push(format!(
-            r#"{{"name": "n{}", "cidr": "{net}"}}"#,
-            networks.len()
-        ));
     }
-    format!(
-        r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
-        networks.join(",")
-    )
+
+    fn registry(self, n: usize) -> String {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ n as u64 ^ self as u64);
+        let mut seen = HashSet::new();
+        let mut entries = vec![
+            r#"{"name": "bench-allowed", "cidr": "198.51.100.0/24"}"#.to_string(),
+            r#"{"name": "bench-allowed-v6", "cidr": "2001:db8:100::/64"}"#.to_string(),
+        ];
+        while entries.len() < n.max(2) {
+            let roll = rng.next() % 10;
+            let v4 = |rng: &mut Rng, len: u8| {
+                IpNet::V4(
+                    Ipv4Net::new(u32::try_from(rng.next() & 0xFFFF_FFFF).unwrap().into(), len)
+                        .unwrap()
+                        .trunc(),
+                )
+            };
+            let v6 = |rng: &mut Rng, len: u8| {
+                // Global unicast outside 2001:db8::/32: first byte 0x24..0x2A.
+                let bits = (u128::from(rng.next()) << 64 | u128::from(rng.next())) & !(0xFF << 120)
+                    | (0x24 + u128::from(rng.next() % 7)) << 120;
+                IpNet::V6(Ipv6Net::new(bits.into(), len).unwrap().trunc())
+            };
+            let net = match (self, roll) {
+                (Self::Realistic, 0..=7) => {
+                    let len = u8::try_from(8 + rng.next() % 23).unwrap();
+                    v4(&mut rng, len)
+                }
+                (Self::Realistic, 8) => v4(&mut rng, 32),
+                (Self::Realistic, _) => {
+                    let len = u8::try_from(32 + rng.next() % 33).unwrap();
+                    v6(&mut rng, len)
+                }
+                (Self::Worst, r) if r % 2 == 0 => v4(&mut rng, 32),
+                (Self::Worst, _) => v6(&mut rng, 128),
+            };
+            if clear_of_reserved(net) && seen.insert(net) {
+                entries.push(format!(
+                    r#"{{"name": "n{}", "cidr": "{net}"}}"#,
+                    entries.len()
+                ));
+            }
+        }
+        format!(
+            r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
+            entries.join(",")
+        )
+    }
 }
 
 fn median(mut values: Vec<u64>) -> u64 {
@@ -67,11 +127,245 @@ fn median(mut values: Vec<u64>) -> u64 {
     values[values.len() / 2]
 }
 
-fn measure(time: impl Fn() -> u64) -> u64 {
-    median((0..RUNS).map(|_| time()).collect())
+fn time_program(program: &Xdp, frame: &[u8]) -> u64 {
+    median(
+        (0..RUNS)
+            .map(|_| {
+                let opts = TestRunOptions {
+                    data_in: Some(frame),
+                    repeat: REPEAT,
+                    ..TestRunOptions::new()
+                };
+                u64::try_from(
+                    program
+                        .test_run(opts)
+                        .expect("test_run")
+                        .duration
+                        .as_nanos(),
+                )
+                .unwrap()
+            })
+            .collect(),
+    )
 }
 
-/// The peak resident memory of a process (`VmHWM`), in MiB.
+fn packets() -> Vec<(&'static str, Vec<u8>)> {
+    let udp = |src: &str, dst: &str, src_port, dst_port, mut data: Vec<u8>, len: usize| {
+        data.resize(len, 0x5C);
+        Frame::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            L4::UdpData {
+                src_port,
+                dst_port,
+                data,
+            },
+        )
+        .build()
+    };
+    vec![
+        (
+            "allowed IPv4",
+            Frame::tcp("198.51.100.10", "192.0.2.1", 443).build(),
+        ),
+        (
+            "dropped IPv4",
+            Frame::tcp("203.0.113.5", "192.0.2.1", 443).build(),
+        ),
+        (
+            "allowed IPv6",
+            Frame::tcp("2001:db8:100::10", "2001:db8:1::1", 443).build(),
+        ),
+        (
+            "dropped IPv6",
+            Frame::tcp("2001:db8:dead::5", "2001:db8:1::1", 443).build(),
+        ),
+        (
+            "allowed IPv4 in 802.1Q",
+            Frame::tcp("198.51.100.10", "192.0.2.1", 443)
+                .vlan(ETH_P_8021Q, 10)
+                .build(),
+        ),
+        (
+            "WireGuard data (VPN)",
+            udp(
+                "203.0.113.5",
+                "192.0.2.1",
+                51820,
+                40000,
+                vec![4, 0, 0, 0, 1, 2, 3, 4, 9, 0, 0, 0, 0, 0, 0, 0],
+                128,
+            ),
+        ),
+        (
+            "malformed (cut IPv4)",
+            Frame::tcp("198.51.100.10", "192.0.2.1", 443).build()[..24].to_vec(),
+        ),
+    ]
+}
+
+/// The LPM floor: one lookup of the IPv4 source in a kernel LPM trie holding `prefixes`.
+fn lpm_floor(prefixes: &[IpNet]) -> anyhow::Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
+    {
+        let mut trie: LpmTrie<_, [u8; 4], u32> =
+            LpmTrie::try_from(ebpf.map_mut("BASELINE_LPM").expect("BASELINE_LPM"))?;
+        for net in prefixes {
+            if let IpNet::V4(net) = net {
+                trie.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                    1,
+                    0,
+                )?;
+            }
+        }
+    }
+    let program: &mut Xdp = ebpf
+        .program_mut("baseline_lpm")
+        .expect("baseline_lpm")
+        .try_into()?;
+    program.load()?;
+    Ok(ebpf)
+}
+
+/// One distribution's rows: packet → ns at each size, plus the LPM floor.
+struct Series {
+    distribution: &'static str,
+    rows: Vec<(&'static str, Vec<u64>)>,
+    lpm: Vec<u64>,
+    load_ms: Vec<u128>,
+}
+
+fn measure_distribution(
+    d: Distribution,
+    frames: &[(&'static str, Vec<u8>)],
+) -> anyhow::Result<Series> {
+    let mut rows: Vec<(&'static str, Vec<u64>)> =
+        frames.iter().map(|(w, _)| (*w, Vec::new())).collect();
+    let (mut lpm, mut load_ms) = (Vec::new(), Vec::new());
+    for size in SIZES {
+        let text = d.registry(size);
+        let started = Instant::now();
+        let loaded = Loaded::new(&text);
+        load_ms.push(started.elapsed().as_millis());
+        for (row, (_, frame)) in rows.iter_mut().zip(frames) {
+            row.1.push(median(
+                (0..RUNS).map(|_| loaded.time(frame, REPEAT)).collect(),
+            ));
+        }
+        assert_eq!(loaded.run(&frames[0].1), 2, "the allowed packet passes");
+        assert_eq!(loaded.run(&frames[1].1), 1, "the dropped packet drops");
+        let prefixes: Vec<IpNet> = loaded.policy.allow_rules().map(|r| r.prefix).collect();
+        drop(loaded);
+        let floor = lpm_floor(&prefixes)?;
+        let program: &Xdp = floor
+            .program("baseline_lpm")
+            .expect("baseline_lpm")
+            .try_into()?;
+        lpm.push(time_program(program, &frames[1].1));
+        eprintln!("bench: {} {size} done", d.name());
+    }
+    Ok(Series {
+        distribution: d.name(),
+        rows,
+        lpm,
+        load_ms,
+    })
+}
+
+/// A line chart of ns per packet against registry size (log scale), as SVG.
+fn chart(series: &[Series], bare: u64) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 420.0, 60.0, 50.0, 30.0, 220.0);
+    let max = series
+        .iter()
+        .flat_map(|s| s.rows.iter().take(2).flat_map(|r| r.1.iter()).chain(&s.lpm))
+        .copied()
+        .max()
+        .unwrap_or(1) as f64
+        * 1.1;
+    let x = |i: usize| left + (w - left - right) * i as f64 / (SIZES.len() - 1) as f64;
+    let y = |ns: f64| top + (h - top - bottom) * (1.0 - ns / max);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{left}" y="18" font-size="14">ns per packet (BPF_PROG_TEST_RUN) against registry size</text>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for (i, size) in SIZES.iter().enumerate() {
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{size}</text>"#,
+            x(i),
+            h - bottom + 18.0
+        );
+    }
+    for step in 0..=4 {
+        let ns = max * f64::from(step) / 4.0;
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end">{ns:.0}</text><line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#ddd"/>"##,
+            left - 6.0,
+            y(ns) + 4.0,
+            y(ns),
+            w - right,
+            y(ns)
+        );
+    }
+    let colours = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    ];
+    let mut lines: Vec<(String, Vec<u64>)> = Vec::new();
+    for s in series {
+        for row in s.rows.iter().take(2) {
+            lines.push((
+                format!("enforcer {} ({})", row.0, s.distribution),
+                row.1.clone(),
+            ));
+        }
+        lines.push((
+            format!("one LPM lookup ({})", s.distribution),
+            s.lpm.clone(),
+        ));
+    }
+    lines.push(("bare XDP_PASS".to_string(), vec![bare; SIZES.len()]));
+    for (k, (label, values)) in lines.iter().enumerate() {
+        let colour = colours[k % colours.len()];
+        let dash = if label.contains("worst") {
+            r#" stroke-dasharray="5,3""#
+        } else {
+            ""
+        };
+        let points: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v as f64)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{}"/>"#,
+            points.join(" ")
+        );
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" fill="{colour}">{label}</text>"#,
+            w - right + 8.0,
+            top + 16.0 * k as f64 + 10.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The peak resident memory of a process (VmHWM), in MiB.
 fn peak_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -95,10 +389,7 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let lab = Lab::new(&[])?;
     let dir = TempDir::new("enf-bench")?;
     let registry = dir.0.join("registry.json");
-    std::fs::write(
-        &registry,
-        r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}]}"#,
-    )?;
+    std::fs::write(&registry, Distribution::Realistic.registry(10))?;
     let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[])?;
     let cli = |args: &[&str]| -> anyhow::Result<std::time::Duration> {
         let started = Instant::now();
@@ -129,7 +420,7 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let (median, p90) = (adds[50], adds[90]);
     writeln!(
         out,
-        "\ncontrol plane (real controller, CLI process start → return = map updated)"
+        "\ncontrol plane (real release controller; CLI process start → return = map updated)"
     )?;
     writeln!(
         out,
@@ -141,9 +432,9 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
     for size in [100_000usize, 1_000_000] {
         // Back to a small registry first: a reload keeps the old entries' rule numbers in
         // force until the new ones are in, so 100,000 + 1,000,000 would not fit the maps.
-        std::fs::write(&registry, registry_text(10))?;
+        std::fs::write(&registry, Distribution::Realistic.registry(10))?;
         cli(&["reload"])?;
-        std::fs::write(&registry, registry_text(size))?;
+        std::fs::write(&registry, Distribution::Realistic.registry(size))?;
         let took = cli(&["reload"])?;
         let peak = enforcer.pid().map_or(0.0, peak_mib);
         writeln!(
@@ -160,48 +451,8 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
     )
 }
 
-fn main() -> anyhow::Result<()> {
-    require_root();
-    let allowed = Frame::tcp("198.51.100.10", "192.0.2.1", 443).build();
-    let dropped = Frame::tcp("203.0.113.5", "192.0.2.1", 443).build();
-
-    let mut baseline_ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
-    let baseline: &mut Xdp = baseline_ebpf
-        .program_mut("baseline_pass")
-        .expect("baseline_pass")
-        .try_into()?;
-    baseline.load()?;
-    let bare = measure(|| {
-        let opts = TestRunOptions {
-            data_in: Some(&allowed),
-            repeat: REPEAT,
-            ..TestRunOptions::new()
-        };
-        u64::try_from(
-            baseline
-                .test_run(opts)
-                .expect("test_run")
-                .duration
-                .as_nanos(),
-        )
-        .unwrap()
-    });
-
-    let mut rows = Vec::new();
-    for size in SIZES {
-        let text = registry(size);
-        let started = Instant::now();
-        let loaded = Loaded::new(&text);
-        let load_ms = started.elapsed().as_millis();
-        let allowed_ns = measure(|| loaded.time(&allowed, REPEAT));
-        let dropped_ns = measure(|| loaded.time(&dropped, REPEAT));
-        assert_eq!(loaded.run(&allowed), 2, "the allowed packet passes");
-        assert_eq!(loaded.run(&dropped), 1, "the dropped packet drops");
-        rows.push((size, allowed_ns, dropped_ns, load_ms));
-    }
-
-    // The VPN stage: the same packets through the program with and without it (a load-time
-    // switch), at 10 prefixes.
+/// The VPN stage: the same packets with and without it (a load-time switch), at 10 prefixes.
+fn vpn_stage(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let udp = |src: &str, src_port, dst_port, mut data: Vec<u8>, len: usize| {
         data.resize(len, 0x5C);
         Frame::new(
@@ -231,7 +482,7 @@ fn main() -> anyhow::Result<()> {
     };
     // In this order: the OpenVPN reset switches on the flow lookup for every later TCP/UDP
     // packet, so HTTPS is measured before and after it.
-    let vpn_packets = [
+    let packets = [
         ("HTTPS from an allowed source", https.clone()),
         (
             "WireGuard data packet (128 B)",
@@ -255,83 +506,86 @@ fn main() -> anyhow::Result<()> {
         ),
         ("HTTPS, after a stateful VPN flow was seen", https),
     ];
-    let with_vpn = Loaded::new(&registry(10));
-    let without_vpn = Loaded::without_vpn_stage(&registry(10));
-    let vpn_rows: Vec<(&str, u64, u64)> = vpn_packets
-        .iter()
-        .map(|(what, frame)| {
-            (
-                *what,
-                measure(|| with_vpn.time(frame, REPEAT)),
-                measure(|| without_vpn.time(frame, REPEAT)),
-            )
-        })
-        .collect();
+    let registry = Distribution::Realistic.registry(10);
+    let with = Loaded::new(&registry);
+    let without = Loaded::without_vpn_stage(&registry);
+    writeln!(
+        out,
+        "\nVPN stage (10 prefixes)                   with VPN stage   without   difference"
+    )?;
+    let mut rows = Vec::new();
+    for (what, frame) in &packets {
+        let a = median((0..RUNS).map(|_| with.time(frame, REPEAT)).collect());
+        let b = median((0..RUNS).map(|_| without.time(frame, REPEAT)).collect());
+        writeln!(
+            out,
+            "{what:<40} {a:>12} {b:>10} {:>+12}",
+            i128::from(a) - i128::from(b)
+        )?;
+        rows.push(serde_json::json!({"packet": what, "with_ns": a, "without_ns": b}));
+    }
+    Ok(serde_json::json!(rows))
+}
+
+fn main() -> anyhow::Result<()> {
+    require_root();
+    let frames = packets();
+    let mut baseline = EbpfLoader::new().load(BASELINE_OBJECT)?;
+    let pass: &mut Xdp = baseline
+        .program_mut("baseline_pass")
+        .expect("baseline_pass")
+        .try_into()?;
+    pass.load()?;
+    let bare = time_program(pass, &frames[0].1);
+
+    let series: Vec<Series> = [Distribution::Realistic, Distribution::Worst]
+        .into_iter()
+        .map(|d| measure_distribution(d, &frames))
+        .collect::<anyhow::Result<_>>()?;
 
     let mut table = String::new();
     writeln!(
         table,
-        "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats (ns)"
+        "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats (ns); bare XDP_PASS = {bare} ns"
     )?;
-    writeln!(
-        table,
-        "{:<34} {:>10} {:>10} {:>14}",
-        "program / packet", "prefixes", "ns/packet", "vs bare pass"
-    )?;
-    writeln!(
-        table,
-        "{:<34} {:>10} {:>10} {:>14}",
-        "bare XDP_PASS", "-", bare, "1.00"
-    )?;
-    let ratio = |ns: u64| format!("{:.2}", ns as f64 / bare.max(1) as f64);
-    for (size, allowed_ns, dropped_ns, _) in &rows {
+    let header: String = SIZES.iter().map(|s| format!("{s:>10}")).collect();
+    for s in &series {
         writeln!(
             table,
-            "{:<34} {:>10} {:>10} {:>14}",
-            "enforcer, allowed IPv4 TCP",
-            size,
-            allowed_ns,
-            ratio(*allowed_ns)
+            "\n{} registry{:<19}{header}   1M / 10",
+            s.distribution, ""
         )?;
-        writeln!(
-            table,
-            "{:<34} {:>10} {:>10} {:>14}",
-            "enforcer, dropped IPv4 TCP",
-            size,
-            dropped_ns,
-            ratio(*dropped_ns)
-        )?;
+        for (what, values) in s
+            .rows
+            .iter()
+            .map(|(w, v)| (*w, v))
+            .chain(std::iter::once(("one kernel LPM lookup (floor)", &s.lpm)))
+        {
+            let cells: String = values.iter().map(|v| format!("{v:>10}")).collect();
+            let ratio = *values.last().unwrap() as f64 / (*values.first().unwrap()).max(1) as f64;
+            writeln!(table, "{what:<38}{cells}   {ratio:>5.2}x")?;
+        }
+        let loads: String = s.load_ms.iter().map(|v| format!("{v:>10}")).collect();
+        writeln!(table, "{:<38}{loads}", "load: parse+compile+load+fill (ms)")?;
     }
-    writeln!(
-        table,
-        "\nVPN stage (10 prefixes)                   with VPN stage   without   difference"
-    )?;
-    for (what, with, without) in &vpn_rows {
-        writeln!(
-            table,
-            "{what:<40} {with:>12} {without:>10} {:>+12}",
-            i128::from(*with) - i128::from(*without)
-        )?;
-    }
-    for (size, _, _, load_ms) in &rows {
-        writeln!(
-            table,
-            "load (parse + compile + load + fill) of {size} prefixes: {load_ms} ms"
-        )?;
-    }
+    let vpn = vpn_stage(&mut table)?;
     let control = control_plane(&mut table)?;
     print!("{table}");
 
     let json = serde_json::json!({
-        "repeat": REPEAT, "runs": RUNS, "bare_pass_ns": bare,
-        "enforcer": rows.iter().map(|(size, a, d, l)| serde_json::json!({
-            "prefixes": size, "allowed_ipv4_ns": a, "dropped_ipv4_ns": d, "load_ms": l})).collect::<Vec<_>>(),
+        "repeat": REPEAT, "runs": RUNS, "sizes": SIZES, "bare_pass_ns": bare,
+        "per_packet": series.iter().map(|s| serde_json::json!({
+            "distribution": s.distribution,
+            "rows": s.rows.iter().map(|(w, v)| serde_json::json!({"packet": w, "ns": v})).collect::<Vec<_>>(),
+            "lpm_floor_ns": s.lpm, "load_ms": s.load_ms,
+        })).collect::<Vec<_>>(),
+        "vpn_stage": vpn,
         "control_plane": control,
-        "vpn_stage": vpn_rows.iter().map(|(w, a, b)| serde_json::json!({"packet": w, "with_ns": a, "without_ns": b})).collect::<Vec<_>>(),
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("bench.json"), format!("{json:#}\n"))?;
-    println!("written: target/bench/bench.json");
+    std::fs::write(out.join("cost.svg"), chart(&series, bare))?;
+    println!("written: target/bench/bench.json, target/bench/cost.svg");
     Ok(())
 }
