@@ -12,8 +12,6 @@ pub use reason::{Action, Reason, VpnProtocol};
 pub mod map_names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
-    pub const DENY_V4: &str = "DENY_V4";
-    pub const DENY_V6: &str = "DENY_V6";
     pub const RULES: &str = "RULES";
     pub const PORT_RULES: &str = "PORT_RULES";
     pub const RULE_HITS: &str = "RULE_HITS";
@@ -27,11 +25,9 @@ pub mod map_names {
     pub const VPN_VERDICTS: &str = "VPN_VERDICTS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 13] = [
         ALLOW_V4,
         ALLOW_V6,
-        DENY_V4,
-        DENY_V6,
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -95,6 +91,8 @@ pub const RULE_ANY_PORT: u32 = 1 << 0;
 pub const RULE_ICMP: u32 = 1 << 1;
 /// A deny entry that came from a deny feed file (counted as `denied_feed`).
 pub const RULE_FEED: u32 = 1 << 2;
+/// A deny entry: the source is dropped (`denied`, or `denied_feed` with `RULE_FEED`).
+pub const RULE_DENY: u32 = 1 << 3;
 
 /// One approval of a VPN endpoint group.
 ///

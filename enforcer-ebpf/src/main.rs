@@ -23,8 +23,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
-    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_FEED, RULE_ICMP,
-    Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
+    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_DENY, RULE_FEED,
+    RULE_ICMP, Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
 };
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
@@ -33,10 +33,6 @@ use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 #[map]
 static ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
-#[map]
-static DENY_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
-#[map]
-static DENY_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 /// Rule index → what the rule allows beyond its source prefix.
 #[map]
 static RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, 0);
@@ -107,17 +103,23 @@ fn decide(ctx: &XdpContext) -> Verdict {
         Ok(Frame::NonIp) => return Verdict::without_rule(Reason::NonIp),
         Err(Malformed) => return Verdict::without_rule(Reason::Malformed),
     };
-    // 3. The deny list (registry entries and deny feeds) beats every allow.
-    if let Some(rule) = lookup_source(&packet.addrs, &DENY_V4, &DENY_V6) {
-        let feed = RULES.get(rule).is_some_and(|r| r.flags & RULE_FEED != 0);
-        return Verdict::new(
-            if feed {
-                Reason::DeniedFeed
-            } else {
-                Reason::Denied
-            },
-            rule,
-        );
+    // 3. One longest-prefix lookup of the source finds the deciding entry: deny ranges (registry
+    //    and feeds) and approved networks share the trie, and the compiler leaves out every
+    //    approved prefix that lies inside a deny range, so the deny list beats every allow.
+    let hit = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6);
+    let flags = match hit {
+        Some(rule) => RULES.get(rule).map_or(0, |r| r.flags),
+        None => 0,
+    };
+    if let Some(rule) = hit
+        && flags & RULE_DENY != 0
+    {
+        let reason = if flags & RULE_FEED != 0 {
+            Reason::DeniedFeed
+        } else {
+            Reason::Denied
+        };
+        return Verdict::new(reason, rule);
     }
     // 4. A VPN packet passes only to or from an endpoint approved for its protocol, whatever
     //    its source: an allowlisted network may not open an unapproved VPN either.
@@ -146,11 +148,11 @@ fn decide(ctx: &XdpContext) -> Verdict {
         };
     }
     // 5. The source allowlist (networks and devices; longest prefix wins) ...
-    let Some(rule) = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6) else {
+    let Some(rule) = hit else {
         return Verdict::without_rule(Reason::NotAllowlisted);
     };
     // ... and the matched entry's ports; 6. otherwise drop.
-    Verdict::new(check_ports(&packet, rule), rule)
+    Verdict::new(check_ports(&packet, rule, flags), rule)
 }
 
 #[inline(always)]
@@ -170,11 +172,7 @@ fn lookup_source(
 /// remembered so that the later fragments, which carry no ports, pass too. A later fragment
 /// nobody remembers is dropped: fragmenting cannot bypass the port check.
 #[inline(always)]
-fn check_ports(packet: &IpPacket, rule: u32) -> Reason {
-    let flags = match RULES.get(rule) {
-        Some(rule) => rule.flags,
-        None => return Reason::PortNotAllowed,
-    };
+fn check_ports(packet: &IpPacket, rule: u32, flags: u32) -> Reason {
     if flags & RULE_ANY_PORT != 0 {
         return Reason::Allowed;
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use enforcer_common::{
     MAX_APPROVALS_PER_GROUP, MAX_PORT_RULES, MAX_RULES, MAX_VPN_GROUPS, PortKey, RULE_ANY_PORT,
-    RULE_FEED, RULE_ICMP, Reason, VpnApproval, VpnProtocol,
+    RULE_DENY, RULE_FEED, RULE_ICMP, Reason, VpnApproval, VpnProtocol,
 };
 use ipnet::IpNet;
 
@@ -94,8 +94,11 @@ fn serialize_ports<S: serde::Serializer>(
 impl CompiledRule {
     /// The `RULE_*` flags the kernel reads.
     pub fn flags(&self) -> u32 {
-        if self.kind == RuleKind::DenyFeed {
-            return RULE_FEED;
+        match self.kind {
+            RuleKind::DenyFeed => return RULE_DENY | RULE_FEED,
+            RuleKind::Deny => return RULE_DENY,
+            RuleKind::VpnEndpoint => return 0,
+            RuleKind::Network | RuleKind::Device => {}
         }
         match &self.ports {
             None => RULE_ANY_PORT,
@@ -347,6 +350,35 @@ impl Policy {
         self.rules
             .iter()
             .filter(|r| matches!(r.kind, RuleKind::Network | RuleKind::Device))
+    }
+
+    /// What the kernel's source trie holds, prefix → rule: every deny range, and every allow
+    /// prefix that does not lie inside (or equal) a deny range — those can never decide, and
+    /// leaving them out lets one longest-prefix lookup give the deny-beats-allow verdict.
+    pub fn trie_entries(&self) -> Vec<(IpNet, u32)> {
+        let denied: std::collections::HashSet<IpNet> =
+            self.deny_rules().map(|r| r.prefix).collect();
+        let shadowed = |prefix: IpNet| {
+            (0..=prefix.prefix_len()).rev().any(|len| {
+                let wider = match prefix {
+                    IpNet::V4(n) => {
+                        ipnet::Ipv4Net::new(n.network(), len).map(|n| IpNet::V4(n.trunc()))
+                    }
+                    IpNet::V6(n) => {
+                        ipnet::Ipv6Net::new(n.network(), len).map(|n| IpNet::V6(n.trunc()))
+                    }
+                };
+                wider.is_ok_and(|w| denied.contains(&w))
+            })
+        };
+        let mut entries: Vec<(IpNet, u32)> =
+            self.deny_rules().map(|r| (r.prefix, r.index)).collect();
+        entries.extend(
+            self.allow_rules()
+                .filter(|r| denied.is_empty() || !shadowed(r.prefix))
+                .map(|r| (r.prefix, r.index)),
+        );
+        entries
     }
 
     /// Rules that go into the deny tries (registry entries and feed ranges).

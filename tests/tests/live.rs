@@ -152,9 +152,22 @@ fn a_change_is_in_force_when_the_command_returns() {
         ok && out.contains("PASS") && out.contains("branch-office"),
         "check against the live policy: {out}"
     );
+    // A deny range over the approved network shadows it in the kernel, and lifting it restores it.
+    let (ok, out) = s.cli(&["deny", "add", "192.0.2.0/24", "--name", "incident-block"]);
+    assert!(ok, "{out}");
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "denied while the range is blocked"
+    );
+    let (ok, out) = s.cli(&["deny", "remove", "incident-block"]);
+    assert!(ok, "{out}");
+    assert!(
+        topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "approved again once the block is lifted"
+    );
     let registry = s.registry();
     assert!(names(&registry, "networks").contains(&"branch-office".to_string()));
-    assert_eq!(registry["serial"], 1);
+    assert_eq!(registry["serial"], 3);
 
     let (ok, out) = s.cli(&["allow", "remove", "branch-office"]);
     assert!(ok, "{out}");
@@ -162,10 +175,10 @@ fn a_change_is_in_force_when_the_command_returns() {
         !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
         "dropped right after removal"
     );
-    assert_eq!(s.registry()["serial"], 2);
+    assert_eq!(s.registry()["serial"], 4);
 
     let audit = s.audit_lines();
-    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(audit.len(), 4, "{audit:?}");
     assert_eq!(
         (
             audit[0]["verb"].as_str(),
@@ -176,7 +189,9 @@ fn a_change_is_in_force_when_the_command_returns() {
     );
     assert_eq!(audit[0]["uid"], 0);
     assert_eq!(audit[0]["entry"]["name"], "branch-office");
-    assert_eq!(audit[1]["verb"], "networks remove");
+    assert_eq!(audit[1]["verb"], "deny add");
+    assert_eq!(audit[2]["verb"], "deny remove");
+    assert_eq!(audit[3]["verb"], "networks remove");
 
     // A refused change says why and changes nothing.
     let before = std::fs::read(s.dir.0.join("registry.json")).unwrap();
@@ -201,7 +216,7 @@ fn a_change_is_in_force_when_the_command_returns() {
         before,
         "a refused change leaves the file as it was"
     );
-    assert_eq!(s.audit_lines().len(), 2);
+    assert_eq!(s.audit_lines().len(), 4);
 
     // VPN approvals and modes go through the same path.
     let (ok, out) = s.cli(&[
@@ -220,7 +235,7 @@ fn a_change_is_in_force_when_the_command_returns() {
         "2099-12-31",
     ]);
     assert!(ok, "{out}");
-    assert_eq!(s.audit_lines()[2]["approval"], "NITB-2026-0042");
+    assert_eq!(s.audit_lines()[4]["approval"], "NITB-2026-0042");
     let (ok, out) = s.cli(&["mode", "monitor"]);
     assert!(ok, "{out}");
     assert!(
@@ -231,7 +246,7 @@ fn a_change_is_in_force_when_the_command_returns() {
     assert!(ok, "{out}");
     let status: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["data"]["mode"], "monitor");
-    assert_eq!(status["data"]["serial"], 4);
+    assert_eq!(status["data"]["serial"], 6);
     assert_eq!(status["data"]["vpn_endpoints"], 1);
 }
 
@@ -364,6 +379,8 @@ fn fifty_concurrent_clients_lose_no_change() {
         .unwrap()
         .iter()
         .chain(registry["devices"].as_array().unwrap())
+        // deny ranges share the kernel's source trie
+        .chain(registry["deny"].as_array().unwrap())
         .filter_map(|e| {
             e["cidr"].as_str().or(e["address"].as_str()).map(|c| {
                 if c.contains('/') {
@@ -379,7 +396,7 @@ fn fifty_concurrent_clients_lose_no_change() {
     assert_eq!(
         kernel_allow_v4(&s.enforcer.instance),
         expected,
-        "the kernel's allowlist equals the registry's"
+        "the kernel's source trie equals the registry's allow and deny sets"
     );
     let stats = s.enforcer.stats().unwrap();
     for i in 0..50 {

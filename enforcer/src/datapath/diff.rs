@@ -18,8 +18,10 @@ use crate::{
 /// Which LPM tries a rule's prefix lives in.
 fn tries(kind: RuleKind) -> (&'static str, &'static str) {
     match kind {
-        RuleKind::Network | RuleKind::Device => (map_names::ALLOW_V4, map_names::ALLOW_V6),
-        RuleKind::Deny | RuleKind::DenyFeed => (map_names::DENY_V4, map_names::DENY_V6),
+        // Deny ranges share the source trie with approved networks (see `Policy::trie_entries`).
+        RuleKind::Network | RuleKind::Device | RuleKind::Deny | RuleKind::DenyFeed => {
+            (map_names::ALLOW_V4, map_names::ALLOW_V6)
+        }
         RuleKind::VpnEndpoint => (map_names::VPN_V4, map_names::VPN_V6),
     }
 }
@@ -64,6 +66,10 @@ impl Datapath {
                 .insert(key, 1, 0)
                 .map_err(map_error(map_names::PORT_RULES))?;
         }
+        for rule in &added {
+            // A number may have served a rule removed long ago: its count starts afresh.
+            self.zero_hits(rule.index)?;
+        }
         for rule in &new.rules {
             let changed = before
                 .get(&rule.key())
@@ -72,21 +78,29 @@ impl Datapath {
                 self.set_rule(rule.index, rule.flags())?;
             }
         }
-        for rule in added.iter().filter(|r| r.kind != RuleKind::VpnEndpoint) {
-            if matches!(rule.kind, RuleKind::Network | RuleKind::Device) {
-                self.lpm_insert(tries(rule.kind), rule.prefix, rule.index)?;
-            }
+        // The source trie as a diff of (prefix → rule): approved entries first; deny entries,
+        // and removals (among them allow entries a new deny range now shadows), last.
+        let old_trie: HashMap<IpNet, u32> = old.trie_entries().into_iter().collect();
+        let new_trie: HashMap<IpNet, u32> = new.trie_entries().into_iter().collect();
+        let is_deny = |index: u32| {
+            new.rule(index)
+                .is_some_and(|r| matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed))
+        };
+        let changed: Vec<(IpNet, u32)> = new_trie
+            .iter()
+            .filter(|(p, i)| old_trie.get(*p) != Some(*i))
+            .map(|(p, i)| (*p, *i))
+            .collect();
+        let source = tries(RuleKind::Network);
+        for (prefix, index) in changed.iter().filter(|(_, i)| !is_deny(*i)) {
+            self.lpm_insert(source, *prefix, *index)?;
         }
         self.update_vpn_groups(new)?;
-        // Then narrow: new deny ranges, then removals.
-        for rule in added
-            .iter()
-            .filter(|r| matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed))
-        {
-            self.lpm_insert(tries(rule.kind), rule.prefix, rule.index)?;
+        for (prefix, index) in changed.iter().filter(|(_, i)| is_deny(*i)) {
+            self.lpm_insert(source, *prefix, *index)?;
         }
-        for rule in removed.iter().filter(|r| r.kind != RuleKind::VpnEndpoint) {
-            self.lpm_remove(tries(rule.kind), rule.prefix)?;
+        for prefix in old_trie.keys().filter(|p| !new_trie.contains_key(*p)) {
+            self.lpm_remove(source, *prefix)?;
         }
         for key in old_ports.difference(&new_ports) {
             // An absent key is already what we want.
@@ -216,36 +230,31 @@ impl Datapath {
     /// (the process that filled them is gone). Rule names are not in the maps and stay empty;
     /// the diff goes by prefixes, flags, port keys and approval groups.
     pub fn read_back(&mut self) -> Result<Policy, DatapathError> {
-        use enforcer_common::{RULE_ANY_PORT, RULE_FEED, RULE_ICMP, VpnGroup};
+        use enforcer_common::{RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, VpnGroup};
 
         let mut rules = Vec::new();
-        for (kind, pair) in [
-            (RuleKind::Network, tries(RuleKind::Network)),
-            (RuleKind::Deny, tries(RuleKind::Deny)),
-        ] {
-            for (prefix, index) in self.lpm_entries(pair)? {
-                let flags = self.rule_flags(index)?;
-                let kind = if kind == RuleKind::Deny && flags & RULE_FEED != 0 {
-                    RuleKind::DenyFeed
-                } else {
-                    kind
-                };
-                let ports = if kind != RuleKind::Network || flags & RULE_ANY_PORT != 0 {
-                    None
-                } else if flags & RULE_ICMP != 0 {
-                    Some(vec![crate::registry::PortSpec::Icmp])
-                } else {
-                    Some(Vec::new())
-                };
-                rules.push(CompiledRule {
-                    index,
-                    kind,
-                    name: String::new(),
-                    prefix,
-                    ports,
-                    vpn: None,
-                });
-            }
+        for (prefix, index) in self.lpm_entries(tries(RuleKind::Network))? {
+            let flags = self.rule_flags(index)?;
+            let kind = match (flags & RULE_DENY != 0, flags & RULE_FEED != 0) {
+                (true, true) => RuleKind::DenyFeed,
+                (true, false) => RuleKind::Deny,
+                _ => RuleKind::Network,
+            };
+            let ports = if kind != RuleKind::Network || flags & RULE_ANY_PORT != 0 {
+                None
+            } else if flags & RULE_ICMP != 0 {
+                Some(vec![crate::registry::PortSpec::Icmp])
+            } else {
+                Some(Vec::new())
+            };
+            rules.push(CompiledRule {
+                index,
+                kind,
+                name: String::new(),
+                prefix,
+                ports,
+                vpn: None,
+            });
         }
         rules.sort_by_key(|r| r.index);
         let port_keys: Vec<PortKey> = {

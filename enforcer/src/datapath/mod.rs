@@ -244,10 +244,11 @@ impl Datapath {
         for key in &policy.port_keys {
             ports.insert(key, 1, 0).map_err(map_error(name))?;
         }
-        let allow: Vec<(IpNet, u32)> = policy.allow_rules().map(|r| (r.prefix, r.index)).collect();
-        self.fill_tries(&allow, map_names::ALLOW_V4, map_names::ALLOW_V6)?;
-        let deny: Vec<(IpNet, u32)> = policy.deny_rules().map(|r| (r.prefix, r.index)).collect();
-        self.fill_tries(&deny, map_names::DENY_V4, map_names::DENY_V6)?;
+        self.fill_tries(
+            &policy.trie_entries(),
+            map_names::ALLOW_V4,
+            map_names::ALLOW_V6,
+        )?;
 
         let mut vpn_prefixes = Vec::with_capacity(policy.vpn_groups.len());
         for (index, (prefix, approvals)) in policy.vpn_groups.iter().enumerate() {

@@ -314,12 +314,12 @@ fn deny_feeds_become_feed_rules() {
             (
                 "feeds/vpn.txt:2".to_string(),
                 "192.0.2.0/24".to_string(),
-                enforcer_common::RULE_FEED
+                enforcer_common::RULE_DENY | enforcer_common::RULE_FEED
             ),
             (
                 "feeds/vpn.txt:4".to_string(),
                 "2001:db8:66::/48".to_string(),
-                enforcer_common::RULE_FEED
+                enforcer_common::RULE_DENY | enforcer_common::RULE_FEED
             ),
         ]
     );
@@ -387,4 +387,47 @@ fn compile_after_keeps_rule_numbers_and_never_reuses_a_freed_one_at_once() {
         vec![("a", 0), ("b", 1), ("c", 2)],
         "1 is free again one update later"
     );
+}
+
+#[test]
+fn the_source_trie_leaves_out_allow_prefixes_inside_deny_ranges() {
+    let text = r#"{"schema": 1, "mode": "enforce",
+      "networks": [{"name": "wide", "cidr": "10.0.0.0/8"}, {"name": "inside", "cidr": "10.66.1.0/24"},
+                   {"name": "same", "cidr": "10.77.0.0/16"}, {"name": "v6", "cidr": "2001:db8:1::/48"}],
+      "devices": [{"name": "dev", "address": "10.66.1.5"}],
+      "deny": [{"name": "d66", "cidr": "10.66.0.0/16"}, {"name": "d77", "cidr": "10.77.0.0/16"}, {"name": "d6", "cidr": "2001:db8:1:2::/64"}]}"#;
+    let policy = compile(text);
+    let mut entries: Vec<String> = policy
+        .trie_entries()
+        .into_iter()
+        .map(|(p, i)| format!("{p}={}", policy.rule(i).unwrap().name))
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            "10.0.0.0/8=wide",
+            "10.66.0.0/16=d66",
+            "10.77.0.0/16=d77",
+            "2001:db8:1:2::/64=d6",
+            "2001:db8:1::/48=v6"
+        ],
+        "inside, same and dev can never decide; a deny inside an allow splits it by longest match"
+    );
+    // The one-lookup verdicts equal the two-lookup reference.
+    for (addr, want) in [
+        ("10.66.1.5", Reason::Denied),
+        ("10.77.3.3", Reason::Denied),
+        ("10.5.5.5", Reason::Allowed),
+        ("2001:db8:1:2::9", Reason::Denied),
+        ("2001:db8:1:3::9", Reason::Allowed),
+    ] {
+        assert_eq!(
+            policy
+                .check(addr.parse().unwrap(), Protocol::Tcp, Some(443))
+                .reason,
+            want,
+            "{addr}"
+        );
+    }
 }
