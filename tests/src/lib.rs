@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod kernel;
 pub mod netns;
 pub mod packet;
+pub mod rng;
 pub mod topology;
 pub mod vpn;

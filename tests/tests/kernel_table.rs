@@ -6,6 +6,7 @@ use enforcer_common::Reason::{
     Allowed, Denied, FragmentUnverified, LinkControl, Malformed, NonIp, NotAllowlisted,
     PortNotAllowed,
 };
+use enforcer_tests::rng::Rng;
 use enforcer_tests::{
     kernel::{Loaded, case, check_table},
     packet::{self, ETH_P_8021AD, ETH_P_8021Q, Frame, GRE, L4},
@@ -730,18 +731,6 @@ fn monitor_mode_passes_everything_and_counts_would_drops() {
     );
 }
 
-/// A small xorshift generator: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// The kernel's verdict equals the controller's reference evaluation (`Policy::check`) for random
 /// registries of overlapping prefixes and random addresses near them.
 #[test]
@@ -752,19 +741,19 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
         let mut deny = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for i in 0..120 {
-            let len = 8 + rng.next() % 25; // /8 .. /32
-            let addr = u32::try_from(rng.next() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(); // clustered in 10.x
+            let len = 8 + rng.next_u64() % 25; // /8 .. /32
+            let addr = u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(); // clustered in 10.x
             let net = ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
                 .unwrap()
                 .trunc();
-            let is_deny = rng.next().is_multiple_of(6);
+            let is_deny = rng.next_u64().is_multiple_of(6);
             if !seen.insert((net, is_deny)) {
                 continue;
             }
-            let ports = if rng.next().is_multiple_of(2) {
+            let ports = if rng.next_u64().is_multiple_of(2) {
                 String::new()
             } else {
-                format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next() % 4)
+                format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next_u64() % 4)
             };
             if is_deny {
                 deny.push(format!(r#"{{"name": "d{i}", "cidr": "{net}"}}"#));
@@ -781,9 +770,9 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
         let mut mismatches = Vec::new();
         for _ in 0..400 {
             let addr = std::net::Ipv4Addr::from(
-                u32::try_from(rng.next() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
+                u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
             );
-            let port = u16::try_from(1 + rng.next() % 4).unwrap();
+            let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
             let expected = loaded.policy.check(addr.into(), Protocol::Tcp, Some(port));
             let frame = Frame::tcp(&addr.to_string(), SERVER, port).build();
             let before = loaded.counts();

@@ -1,12 +1,13 @@
-//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through BPF_PROG_TEST_RUN at
+//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through `BPF_PROG_TEST_RUN` at
 //! registry sizes from 10 to 1,000,000 in two distributions, beside floor programs measured in
-//! the same run (a bare XDP_PASS, and one kernel LPM-trie lookup of the IPv4 source with the
+//! the same run (a bare `XDP_PASS`, and one kernel LPM-trie lookup of the IPv4 source with the
 //! same prefixes); the cost of the VPN stage; and the control plane with a real controller.
 //! Prints a table and writes `target/bench/bench.json` and `target/bench/cost.svg`.
 //!
 //! Method: for each (program, packet, size) the kernel runs the program `REPEAT` times on the
 //! same frame and reports the mean ns per run; we take the median of `RUNS` such runs.
 
+use enforcer_tests::rng::Rng;
 use std::{collections::HashSet, fmt::Write as _, time::Instant};
 
 use aya::{
@@ -25,18 +26,6 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
-
-/// A small deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
 fn reserved() -> [IpNet; 4] {
@@ -81,28 +70,32 @@ impl Distribution {
             r#"{"name": "bench-allowed-v6", "cidr": "2001:db8:100::/64"}"#.to_string(),
         ];
         while entries.len() < n.max(2) {
-            let roll = rng.next() % 10;
+            let roll = rng.next_u64() % 10;
             let v4 = |rng: &mut Rng, len: u8| {
                 IpNet::V4(
-                    Ipv4Net::new(u32::try_from(rng.next() & 0xFFFF_FFFF).unwrap().into(), len)
-                        .unwrap()
-                        .trunc(),
+                    Ipv4Net::new(
+                        u32::try_from(rng.next_u64() & 0xFFFF_FFFF).unwrap().into(),
+                        len,
+                    )
+                    .unwrap()
+                    .trunc(),
                 )
             };
             let v6 = |rng: &mut Rng, len: u8| {
                 // Global unicast outside 2001:db8::/32: first byte 0x24..0x2A.
-                let bits = (u128::from(rng.next()) << 64 | u128::from(rng.next())) & !(0xFF << 120)
-                    | (0x24 + u128::from(rng.next() % 7)) << 120;
+                let bits = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
+                    & !(0xFF << 120)
+                    | (0x24 + u128::from(rng.next_u64() % 7)) << 120;
                 IpNet::V6(Ipv6Net::new(bits.into(), len).unwrap().trunc())
             };
             let net = match (self, roll) {
                 (Self::Realistic, 0..=7) => {
-                    let len = u8::try_from(8 + rng.next() % 23).unwrap();
+                    let len = u8::try_from(8 + rng.next_u64() % 23).unwrap();
                     v4(&mut rng, len)
                 }
                 (Self::Realistic, 8) => v4(&mut rng, 32),
                 (Self::Realistic, _) => {
-                    let len = u8::try_from(32 + rng.next() % 33).unwrap();
+                    let len = u8::try_from(32 + rng.next_u64() % 33).unwrap();
                     v6(&mut rng, len)
                 }
                 (Self::Worst, r) if r % 2 == 0 => v4(&mut rng, 32),
@@ -365,7 +358,7 @@ fn chart(series: &[Series], bare: u64) -> String {
     svg
 }
 
-/// The peak resident memory of a process (VmHWM), in MiB.
+/// The peak resident memory of a process (`VmHWM`), in MiB.
 fn peak_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
