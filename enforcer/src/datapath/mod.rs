@@ -225,18 +225,30 @@ impl Datapath {
     pub fn fill(&mut self, policy: &Policy) -> Result<(), DatapathError> {
         self.set_mode(policy.mode)?;
         let name = map_names::RULES;
-        let mut rules: Array<&mut MapData, Rule> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        for rule in &policy.rules {
-            rules
-                .set(
-                    rule.index,
-                    Rule {
-                        flags: rule.flags(),
-                    },
-                    0,
-                )
-                .map_err(map_error(name))?;
+        let keys: Vec<u8> = policy
+            .rules
+            .iter()
+            .flat_map(|r| r.index.to_ne_bytes())
+            .collect();
+        let values: Vec<u8> = policy
+            .rules
+            .iter()
+            .flat_map(|r| r.flags().to_ne_bytes())
+            .collect();
+        if self.update_batch(name, &keys, &values, 4, 4).is_err() {
+            let mut rules: Array<&mut MapData, Rule> =
+                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            for rule in &policy.rules {
+                rules
+                    .set(
+                        rule.index,
+                        Rule {
+                            flags: rule.flags(),
+                        },
+                        0,
+                    )
+                    .map_err(map_error(name))?;
+            }
         }
         let name = map_names::PORT_RULES;
         let mut ports: HashMap<&mut MapData, PortKey, u8> =
@@ -297,29 +309,137 @@ impl Datapath {
         groups.set(slot, group, 0).map_err(map_error(name))
     }
 
-    /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie.
+    /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie: in batches of one system call
+    /// each where the kernel supports it (a million prefixes), else one by one.
     fn fill_tries(
         &mut self,
         entries: &[(IpNet, u32)],
         v4: &'static str,
         v6: &'static str,
     ) -> Result<(), DatapathError> {
-        {
-            let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
-                LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
-            for (prefix, value) in entries {
-                if let IpNet::V4(net) = prefix {
-                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                    trie.insert(&key, value, 0).map_err(map_error(v4))?;
+        let (mut keys4, mut values4, mut keys6, mut values6) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (prefix, value) in entries {
+            // Key layout of an LPM trie: u32 prefix length (host order), then the address bytes.
+            match prefix {
+                IpNet::V4(net) => {
+                    keys4.extend_from_slice(&u32::from(net.prefix_len()).to_ne_bytes());
+                    keys4.extend_from_slice(&net.network().octets());
+                    values4.extend_from_slice(&value.to_ne_bytes());
+                }
+                IpNet::V6(net) => {
+                    keys6.extend_from_slice(&u32::from(net.prefix_len()).to_ne_bytes());
+                    keys6.extend_from_slice(&net.network().octets());
+                    values6.extend_from_slice(&value.to_ne_bytes());
                 }
             }
         }
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
-            LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
-        for (prefix, value) in entries {
-            if let IpNet::V6(net) = prefix {
-                let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                trie.insert(&key, value, 0).map_err(map_error(v6))?;
+        for (name, keys, values, key_size) in
+            [(v4, &keys4, &values4, 8), (v6, &keys6, &values6, 20)]
+        {
+            if keys.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.update_batch(name, keys, values, key_size, 4) {
+                tracing::debug!(map = name, error = %e, "batch update unavailable, inserting one by one");
+                self.insert_one_by_one(name, keys, values, key_size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fallback of `fill_tries` for kernels without batch updates of LPM tries.
+    fn insert_one_by_one(
+        &mut self,
+        name: &'static str,
+        keys: &[u8],
+        values: &[u8],
+        key_size: usize,
+    ) -> Result<(), DatapathError> {
+        for (key, value) in keys.chunks(key_size).zip(values.chunks(4)) {
+            let prefix_len = u32::from_ne_bytes(key[..4].try_into().expect("4 bytes"));
+            let value = u32::from_ne_bytes(value.try_into().expect("4 bytes"));
+            if key_size == 8 {
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+                    LpmTrie::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+                let addr: [u8; 4] = key[4..].try_into().expect("4 bytes");
+                trie.insert(&Key::new(prefix_len, addr), value, 0)
+                    .map_err(map_error(name))?;
+            } else {
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+                    LpmTrie::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+                let addr: [u8; 16] = key[4..].try_into().expect("16 bytes");
+                trie.insert(&Key::new(prefix_len, addr), value, 0)
+                    .map_err(map_error(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+): aya 0.14 has no batch API, so the one raw system
+    /// call of the controller lives here. `keys`/`values` are packed arrays of the map's key and
+    /// value layout.
+    fn update_batch(
+        &mut self,
+        name: &'static str,
+        keys: &[u8],
+        values: &[u8],
+        key_size: usize,
+        value_size: usize,
+    ) -> std::io::Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        const CHUNK: usize = 65_536;
+
+        let map = self
+            .map_mut(name)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let fd = match map {
+            Map::LpmTrie(data) | Map::Array(data) | Map::HashMap(data) => {
+                data.fd().as_fd().as_raw_fd()
+            }
+            _ => return Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+        };
+        for (keys, values) in keys
+            .chunks(CHUNK * key_size)
+            .zip(values.chunks(CHUNK * value_size))
+        {
+            let mut attr = BatchAttr {
+                in_batch: 0,
+                out_batch: 0,
+                keys: keys.as_ptr() as u64,
+                values: values.as_ptr() as u64,
+                count: u32::try_from(keys.len() / key_size).expect("chunk fits u32"),
+                map_fd: u32::try_from(fd).expect("fd is non-negative"),
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: `attr` is a valid `bpf_attr.batch` prefix; the kernel reads `count` keys and
+            // values from the two slices, which outlive the call, and zero-fills the rest of the
+            // union because we pass our size.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_UPDATE_BATCH,
+                    (&raw mut attr).cast::<libc::c_void>(),
+                    std::mem::size_of::<BatchAttr>() as libc::c_uint,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
             }
         }
         Ok(())

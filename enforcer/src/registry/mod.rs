@@ -232,9 +232,10 @@ impl Located {
     /// and devices) or twice in the deny list.
     fn cross_check(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        let mut names: HashMap<&str, String> = HashMap::new();
-        let mut allow: HashMap<IpNet, String> = HashMap::new();
-        let mut deny: HashMap<IpNet, String> = HashMap::new();
+        // First users are kept as (section, index): the text is built only for a problem.
+        let mut names: HashMap<&str, (&'static str, usize)> = HashMap::new();
+        let mut allow: HashMap<IpNet, (&'static str, usize)> = HashMap::new();
+        let mut deny: HashMap<IpNet, (&'static str, usize)> = HashMap::new();
         let r = &self.registry;
 
         let mut entries: Vec<Entry<'_>> = Vec::new();
@@ -267,7 +268,7 @@ impl Located {
 
         for (section, position, name, prefix) in entries {
             let (index, line, column) = self.place_of(section, position);
-            let here = format!("{section}[{index}]");
+            let here = || format!("{section}[{index}]");
             let mut problem = |place: String, message: String| {
                 problems.push(Problem {
                     file: None,
@@ -279,27 +280,28 @@ impl Located {
             };
             if let Some(name) = name {
                 match names.get(name) {
-                    Some(first) => problem(
-                        format!("{here} \"{name}\" field \"name\""),
-                        format!("duplicate name \"{name}\", already used by {first}"),
+                    Some((s, i)) => problem(
+                        format!("{} \"{name}\" field \"name\"", here()),
+                        format!("duplicate name \"{name}\", already used by {s}[{i}]"),
                     ),
                     None => {
-                        names.insert(name, here.clone());
+                        names.insert(name, (section, index));
                     }
                 }
             }
             if let Some((prefix, is_allow)) = prefix {
                 let seen = if is_allow { &mut allow } else { &mut deny };
                 match seen.get(&prefix) {
-                    Some(first) => problem(
+                    Some((s, i)) => problem(
                         format!(
-                            "{here}{}",
+                            "{}{}",
+                            here(),
                             name.map(|n| format!(" \"{n}\"")).unwrap_or_default()
                         ),
-                        format!("prefix {prefix} is already listed by {first}"),
+                        format!("prefix {prefix} is already listed by {s}[{i}]"),
                     ),
                     None => {
-                        seen.insert(prefix, here.clone());
+                        seen.insert(prefix, (section, index));
                     }
                 }
             }

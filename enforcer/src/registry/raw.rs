@@ -109,7 +109,11 @@ struct EntryCheck<'t> {
     text: &'t str,
     lines: &'t Lines,
     raw: &'t RawValue,
-    place: String,
+    section: &'static str,
+    index: usize,
+    /// The entry's name once known; the place text is built only when there is a problem (a
+    /// registry may hold a million entries).
+    name: Option<String>,
     problems: Vec<Problem>,
 }
 
@@ -118,15 +122,25 @@ impl<'t> EntryCheck<'t> {
         text: &'t str,
         lines: &'t Lines,
         raw: &'t RawValue,
-        section: &str,
+        section: &'static str,
         index: usize,
     ) -> Self {
         Self {
             text,
             lines,
             raw,
-            place: format!("{section}[{index}]"),
+            section,
+            index,
+            name: None,
             problems: Vec::new(),
+        }
+    }
+
+    /// `section[index] "name"`, for messages.
+    fn place(&self) -> String {
+        match &self.name {
+            Some(name) => format!("{}[{}] \"{name}\"", self.section, self.index),
+            None => format!("{}[{}]", self.section, self.index),
         }
     }
 
@@ -139,9 +153,7 @@ impl<'t> EntryCheck<'t> {
     }
 
     fn named(&mut self, name: Option<&str>) {
-        if let Some(name) = name {
-            self.place = format!("{} \"{name}\"", self.place);
-        }
+        self.name = name.map(str::to_string);
     }
 
     /// Where `"field":` appears in this entry, or the entry's start.
@@ -161,7 +173,7 @@ impl<'t> EntryCheck<'t> {
 
     fn problem(&mut self, field: &str, message: String) {
         let (line, column) = self.field_position(field);
-        let place = format!("{} field \"{field}\"", self.place);
+        let place = format!("{} field \"{field}\"", self.place());
         self.problems.push(Problem {
             file: None,
             line,
@@ -187,7 +199,7 @@ impl<'t> EntryCheck<'t> {
                     file: None,
                     line,
                     column,
-                    place: self.place.clone(),
+                    place: self.place(),
                     message: message_of(&error),
                 });
                 None
