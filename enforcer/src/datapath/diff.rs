@@ -66,18 +66,20 @@ impl Datapath {
                 .insert(key, 1, 0)
                 .map_err(map_error(map_names::PORT_RULES))?;
         }
-        for rule in &added {
-            // A number may have served a rule removed long ago: its count starts afresh.
-            self.zero_hits(rule.index)?;
-        }
-        for rule in &new.rules {
-            let changed = before
-                .get(&rule.key())
-                .is_none_or(|old_rule| old_rule.flags() != rule.flags());
-            if changed {
-                self.set_rule(rule.index, rule.flags())?;
-            }
-        }
+        // A number may have served a rule removed long ago: its count starts afresh.
+        let fresh: Vec<u32> = added.iter().map(|r| r.index).collect();
+        self.zero_hits_many(&fresh)?;
+        let flagged: Vec<(u32, u32)> = new
+            .rules
+            .iter()
+            .filter(|rule| {
+                before
+                    .get(&rule.key())
+                    .is_none_or(|old_rule| old_rule.flags() != rule.flags())
+            })
+            .map(|rule| (rule.index, rule.flags()))
+            .collect();
+        self.set_rules(&flagged)?;
         // The source trie as a diff of (prefix → rule): approved entries first; deny entries,
         // and removals (among them allow entries a new deny range now shadows), last.
         let old_trie: HashMap<IpNet, u32> = old.trie_entries().into_iter().collect();
@@ -91,14 +93,12 @@ impl Datapath {
             .filter(|(p, i)| old_trie.get(*p) != Some(*i))
             .map(|(p, i)| (*p, *i))
             .collect();
-        let source = tries(RuleKind::Network);
-        for (prefix, index) in changed.iter().filter(|(_, i)| !is_deny(*i)) {
-            self.lpm_insert(source, *prefix, *index)?;
-        }
+        let (source_v4, source_v6) = tries(RuleKind::Network);
+        let (denies, allows): (Vec<_>, Vec<_>) = changed.iter().partition(|(_, i)| is_deny(*i));
+        self.fill_tries(&allows, source_v4, source_v6)?;
         self.update_vpn_groups(new)?;
-        for (prefix, index) in changed.iter().filter(|(_, i)| is_deny(*i)) {
-            self.lpm_insert(source, *prefix, *index)?;
-        }
+        self.fill_tries(&denies, source_v4, source_v6)?;
+        let source = (source_v4, source_v6);
         for prefix in old_trie.keys().filter(|p| !new_trie.contains_key(*p)) {
             self.lpm_remove(source, *prefix)?;
         }
@@ -106,10 +106,10 @@ impl Datapath {
             // An absent key is already what we want.
             let _ = self.port_rules()?.remove(key);
         }
-        for rule in &removed {
-            self.set_rule(rule.index, 0)?;
-            self.zero_hits(rule.index)?;
-        }
+        let cleared: Vec<(u32, u32)> = removed.iter().map(|r| (r.index, 0)).collect();
+        self.set_rules(&cleared)?;
+        let gone: Vec<u32> = removed.iter().map(|r| r.index).collect();
+        self.zero_hits_many(&gone)?;
         if !port_endpoints(new) {
             self.update_config(|c| c.port_endpoints = 0)?;
         }
@@ -159,6 +159,42 @@ impl Datapath {
     fn port_rules(&mut self) -> Result<BpfHashMap<&mut MapData, PortKey, u8>, DatapathError> {
         let name = map_names::PORT_RULES;
         BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))
+    }
+
+    /// Writes (rule number → flags) into `RULES`, batched.
+    fn set_rules(&mut self, rules: &[(u32, u32)]) -> Result<(), DatapathError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u8> = rules.iter().flat_map(|(i, _)| i.to_ne_bytes()).collect();
+        let values: Vec<u8> = rules.iter().flat_map(|(_, f)| f.to_ne_bytes()).collect();
+        if self
+            .update_batch(map_names::RULES, &keys, &values, 4, 4)
+            .is_err()
+        {
+            for (index, flags) in rules {
+                self.set_rule(*index, *flags)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes the `RULE_HITS` counters of these rule numbers, batched.
+    fn zero_hits_many(&mut self, indices: &[u32]) -> Result<(), DatapathError> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u8> = indices.iter().flat_map(|i| i.to_ne_bytes()).collect();
+        let values = vec![0u8; indices.len() * 8];
+        if self
+            .update_batch(map_names::RULE_HITS, &keys, &values, 4, 8)
+            .is_err()
+        {
+            for index in indices {
+                self.zero_hits(*index)?;
+            }
+        }
+        Ok(())
     }
 
     fn set_rule(&mut self, index: u32, flags: u32) -> Result<(), DatapathError> {

@@ -311,7 +311,7 @@ impl Datapath {
 
     /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie: in batches of one system call
     /// each where the kernel supports it (a million prefixes), else one by one.
-    fn fill_tries(
+    pub(super) fn fill_tries(
         &mut self,
         entries: &[(IpNet, u32)],
         v4: &'static str,
@@ -379,7 +379,7 @@ impl Datapath {
     /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+): aya 0.14 has no batch API, so the one raw system
     /// call of the controller lives here. `keys`/`values` are packed arrays of the map's key and
     /// value layout.
-    fn update_batch(
+    pub(super) fn update_batch(
         &mut self,
         name: &'static str,
         keys: &[u8],
