@@ -98,6 +98,7 @@ pub const ROGUE_VPN_GW: ClientSpec = ClientSpec {
 pub struct Lab {
     pub server: Netns,
     pub clients: Vec<Client>,
+    server_addrs: Vec<String>,
     // Dropped last: deleting it removes the bridge and the client-side veth ends.
     _switch: Netns,
 }
@@ -166,8 +167,26 @@ impl Lab {
         Ok(Self {
             server,
             clients: built,
+            server_addrs,
             _switch: switch,
         })
+    }
+
+    /// Replaces the server's NIC by a new one of the same name (as a hot-plugged or re-created
+    /// interface would be): the old one, and anything attached to it, is gone.
+    pub fn replace_server_nic(&self) -> anyhow::Result<()> {
+        self.server.exec(&["ip", "link", "del", SERVER_IFACE])?;
+        veth(&self.server, SERVER_IFACE, &self._switch, "p0")?;
+        self._switch
+            .exec(&["ip", "link", "set", "p0", "master", "br0"])?;
+        for addr in &self.server_addrs {
+            let mut args = vec!["ip", "addr", "add", addr.as_str(), "dev", SERVER_IFACE];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            self.server.exec(&args)?;
+        }
+        Ok(())
     }
 
     pub fn client(&self, label: &str) -> &Client {

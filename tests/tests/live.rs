@@ -649,3 +649,32 @@ fn expired_entries_leave_the_registry_without_a_restart() {
     assert_eq!(expire["uid"], 0);
     assert!(s.enforcer.log_text().contains("removed 1 expired entries"));
 }
+
+/// A controller restarted after its interface was replaced (same name, new device) must not
+/// adopt the dead link: it attaches anew, so the new interface is protected.
+#[test]
+fn a_restart_after_the_interface_was_replaced_attaches_anew() {
+    let mut s = Setup::new();
+    let internet = s.lab.client(INTERNET.label);
+    let lan = s.lab.client(MINISTRY_LAN.label);
+    s.enforcer.kill_hard().unwrap();
+    s.lab.replace_server_nic().unwrap();
+    assert!(
+        topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "the new interface starts unprotected (the old link died with the old device)"
+    );
+    let registry = s.dir.0.join("registry.json");
+    s.enforcer
+        .restart(&s.lab.server, SERVER_IFACE, &registry, &[])
+        .unwrap();
+    let log = s.enforcer.log_text();
+    assert!(
+        log.contains("attaching anew") && !log.contains("adopted the running program"),
+        "{log}"
+    );
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "protected again"
+    );
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, TIMEOUT).unwrap());
+}

@@ -369,7 +369,18 @@ fn run(
     instance::claim(&id)?;
     let pin_dir = id.pin_dir();
     let previous = State::read(&id.state_file()).ok();
-    let adopting = pin_dir.join(datapath::LINK_PIN).exists();
+    let link_pin = pin_dir.join(datapath::LINK_PIN);
+    let adopting = link_pin.exists()
+        && {
+            // A link whose interface was removed (or replaced by a new one of the same name)
+            // enforces nothing: adopting it would leave the interface unprotected.
+            let live = datapath::pinned_link_ifindex(&link_pin).ok() == datapath::ifindex(iface);
+            if !live {
+                tracing::warn!(link = %link_pin.display(), "the pinned link no longer holds {iface} (interface removed or replaced); attaching anew");
+                let _ = std::fs::remove_file(&link_pin);
+            }
+            live
+        };
     // The maps under the pin directory are the ones the kernel enforces with (an earlier run's,
     // when its program is still attached): what they hold is diffed to the registry.
     let mut datapath = Datapath::load_pinned(&pin_dir)?;

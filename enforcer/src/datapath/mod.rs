@@ -617,6 +617,88 @@ impl Datapath {
     }
 }
 
+/// The index of `iface` in this network namespace.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let c_iface = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The interface index a pinned XDP link is attached to: 0 once its interface is gone (the
+/// kernel keeps the link but it no longer enforces anything). aya 0.14 does not expose it, so
+/// this is `BPF_OBJ_GET` and `BPF_OBJ_GET_INFO_BY_FD` on `struct bpf_link_info`, whose union
+/// (here `xdp.ifindex`) starts at byte 16.
+pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::fd::FromRawFd as _;
+
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut get = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            (&raw mut get).cast::<libc::c_void>(),
+            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; it is closed on drop.
+    let fd = unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?)
+    };
+    let mut info = [0u32; 6];
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(std::io::Error::other)?,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).expect("24"),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at
+    // most `info_len` bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            (&raw mut attr).cast::<libc::c_void>(),
+            std::mem::size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if info[0] != BPF_LINK_TYPE_XDP {
+        return Err(std::io::Error::other(format!(
+            "{} is not an XDP link",
+            path.display()
+        )));
+    }
+    Ok(info[4])
+}
+
 /// Whether `iface` names an interface in this network namespace.
 pub fn interface_exists(iface: &str) -> bool {
     let Ok(c_iface) = std::ffi::CString::new(iface) else {
