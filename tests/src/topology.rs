@@ -100,7 +100,7 @@ pub struct Lab {
     pub clients: Vec<Client>,
     server_addrs: Vec<String>,
     // Dropped last: deleting it removes the bridge and the client-side veth ends.
-    _switch: Netns,
+    switch: Netns,
 }
 
 /// The interface the enforcer protects, inside the server namespace.
@@ -168,7 +168,7 @@ impl Lab {
             server,
             clients: built,
             server_addrs,
-            _switch: switch,
+            switch,
         })
     }
 
@@ -176,8 +176,8 @@ impl Lab {
     /// interface would be): the old one, and anything attached to it, is gone.
     pub fn replace_server_nic(&self) -> anyhow::Result<()> {
         self.server.exec(&["ip", "link", "del", SERVER_IFACE])?;
-        veth(&self.server, SERVER_IFACE, &self._switch, "p0")?;
-        self._switch
+        veth(&self.server, SERVER_IFACE, &self.switch, "p0")?;
+        self.switch
             .exec(&["ip", "link", "set", "p0", "master", "br0"])?;
         for addr in &self.server_addrs {
             let mut args = vec!["ip", "addr", "add", addr.as_str(), "dev", SERVER_IFACE];
