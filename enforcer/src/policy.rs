@@ -337,6 +337,19 @@ impl Policy {
         })
     }
 
+    /// A policy with no entries (enforce mode): what fresh, empty maps hold.
+    pub fn empty() -> Self {
+        Self {
+            mode: Mode::Enforce,
+            rules: Vec::new(),
+            port_keys: Vec::new(),
+            expired: Vec::new(),
+            vpn_endpoints: 0,
+            vpn_groups: Vec::new(),
+            feed_duplicates: 0,
+        }
+    }
+
     /// The rule with this number.
     pub fn rule(&self, index: u32) -> Option<&CompiledRule> {
         self.rules

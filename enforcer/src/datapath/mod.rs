@@ -5,12 +5,12 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, PortKey,
-    Reason, Rule, VpnApproval, VpnGroup, VpnProtocol, map_names,
+    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, Reason,
+    VpnApproval, VpnGroup, VpnProtocol, map_names,
 };
 use ipnet::IpNet;
 
@@ -223,59 +223,9 @@ impl Datapath {
     /// Fills the empty maps of a freshly loaded program with `policy`. Called before attaching,
     /// so no packet ever meets a half-filled policy.
     pub fn fill(&mut self, policy: &Policy) -> Result<(), DatapathError> {
-        self.set_mode(policy.mode)?;
-        let name = map_names::RULES;
-        let keys: Vec<u8> = policy
-            .rules
-            .iter()
-            .flat_map(|r| r.index.to_ne_bytes())
-            .collect();
-        let values: Vec<u8> = policy
-            .rules
-            .iter()
-            .flat_map(|r| r.flags().to_ne_bytes())
-            .collect();
-        if self.update_batch(name, &keys, &values, 4, 4).is_err() {
-            let mut rules: Array<&mut MapData, Rule> =
-                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-            for rule in &policy.rules {
-                rules
-                    .set(
-                        rule.index,
-                        Rule {
-                            flags: rule.flags(),
-                        },
-                        0,
-                    )
-                    .map_err(map_error(name))?;
-            }
-        }
-        let name = map_names::PORT_RULES;
-        let mut ports: HashMap<&mut MapData, PortKey, u8> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        for key in &policy.port_keys {
-            ports.insert(key, 1, 0).map_err(map_error(name))?;
-        }
-        self.fill_tries(
-            &policy.trie_entries(),
-            map_names::ALLOW_V4,
-            map_names::ALLOW_V6,
-        )?;
-
-        let mut vpn_prefixes = Vec::with_capacity(policy.vpn_groups.len());
-        for (index, (prefix, approvals)) in policy.vpn_groups.iter().enumerate() {
-            let index = u32::try_from(index).expect("the policy bounds the groups");
-            self.write_group(index, approvals)?;
-            self.vpn_slots.insert(*prefix, (index, approvals.clone()));
-            vpn_prefixes.push((*prefix, index));
-        }
-        self.fill_tries(&vpn_prefixes, map_names::VPN_V4, map_names::VPN_V6)?;
-        let port_endpoints = policy
-            .vpn_groups
-            .iter()
-            .flat_map(|(_, a)| a)
-            .any(|a| a.port_be != [0; 2]);
-        self.update_config(|c| c.port_endpoints = u32::from(port_endpoints))
+        // The same path as every live change, from nothing: one way to write a policy.
+        self.apply(&Policy::empty(), policy)?;
+        self.set_mode(policy.mode)
     }
 
     /// The program's settings as the kernel holds them.
@@ -585,21 +535,6 @@ impl Datapath {
             .program_mut(PROGRAM_NAME)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
             .expect("load() checked that the program exists and is XDP")
-    }
-
-    /// Pins every map under `dir` (which must exist, on a bpffs), named as in the object.
-    pub fn pin_maps(&self, dir: &Path) -> Result<(), DatapathError> {
-        for name in map_names::ALL {
-            let path = dir.join(name);
-            self.map(name)?
-                .pin(&path)
-                .map_err(|source| DatapathError::Pin {
-                    name,
-                    path: path.display().to_string(),
-                    source: boxed(source),
-                })?;
-        }
-        Ok(())
     }
 
     /// The kernel's id of the program enforcing (an adopted one, or the one loaded here).
