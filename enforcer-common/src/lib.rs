@@ -23,9 +23,14 @@ pub mod map_names {
     pub const VPN_GROUPS: &str = "VPN_GROUPS";
     pub const VPN_FLOWS: &str = "VPN_FLOWS";
     pub const VPN_VERDICTS: &str = "VPN_VERDICTS";
+    pub const SOURCE_V4: &str = "SOURCE_V4";
+    pub const LONG_V4: &str = "LONG_V4";
+    pub const DIR_V6: &str = "DIR_V6";
+    pub const NODE_V6: &str = "NODE_V6";
+    pub const LONG_V6: &str = "LONG_V6";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         ALLOW_V4,
         ALLOW_V6,
         RULES,
@@ -39,6 +44,11 @@ pub mod map_names {
         VPN_GROUPS,
         VPN_FLOWS,
         VPN_VERDICTS,
+        SOURCE_V4,
+        LONG_V4,
+        DIR_V6,
+        NODE_V6,
+        LONG_V6,
     ];
 }
 
@@ -182,14 +192,14 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// | 0 | 4 | mode (`MODE_*`), written by the controller |
 /// | 4 | 4 | 1 once the program has put a flow in `VPN_FLOWS` (written by the program, so that ordinary traffic skips the flow lookup until a stateful VPN was ever seen) |
 /// | 8 | 4 | 1 if some approved VPN endpoint names a port (written by the controller): then a TCP/UDP packet from that endpoint's address and port passes as approved VPN even without a signature (a TCP VPN's SYN-ACK and ACKs carry none) |
-/// | 12 | 4 | padding, 0 |
+/// | 12 | 4 | generation of the source lookup tables in force, 0 or 1 (written by the controller: the new tables are built aside, then this one word switches every packet to them) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub mode: u32,
     pub vpn_flows_seen: u32,
     pub port_endpoints: u32,
-    pub _pad: u32,
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
@@ -221,6 +231,93 @@ pub struct FragmentKey {
 }
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
 
+/// The source lookup: flat tables whose cost does not grow with the registry (see
+/// `enforcer/src/lookup.rs` for the design and the numbers behind it).
+///
+/// Each table exists twice, one copy per generation; `Config::generation` says which one is in
+/// force. Values are `rule + 1`, so 0 means "no entry".
+///
+/// IPv4: `SOURCE_V4` is an array of 256-slot blocks. Blocks `generation * 256 + first octet`
+/// are the roots, indexed by the second octet: a slot holds the value of the longest prefix of
+/// /0 to /16 covering that /16, or `V4_POINTER | block` when longer prefixes lie inside. Such a
+/// block is indexed by the third octet; its slot holds the value of the longest prefix up to /24
+/// in its low bits and, in bits 24 to 31, which lengths /25 to /32 exist inside that /24. Those
+/// are looked up in `LONG_V4` (key: address masked to the length, and the length), longest first.
+///
+/// IPv6: `DIR_V6` is indexed by `generation * 65536 + first 16 bits` and holds the longest
+/// prefix of /0 to /16 plus which lengths /17 to /32 exist inside; `NODE_V6` (key: the first 32
+/// bits) lists which lengths /33 to /128 exist inside that /32. Both lead into `LONG_V6`.
+pub mod lookup {
+    /// Slots of a block (one octet).
+    pub const BLOCK_SLOTS: usize = 256;
+    /// Root blocks of one generation (one per first octet).
+    pub const V4_ROOT_BLOCKS: u32 = 256;
+    /// A root slot with this bit set points to a block (the other bits are its index).
+    pub const V4_POINTER: u32 = 1 << 31;
+    /// The value part of a slot: `rule + 1` (rule numbers are below `MAX_RULES` = 2^20).
+    pub const VALUE_MASK: u32 = (1 << 21) - 1;
+    /// In a /24 slot, bit `V4_LONG_SHIFT + i` says that prefixes of length 25 + i exist inside.
+    pub const V4_LONG_SHIFT: u32 = 24;
+    /// `DIR_V6` slots of one generation.
+    pub const V6_DIR_SLOTS: u32 = 1 << 16;
+    /// Blocks `SOURCE_V4` has beyond the roots unless the controller sizes it for a registry.
+    pub const V4_DEFAULT_BLOCKS: u32 = 2048;
+    /// The most blocks `SOURCE_V4` may be given beyond the roots: every /16, twice.
+    pub const V4_MAX_BLOCKS: u32 = 2 * 65_536;
+}
+
+/// Key of `LONG_V4`: a prefix of /25 to /32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LongKeyV4 {
+    pub addr: [u8; 4],
+    pub len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<LongKeyV4>() == 8);
+
+/// Key of `LONG_V6`: a prefix of /17 to /128 (address masked to its length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LongKeyV6 {
+    pub addr: [u8; 16],
+    pub len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<LongKeyV6>() == 20);
+
+/// Value of `LONG_V4` and `LONG_V6`: the prefix's `rule + 1` in each generation (0: absent).
+pub type LongValue = [u32; 2];
+
+/// Distinct prefix lengths the IPv6 lookup probes below one /16 (lengths /17 to /32) or one /32
+/// (lengths /33 to /128): the controller refuses a registry with more.
+pub const MAX_V6_LENGTHS: usize = 8;
+
+/// A slot of `DIR_V6`.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | `rule + 1` of the longest prefix /0 to /16 covering this /16, or 0 |
+/// | 4 | 4 | padding, 0 |
+/// | 8 | 8 | the lengths /17 to /32 of prefixes inside this /16, longest first, 0-terminated |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirV6 {
+    pub value: u32,
+    pub _pad: u32,
+    pub lengths: [u8; MAX_V6_LENGTHS],
+}
+const _: () = assert!(core::mem::size_of::<DirV6>() == 16);
+
+/// One generation's half of a `NODE_V6` value: the lengths /33 to /128 of prefixes inside a
+/// /32, longest first, 0-terminated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeV6 {
+    pub lengths: [u8; MAX_V6_LENGTHS],
+}
+const _: () = assert!(core::mem::size_of::<NodeV6>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), has no padding the compiler adds (checked by the size
@@ -233,4 +330,8 @@ mod pod {
     unsafe impl aya::Pod for super::VpnApproval {}
     unsafe impl aya::Pod for super::VpnGroup {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::LongKeyV4 {}
+    unsafe impl aya::Pod for super::LongKeyV6 {}
+    unsafe impl aya::Pod for super::DirV6 {}
+    unsafe impl aya::Pod for super::NodeV6 {}
 }

@@ -11,6 +11,7 @@
 )]
 
 mod parse;
+mod source;
 mod vpn;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -18,7 +19,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use enforcer_common::{
@@ -29,6 +30,8 @@ use enforcer_common::{
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
 // Map names match `enforcer_common::map_names`.
+/// The registry's source prefixes as the controller wrote them: its record of what the kernel
+/// holds (read back after a restart). Packets are looked up in the flat tables of `source`.
 #[map]
 static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 #[map]
@@ -104,9 +107,14 @@ fn decide(ctx: &XdpContext) -> Verdict {
         Err(Malformed) => return Verdict::without_rule(Reason::Malformed),
     };
     // 3. One longest-prefix lookup of the source finds the deciding entry: deny ranges (registry
-    //    and feeds) and approved networks share the trie, and the compiler leaves out every
-    //    approved prefix that lies inside a deny range, so the deny list beats every allow.
-    let hit = lookup_source(&packet.addrs, &ALLOW_V4, &ALLOW_V6);
+    //    and feeds) and approved networks share the lookup tables, and the compiler leaves out
+    //    every approved prefix that lies inside a deny range, so the deny list beats every
+    //    allow. The tables in force are the generation `CONFIG` names, read once per packet.
+    let generation = CONFIG.get(0).map_or(0, |c| c.generation);
+    let hit = match &packet.addrs {
+        Addrs::V4 { src, .. } => source::v4(*src, generation),
+        Addrs::V6 { src, .. } => source::v6(src, generation),
+    };
     let flags = match hit {
         Some(rule) => RULES.get(rule).map_or(0, |r| r.flags),
         None => 0,
@@ -153,18 +161,6 @@ fn decide(ctx: &XdpContext) -> Verdict {
     };
     // ... and the matched entry's ports; 6. otherwise drop.
     Verdict::new(check_ports(&packet, rule, flags), rule)
-}
-
-#[inline(always)]
-fn lookup_source(
-    addrs: &Addrs,
-    v4: &LpmTrie<[u8; 4], u32>,
-    v6: &LpmTrie<[u8; 16], u32>,
-) -> Option<u32> {
-    match addrs {
-        Addrs::V4 { src, .. } => v4.get(Key::new(32, *src)).copied(),
-        Addrs::V6 { src, .. } => v6.get(Key::new(128, *src)).copied(),
-    }
 }
 
 /// The port/protocol part of an allowlist entry. Fragments: the first fragment carries the ports

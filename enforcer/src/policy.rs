@@ -160,6 +160,8 @@ pub enum PolicyError {
         "a live update needs fresh rule numbers for its {added} new entries while the {in_use} entries in force keep theirs, and the kernel maps hold {MAX_RULES}: apply it in two steps (remove, then add) or restart the controller"
     )]
     NoFreeRuleNumbers { added: usize, in_use: usize },
+    #[error(transparent)]
+    Lookup(#[from] crate::lookup::TooManyLengths),
 }
 
 /// The registry compiled for the kernel.
@@ -323,6 +325,12 @@ impl Policy {
         if rules.len() > MAX_RULES as usize {
             return Err(PolicyError::TooManyRules(rules.len()));
         }
+        crate::lookup::check(
+            rules
+                .iter()
+                .filter(|r| r.kind != RuleKind::VpnEndpoint)
+                .map(|r| &r.prefix),
+        )?;
         assign_indices(&mut rules, previous)?;
         let port_keys = port_keys(&rules)?;
         let vpn_groups = vpn_groups(&rules)?;
@@ -356,6 +364,14 @@ impl Policy {
             .binary_search_by_key(&index, |r| r.index)
             .ok()
             .map(|i| &self.rules[i])
+    }
+
+    /// Prefixes of every rule the source lookup holds (allow and deny).
+    pub fn source_prefixes(&self) -> impl Iterator<Item = &IpNet> {
+        self.rules
+            .iter()
+            .filter(|r| r.kind != RuleKind::VpnEndpoint)
+            .map(|r| &r.prefix)
     }
 
     /// Rules that go into the allow tries (networks and devices).

@@ -21,7 +21,7 @@ pub struct Loaded {
 impl Loaded {
     /// Loads the program and fills its maps from registry text (entries in force on 2026-11-27).
     pub fn new(registry: &str) -> Self {
-        Self::build(registry, Datapath::load)
+        Self::build(registry, Datapath::load_for)
     }
 
     /// The same, with the VPN stage switched off at load time (benchmark baseline).
@@ -31,16 +31,32 @@ impl Loaded {
 
     fn build(
         registry: &str,
-        load: fn() -> Result<Datapath, enforcer::datapath::DatapathError>,
+        load: fn(&Policy) -> Result<Datapath, enforcer::datapath::DatapathError>,
     ) -> Self {
         crate::netns::require_root();
         let registry =
             Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
         let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
             .expect("test policy compiles");
-        let mut datapath = load().expect("the XDP program loads (verifier accepts it)");
+        let mut datapath = load(&policy).expect("the XDP program loads (verifier accepts it)");
         datapath.fill(&policy).expect("maps fill");
         Self { datapath, policy }
+    }
+
+    /// Replaces the whole policy with registry text, as a reload does (a live diff).
+    pub fn replace(&mut self, registry: &str) {
+        let registry =
+            Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
+        let policy = Policy::compile_after(
+            &registry,
+            Date::parse("2026-11-27").unwrap(),
+            Some(&self.policy),
+        )
+        .expect("test policy compiles");
+        self.datapath
+            .apply(&self.policy, &policy)
+            .expect("the maps take the new policy");
+        self.policy = policy;
     }
 
     pub fn set_mode(&mut self, mode: Mode) {

@@ -735,21 +735,43 @@ fn monitor_mode_passes_everything_and_counts_would_drops() {
 /// registries of overlapping prefixes and random addresses near them.
 #[test]
 fn kernel_agrees_with_the_reference_on_random_registries() {
+    // Prefixes nest and overlap (clustered in 10.0.0.0/8 and 2001:db8::/32, every length), and
+    // half the addresses are drawn next to an entry, so every level of the lookup tables and
+    // every length list is walked. Each round after the first replaces the whole registry live
+    // (the tables of the other generation are built, then switched to), as a reload does.
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    for round in 0..4 {
+    let v6_lengths = [12, 16, 20, 24, 32, 40, 48, 56, 64, 127, 128];
+    let mut loaded: Option<Loaded> = None;
+    for round in 0..5 {
         let mut networks = Vec::new();
         let mut deny = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for i in 0..120 {
-            let len = 8 + rng.next_u64() % 25; // /8 .. /32
-            let addr = u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(); // clustered in 10.x
-            let net = ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
-                .unwrap()
-                .trunc();
+        let mut prefixes: Vec<ipnet::IpNet> = Vec::new();
+        for i in 0..160 {
+            let net: ipnet::IpNet = if rng.next_u64().is_multiple_of(3) {
+                // At most 8 lengths longer than /32 per /32: draw from 6 of them here.
+                let len = v6_lengths[usize::try_from(rng.next_u64() % 11).unwrap()];
+                let addr = (0x2001_0db8_u128 << 96)
+                    | u128::from(rng.next_u64() % 4) << 80
+                    | u128::from(rng.next_u64() % 4) << 64
+                    | u128::from(rng.next_u64() % 4);
+                ipnet::Ipv6Net::new(addr.into(), len)
+                    .unwrap()
+                    .trunc()
+                    .into()
+            } else {
+                let len = 8 + rng.next_u64() % 25; // /8 .. /32
+                let addr = u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap();
+                ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
+                    .unwrap()
+                    .trunc()
+                    .into()
+            };
             let is_deny = rng.next_u64().is_multiple_of(6);
-            if !seen.insert((net, is_deny)) {
+            if !seen.insert(net) {
                 continue;
             }
+            prefixes.push(net);
             let ports = if rng.next_u64().is_multiple_of(2) {
                 String::new()
             } else {
@@ -766,15 +788,38 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
             networks.join(","),
             deny.join(",")
         );
-        let loaded = Loaded::new(&text);
+        let loaded = match &mut loaded {
+            None => loaded.insert(Loaded::new(&text)),
+            Some(current) => {
+                current.replace(&text);
+                current
+            }
+        };
         let mut mismatches = Vec::new();
-        for _ in 0..400 {
-            let addr = std::net::Ipv4Addr::from(
-                u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
-            );
+        for _ in 0..600 {
+            let near = &prefixes[usize::try_from(rng.next_u64()).unwrap() % prefixes.len()];
+            let addr: std::net::IpAddr = match near {
+                ipnet::IpNet::V4(net) if rng.next_u64().is_multiple_of(2) => {
+                    let bits = u32::from(net.network())
+                        ^ (u32::try_from(rng.next_u64() >> 32).unwrap()
+                            >> (rng.next_u64() % 33).min(31));
+                    std::net::Ipv4Addr::from(bits).into()
+                }
+                ipnet::IpNet::V4(_) => std::net::Ipv4Addr::from(
+                    u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
+                )
+                .into(),
+                ipnet::IpNet::V6(net) => {
+                    let bits = u128::from(net.network())
+                        ^ (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
+                            >> (rng.next_u64() % 128).max(20);
+                    std::net::Ipv6Addr::from(bits).into()
+                }
+            };
             let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
-            let expected = loaded.policy.check(addr.into(), Protocol::Tcp, Some(port));
-            let frame = Frame::tcp(&addr.to_string(), SERVER, port).build();
+            let expected = loaded.policy.check(addr, Protocol::Tcp, Some(port));
+            let server = if addr.is_ipv4() { SERVER } else { SERVER6 };
+            let frame = Frame::tcp(&addr.to_string(), server, port).build();
             let before = loaded.counts();
             loaded.run(&frame);
             let after = loaded.counts();

@@ -383,7 +383,7 @@ fn run(
         };
     // The maps under the pin directory are the ones the kernel enforces with (an earlier run's,
     // when its program is still attached): what they hold is diffed to the registry.
-    let mut datapath = Datapath::load_pinned(&pin_dir)?;
+    let mut datapath = Datapath::load_pinned(&pin_dir, &registry.source_prefixes())?;
     let started = (|| -> anyhow::Result<String> {
         let current = datapath.read_back()?;
         let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;

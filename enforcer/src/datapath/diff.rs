@@ -102,6 +102,14 @@ impl Datapath {
         for prefix in old_trie.keys().filter(|p| !new_trie.contains_key(*p)) {
             self.lpm_remove(source, *prefix)?;
         }
+        // The tries above are the record of what the kernel holds; packets are looked up in the
+        // flat tables, which switch from the old source prefixes to the new ones in one step.
+        if changed.is_empty() && old_trie.len() == new_trie.len() && self.source.is_some() {
+            // Nothing to switch.
+        } else {
+            let entries: Vec<(IpNet, u32)> = new_trie.into_iter().collect();
+            self.write_source(&entries)?;
+        }
         for key in old_ports.difference(&new_ports) {
             // An absent key is already what we want.
             let _ = self.port_rules()?.remove(key);

@@ -10,13 +10,14 @@ use aya::{
 };
 use enforcer_common::{
     Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, Reason,
-    VpnApproval, VpnGroup, VpnProtocol, map_names,
+    VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
 };
 use ipnet::IpNet;
 
 use crate::{policy::Policy, registry::Mode};
 
 mod diff;
+mod source;
 
 /// The compiled `enforcer-ebpf` object, embedded at build time.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -110,6 +111,8 @@ pub struct Datapath {
     vpn_slots: std::collections::BTreeMap<IpNet, (u32, Vec<VpnApproval>)>,
     /// Set when an earlier run's program was adopted instead of this one.
     adopted_program_id: Option<u32>,
+    /// The source lookup tables as last written (read from the maps on first use).
+    source: Option<source::SourceState>,
 }
 
 /// File names of the pinned link and program inside an instance's pin directory.
@@ -138,6 +141,15 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
     Ok(had_link)
 }
 
+/// Blocks beyond the roots for a registry with these source prefixes: room for the blocks it
+/// needs twice over (a whole new policy is built beside the one in force), at least the default.
+fn v4_blocks_for<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> u32 {
+    crate::lookup::v4_blocks_needed(prefixes)
+        .saturating_mul(2)
+        .saturating_add(256)
+        .clamp(lookup::V4_DEFAULT_BLOCKS, lookup::V4_MAX_BLOCKS)
+}
+
 impl Datapath {
     /// Loads the embedded program into the kernel (the verifier runs here). Maps start empty and
     /// the mode starts as enforce; nothing is attached yet.
@@ -145,24 +157,35 @@ impl Datapath {
         Self::load_with(true)
     }
 
+    /// Like `load`, with the IPv4 lookup table sized for `policy` (and changes to it).
+    pub fn load_for(policy: &Policy) -> Result<Self, DatapathError> {
+        Self::load_full(true, None, v4_blocks_for(policy.source_prefixes()))
+    }
+
     /// Loads the program with the VPN stage switched off (a load-time constant): only for
     /// benchmarks that measure what the VPN stage costs.
-    pub fn load_without_vpn_stage() -> Result<Self, DatapathError> {
-        Self::load_with(false)
+    pub fn load_without_vpn_stage(policy: &Policy) -> Result<Self, DatapathError> {
+        Self::load_full(false, None, v4_blocks_for(policy.source_prefixes()))
     }
 
     fn load_with(vpn_stage: bool) -> Result<Self, DatapathError> {
-        Self::load_full(vpn_stage, None)
+        Self::load_full(vpn_stage, None, lookup::V4_DEFAULT_BLOCKS)
     }
 
     /// Loads the program with every map pinned under `dir`: maps already pinned there (by an
     /// earlier run whose program may still be attached) are reused, the others are created and
     /// pinned. So a restarted controller works on the very maps the kernel is enforcing with.
-    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
-        Self::load_full(true, Some(dir))
+    /// `prefixes` (the registry's source prefixes) size the IPv4 lookup table when it is
+    /// created; a pinned one keeps its size.
+    pub fn load_pinned(dir: &Path, prefixes: &[IpNet]) -> Result<Self, DatapathError> {
+        Self::load_full(true, Some(dir), v4_blocks_for(prefixes))
     }
 
-    fn load_full(vpn_stage: bool, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+    fn load_full(
+        vpn_stage: bool,
+        pin_dir: Option<&Path>,
+        v4_blocks: u32,
+    ) -> Result<Self, DatapathError> {
         let vpn_stage = u8::from(vpn_stage);
         let paths: Vec<(&'static str, std::path::PathBuf)> = pin_dir
             .map(|dir| {
@@ -174,6 +197,7 @@ impl Datapath {
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader.override_global("VPN_STAGE", &vpn_stage, true);
+        loader.map_max_entries(map_names::SOURCE_V4, 2 * lookup::V4_ROOT_BLOCKS + v4_blocks);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -195,6 +219,7 @@ impl Datapath {
             link: None,
             vpn_slots: std::collections::BTreeMap::new(),
             adopted_program_id: None,
+            source: None,
         })
     }
 

@@ -431,3 +431,20 @@ fn the_source_trie_leaves_out_allow_prefixes_inside_deny_ranges() {
         );
     }
 }
+
+#[test]
+fn more_ipv6_lengths_in_one_slash_32_than_the_lookup_probes_are_refused() {
+    let networks: Vec<String> = (0..9)
+        .map(|i| format!(r#"{{"name": "n{i}", "cidr": "2001:db8::/{}"}}"#, 40 + i * 8))
+        .collect();
+    let text = format!(
+        r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
+        networks.join(",")
+    );
+    let error = Policy::compile(&Registry::parse(&text).unwrap(), today()).unwrap_err();
+    assert!(matches!(error, PolicyError::Lookup(_)), "{error}");
+    assert!(
+        error.to_string().contains("inside 2001:db8::/32"),
+        "{error}"
+    );
+}

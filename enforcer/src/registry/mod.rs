@@ -171,6 +171,20 @@ impl RegistryError {
 }
 
 impl Registry {
+    /// Every source prefix the registry names (networks, devices, deny entries and feeds),
+    /// expired or not: what sizes the lookup tables before the policy is compiled.
+    pub fn source_prefixes(&self) -> Vec<IpNet> {
+        let mut prefixes: Vec<IpNet> = self.networks.iter().map(|n| n.cidr).collect();
+        prefixes.extend(self.devices.iter().map(|d| IpNet::from(d.address)));
+        prefixes.extend(self.deny.iter().map(|d| d.cidr));
+        prefixes.extend(
+            self.feeds
+                .iter()
+                .flat_map(|f| f.entries.iter().map(|e| e.cidr)),
+        );
+        prefixes
+    }
+
     /// Reads and validates a registry file, and the deny feeds it names.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let display = path.display().to_string();

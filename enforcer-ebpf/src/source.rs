@@ -1,0 +1,152 @@
+//! The source lookup: which registry entry (deny range, network or device) is the longest
+//! prefix holding the source. Flat tables built by the controller (layout in
+//! `enforcer_common::lookup`, design in `enforcer/src/lookup.rs`): a fixed number of steps per
+//! address, whatever the registry's size.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+};
+use enforcer_common::{
+    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6,
+    lookup::{
+        V4_DEFAULT_BLOCKS, V4_LONG_SHIFT, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS, VALUE_MASK,
+    },
+};
+
+/// Arrays the controller writes through a memory mapping (a whole table in one copy).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Hashes that take memory as entries arrive, not all at load.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+// Map names match `enforcer_common::map_names`. The controller resizes SOURCE_V4 at load.
+#[map]
+static SOURCE_V4: Array<[u32; 256]> =
+    Array::with_max_entries(2 * V4_ROOT_BLOCKS + V4_DEFAULT_BLOCKS, BPF_F_MMAPABLE);
+#[map]
+static LONG_V4: HashMap<LongKeyV4, LongValue> =
+    HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+#[map]
+static DIR_V6: Array<DirV6> = Array::with_max_entries(2 * V6_DIR_SLOTS, BPF_F_MMAPABLE);
+#[map]
+static NODE_V6: HashMap<[u8; 4], [NodeV6; 2]> =
+    HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+#[map]
+static LONG_V6: HashMap<LongKeyV6, LongValue> =
+    HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+
+/// The rule whose prefix is the longest holding `src`, in table generation `generation`.
+#[inline(always)]
+pub fn v4(src: [u8; 4], generation: u32) -> Option<u32> {
+    lookup_v4(u32::from_be_bytes(src), generation).checked_sub(1)
+}
+
+/// The same for IPv6.
+#[inline(always)]
+pub fn v6(src: &[u8; 16], generation: u32) -> Option<u32> {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&src[..8]);
+    let hi = u64::from_be_bytes(bytes);
+    bytes.copy_from_slice(&src[8..]);
+    let lo = u64::from_be_bytes(bytes);
+    lookup_v6(hi, lo, generation).checked_sub(1)
+}
+
+// Verifier: each lookup is a function of its own (a BPF-to-BPF call) taking and returning plain
+// numbers. Inlined, every way out of the probe loops (hit at each length, or miss) would carry
+// its own state through the rest of the program, and verification passes a million
+// instructions; behind a call, all of them meet again at the return with one scalar.
+
+/// `rule + 1` of the longest prefix holding `addr` (host order), or 0.
+#[inline(never)]
+fn lookup_v4(addr: u32, generation: u32) -> u32 {
+    let generation = generation & 1;
+    let src = addr.to_be_bytes();
+    let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
+        return 0;
+    };
+    let slot = root[usize::from(src[1])];
+    if slot & V4_POINTER == 0 {
+        return slot & VALUE_MASK;
+    }
+    let Some(block) = SOURCE_V4.get(slot & !V4_POINTER) else {
+        return 0;
+    };
+    let slot = block[usize::from(src[2])];
+    let lengths = slot >> V4_LONG_SHIFT;
+    if lengths != 0 {
+        // Lengths /32 down to /25, each a constant shift (no loop state for the verifier).
+        for bit in (0..8u32).rev() {
+            if lengths & (1 << bit) == 0 {
+                continue;
+            }
+            let len = 25 + bit;
+            let key = LongKeyV4 {
+                addr: (addr & (u32::MAX << (32 - len))).to_be_bytes(),
+                len: len as u8,
+                _pad: [0; 3],
+            };
+            // SAFETY: a read of a map value the kernel keeps alive for this program run.
+            if let Some(value) = unsafe { LONG_V4.get(&key) } {
+                let value = value[generation as usize];
+                if value != 0 {
+                    return value;
+                }
+            }
+        }
+    }
+    slot & VALUE_MASK
+}
+
+/// `LONG_V6`'s value for the source masked to `len` (1 to 128): `rule + 1`, or 0.
+#[inline(always)]
+fn probe_v6(hi: u64, lo: u64, len: u32, generation: usize) -> u32 {
+    let (hi, lo) = if len > 64 {
+        (hi, lo & (u64::MAX << (128 - len)))
+    } else {
+        (hi & (u64::MAX << ((64 - len) & 63)), 0)
+    };
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&hi.to_be_bytes());
+    addr[8..].copy_from_slice(&lo.to_be_bytes());
+    let key = LongKeyV6 {
+        addr,
+        len: len as u8,
+        _pad: [0; 3],
+    };
+    // SAFETY: as above.
+    unsafe { LONG_V6.get(&key) }.map_or(0, |v| v[generation])
+}
+
+/// `rule + 1` of the longest prefix holding the address `hi:lo`, or 0.
+#[inline(never)]
+fn lookup_v6(hi: u64, lo: u64, generation: u32) -> u32 {
+    let generation = (generation & 1) as usize;
+    let top = ((hi >> 32) as u32).to_be_bytes();
+    // SAFETY: as above.
+    if let Some(node) = unsafe { NODE_V6.get(&top) } {
+        let lengths = node[generation].lengths;
+        for len in lengths {
+            if len == 0 {
+                break;
+            }
+            let value = probe_v6(hi, lo, u32::from(len), generation);
+            if value != 0 {
+                return value;
+            }
+        }
+    }
+    let Some(dir) = DIR_V6.get(generation as u32 * V6_DIR_SLOTS + (hi >> 48) as u32) else {
+        return 0;
+    };
+    for len in dir.lengths {
+        if len == 0 {
+            break;
+        }
+        let value = probe_v6(hi, lo, u32::from(len), generation);
+        if value != 0 {
+            return value;
+        }
+    }
+    dir.value
+}

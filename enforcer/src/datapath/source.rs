@@ -1,0 +1,353 @@
+//! Writes the source lookup tables (`crate::lookup`) into the kernel: the generation not in
+//! force is rebuilt aside, then one word of `CONFIG` switches every packet to it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use enforcer_common::{
+    DirV6, LongKeyV4, LongKeyV6, LongValue, NodeV6,
+    lookup::{BLOCK_SLOTS, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS},
+    map_names,
+};
+use ipnet::IpNet;
+
+use super::{Datapath, DatapathError, map_error};
+use crate::lookup::{self, Block};
+
+/// What the controller knows of the tables in the kernel (read from the maps once, then kept).
+#[derive(Debug, Default)]
+pub(super) struct SourceState {
+    /// The generation in force.
+    generation: u32,
+    /// Per generation: the block of each /16 that has one.
+    blocks: [HashMap<u16, u32>; 2],
+    long_v4: HashMap<LongKeyV4, LongValue>,
+    nodes_v6: HashMap<[u8; 4], [NodeV6; 2]>,
+    long_v6: HashMap<LongKeyV6, LongValue>,
+}
+
+/// A map's values, mapped into this process (`BPF_F_MMAPABLE` arrays).
+struct Mapped {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(map: &Map, name: &'static str, value_size: usize) -> Result<Self, DatapathError> {
+        let Map::Array(data) = map else {
+            return Err(DatapathError::Map {
+                name,
+                source: "not an array".into(),
+            });
+        };
+        let entries = data.info().map_err(map_error(name))?.max_entries() as usize;
+        let len = entries * value_size;
+        // SAFETY: maps `len` bytes of the array's values, shared with the kernel; the mapping
+        // is only used through the bounds-checked accessors below and unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DatapathError::Map {
+                name,
+                source: Box::new(std::io::Error::last_os_error()),
+            });
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: as in `u32s`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn u32s(&mut self) -> &mut [u32] {
+        // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u32>(), self.len / 4) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn block_range(block: u32) -> std::ops::Range<usize> {
+    let start = block as usize * BLOCK_SLOTS;
+    start..start + BLOCK_SLOTS
+}
+
+/// The bytes of a plain map key or value.
+fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `Pod` types are plain bytes without padding.
+    unsafe { std::slice::from_raw_parts((&raw const *value).cast::<u8>(), size_of::<T>()) }
+}
+
+/// New per-generation values for one hash: keep the generation in force, set `next`.
+fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
+    shadow: &HashMap<K, [V; 2]>,
+    wanted: &HashMap<K, V>,
+    next: usize,
+) -> (Vec<(K, [V; 2])>, Vec<K>) {
+    let mut writes = Vec::new();
+    let mut deletes = Vec::new();
+    for (key, pair) in shadow {
+        let mut new = *pair;
+        new[next] = wanted.get(key).copied().unwrap_or_default();
+        if new == [V::default(); 2] {
+            deletes.push(*key);
+        } else if new != *pair {
+            writes.push((*key, new));
+        }
+    }
+    for (key, value) in wanted {
+        if !shadow.contains_key(key) {
+            let mut new = [V::default(); 2];
+            new[next] = *value;
+            writes.push((*key, new));
+        }
+    }
+    (writes, deletes)
+}
+
+impl Datapath {
+    /// Reads what the tables hold (after a restart, or on first use of a fresh program).
+    fn source_state(&mut self) -> Result<SourceState, DatapathError> {
+        let generation = self.config()?.generation & 1;
+        let mut state = SourceState {
+            generation,
+            ..SourceState::default()
+        };
+        let mut blocks = Mapped::new(self.map(map_names::SOURCE_V4)?, map_names::SOURCE_V4, 1024)?;
+        let slots = blocks.u32s();
+        for g in 0..2 {
+            for first in 0..V4_ROOT_BLOCKS {
+                let root = &slots[block_range(g * V4_ROOT_BLOCKS + first)];
+                for (second, slot) in root.iter().enumerate() {
+                    if slot & V4_POINTER != 0 {
+                        let at = u16::try_from(first as usize * BLOCK_SLOTS + second).unwrap_or(0);
+                        state.blocks[g as usize].insert(at, slot & !V4_POINTER);
+                    }
+                }
+            }
+        }
+        state.long_v4 = read_hash(self.map(map_names::LONG_V4)?, map_names::LONG_V4)?;
+        state.nodes_v6 = read_hash(self.map(map_names::NODE_V6)?, map_names::NODE_V6)?;
+        state.long_v6 = read_hash(self.map(map_names::LONG_V6)?, map_names::LONG_V6)?;
+        Ok(state)
+    }
+
+    /// Builds the tables for `entries` in the generation not in force, then switches to it.
+    /// If anything fails before the switch, the tables in force are untouched.
+    pub(super) fn write_source(&mut self, entries: &[(IpNet, u32)]) -> Result<(), DatapathError> {
+        let mut state = match self.source.take() {
+            Some(state) => state,
+            None => self.source_state()?,
+        };
+        let result = self.write_source_with(&mut state, entries);
+        // On failure the state may no longer match the maps: read it afresh next time.
+        if result.is_ok() {
+            self.source = Some(state);
+        }
+        result
+    }
+
+    fn write_source_with(
+        &mut self,
+        state: &mut SourceState,
+        entries: &[(IpNet, u32)],
+    ) -> Result<(), DatapathError> {
+        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
+            name: map_names::LONG_V6,
+            source: e.into(),
+        })?;
+        let active = state.generation as usize;
+        let next = 1 - active;
+
+        // IPv4 blocks: a /16 whose block is unchanged keeps it (shared by both generations);
+        // changed ones get a block the generation in force does not use.
+        let name = map_names::SOURCE_V4;
+        let mut memory = Mapped::new(self.map(name)?, name, 1024)?;
+        let slots = memory.u32s();
+        let capacity = u32::try_from(slots.len() / BLOCK_SLOTS).unwrap_or(u32::MAX);
+        let in_use: HashSet<u32> = state.blocks[active].values().copied().collect();
+        let mut free = (2 * V4_ROOT_BLOCKS..capacity).filter(|b| !in_use.contains(b));
+        let mut root = v4.root.clone();
+        let mut placed: HashMap<u16, u32> = HashMap::with_capacity(v4.blocks.len());
+        for (slot, block) in &v4.blocks {
+            let unchanged = state.blocks[active]
+                .get(slot)
+                .filter(|b| slots[block_range(**b)] == block[..]);
+            let index = match unchanged {
+                Some(index) => *index,
+                None => {
+                    let index = free.next().ok_or_else(|| DatapathError::Map {
+                        name,
+                        source: format!(
+                            "the IPv4 lookup table is full: this policy needs {} blocks beside the {} in force, the table holds {}; restart the controller after `enforcer detach` to size it anew",
+                            v4.blocks.len(),
+                            in_use.len(),
+                            capacity - 2 * V4_ROOT_BLOCKS
+                        )
+                        .into(),
+                    })?;
+                    slots[block_range(index)].copy_from_slice(&block[..]);
+                    index
+                }
+            };
+            placed.insert(*slot, index);
+            root[usize::from(*slot)] = V4_POINTER | index;
+        }
+        for first in 0..V4_ROOT_BLOCKS {
+            let from = first as usize * BLOCK_SLOTS;
+            let block: &Block = root[from..from + BLOCK_SLOTS]
+                .try_into()
+                .expect("256 slots");
+            slots[block_range(next as u32 * V4_ROOT_BLOCKS + first)].copy_from_slice(block);
+        }
+        drop(memory);
+
+        // IPv6 direct table: the whole generation.
+        let name = map_names::DIR_V6;
+        let mut memory = Mapped::new(self.map(name)?, name, size_of::<DirV6>())?;
+        let dir = memory.bytes();
+        let size = size_of::<DirV6>();
+        let from = next * V6_DIR_SLOTS as usize * size;
+        for (i, d) in v6.dir.iter().enumerate() {
+            dir[from + i * size..from + (i + 1) * size].copy_from_slice(bytes(d));
+        }
+        drop(memory);
+
+        // The hashes: each key holds a value per generation; only `next`'s changes.
+        let wanted: HashMap<LongKeyV4, u32> = v4
+            .long
+            .iter()
+            .map(|((addr, len), v)| {
+                (
+                    LongKeyV4 {
+                        addr: addr.to_be_bytes(),
+                        len: *len,
+                        _pad: [0; 3],
+                    },
+                    *v,
+                )
+            })
+            .collect();
+        let long_v4 = pair_updates(&state.long_v4, &wanted, next);
+        let wanted: HashMap<[u8; 4], NodeV6> = v6
+            .nodes
+            .iter()
+            .map(|(k, n)| (k.to_be_bytes(), *n))
+            .collect();
+        let nodes_v6 = pair_updates(&state.nodes_v6, &wanted, next);
+        let wanted: HashMap<LongKeyV6, u32> = v6
+            .long
+            .iter()
+            .map(|((addr, len), v)| {
+                (
+                    LongKeyV6 {
+                        addr: addr.to_be_bytes(),
+                        len: *len,
+                        _pad: [0; 3],
+                    },
+                    *v,
+                )
+            })
+            .collect();
+        let long_v6 = pair_updates(&state.long_v6, &wanted, next);
+        self.write_pairs(map_names::LONG_V4, &long_v4.0)?;
+        self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
+        self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
+
+        // The switch.
+        self.update_config(|c| c.generation = next as u32)?;
+        state.generation = next as u32;
+        state.blocks[next] = placed;
+
+        // Keys neither generation uses any more.
+        self.delete_keys::<_, LongValue>(map_names::LONG_V4, &long_v4.1)?;
+        self.delete_keys::<_, [NodeV6; 2]>(map_names::NODE_V6, &nodes_v6.1)?;
+        self.delete_keys::<_, LongValue>(map_names::LONG_V6, &long_v6.1)?;
+        apply_shadow(&mut state.long_v4, long_v4);
+        apply_shadow(&mut state.nodes_v6, nodes_v6);
+        apply_shadow(&mut state.long_v6, long_v6);
+        Ok(())
+    }
+
+    /// Writes (key → value) pairs into a hash, batched where the kernel supports it.
+    fn write_pairs<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        pairs: &[(K, V)],
+    ) -> Result<(), DatapathError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u8> = pairs.iter().flat_map(|(k, _)| bytes(k).to_vec()).collect();
+        let values: Vec<u8> = pairs.iter().flat_map(|(_, v)| bytes(v).to_vec()).collect();
+        if self
+            .update_batch(name, &keys, &values, size_of::<K>(), size_of::<V>())
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let mut map: BpfHashMap<&mut MapData, K, V> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        for (key, value) in pairs {
+            map.insert(key, value, 0).map_err(map_error(name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes keys from a hash; an absent key is already what we want.
+    fn delete_keys<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        keys: &[K],
+    ) -> Result<(), DatapathError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut map: BpfHashMap<&mut MapData, K, V> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        for key in keys {
+            let _ = map.remove(key);
+        }
+        Ok(())
+    }
+}
+
+fn apply_shadow<K: Copy + Eq + std::hash::Hash, V>(
+    shadow: &mut HashMap<K, V>,
+    (writes, deletes): (Vec<(K, V)>, Vec<K>),
+) {
+    for key in deletes {
+        shadow.remove(&key);
+    }
+    shadow.extend(writes);
+}
+
+fn read_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &Map,
+    name: &'static str,
+) -> Result<HashMap<K, V>, DatapathError> {
+    let hash: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(map).map_err(map_error(name))?;
+    hash.iter()
+        .map(|entry| entry.map_err(map_error(name)))
+        .collect()
+}
