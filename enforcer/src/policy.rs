@@ -157,7 +157,7 @@ pub enum PolicyError {
     #[error("{0} distinct approved VPN endpoint prefixes; the kernel map holds {MAX_VPN_GROUPS}")]
     TooManyVpnPrefixes(usize),
     #[error(
-        "a live update needs fresh rule numbers for its {added} new entries while the {in_use} entries in force keep theirs, and the kernel maps hold {MAX_RULES}: apply it in two steps (remove, then add) or restart the controller"
+        "a live update needs fresh rule numbers for its {added} new or changed entries while the {in_use} entries in force keep theirs, and the kernel maps hold {MAX_RULES}: apply it in two steps (remove, then add) or restart the controller"
     )]
     NoFreeRuleNumbers { added: usize, in_use: usize },
     #[error(transparent)]
@@ -511,33 +511,82 @@ impl CompiledRule {
     }
 }
 
-/// Numbers the rules: an entry `previous` had keeps its number; new entries get the lowest
-/// numbers `previous` did not use. The result is sorted by number.
+/// What the kernel holds for a rule beyond its prefix: its flags, the (protocol, port) pairs it
+/// allows, and for a VPN endpoint what is approved.
+type Content = (u32, Vec<(u8, u16)>, Option<(VpnProtocol, Option<u16>)>);
+
+fn content(rule: &CompiledRule) -> Content {
+    let mut ports = Vec::new();
+    for spec in rule.ports.iter().flatten() {
+        if let PortSpec::Range {
+            protocol,
+            first,
+            last,
+        } = *spec
+        {
+            ports.extend((first..=last).map(|port| (protocol.number(), port)));
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    let vpn = rule.vpn.as_ref().map(|v| (v.protocol, v.port));
+    (rule.flags(), ports, vpn)
+}
+
+/// Numbers the rules: an entry `previous` had keeps its number if what the kernel holds for it
+/// is unchanged; new and changed entries get numbers `previous` did not use. So a live change
+/// writes changed entries beside the old ones and switches to them with the lookup tables: a
+/// packet meets the old entry or the new one, never a half-changed one. The result is sorted by
+/// number.
 fn assign_indices(
     rules: &mut [CompiledRule],
     previous: Option<&Policy>,
 ) -> Result<(), PolicyError> {
-    let old: std::collections::HashMap<RuleKey, u32> = previous
-        .map(|p| p.rules.iter().map(|r| (r.key(), r.index)).collect())
+    let mut old_ports: std::collections::HashMap<u32, Vec<(u8, u16)>> =
+        std::collections::HashMap::new();
+    for key in previous.map(|p| p.port_keys.as_slice()).unwrap_or_default() {
+        old_ports
+            .entry(key.rule)
+            .or_default()
+            .push((key.proto, u16::from_be_bytes(key.port_be)));
+    }
+    let old: std::collections::HashMap<RuleKey, (u32, Content)> = previous
+        .map(|p| {
+            p.rules
+                .iter()
+                .map(|r| {
+                    let mut ports = old_ports.remove(&r.index).unwrap_or_default();
+                    ports.sort_unstable();
+                    ports.dedup();
+                    let vpn = r.vpn.as_ref().map(|v| (v.protocol, v.port));
+                    (r.key(), (r.index, (r.flags(), ports, vpn)))
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    let taken: std::collections::HashSet<u32> = old.values().copied().collect();
+    let taken: std::collections::HashSet<u32> = old.values().map(|(i, _)| *i).collect();
+    let kept = |rule: &CompiledRule| {
+        old.get(&rule.key())
+            .filter(|(_, before)| *before == content(rule))
+            .map(|(index, _)| *index)
+    };
     let mut next = 0u32;
-    for rule in rules.iter_mut() {
-        if let Some(&index) = old.get(&rule.key()) {
-            rule.index = index;
+    for i in 0..rules.len() {
+        if let Some(index) = kept(&rules[i]) {
+            rules[i].index = index;
             continue;
         }
         while taken.contains(&next) {
             next += 1;
         }
         if next >= MAX_RULES {
-            let added = rules.iter().filter(|r| !old.contains_key(&r.key())).count();
+            let added = rules.iter().filter(|r| kept(r).is_none()).count();
             return Err(PolicyError::NoFreeRuleNumbers {
                 added,
                 in_use: taken.len(),
             });
         }
-        rule.index = next;
+        rules[i].index = next;
         next += 1;
     }
     rules.sort_by_key(|r| r.index);

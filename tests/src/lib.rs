@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod daemon;
+pub mod flood;
 pub mod kernel;
 pub mod netns;
 pub mod packet;

@@ -678,3 +678,73 @@ fn a_restart_after_the_interface_was_replaced_attaches_anew() {
     );
     assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, TIMEOUT).unwrap());
 }
+
+#[test]
+fn a_reload_that_outgrows_the_lookup_table_grows_it_without_a_gap() {
+    // The IPv4 table was sized for the small demo registry (2,048 blocks). The new registry
+    // adds 3,000 /24s in 3,000 different /16s (a block each) and the internet client's /32:
+    // the controller must grow the table (a new map, a program instance using it, one link
+    // update) while the ministry LAN keeps sending.
+    let s = Setup::new();
+    let lan = s.lab.client(MINISTRY_LAN.label);
+    let internet = s.lab.client(INTERNET.label);
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "the internet client is not allowlisted before the reload"
+    );
+    let mut registry = s.registry();
+    let networks = registry["networks"].as_array_mut().unwrap();
+    for i in 0..3000u32 {
+        networks.push(json!({
+            "name": format!("big-{i}"),
+            "cidr": format!("{}.{}.7.0/24", 11 + i / 256, i % 256),
+        }));
+    }
+    networks.push(json!({"name": "internet-now", "cidr": format!("{}/32", INTERNET.v4)}));
+    std::fs::write(
+        s.dir.0.join("registry.json"),
+        serde_json::to_string_pretty(&registry).unwrap(),
+    )
+    .unwrap();
+    let program_before = s.cli(&["status", "--json"]).1;
+    const DATAGRAMS: u32 = 3000;
+    let received_before = s.services.udp_received.load(Ordering::Relaxed);
+    let stats_before = s.enforcer.stats().unwrap();
+    std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| topology::udp_send(&lan.ns, lan.server_v4, UDP_PORT, DATAGRAMS).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        let (ok, out) = s.cli(&["reload"]);
+        assert!(ok, "the reload succeeds: {out}");
+        sender.join().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let received = s.services.udp_received.load(Ordering::Relaxed) - received_before;
+    let stats = s.enforcer.stats().unwrap();
+    assert_eq!(
+        stats.packets("not_allowlisted"),
+        stats_before.packets("not_allowlisted"),
+        "no drop while the table grew"
+    );
+    assert_eq!(
+        received,
+        u64::from(DATAGRAMS),
+        "the server received every datagram"
+    );
+    assert!(
+        topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "the new registry is in force in the grown table"
+    );
+    let status: Value = serde_json::from_str(&s.cli(&["status", "--json"]).1).unwrap();
+    let before: Value = serde_json::from_str(&program_before).unwrap();
+    assert!(before["data"]["program_id"].is_u64(), "{before}");
+    assert_ne!(
+        status["data"]["program_id"], before["data"]["program_id"],
+        "a new program instance (using the grown table) took over the link"
+    );
+    assert!(
+        s.enforcer.log_text().contains("IPv4 lookup table grown"),
+        "{}",
+        s.enforcer.log_text()
+    );
+}

@@ -31,8 +31,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and measure the per-packet cost (`BPF_PROG_TEST_RUN`) beside a bare program.
-    Bench,
+    /// Set up (with the peers), build, and measure: per-packet cost (`BPF_PROG_TEST_RUN`) beside
+    /// floor programs and xdp-filter, a veth flood beside nftables and iptables+ipset, and the
+    /// control plane. Parts by name: `test-run`, `vpn`, `flood`, `control` (default: all).
+    Bench {
+        #[arg(trailing_var_arg = true)]
+        parts: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,15 +59,23 @@ fn main() -> anyhow::Result<()> {
             build()?;
             test(&args)
         }
-        Task::Bench => {
+        Task::Bench { parts } => {
             setup::setup()?;
+            setup::bench_peers()?;
             build()?;
             // The controller is measured as shipped: a release build.
             cargo(&["build", "--release", "-p", "enforcer"])?;
-            cargo_with(
-                &["run", "--release", "-p", "enforcer-tests", "--bin", "bench"],
-                &workspace_root().join("target/release/enforcer"),
-            )
+            let mut args = vec![
+                "run",
+                "--release",
+                "-p",
+                "enforcer-tests",
+                "--bin",
+                "bench",
+                "--",
+            ];
+            args.extend(parts.iter().map(String::as_str));
+            cargo_with(&args, &workspace_root().join("target/release/enforcer"))
         }
     }
 }

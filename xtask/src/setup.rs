@@ -26,6 +26,15 @@ const APT_PACKAGES: [&str; 12] = [
     "libstrongswan-extra-plugins",
 ];
 
+/// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an
+/// ipset, xdp-filter); only the benchmark installs them.
+const BENCH_PACKAGES: [&str; 4] = ["nftables", "iptables", "ipset", "xdp-tools"];
+
+/// Installs the benchmark's peers.
+pub fn bench_peers() -> anyhow::Result<()> {
+    apt_packages(&BENCH_PACKAGES)
+}
+
 /// Where slow-to-build tools are cached: `$ENFORCER_CACHE`, else `~/.cache/enforcer`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ENFORCER_CACHE") {
@@ -78,15 +87,15 @@ pub fn setup() -> anyhow::Result<()> {
              run `sudo -E cargo xtask ...`"
         );
     }
-    apt_packages()?;
+    apt_packages(&APT_PACKAGES)?;
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

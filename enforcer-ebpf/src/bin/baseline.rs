@@ -1,5 +1,5 @@
-//! Floor programs for benchmarks (not loaded by the enforcer): what any XDP program costs, and
-//! what one kernel LPM-trie lookup of the IPv4 source costs.
+//! Floor programs for benchmarks (not loaded by the enforcer): what any XDP program costs (pass,
+//! drop), and what one kernel LPM-trie lookup of the IPv4 source costs.
 #![no_std]
 #![no_main]
 
@@ -14,6 +14,12 @@ use aya_ebpf::{
 #[xdp]
 pub fn baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Returns XDP_DROP without reading the packet: the flood benchmark's floor.
+#[xdp]
+pub fn baseline_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[map]

@@ -30,19 +30,22 @@ impl Datapath {
     /// Applies the difference between `old` (what the maps hold) and `new`. When this returns,
     /// `new` is in force.
     pub fn apply(&mut self, old: &Policy, new: &Policy) -> Result<(), DatapathError> {
-        let before: HashMap<RuleKey, &CompiledRule> =
-            old.rules.iter().map(|r| (r.key(), r)).collect();
-        let after: HashMap<RuleKey, &CompiledRule> =
-            new.rules.iter().map(|r| (r.key(), r)).collect();
+        // A rule is its entry and its number: a changed entry comes with a fresh number (see
+        // `Policy::compile_after`), so it is written beside the old one, not over it.
+        let id = |r: &CompiledRule| (r.key(), r.index);
+        let before: HashMap<(RuleKey, u32), &CompiledRule> =
+            old.rules.iter().map(|r| (id(r), r)).collect();
+        let after: HashMap<(RuleKey, u32), &CompiledRule> =
+            new.rules.iter().map(|r| (id(r), r)).collect();
         let added: Vec<&CompiledRule> = new
             .rules
             .iter()
-            .filter(|r| !before.contains_key(&r.key()))
+            .filter(|r| !before.contains_key(&id(r)))
             .collect();
         let removed: Vec<&CompiledRule> = old
             .rules
             .iter()
-            .filter(|r| !after.contains_key(&r.key()))
+            .filter(|r| !after.contains_key(&id(r)))
             .collect();
         let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
         let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
@@ -74,7 +77,7 @@ impl Datapath {
             .iter()
             .filter(|rule| {
                 before
-                    .get(&rule.key())
+                    .get(&id(rule))
                     .is_none_or(|old_rule| old_rule.flags() != rule.flags())
             })
             .map(|rule| (rule.index, rule.flags()))

@@ -113,6 +113,9 @@ pub struct Datapath {
     adopted_program_id: Option<u32>,
     /// The source lookup tables as last written (read from the maps on first use).
     source: Option<source::SourceState>,
+    /// Where the maps are pinned (`None`: a program of its own, for tests and benchmarks).
+    pin_dir: Option<std::path::PathBuf>,
+    vpn_stage: bool,
 }
 
 /// File names of the pinned link and program inside an instance's pin directory.
@@ -220,6 +223,8 @@ impl Datapath {
             vpn_slots: std::collections::BTreeMap::new(),
             adopted_program_id: None,
             source: None,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            vpn_stage: vpn_stage != 0,
         })
     }
 
@@ -532,6 +537,19 @@ impl Datapath {
                 .map(|i| i.id());
             return Ok("adopted the running program");
         }
+        self.take_over_link(dir)?;
+        Ok("replaced the running program with this build's (one link update)")
+    }
+
+    /// Switches the link pinned under `dir` to this program in one kernel call (no moment
+    /// without a program) and pins this program in place of the one it replaced.
+    fn take_over_link(&mut self, dir: &Path) -> Result<(), DatapathError> {
+        let link_path = dir.join(LINK_PIN);
+        let program_path = dir.join(PROGRAM_PIN);
+        let adopt_error = |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            iface: format!("pinned link {}", link_path.display()),
+            source: e,
+        };
         let link = aya::programs::links::PinnedLink::from_pin(&link_path)
             .map_err(|e| adopt_error(boxed(e)))?;
         let fd_link = link.unpin().map_err(|e| adopt_error(boxed(e)))?;
@@ -552,7 +570,8 @@ impl Datapath {
         self.program_mut()
             .pin(&program_path)
             .map_err(|e| adopt_error(boxed(e)))?;
-        Ok("replaced the running program with this build's (one link update)")
+        self.adopted_program_id = None;
+        Ok(())
     }
 
     fn program_mut(&mut self) -> &mut Xdp {

@@ -9,7 +9,9 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use enforcer_common::{
     DirV6, LongKeyV4, LongKeyV6, LongValue, NodeV6,
-    lookup::{BLOCK_SLOTS, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS},
+    lookup::{
+        BLOCK_SLOTS, V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS,
+    },
     map_names,
 };
 use ipnet::IpNet;
@@ -155,11 +157,32 @@ impl Datapath {
     /// Builds the tables for `entries` in the generation not in force, then switches to it.
     /// If anything fails before the switch, the tables in force are untouched.
     pub(super) fn write_source(&mut self, entries: &[(IpNet, u32)]) -> Result<(), DatapathError> {
+        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
+            name: map_names::LONG_V6,
+            source: e.into(),
+        })?;
         let mut state = match self.source.take() {
             Some(state) => state,
             None => self.source_state()?,
         };
-        let result = self.write_source_with(&mut state, entries);
+        let in_use = state.blocks[state.generation as usize].len();
+        let capacity = self.v4_capacity()?;
+        if v4.blocks.len() + in_use > capacity as usize {
+            let blocks = u32::try_from(2 * v4.blocks.len().max(in_use) + 256)
+                .unwrap_or(u32::MAX)
+                .clamp(V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS);
+            if let Err(e) = self.grow_v4(blocks) {
+                return Err(DatapathError::Map {
+                    name: map_names::SOURCE_V4,
+                    source: format!(
+                        "the IPv4 lookup table holds {capacity} blocks; this policy needs {} beside the {in_use} in force, and growing the table failed: {e}",
+                        v4.blocks.len()
+                    )
+                    .into(),
+                });
+            }
+        }
+        let result = self.write_source_with(&mut state, &v4, &v6);
         // On failure the state may no longer match the maps: read it afresh next time.
         if result.is_ok() {
             self.source = Some(state);
@@ -167,15 +190,64 @@ impl Datapath {
         result
     }
 
+    /// Blocks `SOURCE_V4` has beyond the roots of both generations.
+    fn v4_capacity(&self) -> Result<u32, DatapathError> {
+        let name = map_names::SOURCE_V4;
+        let Map::Array(data) = self.map(name)? else {
+            return Err(DatapathError::Map {
+                name,
+                source: "not an array".into(),
+            });
+        };
+        let entries = data.info().map_err(map_error(name))?.max_entries();
+        Ok(entries.saturating_sub(2 * V4_ROOT_BLOCKS))
+    }
+
+    /// Replaces `SOURCE_V4` by a larger copy: a map's size is fixed when it is created, so a new
+    /// map is created (and pinned in place of the old one), filled with the old one's blocks, and
+    /// a program instance using it is loaded with every other map shared; the link then switches
+    /// to that program in one kernel call. Only for pinned maps (what the controller runs with).
+    fn grow_v4(&mut self, blocks: u32) -> Result<(), DatapathError> {
+        let name = map_names::SOURCE_V4;
+        let Some(dir) = self.pin_dir.clone() else {
+            return Err(DatapathError::Map {
+                name,
+                source: "only a pinned table can grow (load the program for the largest policy)"
+                    .into(),
+            });
+        };
+        let old: Vec<u8> = Mapped::new(self.map(name)?, name, 1024)?.bytes().to_vec();
+        let pin = dir.join(name);
+        let _ = std::fs::remove_file(&pin);
+        let mut grown = match Self::load_full(self.vpn_stage, Some(&dir), blocks) {
+            Ok(grown) => grown,
+            Err(e) => {
+                // Put the old table's pin back: the running program still uses it.
+                if let Map::Array(data) = self.map(name)? {
+                    let _ = data.pin(&pin);
+                }
+                return Err(e);
+            }
+        };
+        {
+            let mut memory = Mapped::new(grown.map(name)?, name, 1024)?;
+            memory.bytes()[..old.len()].copy_from_slice(&old);
+        }
+        if dir.join(super::LINK_PIN).exists() {
+            grown.take_over_link(&dir)?;
+        }
+        grown.vpn_slots = std::mem::take(&mut self.vpn_slots);
+        tracing::info!(blocks, "IPv4 lookup table grown");
+        *self = grown;
+        Ok(())
+    }
+
     fn write_source_with(
         &mut self,
         state: &mut SourceState,
-        entries: &[(IpNet, u32)],
+        v4: &lookup::V4Tables,
+        v6: &lookup::V6Tables,
     ) -> Result<(), DatapathError> {
-        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
-            name: map_names::LONG_V6,
-            source: e.into(),
-        })?;
         let active = state.generation as usize;
         let next = 1 - active;
 

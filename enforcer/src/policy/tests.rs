@@ -363,8 +363,8 @@ fn compile_after_keeps_rule_numbers_and_never_reuses_a_freed_one_at_once() {
     let v1 = r#"{"schema": 1, "mode": "enforce", "networks": [
       {"name": "a", "cidr": "10.1.0.0/16"}, {"name": "b", "cidr": "10.2.0.0/16"}, {"name": "c", "cidr": "10.3.0.0/16"}]}"#;
     let v2 = r#"{"schema": 1, "mode": "enforce", "networks": [
-      {"name": "c-renamed", "cidr": "10.3.0.0/16", "ports": ["443/tcp"]}, {"name": "a", "cidr": "10.1.0.0/16"},
-      {"name": "d", "cidr": "10.4.0.0/16"}]}"#;
+      {"name": "c-limited", "cidr": "10.3.0.0/16", "ports": ["443/tcp"]}, {"name": "a", "cidr": "10.1.0.0/16"},
+      {"name": "b-renamed", "cidr": "10.2.0.0/16"}, {"name": "d", "cidr": "10.4.0.0/16"}]}"#;
     let old = compile(v1);
     let new = Policy::compile_after(&Registry::parse(v2).unwrap(), today(), Some(&old)).unwrap();
     let numbers: Vec<(&str, u32)> = new
@@ -372,10 +372,14 @@ fn compile_after_keeps_rule_numbers_and_never_reuses_a_freed_one_at_once() {
         .iter()
         .map(|r| (r.name.as_str(), r.index))
         .collect();
-    // a and c keep 0 and 2 (c by its prefix, renamed); b's 1 is freed but not reused by d.
-    assert_eq!(numbers, vec![("a", 0), ("c-renamed", 2), ("d", 3)]);
-    assert_eq!(new.rule(2).unwrap().ports.as_ref().map(Vec::len), Some(1));
-    assert!(new.rule(1).is_none());
+    // a keeps 0 and b 1 (by its prefix, renamed); c's ports changed, so it is written beside the
+    // old c under a fresh number (3) and 2 is freed, but not reused by d in the same update.
+    assert_eq!(
+        numbers,
+        vec![("a", 0), ("b-renamed", 1), ("c-limited", 3), ("d", 4)]
+    );
+    assert_eq!(new.rule(3).unwrap().ports.as_ref().map(Vec::len), Some(1));
+    assert!(new.rule(2).is_none());
     let next = Policy::compile_after(&Registry::parse(v1).unwrap(), today(), Some(&new)).unwrap();
     let numbers: Vec<(&str, u32)> = next
         .rules
@@ -385,7 +389,7 @@ fn compile_after_keeps_rule_numbers_and_never_reuses_a_freed_one_at_once() {
     assert_eq!(
         numbers,
         vec![("a", 0), ("b", 1), ("c", 2)],
-        "1 is free again one update later"
+        "2 is free again one update later"
     );
 }
 

@@ -17,6 +17,7 @@ use aya::{
 };
 use enforcer::datapath::BASELINE_OBJECT;
 use enforcer_tests::{
+    flood::{self, FloodLab, Sample},
     kernel::Loaded,
     netns::require_root,
     packet::{ETH_P_8021Q, Frame, L4},
@@ -28,12 +29,13 @@ const RUNS: usize = 5;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
-fn reserved() -> [IpNet; 4] {
+fn reserved() -> [IpNet; 5] {
     [
         "198.51.100.0/24",
         "203.0.113.0/24",
         "2001:db8::/32",
         "192.0.2.0/24",
+        enforcer_tests::flood::SOURCES,
     ]
     .map(|c| c.parse().unwrap())
 }
@@ -520,8 +522,247 @@ fn vpn_stage(out: &mut String) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!(rows))
 }
 
+/// The IPv4 prefixes of a benchmark registry (for the peers, which get the same list).
+fn v4_prefixes(registry: &str) -> Vec<Ipv4Net> {
+    let registry = enforcer::registry::Registry::parse(registry).expect("bench registry parses");
+    registry
+        .networks
+        .iter()
+        .filter_map(|n| match n.cidr {
+            IpNet::V4(net) => Some(net),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Floods of `FLOOD_SECONDS` each; the median by rate.
+fn flood_median(lab: &FloodLab) -> anyhow::Result<Sample> {
+    // Warm-up: caches, page pools, the first softirq.
+    lab.flood(std::time::Duration::from_millis(500), FLOOD_CPU)?;
+    let mut samples: Vec<Sample> = (0..FLOOD_RUNS)
+        .map(|_| lab.flood(std::time::Duration::from_secs(FLOOD_SECONDS), FLOOD_CPU))
+        .collect::<anyhow::Result<_>>()?;
+    samples.sort_by(|a, b| a.mpps().total_cmp(&b.mpps()));
+    Ok(samples[samples.len() / 2])
+}
+
+const FLOOD_SECONDS: u64 = 2;
+const FLOOD_RUNS: usize = 3;
+const FLOOD_CPU: usize = 1;
+
+/// Loads a floor program from the baseline object and attaches it (native mode) to the
+/// receiver's interface; it stays attached until the returned object is dropped.
+fn attach_floor(lab: &FloodLab, name: &str, prefixes: &[Ipv4Net]) -> anyhow::Result<Ebpf> {
+    lab.rx.enter(|| -> anyhow::Result<Ebpf> {
+        let mut ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
+        if !prefixes.is_empty() {
+            let mut trie: LpmTrie<_, [u8; 4], u32> =
+                LpmTrie::try_from(ebpf.map_mut("BASELINE_LPM").expect("BASELINE_LPM"))?;
+            for net in prefixes {
+                trie.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                    1,
+                    0,
+                )?;
+            }
+        }
+        let program: &mut Xdp = ebpf.program_mut(name).expect("floor program").try_into()?;
+        program.load()?;
+        program.attach(flood::IFACE, aya::programs::XdpMode::Driver)?;
+        Ok(ebpf)
+    })?
+}
+
+/// nftables: a netdev ingress chain dropping sources outside an interval set of the prefixes.
+fn nft_allowlist(
+    lab: &FloodLab,
+    prefixes: &[Ipv4Net],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let elements: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+    let rules = format!(
+        "table netdev enforcer_bench {{\n  set allow {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n  chain ingress {{ type filter hook ingress device \"{}\" priority 0; policy accept; ip saddr != @allow drop; }}\n}}\n",
+        elements.join(", "),
+        flood::IFACE
+    );
+    let file = dir.join("allow.nft");
+    std::fs::write(&file, rules)?;
+    lab.rx.exec(&["nft", "-f", &file.display().to_string()])?;
+    Ok(())
+}
+
+/// iptables + ipset: a hash:net set of the prefixes, and a raw-table rule dropping the rest.
+fn ipset_allowlist(
+    lab: &FloodLab,
+    prefixes: &[Ipv4Net],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut restore =
+        String::from("create enforcer_bench hash:net family inet hashsize 65536 maxelem 2000000\n");
+    for net in prefixes {
+        writeln!(restore, "add enforcer_bench {net}")?;
+    }
+    let file = dir.join("allow.ipset");
+    std::fs::write(&file, restore)?;
+    lab.rx
+        .exec(&["ipset", "restore", "-file", &file.display().to_string()])?;
+    lab.rx.exec(&[
+        "iptables",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-i",
+        flood::IFACE,
+        "-m",
+        "set",
+        "!",
+        "--match-set",
+        "enforcer_bench",
+        "src",
+        "-j",
+        "DROP",
+    ])?;
+    Ok(())
+}
+
+/// The flood: drop rate and receiver CPU per packet of every filter, at 10 and 100,000 entries,
+/// all in one run.
+fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
+    use enforcer_tests::{daemon::Enforcer, vpn::TempDir};
+
+    let dir = TempDir::new("enf-flood")?;
+    let mut rows: Vec<(String, Sample)> = Vec::new();
+    let mut measure = |label: String, lab: &FloodLab| -> anyhow::Result<()> {
+        let sample = flood_median(lab)?;
+        eprintln!(
+            "bench: flood {label}: {:.2} Mpps, {:.0} ns softirq/packet",
+            sample.mpps(),
+            sample.softirq_ns
+        );
+        rows.push((label, sample));
+        Ok(())
+    };
+    {
+        let lab = FloodLab::new()?;
+        measure("no filter (stack drops: no listener)".into(), &lab)?;
+        let floor = attach_floor(&lab, "baseline_drop", &[])?;
+        measure("bare XDP_DROP".into(), &lab)?;
+        drop(floor);
+    }
+    for size in [10usize, 100_000] {
+        let text = Distribution::Realistic.registry(size);
+        let prefixes = v4_prefixes(&text);
+        {
+            let lab = FloodLab::new()?;
+            let floor = attach_floor(&lab, "baseline_lpm", &prefixes)?;
+            measure(format!("one LPM lookup (floor), {size}"), &lab)?;
+            drop(floor);
+        }
+        {
+            let lab = FloodLab::new()?;
+            let registry = dir.0.join(format!("registry-{size}.json"));
+            std::fs::write(&registry, &text)?;
+            let mut enforcer = Enforcer::start(&lab.rx, flood::IFACE, &registry, &[])?;
+            measure(format!("enforcer, {size}"), &lab)?;
+            let stats = enforcer.stats()?;
+            anyhow::ensure!(
+                stats.packets("not_allowlisted") > 0,
+                "the enforcer dropped the flood as not_allowlisted"
+            );
+            enforcer.stop()?;
+            enforcer.detach()?;
+        }
+        {
+            let lab = FloodLab::new()?;
+            nft_allowlist(&lab, &prefixes, &dir.0)?;
+            measure(format!("nftables set (netdev ingress), {size}"), &lab)?;
+        }
+        {
+            let lab = FloodLab::new()?;
+            ipset_allowlist(&lab, &prefixes, &dir.0)?;
+            measure(format!("iptables + ipset hash:net, {size}"), &lab)?;
+        }
+    }
+    let bare = rows
+        .iter()
+        .find(|(l, _)| l == "bare XDP_DROP")
+        .map_or(1.0, |(_, s)| s.mpps());
+    writeln!(
+        out,
+        "\nveth flood: 60-byte UDP from 65,536 sources in {}, none listed; sender pinned to CPU {FLOOD_CPU}, median of {FLOOD_RUNS} x {FLOOD_SECONDS} s",
+        flood::SOURCES
+    )?;
+    writeln!(
+        out,
+        "{:<44}{:>8}{:>14}{:>22}",
+        "receiver", "Mpps", "vs bare drop", "softirq ns/packet"
+    )?;
+    for (label, s) in &rows {
+        writeln!(
+            out,
+            "{label:<44}{:>8.2}{:>13.2}x{:>22.0}",
+            s.mpps(),
+            s.mpps() / bare,
+            s.softirq_ns
+        )?;
+    }
+    Ok(serde_json::json!(
+        rows.iter()
+            .map(|(l, s)| serde_json::json!({
+                "receiver": l, "mpps": s.mpps(), "vs_bare_drop": s.mpps() / bare,
+                "softirq_ns_per_packet": s.softirq_ns, "sent": s.sent, "seconds": s.seconds,
+            }))
+            .collect::<Vec<_>>()
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     require_root();
+    let parts: Vec<String> = std::env::args().skip(1).collect();
+    for part in &parts {
+        anyhow::ensure!(
+            PARTS.contains(&part.as_str()),
+            "unknown bench part {part:?}; parts: {}",
+            PARTS.join(", ")
+        );
+    }
+    let want = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    let mut table = String::new();
+    let mut json = serde_json::Map::new();
+    if want("test-run") {
+        json.insert("per_packet".into(), test_run(&mut table, &out)?);
+    }
+    if want("vpn") {
+        json.insert("vpn_stage".into(), vpn_stage(&mut table)?);
+    }
+    if want("flood") {
+        json.insert("flood".into(), flood(&mut table)?);
+    }
+    if want("control") {
+        json.insert("control_plane".into(), control_plane(&mut table)?);
+    }
+    print!("{table}");
+    let name = if parts.is_empty() {
+        "bench.json".to_string()
+    } else {
+        format!("bench-{}.json", parts.join("-"))
+    };
+    std::fs::write(
+        out.join(&name),
+        format!("{:#}\n", serde_json::Value::Object(json)),
+    )?;
+    println!("written: target/bench/{name}");
+    Ok(())
+}
+
+/// The parts `cargo xtask bench PART...` can run alone.
+const PARTS: [&str; 4] = ["test-run", "vpn", "flood", "control"];
+
+/// Per-packet cost through `BPF_PROG_TEST_RUN`, both distributions, all sizes; writes the chart.
+fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let frames = packets();
     let mut baseline = EbpfLoader::new().load(BASELINE_OBJECT)?;
     let pass: &mut Xdp = baseline
@@ -536,7 +777,6 @@ fn main() -> anyhow::Result<()> {
         .map(|d| measure_distribution(d, &frames))
         .collect::<anyhow::Result<_>>()?;
 
-    let mut table = String::new();
     writeln!(
         table,
         "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats (ns); bare XDP_PASS = {bare} ns"
@@ -561,24 +801,14 @@ fn main() -> anyhow::Result<()> {
         let loads: String = s.load_ms.iter().map(|v| format!("{v:>10}")).collect();
         writeln!(table, "{:<38}{loads}", "load: parse+compile+load+fill (ms)")?;
     }
-    let vpn = vpn_stage(&mut table)?;
-    let control = control_plane(&mut table)?;
-    print!("{table}");
-
-    let json = serde_json::json!({
+    std::fs::write(out.join("cost.svg"), chart(&series, bare))?;
+    writeln!(table, "chart: target/bench/cost.svg")?;
+    Ok(serde_json::json!({
         "repeat": REPEAT, "runs": RUNS, "sizes": SIZES, "bare_pass_ns": bare,
-        "per_packet": series.iter().map(|s| serde_json::json!({
+        "series": series.iter().map(|s| serde_json::json!({
             "distribution": s.distribution,
             "rows": s.rows.iter().map(|(w, v)| serde_json::json!({"packet": w, "ns": v})).collect::<Vec<_>>(),
             "lpm_floor_ns": s.lpm, "load_ms": s.load_ms,
         })).collect::<Vec<_>>(),
-        "vpn_stage": vpn,
-        "control_plane": control,
-    });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("bench.json"), format!("{json:#}\n"))?;
-    std::fs::write(out.join("cost.svg"), chart(&series, bare))?;
-    println!("written: target/bench/bench.json, target/bench/cost.svg");
-    Ok(())
+    }))
 }
