@@ -1,20 +1,26 @@
-//! A bounded veth flood for the benchmark: 60-byte UDP frames from 65,536 sources in
+//! A bounded veth flood for the benchmark: 60-byte UDP frames from 16,384 sources in
 //! 198.18.0.0/15 (RFC 2544's benchmarking range, which no benchmark registry lists) sent from one
-//! namespace to another as fast as one CPU can, for a fixed time.
+//! namespace to another, for a fixed number of frames per flood.
 //!
-//! Where the work lands: the sender is pinned to one CPU and writes frames with `sendmmsg` on a
-//! raw packet socket that bypasses the qdisc. A veth delivers in the sender's context: the
-//! receiving side's XDP program (or, without one, the stack with its nftables/iptables hooks)
-//! runs in a softirq on that same CPU. So the drop rate is the rate of the whole pipeline on one
-//! core, and the receiver's share is the softirq time per packet (from /proc/stat), which is the
-//! figure that tells one filter from another.
+//! The frames are made in the kernel, not by a userspace socket (which spends a microsecond a
+//! frame and would hide every filter's cost): the sender runs the `flood_gen` XDP program with
+//! `BPF_PROG_TEST_RUN` in live-frames mode, which gives each frame its source and redirects it
+//! out of the sender's veth; the veth hands it to the receiver's side as an XDP frame, where the
+//! receiver's XDP program (or, behind a pass-through XDP program, the stack with its
+//! nftables/iptables hooks) handles it. The sender is pinned to one CPU and the receiver's work
+//! runs there too, in softirq: the drop rate is the rate of the whole pipeline on one core, and
+//! the receiver's share is the softirq time per frame (from /proc/stat).
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::{Duration, Instant},
+    os::fd::{FromRawFd as _, OwnedFd},
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+};
 
 use crate::netns::{Netns, veth};
 
@@ -25,14 +31,12 @@ pub const IFACE: &str = "eth0";
 /// Where the flood's sources come from (and what registries must leave out).
 pub const SOURCES: &str = "198.18.0.0/15";
 
-const FRAMES: usize = 65_536;
-const BATCH: usize = 512;
-
-/// Two namespaces joined by a veth pair; removed on drop.
+/// Two namespaces joined by a veth pair (removed on drop), and the frame generator.
 pub struct FloodLab {
     pub tx: Netns,
     pub rx: Netns,
     rx_mac: [u8; 6],
+    generator: Ebpf,
 }
 
 /// One flood's outcome.
@@ -78,121 +82,164 @@ impl FloodLab {
         for (byte, hex) in rx_mac.iter_mut().zip(text.trim().split(':')) {
             *byte = u8::from_str_radix(hex, 16)?;
         }
-        Ok(Self { tx, rx, rx_mac })
+        let ifindex: u32 = tx.enter(|| {
+            let name = std::ffi::CString::new(IFACE).expect("no NUL");
+            // SAFETY: a valid C string.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        })?;
+        anyhow::ensure!(ifindex != 0, "no {IFACE} in the sender namespace");
+        let mut generator = EbpfLoader::new()
+            .override_global("FLOOD_IFINDEX", &ifindex, true)
+            .load(enforcer::datapath::BASELINE_OBJECT)?;
+        let program: &mut Xdp = generator
+            .program_mut("flood_gen")
+            .context("flood_gen missing from the baseline object")?
+            .try_into()?;
+        program.load()?;
+        Ok(Self {
+            tx,
+            rx,
+            rx_mac,
+            generator,
+        })
     }
 
-    /// The frames: Ethernet to the receiver's MAC, IPv4 from 198.18.x.y to `RECEIVER`, UDP to
-    /// port 9 (discard), 18 bytes of payload: 60 bytes on the wire before the FCS.
-    fn frames(&self) -> Vec<[u8; 60]> {
-        (0..FRAMES)
-            .map(|i| {
-                let mut f = [0u8; 60];
-                f[..6].copy_from_slice(&self.rx_mac);
-                f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-                f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-                let ip = &mut f[14..34];
-                ip[0] = 0x45;
-                ip[2..4].copy_from_slice(&46u16.to_be_bytes());
-                ip[8] = 64;
-                ip[9] = 17;
-                let src = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) | (i as u32 * 2 + 1);
-                ip[12..16].copy_from_slice(&src.to_be_bytes());
-                ip[16..20].copy_from_slice(&RECEIVER.octets());
-                let checksum = crate::packet::internet_checksum(ip);
-                ip[10..12].copy_from_slice(&checksum.to_be_bytes());
-                f[34..36].copy_from_slice(&(1024 + (i % 50_000) as u16).to_be_bytes());
-                f[36..38].copy_from_slice(&9u16.to_be_bytes());
-                f[38..40].copy_from_slice(&26u16.to_be_bytes());
-                f
-            })
-            .collect()
+    /// The template frame: Ethernet to the receiver's MAC, IPv4 from 198.18.0.0 (the
+    /// generator sets the low 16 bits) to `RECEIVER`, UDP to port 9 (discard), 18 bytes of
+    /// payload: 60 bytes on the wire before the FCS.
+    fn template(&self) -> [u8; 60] {
+        let mut f = [0u8; 60];
+        f[..6].copy_from_slice(&self.rx_mac);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&46u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[198, 18, 0, 0]);
+        ip[16..20].copy_from_slice(&RECEIVER.octets());
+        let checksum = crate::packet::internet_checksum(ip);
+        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        f[34..36].copy_from_slice(&4096u16.to_be_bytes());
+        f[36..38].copy_from_slice(&9u16.to_be_bytes());
+        f[38..40].copy_from_slice(&26u16.to_be_bytes());
+        f
     }
 
-    /// Floods for `duration` from the sender namespace, pinned to `cpu`.
-    pub fn flood(&self, duration: Duration, cpu: usize) -> anyhow::Result<Sample> {
-        let frames = self.frames();
+    /// Sends `frames` frames from the sender namespace, generated on `cpu`.
+    pub fn flood(&self, frames: u32, cpu: usize) -> anyhow::Result<Sample> {
+        let template = self.template();
         let before = softirq_ns()?;
-        let (sent, seconds) = self
+        let dropped_before = self.dropped()?;
+        let seconds = self
             .tx
-            .enter(|| send(&frames, duration, cpu))?
+            .enter(|| -> anyhow::Result<f64> {
+                // SAFETY: pins this thread (a plain system call on a zeroed, then filled set).
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+                }
+                let program: &Xdp = self
+                    .generator
+                    .program("flood_gen")
+                    .context("flood_gen")?
+                    .try_into()?;
+                let started = Instant::now();
+                let mut left = frames;
+                // Bounded: `frames` in chunks of at most a million.
+                while left > 0 {
+                    let chunk = left.min(1_000_000);
+                    let opts = TestRunOptions {
+                        data_in: Some(&template),
+                        repeat: chunk,
+                        attrs: TestRunAttrs::new().xdp_live_frames(64),
+                        ..TestRunOptions::new()
+                    };
+                    program.test_run(opts).context("live-frames test run")?;
+                    left -= chunk;
+                }
+                Ok(started.elapsed().as_secs_f64())
+            })?
             .context("flood sender")?;
         let softirq = softirq_ns()? - before;
+        let lost = self.dropped()? - dropped_before;
+        let delivered = u64::from(frames).saturating_sub(lost);
         Ok(Sample {
-            sent,
+            sent: delivered,
             seconds,
-            softirq_ns: softirq / sent.max(1) as f64,
+            softirq_ns: softirq / delivered.max(1) as f64,
         })
+    }
+
+    /// Frames the veth pair dropped (a full ring), both sides.
+    fn dropped(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for (ns, counter) in [(&self.tx, "tx_dropped"), (&self.rx, "rx_dropped")] {
+            let out = ns.exec(&[
+                "cat",
+                &format!("/sys/class/net/{IFACE}/statistics/{counter}"),
+            ])?;
+            total += String::from_utf8(out.stdout)?.trim().parse::<u64>()?;
+        }
+        Ok(total)
     }
 }
 
-/// Sends `frames` round-robin on `IFACE` of the current namespace until `duration` has passed.
-fn send(frames: &[[u8; 60]], duration: Duration, cpu: usize) -> anyhow::Result<(u64, f64)> {
-    // SAFETY: plain system calls on values we own; each result is checked.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        if fd < 0 {
-            bail!("packet socket: {}", std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let name = std::ffi::CString::new(IFACE)?;
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-        if libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        ) != 0
-        {
-            bail!("bind to {IFACE}: {}", std::io::Error::last_os_error());
-        }
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-        let mut iovecs: Vec<libc::iovec> = frames
-            .iter()
-            .map(|f| libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            })
-            .collect();
-        let mut messages: Vec<libc::mmsghdr> = iovecs
-            .iter_mut()
-            .map(|iov| {
-                let mut m: libc::mmsghdr = std::mem::zeroed();
-                m.msg_hdr.msg_iov = iov;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let mut at = 0usize;
-        // Bounded by time; checked once per batch.
-        while started.elapsed() < duration {
-            let n = libc::sendmmsg(fd.as_raw_fd(), messages[at..].as_mut_ptr(), BATCH as u32, 0);
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS)
-                    || e.kind() == std::io::ErrorKind::WouldBlock
-                {
-                    continue;
-                }
-                bail!("sendmmsg: {e}");
-            }
-            sent += n as u64;
-            at = (at + BATCH) % (messages.len() - BATCH + 1);
-        }
-        Ok((sent, started.elapsed().as_secs_f64()))
+/// Keeps the kernel's per-program run-time statistics on while it lives (`BPF_ENABLE_STATS`:
+/// off again when the descriptor closes, so nothing is left changed).
+pub fn enable_program_stats() -> anyhow::Result<OwnedFd> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    #[repr(C)]
+    struct EnableStats {
+        kind: u32, // BPF_STATS_RUN_TIME = 0
+    }
+    let mut attr = EnableStats { kind: 0 };
+    // SAFETY: a valid `bpf_attr.enable_stats`; the kernel zero-fills the rest of the union.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            (&raw mut attr).cast::<libc::c_void>(),
+            size_of::<EnableStats>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) })
+}
+
+impl FloodLab {
+    /// The id of the XDP program attached to the receiver's interface, if any.
+    fn xdp_program_id(&self) -> anyhow::Result<Option<u32>> {
+        let out = self.rx.exec(&["ip", "-j", "link", "show", IFACE])?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(links[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok()))
+    }
+
+    /// Floods `frames` and returns the receiver's XDP program run time per run (needs
+    /// `enable_program_stats`), or `None` without a program.
+    pub fn program_ns(&self, frames: u32, cpu: usize) -> anyhow::Result<Option<f64>> {
+        let Some(id) = self.xdp_program_id()? else {
+            return Ok(None);
+        };
+        let read = || {
+            aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .map(|p| (p.run_time().as_nanos() as f64, p.run_count() as f64))
+                .context("the receiver's program is gone")
+        };
+        let (time_before, count_before) = read()?;
+        self.flood(frames, cpu)?;
+        let (time_after, count_after) = read()?;
+        Ok(Some(
+            (time_after - time_before) / (count_after - count_before).max(1.0),
+        ))
     }
 }

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{LpmTrie, lpm_trie::Key},
+    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 
@@ -20,6 +20,53 @@ pub fn baseline_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn baseline_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// Where `flood_gen` sends its frames (the sender's veth), set at load.
+#[unsafe(no_mangle)]
+static FLOOD_IFINDEX: u32 = 0;
+
+#[map]
+static FLOOD_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const IPV4_CSUM_OFFSET: usize = 10;
+
+/// The flood generator, run by the benchmark with `BPF_PROG_TEST_RUN` in live-frames mode:
+/// each frame (an IPv4 template from 198.18.0.0) gets the next of 16,384 source addresses in
+/// 198.18.0.0/18, its header checksum updated (RFC 1624), and is redirected out of the sender's
+/// veth to the receiver.
+#[xdp]
+pub fn flood_gen(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let at = start + ETH_HDR_LEN;
+    if at + 20 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(seq) = FLOOD_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's own slot of a per-CPU array.
+    let n = unsafe {
+        let n = *seq;
+        *seq = n.wrapping_add(1);
+        n
+    };
+    let new = (n & 0x3FFF) as u16;
+    // SAFETY: the 20 header bytes at `at` were checked against data_end above.
+    unsafe {
+        let word = (at + IPV4_SRC_OFFSET + 2) as *mut [u8; 2];
+        let csum = (at + IPV4_CSUM_OFFSET) as *mut [u8; 2];
+        let old = u16::from_be_bytes(*word);
+        let sum = u32::from(!u16::from_be_bytes(*csum)) + u32::from(!old) + u32::from(new);
+        let sum = (sum & 0xFFFF) + (sum >> 16);
+        let sum = (sum & 0xFFFF) + (sum >> 16);
+        *word = new.to_be_bytes();
+        *csum = (!(sum as u16)).to_be_bytes();
+    }
+    // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
+    let ifindex = unsafe { core::ptr::read_volatile(&raw const FLOOD_IFINDEX) };
+    // SAFETY: a helper call with plain arguments.
+    unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as u32 }
 }
 
 #[map]
