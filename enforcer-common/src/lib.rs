@@ -10,8 +10,6 @@ pub use reason::{Action, Reason, VpnProtocol};
 /// Map names, defined once. The kernel program names its statics after these, and the
 /// controller reaches the maps only through these constants.
 pub mod map_names {
-    pub const ALLOW_V4: &str = "ALLOW_V4";
-    pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const RULES: &str = "RULES";
     pub const PORT_RULES: &str = "PORT_RULES";
     pub const RULE_HITS: &str = "RULE_HITS";
@@ -30,9 +28,7 @@ pub mod map_names {
     pub const LONG_V6: &str = "LONG_V6";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 18] = [
-        ALLOW_V4,
-        ALLOW_V6,
+    pub const ALL: [&str; 16] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -83,18 +79,30 @@ pub type Ipv4Addr = [u8; 4];
 /// Key data of the IPv6 LPM tries.
 pub type Ipv6Addr = [u8; 16];
 
-/// One registry entry as the kernel needs it, indexed by rule number in `RULES`.
+/// One registry entry as the kernel needs it, indexed by rule number in `RULES`. The program
+/// reads only the flags; the prefix makes `RULES` the controller's record of what the lookup
+/// tables hold (read back after a restart).
 ///
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | flags (`RULE_*`, host order) |
+/// | 4 | 1 | address family of the prefix (4 or 6; 0 for a VPN endpoint's number) |
+/// | 5 | 1 | prefix length |
+/// | 6 | 2 | padding, 0 |
+/// | 8 | 16 | prefix address (IPv4 in the first 4 bytes) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
     pub flags: u32,
+    pub family: u8,
+    pub len: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<Rule>() == 4);
+const _: () = assert!(core::mem::size_of::<Rule>() == 24);
 
+/// The number holds a source entry (allow or deny) of the registry.
+pub const RULE_IN_USE: u32 = 1 << 4;
 /// The entry allows every port and protocol (no `ports` in the registry).
 pub const RULE_ANY_PORT: u32 = 1 << 0;
 /// A port-restricted entry that also allows ICMP / `ICMPv6` (`"icmp"` in its ports).

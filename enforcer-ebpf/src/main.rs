@@ -19,7 +19,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use enforcer_common::{
@@ -30,22 +30,17 @@ use enforcer_common::{
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
 // Map names match `enforcer_common::map_names`.
-/// The registry's source prefixes as the controller wrote them: its record of what the kernel
-/// holds (read back after a restart). Packets are looked up in the flat tables of `source`.
+/// Rule index → what the rule allows beyond its source prefix (and, for the controller, the
+/// prefix itself). Memory-mapped by the controller, which writes whole policies at once.
 #[map]
-static ALLOW_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
-#[map]
-static ALLOW_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
-/// Rule index → what the rule allows beyond its source prefix.
-#[map]
-static RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, 0);
+static RULES: Array<Rule> = Array::with_max_entries(MAX_RULES, source::BPF_F_MMAPABLE);
 /// (rule, protocol, destination port) triples of port-restricted rules.
 #[map]
 static PORT_RULES: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PORT_RULES, 0);
 /// Rule index → packets it decided. Shared across CPUs (a per-CPU array of a million rules
 /// would cost memory per possible CPU); bumped atomically.
 #[map]
-static RULE_HITS: Array<u64> = Array::with_max_entries(MAX_RULES, 0);
+static RULE_HITS: Array<u64> = Array::with_max_entries(MAX_RULES, source::BPF_F_MMAPABLE);
 #[map]
 static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VERDICT_SLOTS, 0);
 /// The mode lives in a map, not a load-time global, so that the controller can switch between

@@ -15,7 +15,7 @@ use enforcer_common::{
 };
 
 /// Arrays the controller writes through a memory mapping (a whole table in one copy).
-const BPF_F_MMAPABLE: u32 = 1 << 10;
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Hashes that take memory as entries arrive, not all at load.
 const BPF_F_NO_PREALLOC: u32 = 1;
 

@@ -108,8 +108,10 @@ pub struct Live {
     pub datapath: Datapath,
     pub policy: Policy,
     registry_path: PathBuf,
-    /// The registry document as last read or written (the source of truth).
-    doc: Value,
+    /// The earliest expiry among the registry's entries: the sweep reads the file only once a
+    /// date has passed. (The document itself is read from the file when a change needs it, not
+    /// kept: a million-entry document is hundreds of MiB as a JSON tree.)
+    next_expiry: Option<Date>,
     serial: u64,
     /// `run --mode` wins over the file until a `mode` request changes it.
     mode_override: Option<Mode>,
@@ -137,22 +139,21 @@ impl Live {
     pub fn new(
         datapath: Datapath,
         policy: Policy,
-        registry: &Registry,
+        serial: u64,
+        next_expiry: Option<Date>,
         registry_path: &Path,
         mode_override: Option<Mode>,
         id: InstanceId,
         state: State,
         xdp_mode: String,
     ) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(registry_path)?;
-        let doc: Value = serde_json::from_str(&text)?;
         Ok(Self {
             datapath,
             policy,
             audit_path: audit_path(registry_path),
             registry_path: registry_path.to_path_buf(),
-            doc,
-            serial: registry.serial,
+            next_expiry,
+            serial,
             mode_override,
             started: SystemTime::now(),
             instance: id.name(),
@@ -262,7 +263,10 @@ impl Live {
         approval: &Value,
         change: impl FnOnce(&mut Value) -> Result<String, String>,
     ) -> Response {
-        let mut doc = self.doc.clone();
+        let mut doc = match self.doc() {
+            Ok(doc) => doc,
+            Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
+        };
         let what = match change(&mut doc) {
             Ok(what) => what,
             Err(e) => return Response::error(e),
@@ -272,10 +276,16 @@ impl Live {
         let text = serde_json::to_string_pretty(&doc).expect("JSON serialises") + "\n";
         let response = self.adopt(&text, serial, what);
         if response.ok {
-            self.doc = doc;
             self.audit(uid, verb, entry, approval, serial - 1, serial);
         }
         response
+    }
+
+    /// The registry document, from the file (which every change rewrites).
+    fn doc(&self) -> Result<Value, String> {
+        let text = std::fs::read_to_string(&self.registry_path)
+            .map_err(|e| format!("cannot read {}: {e}", self.registry_path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", self.registry_path.display()))
     }
 
     /// Makes `text` (a whole registry) the policy in force and the file on disk, or nothing.
@@ -323,6 +333,7 @@ impl Live {
             ));
         }
         self.policy = policy;
+        self.next_expiry = next_expiry(&registry);
         self.serial = serial;
         self.state.rules = crate::cli::rule_labels(&self.policy);
         self.state.mode = self.policy.mode.to_string();
@@ -376,10 +387,16 @@ impl Live {
                 .and_then(|d| Date::parse(d).ok())
                 .is_some_and(|d| d.is_past(today))
         };
+        if self.next_expiry.is_none_or(|d| !d.is_past(today)) {
+            return None;
+        }
+        let doc = match self.doc() {
+            Ok(doc) => doc,
+            Err(e) => return Some(Response::error(e)),
+        };
         let mut gone = Vec::new();
         for section in SECTIONS {
-            for e in self
-                .doc
+            for e in doc
                 .get(section)
                 .and_then(Value::as_array)
                 .into_iter()
@@ -431,7 +448,6 @@ impl Live {
             format!("reloaded {}", self.registry_path.display()),
         );
         if response.ok {
-            self.doc = doc;
             self.audit(
                 uid,
                 "reload",
@@ -476,7 +492,11 @@ impl Live {
     }
 
     fn list(&self, section: &'static str) -> Response {
-        let entries = self.doc.get(section).cloned().unwrap_or_else(|| json!([]));
+        let doc = match self.doc() {
+            Ok(doc) => doc,
+            Err(e) => return Response::error(e),
+        };
+        let entries = doc.get(section).cloned().unwrap_or_else(|| json!([]));
         let count = entries.as_array().map_or(0, Vec::len);
         Response::ok(format!("{count} {section} entries"), entries)
     }
@@ -570,6 +590,19 @@ fn matches_target(entry: &Value, target: &str) -> bool {
     ["name", "cidr", "address"]
         .iter()
         .any(|k| entry.get(*k).and_then(Value::as_str) == Some(target))
+}
+
+/// The earliest expiry date among a registry's entries.
+pub fn next_expiry(registry: &Registry) -> Option<Date> {
+    registry
+        .networks
+        .iter()
+        .map(|n| n.expires)
+        .chain(registry.devices.iter().map(|d| d.expires))
+        .chain(registry.vpn_endpoints.iter().map(|v| v.expires))
+        .chain(registry.deny.iter().map(|d| d.expires))
+        .flatten()
+        .min()
 }
 
 /// Replaces `path` with `text`: a new file beside it, fsync, rename over, fsync of the directory.

@@ -141,22 +141,31 @@ pub struct State {
     pub program_id: Option<u32>,
     pub registry: String,
     pub started_unix: u64,
+    /// Kept in `rules.json` beside the state file: a million labels would make every read of
+    /// the state (each start, each CLI call) parse tens of MiB.
+    #[serde(skip)]
     pub rules: Vec<RuleLabel>,
 }
 
 impl State {
-    /// Writes the state file atomically (temporary file, fsync, rename).
+    /// Writes the state file and the rule labels atomically (temporary file, fsync, rename).
     pub fn write(&self, id: &InstanceId) -> Result<(), InstanceError> {
         let path = id.state_file();
         let dir = path.parent().expect("state file has a parent");
         fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let tmp = dir.join("state.json.tmp");
-        let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+        let rules = serde_json::to_vec(&self.rules).expect("labels serialise");
+        write_file(&dir.join(RULES_FILE), &rules)?;
         let json = serde_json::to_vec_pretty(self).expect("state serialises");
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_error(&path))
+        write_file(&path, &json)
+    }
+
+    /// The rule labels written beside the state file at `path` (none if absent).
+    pub fn read_rules(path: &Path) -> Vec<RuleLabel> {
+        let file = path.with_file_name(RULES_FILE);
+        fs::read(&file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
     }
 
     pub fn read(path: &Path) -> Result<Self, InstanceError> {
@@ -166,6 +175,19 @@ impl State {
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })
     }
+}
+
+/// The file beside `state.json` that holds the rule labels.
+const RULES_FILE: &str = "rules.json";
+
+/// Replaces `path` with `bytes`: a temporary file beside it, fsync, rename.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), InstanceError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_error(path))
 }
 
 fn pid_alive(pid: u32) -> bool {

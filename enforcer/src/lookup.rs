@@ -38,6 +38,10 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 
+/// Hash maps over up to a million prefixes: a fast hasher (the keys are the registry's, not an
+/// attacker's).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// One 256-slot block of the IPv4 table.
 pub type Block = [u32; BLOCK_SLOTS];
 
@@ -48,9 +52,9 @@ pub struct V4Tables {
     /// for /16s that have no block.
     pub root: Vec<u32>,
     /// The /16s with longer prefixes inside, and their block.
-    pub blocks: HashMap<u16, Box<Block>>,
+    pub blocks: FastMap<u16, Box<Block>>,
     /// Prefixes /25 to /32: (masked address, length) → `rule + 1`.
-    pub long: HashMap<(u32, u8), u32>,
+    pub long: FastMap<(u32, u8), u32>,
 }
 
 /// The IPv6 tables of one policy.
@@ -58,9 +62,9 @@ pub struct V4Tables {
 pub struct V6Tables {
     pub dir: Vec<DirV6>,
     /// First 32 bits → lengths present inside.
-    pub nodes: HashMap<u32, NodeV6>,
+    pub nodes: FastMap<u32, NodeV6>,
     /// Prefixes /17 to /128: (masked address, length) → `rule + 1`.
-    pub long: HashMap<(u128, u8), u32>,
+    pub long: FastMap<(u128, u8), u32>,
 }
 
 fn value(rule: u32) -> u32 {

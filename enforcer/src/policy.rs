@@ -107,6 +107,29 @@ impl CompiledRule {
         }
     }
 
+    /// What `RULES` holds for this rule: its flags and, for a source entry, its prefix.
+    pub fn record(&self) -> enforcer_common::Rule {
+        if self.kind == RuleKind::VpnEndpoint {
+            return enforcer_common::Rule::default();
+        }
+        let mut rule = enforcer_common::Rule {
+            flags: self.flags() | enforcer_common::RULE_IN_USE,
+            len: self.prefix.prefix_len(),
+            ..enforcer_common::Rule::default()
+        };
+        match self.prefix {
+            IpNet::V4(net) => {
+                rule.family = 4;
+                rule.addr[..4].copy_from_slice(&net.network().octets());
+            }
+            IpNet::V6(net) => {
+                rule.family = 6;
+                rule.addr = net.network().octets();
+            }
+        }
+        rule
+    }
+
     fn allows(&self, protocol: Protocol, port: Option<u16>) -> bool {
         let Some(ports) = &self.ports else {
             return true;

@@ -9,11 +9,12 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{LpmTrie, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use enforcer::{
     control::{self, Envelope, Request, Response},
     instance::InstanceId,
 };
+use enforcer_common::{RULE_IN_USE, Rule};
 use enforcer_tests::{
     daemon::{Enforcer, enforcer_bin},
     netns::require_root,
@@ -311,19 +312,19 @@ fn an_allowed_flow_loses_nothing_during_1000_updates() {
     );
 }
 
-/// Reads the IPv4 allow prefixes the kernel holds, from the pinned map.
+/// Reads the IPv4 source prefixes (allow and deny) the kernel holds, from the pinned `RULES`
+/// records.
 fn kernel_allow_v4(instance: &str) -> Vec<String> {
-    let path = InstanceId::parse(instance)
-        .unwrap()
-        .pin_dir()
-        .join("ALLOW_V4");
+    let path = InstanceId::parse(instance).unwrap().pin_dir().join("RULES");
     let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
-    let trie: LpmTrie<&MapData, [u8; 4], u32> = LpmTrie::try_from(&map).unwrap();
-    let mut prefixes: Vec<String> = trie
-        .keys()
-        .map(|k| {
-            let k = k.unwrap();
-            format!("{}/{}", std::net::Ipv4Addr::from(k.data()), k.prefix_len())
+    let rules: Array<&MapData, Rule> = Array::try_from(&map).unwrap();
+    let mut prefixes: Vec<String> = rules
+        .iter()
+        .map(Result::unwrap)
+        .filter(|r| r.flags & RULE_IN_USE != 0 && r.family == 4)
+        .map(|r| {
+            let [a, b, c, d, ..] = r.addr;
+            format!("{}/{}", std::net::Ipv4Addr::new(a, b, c, d), r.len)
         })
         .collect();
     prefixes.sort();
@@ -379,7 +380,7 @@ fn fifty_concurrent_clients_lose_no_change() {
         .unwrap()
         .iter()
         .chain(registry["devices"].as_array().unwrap())
-        // deny ranges share the kernel's source trie
+        // deny ranges share the kernel's source lookup
         .chain(registry["deny"].as_array().unwrap())
         .filter_map(|e| {
             e["cidr"].as_str().or(e["address"].as_str()).map(|c| {
@@ -396,7 +397,7 @@ fn fifty_concurrent_clients_lose_no_change() {
     assert_eq!(
         kernel_allow_v4(&s.enforcer.instance),
         expected,
-        "the kernel's source trie equals the registry's allow and deny sets"
+        "the kernel's source entries equal the registry's allow and deny sets"
     );
     let stats = s.enforcer.stats().unwrap();
     for i in 0..50 {

@@ -346,8 +346,11 @@ fn run(
     protect: Vec<ipnet::IpNet>,
     expiry_check_secs: u64,
 ) -> anyhow::Result<std::process::ExitCode> {
+    let timer = std::time::Instant::now();
     let registry = Registry::load(registry_path)?;
+    tracing::debug!(ms = timer.elapsed().as_millis(), "registry parsed");
     let mut policy = Policy::compile(&registry, Date::today())?;
+    tracing::debug!(ms = timer.elapsed().as_millis(), "policy compiled");
     if let Some(mode) = mode {
         policy.mode = mode;
     }
@@ -383,15 +386,33 @@ fn run(
         };
     // The maps under the pin directory are the ones the kernel enforces with (an earlier run's,
     // when its program is still attached): what they hold is diffed to the registry.
-    let mut datapath = Datapath::load_pinned(&pin_dir, &registry.source_prefixes())?;
-    let started = (|| -> anyhow::Result<String> {
+    tracing::debug!(ms = timer.elapsed().as_millis(), "instance claimed");
+    let prefixes = registry.source_prefixes();
+    tracing::debug!(ms = timer.elapsed().as_millis(), "prefixes listed");
+    let mut datapath = Datapath::load_pinned(&pin_dir, &prefixes)?;
+    drop(prefixes);
+    tracing::debug!(ms = timer.elapsed().as_millis(), "program loaded");
+    // What the daemon keeps of the registry; the rest is dropped before the maps are filled
+    // (a million entries are hundreds of MiB).
+    let serial = registry.serial;
+    let next_expiry = control::next_expiry(&registry);
+    let mut registry = Some(registry);
+    let started = (|| -> anyhow::Result<(String, State)> {
         let current = datapath.read_back()?;
-        let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
-        if let Some(mode) = mode {
-            compiled.mode = mode;
+        tracing::debug!(ms = timer.elapsed().as_millis(), "maps read back");
+        let registry = registry.take().expect("taken once");
+        // Fresh maps hold nothing to keep numbers for: the policy compiled above is the one.
+        if !current.rules.is_empty() || !current.vpn_groups.is_empty() {
+            let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
+            if let Some(mode) = mode {
+                compiled.mode = mode;
+            }
+            policy = compiled;
         }
-        policy = compiled;
+        drop(registry);
+        tracing::debug!(ms = timer.elapsed().as_millis(), "policy numbered");
         datapath.apply(&current, &policy)?;
+        tracing::debug!(ms = timer.elapsed().as_millis(), "maps filled");
         let xdp = if adopting {
             let how = datapath.adopt(&pin_dir)?;
             tracing::info!(instance = %id.name(), "{how}; maps reconciled with {}", registry_path.display());
@@ -403,7 +424,7 @@ fn run(
                 .attach_pinned(iface, xdp_mode, &pin_dir)?
                 .to_string()
         };
-        State {
+        let state = State {
             instance: id.name(),
             pid: std::process::id(),
             iface: iface.to_string(),
@@ -416,12 +437,12 @@ fn run(
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             rules: rule_labels(&policy),
-        }
-        .write(&id)?;
-        Ok(xdp)
+        };
+        state.write(&id)?;
+        Ok((xdp, state))
     })();
-    let xdp = match started {
-        Ok(xdp) => xdp,
+    let (xdp, state) = match started {
+        Ok(started) => started,
         Err(error) => {
             // Only what this run created is removed; an adopted program keeps enforcing.
             if !adopting {
@@ -456,11 +477,11 @@ fn run(
 
     let socket = id.control_socket();
     let _ = std::fs::remove_file(&socket);
-    let state = State::read(&id.state_file())?;
     let mut live = control::Live::new(
         datapath,
         policy,
-        &registry,
+        serial,
+        next_expiry,
         registry_path,
         mode,
         id.clone(),
@@ -551,7 +572,8 @@ fn stats(
     let verdicts = datapath::open_pinned(&dir.join(map_names::VERDICTS), map_names::VERDICTS)?;
     let hits_map = datapath::open_pinned(&dir.join(map_names::RULE_HITS), map_names::RULE_HITS)?;
     let counts = VerdictCounts::read(&verdicts)?;
-    let indices: Vec<u32> = state.rules.iter().map(|r| r.index).collect();
+    let rules = State::read_rules(&id.state_file());
+    let indices: Vec<u32> = rules.iter().map(|r| r.index).collect();
     let hits = datapath::read_rule_hits(&hits_map, &indices)?;
     let vpn_map =
         datapath::open_pinned(&dir.join(map_names::VPN_VERDICTS), map_names::VPN_VERDICTS)?;
@@ -578,8 +600,7 @@ fn stats(
                 })
             })
             .collect();
-        let by_rule: Vec<_> = state
-            .rules
+        let by_rule: Vec<_> = rules
             .iter()
             .zip(&hits)
             .map(|(r, h)| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix, "packets": h}))
@@ -608,7 +629,7 @@ fn stats(
             "rule", "kind", "name", "prefix", "packets"
         );
         let mut quiet_feed_ranges = 0;
-        for (r, h) in state.rules.iter().zip(&hits) {
+        for (r, h) in rules.iter().zip(&hits) {
             // A feed may hold a million ranges: list only those that matched something.
             if r.kind == RuleKind::DenyFeed.as_str() && *h == 0 {
                 quiet_feed_ranges += 1;

@@ -7,6 +7,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
+
+use super::source::{Mapped, bytes};
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
@@ -15,16 +17,11 @@ use crate::{
     registry::Mode,
 };
 
-/// Which LPM tries a rule's prefix lives in.
-fn tries(kind: RuleKind) -> (&'static str, &'static str) {
-    match kind {
-        // Deny ranges share the source trie with approved networks (see `Policy::trie_entries`).
-        RuleKind::Network | RuleKind::Device | RuleKind::Deny | RuleKind::DenyFeed => {
-            (map_names::ALLOW_V4, map_names::ALLOW_V6)
-        }
-        RuleKind::VpnEndpoint => (map_names::VPN_V4, map_names::VPN_V6),
-    }
-}
+/// Hash maps over a million rules: a fast hasher (the keys are our own data, not an attacker's).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The LPM tries of approved VPN endpoints (prefix → approval group).
+const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
 
 impl Datapath {
     /// Applies the difference between `old` (what the maps hold) and `new`. When this returns,
@@ -33,9 +30,9 @@ impl Datapath {
         // A rule is its entry and its number: a changed entry comes with a fresh number (see
         // `Policy::compile_after`), so it is written beside the old one, not over it.
         let id = |r: &CompiledRule| (r.key(), r.index);
-        let before: HashMap<(RuleKey, u32), &CompiledRule> =
+        let before: FastMap<(RuleKey, u32), &CompiledRule> =
             old.rules.iter().map(|r| (id(r), r)).collect();
-        let after: HashMap<(RuleKey, u32), &CompiledRule> =
+        let after: FastMap<(RuleKey, u32), &CompiledRule> =
             new.rules.iter().map(|r| (id(r), r)).collect();
         let added: Vec<&CompiledRule> = new
             .rules
@@ -72,41 +69,28 @@ impl Datapath {
         // A number may have served a rule removed long ago: its count starts afresh.
         let fresh: Vec<u32> = added.iter().map(|r| r.index).collect();
         self.zero_hits_many(&fresh)?;
-        let flagged: Vec<(u32, u32)> = new
+        let flagged: Vec<(u32, Rule)> = new
             .rules
             .iter()
             .filter(|rule| {
                 before
                     .get(&id(rule))
-                    .is_none_or(|old_rule| old_rule.flags() != rule.flags())
+                    .is_none_or(|old_rule| old_rule.record() != rule.record())
             })
-            .map(|rule| (rule.index, rule.flags()))
+            .map(|rule| (rule.index, rule.record()))
             .collect();
         self.set_rules(&flagged)?;
         // The source trie as a diff of (prefix → rule): approved entries first; deny entries,
         // and removals (among them allow entries a new deny range now shadows), last.
-        let old_trie: HashMap<IpNet, u32> = old.trie_entries().into_iter().collect();
-        let new_trie: HashMap<IpNet, u32> = new.trie_entries().into_iter().collect();
-        let is_deny = |index: u32| {
-            new.rule(index)
-                .is_some_and(|r| matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed))
-        };
+        let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
+        let new_trie: FastMap<IpNet, u32> = new.trie_entries().into_iter().collect();
         let changed: Vec<(IpNet, u32)> = new_trie
             .iter()
             .filter(|(p, i)| old_trie.get(*p) != Some(*i))
             .map(|(p, i)| (*p, *i))
             .collect();
-        let (source_v4, source_v6) = tries(RuleKind::Network);
-        let (denies, allows): (Vec<_>, Vec<_>) = changed.iter().partition(|(_, i)| is_deny(*i));
-        self.fill_tries(&allows, source_v4, source_v6)?;
         self.update_vpn_groups(new)?;
-        self.fill_tries(&denies, source_v4, source_v6)?;
-        let source = (source_v4, source_v6);
-        for prefix in old_trie.keys().filter(|p| !new_trie.contains_key(*p)) {
-            self.lpm_remove(source, *prefix)?;
-        }
-        // The tries above are the record of what the kernel holds; packets are looked up in the
-        // flat tables, which switch from the old source prefixes to the new ones in one step.
+        // The flat tables switch from the old source prefixes to the new ones in one step.
         if changed.is_empty() && old_trie.len() == new_trie.len() && self.source.is_some() {
             // Nothing to switch.
         } else {
@@ -117,7 +101,8 @@ impl Datapath {
             // An absent key is already what we want.
             let _ = self.port_rules()?.remove(key);
         }
-        let cleared: Vec<(u32, u32)> = removed.iter().map(|r| (r.index, 0)).collect();
+        let cleared: Vec<(u32, Rule)> =
+            removed.iter().map(|r| (r.index, Rule::default())).collect();
         self.set_rules(&cleared)?;
         let gone: Vec<u32> = removed.iter().map(|r| r.index).collect();
         self.zero_hits_many(&gone)?;
@@ -151,7 +136,7 @@ impl Datapath {
                     source: "no free approval-group slot".into(),
                 })?;
             self.write_group(slot, approvals)?;
-            self.lpm_insert(tries(RuleKind::VpnEndpoint), *prefix, slot)?;
+            self.lpm_insert(VPN_TRIES, *prefix, slot)?;
             self.vpn_slots.insert(*prefix, (slot, approvals.clone()));
         }
         let gone: Vec<IpNet> = self
@@ -161,7 +146,7 @@ impl Datapath {
             .copied()
             .collect();
         for prefix in gone {
-            self.lpm_remove(tries(RuleKind::VpnEndpoint), prefix)?;
+            self.lpm_remove(VPN_TRIES, prefix)?;
             self.vpn_slots.remove(&prefix);
         }
         Ok(())
@@ -172,54 +157,35 @@ impl Datapath {
         BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))
     }
 
-    /// Writes (rule number → flags) into `RULES`, batched.
-    fn set_rules(&mut self, rules: &[(u32, u32)]) -> Result<(), DatapathError> {
+    /// Writes rules into `RULES` (through its memory mapping).
+    fn set_rules(&mut self, rules: &[(u32, Rule)]) -> Result<(), DatapathError> {
         if rules.is_empty() {
             return Ok(());
         }
-        let keys: Vec<u8> = rules.iter().flat_map(|(i, _)| i.to_ne_bytes()).collect();
-        let values: Vec<u8> = rules.iter().flat_map(|(_, f)| f.to_ne_bytes()).collect();
-        if self
-            .update_batch(map_names::RULES, &keys, &values, 4, 4)
-            .is_err()
-        {
-            for (index, flags) in rules {
-                self.set_rule(*index, *flags)?;
-            }
+        let name = map_names::RULES;
+        let size = size_of::<Rule>();
+        let mut memory = Mapped::new(self.map(name)?, name, size)?;
+        let slots = memory.bytes();
+        for (index, rule) in rules {
+            let at = *index as usize * size;
+            slots[at..at + size].copy_from_slice(bytes(rule));
         }
         Ok(())
     }
 
-    /// Zeroes the `RULE_HITS` counters of these rule numbers, batched.
+    /// Zeroes the `RULE_HITS` counters of these rule numbers (through its memory mapping).
     fn zero_hits_many(&mut self, indices: &[u32]) -> Result<(), DatapathError> {
         if indices.is_empty() {
             return Ok(());
         }
-        let keys: Vec<u8> = indices.iter().flat_map(|i| i.to_ne_bytes()).collect();
-        let values = vec![0u8; indices.len() * 8];
-        if self
-            .update_batch(map_names::RULE_HITS, &keys, &values, 4, 8)
-            .is_err()
-        {
-            for index in indices {
-                self.zero_hits(*index)?;
-            }
+        let name = map_names::RULE_HITS;
+        let mut memory = Mapped::new(self.map(name)?, name, 8)?;
+        let slots = memory.bytes();
+        for index in indices {
+            let at = *index as usize * 8;
+            slots[at..at + 8].fill(0);
         }
         Ok(())
-    }
-
-    fn set_rule(&mut self, index: u32, flags: u32) -> Result<(), DatapathError> {
-        let name = map_names::RULES;
-        let mut rules: Array<&mut MapData, Rule> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        rules.set(index, Rule { flags }, 0).map_err(map_error(name))
-    }
-
-    fn zero_hits(&mut self, index: u32) -> Result<(), DatapathError> {
-        let name = map_names::RULE_HITS;
-        let mut hits: Array<&mut MapData, u64> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        hits.set(index, 0, 0).map_err(map_error(name))
     }
 
     fn lpm_insert(
@@ -277,11 +243,28 @@ impl Datapath {
     /// (the process that filled them is gone). Rule names are not in the maps and stay empty;
     /// the diff goes by prefixes, flags, port keys and approval groups.
     pub fn read_back(&mut self) -> Result<Policy, DatapathError> {
-        use enforcer_common::{RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, VpnGroup};
+        use enforcer_common::{
+            RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, RULE_IN_USE, VpnGroup,
+        };
 
         let mut rules = Vec::new();
-        for (prefix, index) in self.lpm_entries(tries(RuleKind::Network))? {
-            let flags = self.rule_flags(index)?;
+        let name = map_names::RULES;
+        let size = size_of::<Rule>();
+        let mut memory = Mapped::new(self.map(name)?, name, size)?;
+        for (index, record) in memory.bytes().chunks_exact(size).enumerate() {
+            let flags = u32::from_ne_bytes(record[..4].try_into().expect("4 bytes"));
+            if flags & RULE_IN_USE == 0 {
+                continue;
+            }
+            let (family, len) = (record[4], record[5]);
+            let addr: [u8; 16] = record[8..24].try_into().expect("16 bytes");
+            let prefix = match family {
+                4 => ipnet::Ipv4Net::new([addr[0], addr[1], addr[2], addr[3]].into(), len)
+                    .map(IpNet::V4),
+                _ => ipnet::Ipv6Net::new(addr.into(), len).map(IpNet::V6),
+            };
+            let Ok(prefix) = prefix else { continue };
+            let index = u32::try_from(index).expect("RULES holds fewer than 2^32 rules");
             let kind = match (flags & RULE_DENY != 0, flags & RULE_FEED != 0) {
                 (true, true) => RuleKind::DenyFeed,
                 (true, false) => RuleKind::Deny,
@@ -303,6 +286,7 @@ impl Datapath {
                 vpn: None,
             });
         }
+        drop(memory);
         rules.sort_by_key(|r| r.index);
         let port_keys: Vec<PortKey> = {
             let ports = self.port_rules()?;
@@ -310,7 +294,7 @@ impl Datapath {
         };
         self.vpn_slots.clear();
         let mut vpn_groups = Vec::new();
-        for (prefix, slot) in self.lpm_entries(tries(RuleKind::VpnEndpoint))? {
+        for (prefix, slot) in self.lpm_entries(VPN_TRIES)? {
             let name = map_names::VPN_GROUPS;
             let groups: Array<&MapData, VpnGroup> =
                 Array::try_from(self.map(name)?).map_err(map_error(name))?;
@@ -334,13 +318,6 @@ impl Datapath {
             vpn_groups,
             feed_duplicates: 0,
         })
-    }
-
-    fn rule_flags(&self, index: u32) -> Result<u32, DatapathError> {
-        let name = map_names::RULES;
-        let rules: Array<&MapData, Rule> =
-            Array::try_from(self.map(name)?).map_err(map_error(name))?;
-        Ok(rules.get(&index, 0).map_err(map_error(name))?.flags)
     }
 
     /// Every (prefix, value) of an IPv4/IPv6 trie pair.

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{Array, Map, MapData, PerCpuArray},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use enforcer_common::{
@@ -144,11 +144,13 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
     Ok(had_link)
 }
 
-/// Blocks beyond the roots for a registry with these source prefixes: room for the blocks it
-/// needs twice over (a whole new policy is built beside the one in force), at least the default.
+/// Blocks beyond the roots for a registry with these source prefixes: what it needs and a
+/// quarter more for changes (blocks whose content does not change are shared by both
+/// generations; a change that needs more grows the table), at least the default.
 fn v4_blocks_for<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> u32 {
-    crate::lookup::v4_blocks_needed(prefixes)
-        .saturating_mul(2)
+    let needed = crate::lookup::v4_blocks_needed(prefixes);
+    needed
+        .saturating_add(needed / 4)
         .saturating_add(256)
         .clamp(lookup::V4_DEFAULT_BLOCKS, lookup::V4_MAX_BLOCKS)
 }
@@ -189,6 +191,22 @@ impl Datapath {
         pin_dir: Option<&Path>,
         v4_blocks: u32,
     ) -> Result<Self, DatapathError> {
+        // The verifier's full log costs seconds and hundreds of MiB for this program: load
+        // without it, and only if the verifier refuses, again with it for the error message.
+        match Self::load_with_log(vpn_stage, pin_dir, v4_blocks, VerifierLogLevel::STATS) {
+            Err(DatapathError::Load(_)) => {
+                Self::load_with_log(vpn_stage, pin_dir, v4_blocks, VerifierLogLevel::default())
+            }
+            loaded => loaded,
+        }
+    }
+
+    fn load_with_log(
+        vpn_stage: bool,
+        pin_dir: Option<&Path>,
+        v4_blocks: u32,
+        log: VerifierLogLevel,
+    ) -> Result<Self, DatapathError> {
         let vpn_stage = u8::from(vpn_stage);
         let paths: Vec<(&'static str, std::path::PathBuf)> = pin_dir
             .map(|dir| {
@@ -199,14 +217,17 @@ impl Datapath {
             })
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(log);
         loader.override_global("VPN_STAGE", &vpn_stage, true);
         loader.map_max_entries(map_names::SOURCE_V4, 2 * lookup::V4_ROOT_BLOCKS + v4_blocks);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let timer = std::time::Instant::now();
         let mut ebpf = loader
             .load(PROGRAM_OBJECT)
             .map_err(|e| DatapathError::Load(boxed(e)))?;
+        tracing::debug!(ms = timer.elapsed().as_millis(), "maps created");
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| {
@@ -217,6 +238,7 @@ impl Datapath {
             .try_into()
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         program.load().map_err(|e| DatapathError::Load(boxed(e)))?;
+        tracing::debug!(ms = timer.elapsed().as_millis(), "program verified");
         Ok(Self {
             ebpf,
             link: None,
@@ -287,73 +309,6 @@ impl Datapath {
         };
         group.approvals[..approvals.len()].copy_from_slice(approvals);
         groups.set(slot, group, 0).map_err(map_error(name))
-    }
-
-    /// Inserts (prefix → value) into the IPv4 or IPv6 LPM trie: in batches of one system call
-    /// each where the kernel supports it (a million prefixes), else one by one.
-    pub(super) fn fill_tries(
-        &mut self,
-        entries: &[(IpNet, u32)],
-        v4: &'static str,
-        v6: &'static str,
-    ) -> Result<(), DatapathError> {
-        let (mut keys4, mut values4, mut keys6, mut values6) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (prefix, value) in entries {
-            // Key layout of an LPM trie: u32 prefix length (host order), then the address bytes.
-            match prefix {
-                IpNet::V4(net) => {
-                    keys4.extend_from_slice(&u32::from(net.prefix_len()).to_ne_bytes());
-                    keys4.extend_from_slice(&net.network().octets());
-                    values4.extend_from_slice(&value.to_ne_bytes());
-                }
-                IpNet::V6(net) => {
-                    keys6.extend_from_slice(&u32::from(net.prefix_len()).to_ne_bytes());
-                    keys6.extend_from_slice(&net.network().octets());
-                    values6.extend_from_slice(&value.to_ne_bytes());
-                }
-            }
-        }
-        for (name, keys, values, key_size) in
-            [(v4, &keys4, &values4, 8), (v6, &keys6, &values6, 20)]
-        {
-            if keys.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.update_batch(name, keys, values, key_size, 4) {
-                tracing::debug!(map = name, error = %e, "batch update unavailable, inserting one by one");
-                self.insert_one_by_one(name, keys, values, key_size)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The fallback of `fill_tries` for kernels without batch updates of LPM tries.
-    fn insert_one_by_one(
-        &mut self,
-        name: &'static str,
-        keys: &[u8],
-        values: &[u8],
-        key_size: usize,
-    ) -> Result<(), DatapathError> {
-        for (key, value) in keys.chunks(key_size).zip(values.chunks(4)) {
-            let prefix_len = u32::from_ne_bytes(key[..4].try_into().expect("4 bytes"));
-            let value = u32::from_ne_bytes(value.try_into().expect("4 bytes"));
-            if key_size == 8 {
-                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
-                    LpmTrie::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-                let addr: [u8; 4] = key[4..].try_into().expect("4 bytes");
-                trie.insert(&Key::new(prefix_len, addr), value, 0)
-                    .map_err(map_error(name))?;
-            } else {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
-                    LpmTrie::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-                let addr: [u8; 16] = key[4..].try_into().expect("16 bytes");
-                trie.insert(&Key::new(prefix_len, addr), value, 0)
-                    .map_err(map_error(name))?;
-            }
-        }
-        Ok(())
     }
 
     /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+): aya 0.14 has no batch API, so the one raw system

@@ -1,10 +1,7 @@
 //! Writes the source lookup tables (`crate::lookup`) into the kernel: the generation not in
 //! force is rebuilt aside, then one word of `CONFIG` switches every packet to it.
 
-use std::{
-    collections::{HashMap, HashSet},
-    os::fd::{AsFd as _, AsRawFd as _},
-};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use enforcer_common::{
@@ -17,7 +14,7 @@ use enforcer_common::{
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
-use crate::lookup::{self, Block};
+use crate::lookup::{self, Block, FastMap};
 
 /// What the controller knows of the tables in the kernel (read from the maps once, then kept).
 #[derive(Debug, Default)]
@@ -25,20 +22,24 @@ pub(super) struct SourceState {
     /// The generation in force.
     generation: u32,
     /// Per generation: the block of each /16 that has one.
-    blocks: [HashMap<u16, u32>; 2],
-    long_v4: HashMap<LongKeyV4, LongValue>,
-    nodes_v6: HashMap<[u8; 4], [NodeV6; 2]>,
-    long_v6: HashMap<LongKeyV6, LongValue>,
+    blocks: [FastMap<u16, u32>; 2],
+    long_v4: FastMap<LongKeyV4, LongValue>,
+    nodes_v6: FastMap<[u8; 4], [NodeV6; 2]>,
+    long_v6: FastMap<LongKeyV6, LongValue>,
 }
 
 /// A map's values, mapped into this process (`BPF_F_MMAPABLE` arrays).
-struct Mapped {
+pub(super) struct Mapped {
     ptr: *mut u8,
     len: usize,
 }
 
 impl Mapped {
-    fn new(map: &Map, name: &'static str, value_size: usize) -> Result<Self, DatapathError> {
+    pub(super) fn new(
+        map: &Map,
+        name: &'static str,
+        value_size: usize,
+    ) -> Result<Self, DatapathError> {
         let Map::Array(data) = map else {
             return Err(DatapathError::Map {
                 name,
@@ -71,7 +72,7 @@ impl Mapped {
         })
     }
 
-    fn bytes(&mut self) -> &mut [u8] {
+    pub(super) fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: as in `u32s`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -95,15 +96,15 @@ fn block_range(block: u32) -> std::ops::Range<usize> {
 }
 
 /// The bytes of a plain map key or value.
-fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
+pub(super) fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
     // SAFETY: `Pod` types are plain bytes without padding.
     unsafe { std::slice::from_raw_parts((&raw const *value).cast::<u8>(), size_of::<T>()) }
 }
 
 /// New per-generation values for one hash: keep the generation in force, set `next`.
 fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
-    shadow: &HashMap<K, [V; 2]>,
-    wanted: &HashMap<K, V>,
+    shadow: &FastMap<K, [V; 2]>,
+    wanted: &FastMap<K, V>,
     next: usize,
 ) -> (Vec<(K, [V; 2])>, Vec<K>) {
     let mut writes = Vec::new();
@@ -257,10 +258,12 @@ impl Datapath {
         let mut memory = Mapped::new(self.map(name)?, name, 1024)?;
         let slots = memory.u32s();
         let capacity = u32::try_from(slots.len() / BLOCK_SLOTS).unwrap_or(u32::MAX);
-        let in_use: HashSet<u32> = state.blocks[active].values().copied().collect();
+        let in_use: std::collections::HashSet<u32, foldhash::fast::RandomState> =
+            state.blocks[active].values().copied().collect();
         let mut free = (2 * V4_ROOT_BLOCKS..capacity).filter(|b| !in_use.contains(b));
         let mut root = v4.root.clone();
-        let mut placed: HashMap<u16, u32> = HashMap::with_capacity(v4.blocks.len());
+        let mut placed: FastMap<u16, u32> =
+            FastMap::with_capacity_and_hasher(v4.blocks.len(), Default::default());
         for (slot, block) in &v4.blocks {
             let unchanged = state.blocks[active]
                 .get(slot)
@@ -306,7 +309,7 @@ impl Datapath {
         drop(memory);
 
         // The hashes: each key holds a value per generation; only `next`'s changes.
-        let wanted: HashMap<LongKeyV4, u32> = v4
+        let wanted: FastMap<LongKeyV4, u32> = v4
             .long
             .iter()
             .map(|((addr, len), v)| {
@@ -321,13 +324,13 @@ impl Datapath {
             })
             .collect();
         let long_v4 = pair_updates(&state.long_v4, &wanted, next);
-        let wanted: HashMap<[u8; 4], NodeV6> = v6
+        let wanted: FastMap<[u8; 4], NodeV6> = v6
             .nodes
             .iter()
             .map(|(k, n)| (k.to_be_bytes(), *n))
             .collect();
         let nodes_v6 = pair_updates(&state.nodes_v6, &wanted, next);
-        let wanted: HashMap<LongKeyV6, u32> = v6
+        let wanted: FastMap<LongKeyV6, u32> = v6
             .long
             .iter()
             .map(|((addr, len), v)| {
@@ -405,7 +408,7 @@ impl Datapath {
 }
 
 fn apply_shadow<K: Copy + Eq + std::hash::Hash, V>(
-    shadow: &mut HashMap<K, V>,
+    shadow: &mut FastMap<K, V>,
     (writes, deletes): (Vec<(K, V)>, Vec<K>),
 ) {
     for key in deletes {
@@ -417,7 +420,7 @@ fn apply_shadow<K: Copy + Eq + std::hash::Hash, V>(
 fn read_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     map: &Map,
     name: &'static str,
-) -> Result<HashMap<K, V>, DatapathError> {
+) -> Result<FastMap<K, V>, DatapathError> {
     let hash: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(map).map_err(map_error(name))?;
     hash.iter()
         .map(|entry| entry.map_err(map_error(name)))

@@ -209,7 +209,7 @@ impl Registry {
     pub fn parse_at(text: &str, base: &Path) -> Result<Self, Vec<Problem>> {
         let mut located = raw::parse(text)?;
         let mut problems = std::mem::take(&mut located.problems);
-        problems.extend(located.cross_check());
+        problems.extend(located.cross_check(text));
         let (feeds, feed_problems) = feed::load_all(&located.registry.deny_files, base, text);
         problems.sort_by_key(|p| (p.line, p.column));
         problems.extend(feed_problems);
@@ -228,29 +228,48 @@ type Entry<'a> = (&'static str, usize, Option<&'a str>, Option<(IpNet, bool)>);
 /// A registry with the place of each entry, for checks across entries.
 pub(crate) struct Located {
     pub registry: Registry,
-    /// (section, position in `registry`) → (index in the file's list, line, column).
-    pub places: HashMap<(&'static str, usize), (usize, usize, usize)>,
+    /// Per section, for each entry of `registry`: its index in the file's list and offset.
+    places: raw::Places,
     /// Problems of single entries (those entries are left out of `registry`).
     pub problems: Vec<Problem>,
+    /// Line starts, built on the first problem.
+    lines: std::cell::OnceCell<raw::Lines>,
 }
 
 impl Located {
-    fn place_of(&self, section: &'static str, position: usize) -> (usize, usize, usize) {
-        self.places
-            .get(&(section, position))
-            .copied()
-            .unwrap_or((position, 1, 1))
+    /// (index in the file's list, line, column) of an entry of `registry`.
+    fn place_of(
+        &self,
+        text: &str,
+        section: &'static str,
+        position: usize,
+    ) -> (usize, usize, usize) {
+        match self.places.get(section).and_then(|p| p.get(position)) {
+            Some(&(index, offset)) => {
+                let (line, column) = self
+                    .lines
+                    .get_or_init(|| raw::Lines::new(text))
+                    .position(offset);
+                (index, line, column)
+            }
+            None => (position, 1, 1),
+        }
     }
 
     /// Names unique across the whole registry; no prefix listed twice in the allowlist (networks
     /// and devices) or twice in the deny list.
-    fn cross_check(&self) -> Vec<Problem> {
+    fn cross_check(&self, text: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
-        // First users are kept as (section, index): the text is built only for a problem.
-        let mut names: HashMap<&str, (&'static str, usize)> = HashMap::new();
-        let mut allow: HashMap<IpNet, (&'static str, usize)> = HashMap::new();
-        let mut deny: HashMap<IpNet, (&'static str, usize)> = HashMap::new();
         let r = &self.registry;
+        // First users are kept as (section, position): the text is built only for a problem.
+        let count = r.networks.len() + r.devices.len() + r.vpn_endpoints.len() + r.deny.len();
+        let hasher = foldhash::fast::RandomState::default();
+        let mut names: HashMap<&str, (&'static str, usize), _> =
+            HashMap::with_capacity_and_hasher(count, hasher.clone());
+        let mut allow: HashMap<IpNet, (&'static str, usize), _> =
+            HashMap::with_capacity_and_hasher(r.networks.len() + r.devices.len(), hasher.clone());
+        let mut deny: HashMap<IpNet, (&'static str, usize), _> =
+            HashMap::with_capacity_and_hasher(r.deny.len(), hasher);
 
         let mut entries: Vec<Entry<'_>> = Vec::new();
         entries.extend(
@@ -281,9 +300,16 @@ impl Located {
         );
 
         for (section, position, name, prefix) in entries {
-            let (index, line, column) = self.place_of(section, position);
+            let index_of = |s: &'static str, p: usize| {
+                self.places
+                    .get(s)
+                    .and_then(|places| places.get(p))
+                    .map_or(p, |(index, _)| *index)
+            };
+            let index = index_of(section, position);
             let here = || format!("{section}[{index}]");
             let mut problem = |place: String, message: String| {
+                let (_, line, column) = self.place_of(text, section, position);
                 problems.push(Problem {
                     file: None,
                     line,
@@ -294,28 +320,34 @@ impl Located {
             };
             if let Some(name) = name {
                 match names.get(name) {
-                    Some((s, i)) => problem(
+                    Some(&(s, p)) => problem(
                         format!("{} \"{name}\" field \"name\"", here()),
-                        format!("duplicate name \"{name}\", already used by {s}[{i}]"),
+                        format!(
+                            "duplicate name \"{name}\", already used by {s}[{}]",
+                            index_of(s, p)
+                        ),
                     ),
                     None => {
-                        names.insert(name, (section, index));
+                        names.insert(name, (section, position));
                     }
                 }
             }
             if let Some((prefix, is_allow)) = prefix {
                 let seen = if is_allow { &mut allow } else { &mut deny };
                 match seen.get(&prefix) {
-                    Some((s, i)) => problem(
+                    Some(&(s, p)) => problem(
                         format!(
                             "{}{}",
                             here(),
                             name.map(|n| format!(" \"{n}\"")).unwrap_or_default()
                         ),
-                        format!("prefix {prefix} is already listed by {s}[{i}]"),
+                        format!(
+                            "prefix {prefix} is already listed by {s}[{}]",
+                            index_of(s, p)
+                        ),
                     ),
                     None => {
-                        seen.insert(prefix, (section, index));
+                        seen.insert(prefix, (section, position));
                     }
                 }
             }

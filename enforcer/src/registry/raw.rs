@@ -76,12 +76,12 @@ struct RawDeny {
 
 /// Where each line starts, so that a byte offset becomes a line and column without rescanning
 /// the text (a registry may hold a million entries).
-struct Lines {
+pub(super) struct Lines {
     starts: Vec<usize>,
 }
 
 impl Lines {
-    fn new(text: &str) -> Self {
+    pub(super) fn new(text: &str) -> Self {
         let starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(at, _)| at + 1))
             .collect();
@@ -89,7 +89,7 @@ impl Lines {
     }
 
     /// Line and column (1-based) of a byte offset.
-    fn position(&self, offset: usize) -> (usize, usize) {
+    pub(super) fn position(&self, offset: usize) -> (usize, usize) {
         let line = self.starts.partition_point(|&start| start <= offset);
         (line, offset - self.starts[line - 1] + 1)
     }
@@ -107,7 +107,8 @@ fn message_of(error: &serde_json::Error) -> String {
 /// Collects the problems of one entry, placing each at the field it concerns.
 struct EntryCheck<'t> {
     text: &'t str,
-    lines: &'t Lines,
+    /// Built on the first problem: a valid file never needs line numbers.
+    lines: &'t std::cell::OnceCell<Lines>,
     raw: &'t RawValue,
     section: &'static str,
     index: usize,
@@ -120,7 +121,7 @@ struct EntryCheck<'t> {
 impl<'t> EntryCheck<'t> {
     fn new(
         text: &'t str,
-        lines: &'t Lines,
+        lines: &'t std::cell::OnceCell<Lines>,
         raw: &'t RawValue,
         section: &'static str,
         index: usize,
@@ -149,7 +150,13 @@ impl<'t> EntryCheck<'t> {
     }
 
     fn start(&self) -> (usize, usize) {
-        self.lines.position(self.offset())
+        self.position(self.offset())
+    }
+
+    fn position(&self, offset: usize) -> (usize, usize) {
+        self.lines
+            .get_or_init(|| Lines::new(self.text))
+            .position(offset)
     }
 
     fn named(&mut self, name: Option<&str>) {
@@ -164,7 +171,7 @@ impl<'t> EntryCheck<'t> {
         while let Some(found) = raw[from..].find(&key) {
             let at = from + found;
             if raw[at + key.len()..].trim_start().starts_with(':') {
-                return self.lines.position(self.offset() + at);
+                return self.position(self.offset() + at);
             }
             from = at + key.len();
         }
@@ -391,11 +398,13 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
             message: message_of(&error),
         }]
     })?;
-    let lines = Lines::new(text);
+    let lines = std::cell::OnceCell::new();
     let mut problems = Vec::new();
     let top_problem = |field: &str, message: String| {
         let key = format!("\"{field}\"");
-        let (line, column) = text.find(&key).map_or((1, 1), |at| lines.position(at));
+        let (line, column) = text.find(&key).map_or((1, 1), |at| {
+            lines.get_or_init(|| Lines::new(text)).position(at)
+        });
         Problem {
             file: None,
             line,
@@ -421,7 +430,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         }
     };
 
-    let mut places = HashMap::new();
+    let mut places = Places::default();
     let networks = section(
         text,
         &lines,
@@ -475,16 +484,17 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         registry,
         places,
         problems,
+        lines,
     })
 }
 
-/// (section, position among the valid entries) → (index in the file's list, line, column).
-type Places = HashMap<(&'static str, usize), (usize, usize, usize)>;
+/// Per section, for each valid entry in order: (index in the file's list, byte offset).
+pub(super) type Places = HashMap<&'static str, Vec<(usize, usize)>>;
 
 /// Parses one section's entries; an entry with a problem is left out and its problems recorded.
 fn section<T>(
     text: &str,
-    lines: &Lines,
+    lines: &std::cell::OnceCell<Lines>,
     name: &'static str,
     raws: &[&RawValue],
     parse_entry: fn(&mut EntryCheck<'_>) -> Option<T>,
@@ -492,14 +502,15 @@ fn section<T>(
     places: &mut Places,
 ) -> Vec<T> {
     let mut entries = Vec::with_capacity(raws.len());
+    let mut here = Vec::with_capacity(raws.len());
     for (index, raw) in raws.iter().enumerate() {
         let mut check = EntryCheck::new(text, lines, raw, name, index);
         if let Some(entry) = parse_entry(&mut check) {
-            let (line, column) = check.start();
-            places.insert((name, entries.len()), (index, line, column));
+            here.push((index, check.offset()));
             entries.push(entry);
         }
         problems.append(&mut check.problems);
     }
+    places.insert(name, here);
     entries
 }

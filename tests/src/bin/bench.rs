@@ -1,11 +1,14 @@
-//! `cargo xtask bench`: per-packet cost of the enforcer's verdict through `BPF_PROG_TEST_RUN` at
-//! registry sizes from 10 to 1,000,000 in two distributions, beside floor programs measured in
-//! the same run (a bare `XDP_PASS`, and one kernel LPM-trie lookup of the IPv4 source with the
-//! same prefixes); the cost of the VPN stage; and the control plane with a real controller.
-//! Prints a table and writes `target/bench/bench.json` and `target/bench/cost.svg`.
+//! `cargo xtask bench [PART...]`: per-packet cost of the enforcer's verdict through
+//! `BPF_PROG_TEST_RUN` at registry sizes from 10 to 1,000,000 in two distributions, beside floor
+//! programs measured in the same run (a bare `XDP_PASS`, and one kernel LPM-trie lookup of the
+//! IPv4 source with the same prefixes) (`test-run`); the cost of the VPN stage (`vpn`); a veth
+//! flood beside bare `XDP_DROP`, nftables and iptables+ipset (`flood`, see `flood.rs`); and the
+//! control plane with a real controller (`control`). Prints a table and writes
+//! `target/bench/bench.json` and `target/bench/cost.svg`.
 //!
 //! Method: for each (program, packet, size) the kernel runs the program `REPEAT` times on the
-//! same frame and reports the mean ns per run; we take the median of `RUNS` such runs.
+//! same frame and reports the mean ns per run; all sizes are loaded at once and measured in
+//! turn, `RUNS` rounds, and we take the median per (packet, size).
 
 use enforcer_tests::rng::Rng;
 use std::{collections::HashSet, fmt::Write as _, time::Instant};
@@ -25,7 +28,7 @@ use enforcer_tests::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 const REPEAT: u32 = 1_000_000;
-const RUNS: usize = 5;
+const RUNS: usize = 7;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
@@ -125,23 +128,26 @@ fn median(mut values: Vec<u64>) -> u64 {
 fn time_program(program: &Xdp, frame: &[u8]) -> u64 {
     median(
         (0..RUNS)
-            .map(|_| {
-                let opts = TestRunOptions {
-                    data_in: Some(frame),
-                    repeat: REPEAT,
-                    ..TestRunOptions::new()
-                };
-                u64::try_from(
-                    program
-                        .test_run(opts)
-                        .expect("test_run")
-                        .duration
-                        .as_nanos(),
-                )
-                .unwrap()
-            })
+            .map(|_| time_program_once(program, frame))
             .collect(),
     )
+}
+
+/// One test run of `REPEAT` repeats: the kernel's mean ns per run.
+fn time_program_once(program: &Xdp, frame: &[u8]) -> u64 {
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat: REPEAT,
+        ..TestRunOptions::new()
+    };
+    u64::try_from(
+        program
+            .test_run(opts)
+            .expect("test_run")
+            .duration
+            .as_nanos(),
+    )
+    .unwrap()
 }
 
 fn packets() -> Vec<(&'static str, Vec<u8>)> {
@@ -235,35 +241,47 @@ fn measure_distribution(
     d: Distribution,
     frames: &[(&'static str, Vec<u8>)],
 ) -> anyhow::Result<Series> {
-    let mut rows: Vec<(&'static str, Vec<u64>)> =
-        frames.iter().map(|(w, _)| (*w, Vec::new())).collect();
-    let (mut lpm, mut load_ms) = (Vec::new(), Vec::new());
+    // Every size is loaded first; then each round times every (size, packet) once, so that the
+    // drifts of a shared machine fall on all sizes alike. Medians over the rounds.
+    let mut loaded = Vec::new();
+    let mut floors = Vec::new();
+    let mut load_ms = Vec::new();
     for size in SIZES {
         let text = d.registry(size);
         let started = Instant::now();
-        let loaded = Loaded::new(&text);
+        let l = Loaded::new(&text);
         load_ms.push(started.elapsed().as_millis());
-        for (row, (_, frame)) in rows.iter_mut().zip(frames) {
-            row.1.push(median(
-                (0..RUNS).map(|_| loaded.time(frame, REPEAT)).collect(),
-            ));
-        }
-        assert_eq!(loaded.run(&frames[0].1), 2, "the allowed packet passes");
-        assert_eq!(loaded.run(&frames[1].1), 1, "the dropped packet drops");
-        let prefixes: Vec<IpNet> = loaded.policy.allow_rules().map(|r| r.prefix).collect();
-        drop(loaded);
-        let floor = lpm_floor(&prefixes)?;
-        let program: &Xdp = floor
-            .program("baseline_lpm")
-            .expect("baseline_lpm")
-            .try_into()?;
-        lpm.push(time_program(program, &frames[1].1));
-        eprintln!("bench: {} {size} done", d.name());
+        assert_eq!(l.run(&frames[0].1), 2, "the allowed packet passes");
+        assert_eq!(l.run(&frames[1].1), 1, "the dropped packet drops");
+        let prefixes: Vec<IpNet> = l.policy.allow_rules().map(|r| r.prefix).collect();
+        floors.push(lpm_floor(&prefixes)?);
+        loaded.push(l);
+        eprintln!("bench: {} {size} loaded", d.name());
     }
+    let mut samples: Vec<Vec<Vec<u64>>> = vec![vec![Vec::new(); SIZES.len()]; frames.len()];
+    let mut lpm_samples: Vec<Vec<u64>> = vec![Vec::new(); SIZES.len()];
+    for _ in 0..RUNS {
+        for (s, l) in loaded.iter().enumerate() {
+            for (f, (_, frame)) in frames.iter().enumerate() {
+                samples[f][s].push(l.time(frame, REPEAT));
+            }
+            let program: &Xdp = floors[s]
+                .program("baseline_lpm")
+                .expect("baseline_lpm")
+                .try_into()?;
+            lpm_samples[s].push(time_program_once(program, &frames[1].1));
+        }
+    }
+    eprintln!("bench: {} timed", d.name());
+    let rows = frames
+        .iter()
+        .zip(samples)
+        .map(|((what, _), per_size)| (*what, per_size.into_iter().map(median).collect()))
+        .collect();
     Ok(Series {
         distribution: d.name(),
         rows,
-        lpm,
+        lpm: lpm_samples.into_iter().map(median).collect(),
         load_ms,
     })
 }
