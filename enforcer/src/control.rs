@@ -436,11 +436,16 @@ impl Live {
                 ));
             }
         };
-        let doc: Value = match serde_json::from_str(&text) {
-            Ok(d) => d,
+        /// Only the serial: the whole document as a JSON tree would be hundreds of MiB.
+        #[derive(serde::Deserialize)]
+        struct Serial {
+            #[serde(default)]
+            serial: u64,
+        }
+        let serial = match serde_json::from_str::<Serial>(&text) {
+            Ok(d) => d.serial,
             Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
         };
-        let serial = doc.get("serial").and_then(Value::as_u64).unwrap_or(0);
         let before = self.serial;
         let response = self.adopt(
             &text,
