@@ -11,3 +11,4 @@ pub mod packet;
 pub mod rng;
 pub mod topology;
 pub mod vpn;
+pub mod xdp_filter;

@@ -815,6 +815,12 @@ fn main() -> anyhow::Result<()> {
     if want("test-run") {
         json.insert("per_packet".into(), test_run(&mut table, &out)?);
     }
+    if want("xdp-filter") {
+        json.insert(
+            "xdp_filter".into(),
+            xdp_filter_peer(&mut table, &packets())?,
+        );
+    }
     if want("vpn") {
         json.insert("vpn_stage".into(), vpn_stage(&mut table)?);
     }
@@ -839,7 +845,81 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The parts `cargo xtask bench PART...` can run alone.
-const PARTS: [&str; 4] = ["test-run", "vpn", "flood", "control"];
+const PARTS: [&str; 5] = ["test-run", "xdp-filter", "vpn", "flood", "control"];
+
+/// xdp-filter (exact /32 allowlist in a per-CPU hash) with random single addresses plus the
+/// allowed packet's source, one size at a time (it allows one instance per host): median of
+/// `RUNS` runs of the allowed and the dropped IPv4 packet.
+fn xdp_filter_peer(
+    table: &mut String,
+    frames: &[(&'static str, Vec<u8>)],
+) -> anyhow::Result<serde_json::Value> {
+    use enforcer_tests::xdp_filter::XdpFilter;
+    if !XdpFilter::available() {
+        writeln!(
+            table,
+            "\nxdp-filter: not installed (xdp-tools), not measured"
+        )?;
+        return Ok(serde_json::Value::Null);
+    }
+    let mut rows = Vec::new();
+    let mut cells = (String::new(), String::new());
+    let mut limits = Vec::new();
+    for size in SIZES {
+        let mut rng = Rng(0x00F1_17E4 ^ size as u64);
+        let allowed: [u8; 4] = [198, 51, 100, 10];
+        let mut sources = vec![allowed];
+        while sources.len() < size {
+            let addr = u32::try_from(rng.next_u64() >> 32).unwrap();
+            let net = IpNet::V4(Ipv4Net::new(addr.into(), 32).unwrap());
+            if clear_of_reserved(net) {
+                sources.push(addr.to_be_bytes());
+            }
+        }
+        let measured = XdpFilter::load(&sources).and_then(|filter| {
+            let time = |frame: &[u8], expect: u32| -> anyhow::Result<u64> {
+                let mut runs = Vec::new();
+                for _ in 0..RUNS {
+                    let (action, ns) = filter.time(frame, REPEAT)?;
+                    anyhow::ensure!(
+                        action == expect,
+                        "xdp-filter returned {action}, expected {expect}"
+                    );
+                    runs.push(ns);
+                }
+                Ok(median(runs))
+            };
+            Ok((time(&frames[0].1, 2)?, time(&frames[1].1, 1)?))
+        });
+        match measured {
+            Ok((allowed_ns, dropped_ns)) => {
+                write!(cells.0, "{allowed_ns:>10}")?;
+                write!(cells.1, "{dropped_ns:>10}")?;
+                rows.push(serde_json::json!({"size": size, "allowed_ipv4_ns": allowed_ns, "dropped_ipv4_ns": dropped_ns}));
+            }
+            Err(e) => {
+                write!(cells.0, "{:>10}", "-")?;
+                write!(cells.1, "{:>10}", "-")?;
+                eprintln!("bench: xdp-filter at {size}: {e:#}");
+                limits.push(format!("{size}: {e:#}"));
+                rows.push(serde_json::json!({"size": size, "error": format!("{e:#}")}));
+            }
+        }
+        eprintln!("bench: xdp-filter {size} done");
+    }
+    let header: String = SIZES.iter().map(|s| format!("{s:>10}")).collect();
+    writeln!(
+        table,
+        "\nxdp-filter, exact /32 allowlist (random addresses){:<5}{header}",
+        ""
+    )?;
+    writeln!(table, "{:<38}{}", "allowed IPv4", cells.0)?;
+    writeln!(table, "{:<38}{}", "dropped IPv4", cells.1)?;
+    if !limits.is_empty() {
+        writeln!(table, "(not measured at {})", limits.join("; "))?;
+    }
+    Ok(serde_json::json!(rows))
+}
 
 /// Per-packet cost through `BPF_PROG_TEST_RUN`, both distributions, all sizes; writes the chart.
 fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_json::Value> {
