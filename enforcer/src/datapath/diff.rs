@@ -30,20 +30,27 @@ impl Datapath {
         // A rule is its entry and its number: a changed entry comes with a fresh number (see
         // `Policy::compile_after`), so it is written beside the old one, not over it.
         let id = |r: &CompiledRule| (r.key(), r.index);
+        // Maps are built over the old policy only (often the small side: a first fill, or a
+        // reload to a much larger registry); the new one is streamed through.
         let before: FastMap<(RuleKey, u32), &CompiledRule> =
             old.rules.iter().map(|r| (id(r), r)).collect();
-        let after: FastMap<(RuleKey, u32), &CompiledRule> =
-            new.rules.iter().map(|r| (id(r), r)).collect();
-        let added: Vec<&CompiledRule> = new
-            .rules
-            .iter()
-            .filter(|r| !before.contains_key(&id(r)))
-            .collect();
+        let mut kept: std::collections::HashSet<(RuleKey, u32), foldhash::fast::RandomState> =
+            std::collections::HashSet::default();
+        let mut added: Vec<&CompiledRule> = Vec::new();
+        for rule in &new.rules {
+            let rule_id = id(rule);
+            if before.contains_key(&rule_id) {
+                kept.insert(rule_id);
+            } else {
+                added.push(rule);
+            }
+        }
         let removed: Vec<&CompiledRule> = old
             .rules
             .iter()
-            .filter(|r| !after.contains_key(&id(r)))
+            .filter(|r| !kept.contains(&id(r)))
             .collect();
+        drop(kept);
         let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
         let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
         let port_endpoints = |p: &Policy| {
@@ -80,23 +87,18 @@ impl Datapath {
             .map(|rule| (rule.index, rule.record()))
             .collect();
         self.set_rules(&flagged)?;
-        // The source trie as a diff of (prefix → rule): approved entries first; deny entries,
-        // and removals (among them allow entries a new deny range now shadows), last.
+        // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
         let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
-        let new_trie: FastMap<IpNet, u32> = new.trie_entries().into_iter().collect();
-        let changed: Vec<(IpNet, u32)> = new_trie
-            .iter()
-            .filter(|(p, i)| old_trie.get(*p) != Some(*i))
-            .map(|(p, i)| (*p, *i))
-            .collect();
+        let new_trie = new.trie_entries();
+        let unchanged = new_trie.len() == old_trie.len()
+            && new_trie.iter().all(|(p, i)| old_trie.get(p) == Some(i));
+        drop(old_trie);
         self.update_vpn_groups(new)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
-        if changed.is_empty() && old_trie.len() == new_trie.len() && self.source.is_some() {
-            // Nothing to switch.
-        } else {
-            let entries: Vec<(IpNet, u32)> = new_trie.into_iter().collect();
-            self.write_source(&entries)?;
+        if !unchanged || self.source.is_none() {
+            self.write_source(&new_trie)?;
         }
+        drop(new_trie);
         for key in old_ports.difference(&new_ports) {
             // An absent key is already what we want.
             let _ = self.port_rules()?.remove(key);

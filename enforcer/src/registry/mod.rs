@@ -233,7 +233,7 @@ pub(crate) struct Located {
     /// Problems of single entries (those entries are left out of `registry`).
     pub problems: Vec<Problem>,
     /// Line starts, built on the first problem.
-    lines: std::cell::OnceCell<raw::Lines>,
+    lines: std::sync::OnceLock<raw::Lines>,
 }
 
 impl Located {

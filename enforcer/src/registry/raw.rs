@@ -108,7 +108,7 @@ fn message_of(error: &serde_json::Error) -> String {
 struct EntryCheck<'t> {
     text: &'t str,
     /// Built on the first problem: a valid file never needs line numbers.
-    lines: &'t std::cell::OnceCell<Lines>,
+    lines: &'t std::sync::OnceLock<Lines>,
     raw: &'t RawValue,
     section: &'static str,
     index: usize,
@@ -121,7 +121,7 @@ struct EntryCheck<'t> {
 impl<'t> EntryCheck<'t> {
     fn new(
         text: &'t str,
-        lines: &'t std::cell::OnceCell<Lines>,
+        lines: &'t std::sync::OnceLock<Lines>,
         raw: &'t RawValue,
         section: &'static str,
         index: usize,
@@ -398,7 +398,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
             message: message_of(&error),
         }]
     })?;
-    let lines = std::cell::OnceCell::new();
+    let lines = std::sync::OnceLock::new();
     let mut problems = Vec::new();
     let top_problem = |field: &str, message: String| {
         let key = format!("\"{field}\"");
@@ -492,24 +492,55 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
 pub(super) type Places = HashMap<&'static str, Vec<(usize, usize)>>;
 
 /// Parses one section's entries; an entry with a problem is left out and its problems recorded.
-fn section<T>(
+/// Large sections are split across the machine's cores (entries are independent); the results
+/// are joined in file order.
+fn section<T: Send>(
     text: &str,
-    lines: &std::cell::OnceCell<Lines>,
+    lines: &std::sync::OnceLock<Lines>,
     name: &'static str,
     raws: &[&RawValue],
     parse_entry: fn(&mut EntryCheck<'_>) -> Option<T>,
     problems: &mut Vec<Problem>,
     places: &mut Places,
 ) -> Vec<T> {
+    let parse_chunk = |first: usize, chunk: &[&RawValue]| {
+        let mut entries = Vec::with_capacity(chunk.len());
+        let mut here = Vec::with_capacity(chunk.len());
+        let mut found = Vec::new();
+        for (i, raw) in chunk.iter().enumerate() {
+            let index = first + i;
+            let mut check = EntryCheck::new(text, lines, raw, name, index);
+            if let Some(entry) = parse_entry(&mut check) {
+                here.push((index, check.offset()));
+                entries.push(entry);
+            }
+            found.append(&mut check.problems);
+        }
+        (entries, here, found)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let parts = if raws.len() < 10_000 || threads < 2 {
+        vec![parse_chunk(0, raws)]
+    } else {
+        let size = raws.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = raws
+                .chunks(size)
+                .enumerate()
+                .map(|(n, chunk)| scope.spawn(move || parse_chunk(n * size, chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a registry parser thread panicked"))
+                .collect()
+        })
+    };
     let mut entries = Vec::with_capacity(raws.len());
     let mut here = Vec::with_capacity(raws.len());
-    for (index, raw) in raws.iter().enumerate() {
-        let mut check = EntryCheck::new(text, lines, raw, name, index);
-        if let Some(entry) = parse_entry(&mut check) {
-            here.push((index, check.offset()));
-            entries.push(entry);
-        }
-        problems.append(&mut check.problems);
+    for (mut e, mut h, mut p) in parts {
+        entries.append(&mut e);
+        here.append(&mut h);
+        problems.append(&mut p);
     }
     places.insert(name, here);
     entries

@@ -258,3 +258,46 @@ fn load_names_the_file() {
     assert!(missing.contains("cannot read registry"), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn large_sections_parsed_in_parallel_keep_file_order_and_places() {
+    // Above 10,000 entries a section is split across threads: problems and entries must still
+    // come out in file order with the right index, line and column.
+    let entries: Vec<String> = (0..20_000u32)
+        .map(|i| {
+            let cidr = match i {
+                7_000 => "10.0.0.1/8".to_string(),
+                15_000 => "not-a-cidr".to_string(),
+                _ => format!("10.{}.{}.0/24", i / 256, i % 256),
+            };
+            format!(r#"{{"name": "n{i}", "cidr": "{cidr}"}}"#)
+        })
+        .collect();
+    let text = format!(
+        "{{\"schema\": 1, \"mode\": \"enforce\", \"networks\": [\n{}\n]}}",
+        entries.join(",\n")
+    );
+    let all = problems(&text);
+    let places: Vec<(usize, &str)> = all.iter().map(|p| (p.line, p.place.as_str())).collect();
+    assert_eq!(
+        places,
+        vec![
+            (7_002, "networks[7000] \"n7000\" field \"cidr\""),
+            (15_002, "networks[15000] \"n15000\" field \"cidr\""),
+        ],
+        "{all:#?}"
+    );
+    let fine = format!(
+        "{{\"schema\": 1, \"mode\": \"enforce\", \"networks\": [\n{}\n]}}",
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 7_000 && *i != 15_000)
+            .map(|(_, e)| e.as_str())
+            .collect::<Vec<_>>()
+            .join(",\n")
+    );
+    let registry = Registry::parse(&fine).unwrap();
+    assert_eq!(registry.networks.len(), 19_998);
+    assert_eq!(registry.networks[12_000].name, "n12001");
+}
