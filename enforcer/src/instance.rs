@@ -14,7 +14,11 @@ use serde::{Deserialize, Serialize};
 /// Where bpffs is (or gets) mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Root of everything this enforcer pins; the version changes if the pinned layout does.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer/v1";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer/v2";
+/// Roots of earlier layouts: an enforcer of an earlier build still attached there is taken over
+/// (its link switched to this build's program), never reused (v1: `RULES` held 4-byte values
+/// and the source prefixes lived in LPM tries).
+pub const LEGACY_PIN_ROOTS: [&str; 1] = ["/sys/fs/bpf/enforcer/v1"];
 /// Root of the state files.
 pub const STATE_ROOT: &str = "/run/enforcer";
 
@@ -108,6 +112,14 @@ impl InstanceId {
 
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(PIN_ROOT).join(self.name())
+    }
+
+    /// Where earlier builds pinned this instance.
+    pub fn legacy_pin_dirs(&self) -> Vec<PathBuf> {
+        LEGACY_PIN_ROOTS
+            .iter()
+            .map(|root| Path::new(root).join(self.name()))
+            .collect()
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -220,6 +232,9 @@ pub fn daemon_alive(state: &State) -> bool {
 /// process that attached).
 pub fn release(id: &InstanceId) {
     let _ = fs::remove_dir_all(id.pin_dir());
+    for dir in id.legacy_pin_dirs() {
+        let _ = fs::remove_dir_all(dir);
+    }
     if let Some(dir) = id.state_file().parent() {
         let _ = fs::remove_dir_all(dir);
     }

@@ -127,7 +127,7 @@ fn run_refuses_a_missing_interface_and_changes_nothing() {
         err.contains("interface nosuch0 not found; `ip link` lists the interfaces"),
         "{err}"
     );
-    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf/enforcer/v1")
+    let leftovers: Vec<_> = std::fs::read_dir(enforcer::instance::PIN_ROOT)
         .map(|d| {
             d.filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())

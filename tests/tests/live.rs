@@ -749,3 +749,65 @@ fn a_reload_that_outgrows_the_lookup_table_grows_it_without_a_gap() {
         s.enforcer.log_text()
     );
 }
+
+#[test]
+fn an_enforcer_pinned_by_an_earlier_build_is_taken_over_with_one_link_update() {
+    // An earlier build pinned under another layout root. Simulated by moving a running
+    // instance's pins (program, link, maps) to the v1 root after its controller died: the new
+    // controller must not reuse those maps, but fill its own and switch the attached link to its
+    // program in one kernel call, with no moment unfiltered.
+    let mut s = Setup::new();
+    let lan = s.lab.client(MINISTRY_LAN.label);
+    let internet = s.lab.client(INTERNET.label);
+    let registry = s.dir.0.join("registry.json");
+    let id = InstanceId::parse(&s.enforcer.instance).unwrap();
+    let program_before = s.enforcer.stats().unwrap().0["program_id"].clone();
+    s.enforcer.kill_hard().unwrap();
+    let legacy = id.legacy_pin_dirs().remove(0);
+    std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+    std::fs::rename(id.pin_dir(), &legacy).unwrap();
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "the earlier build's program still enforces"
+    );
+
+    const DATAGRAMS: u32 = 2000;
+    let received_before = s.services.udp_received.load(Ordering::Relaxed);
+    std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| topology::udp_send(&lan.ns, lan.server_v4, UDP_PORT, DATAGRAMS).unwrap());
+        std::thread::sleep(Duration::from_millis(30));
+        s.enforcer
+            .restart(&s.lab.server, SERVER_IFACE, &registry, &[])
+            .unwrap();
+        sender.join().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let log = s.enforcer.log_text();
+    assert!(
+        log.contains("took over an earlier build's enforcer"),
+        "the new controller takes over:\n{log}"
+    );
+    assert_eq!(
+        s.services.udp_received.load(Ordering::Relaxed) - received_before,
+        u64::from(DATAGRAMS),
+        "no datagram lost while the link switched programs"
+    );
+    assert!(!legacy.exists(), "the earlier build's pins are removed");
+    assert!(
+        id.pin_dir().join("link").exists(),
+        "the link is pinned anew"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert_ne!(
+        stats.0["program_id"], program_before,
+        "this build's program runs"
+    );
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
+        "still enforcing after the take-over"
+    );
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, TIMEOUT).unwrap());
+    let out = s.enforcer.stop().unwrap();
+    assert!(out.contains("program detached"), "{out}");
+}

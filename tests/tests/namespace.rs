@@ -329,7 +329,7 @@ fn enforcers_on_same_named_interfaces_in_different_namespaces() {
         log.contains("detached"),
         "enforcer A logs its detach:\n{log}"
     );
-    let pins = std::path::Path::new("/sys/fs/bpf/enforcer/v1").join(&enforcer_a.instance);
+    let pins = std::path::Path::new(enforcer::instance::PIN_ROOT).join(&enforcer_a.instance);
     assert!(
         !pins.exists(),
         "enforcer A removed its pins at {}",

@@ -384,6 +384,16 @@ fn run(
             }
             live
         };
+    // An enforcer of an earlier build (another pin layout) still attached to this interface:
+    // its link is taken over once the new maps are filled, never its maps.
+    let legacy = if adopting {
+        None
+    } else {
+        id.legacy_pin_dirs().into_iter().find(|dir| {
+            let link = dir.join(datapath::LINK_PIN);
+            link.exists() && datapath::pinned_link_ifindex(&link).ok() == datapath::ifindex(iface)
+        })
+    };
     // The maps under the pin directory are the ones the kernel enforces with (an earlier run's,
     // when its program is still attached): what they hold is diffed to the registry.
     tracing::debug!(ms = timer.elapsed().as_millis(), "instance claimed");
@@ -416,6 +426,12 @@ fn run(
         let xdp = if adopting {
             let how = datapath.adopt(&pin_dir)?;
             tracing::info!(instance = %id.name(), "{how}; maps reconciled with {}", registry_path.display());
+            previous
+                .as_ref()
+                .map_or_else(|| "adopted".to_string(), |p| p.xdp_mode.clone())
+        } else if let Some(old) = &legacy {
+            datapath.take_over_legacy(old, &pin_dir)?;
+            tracing::info!(instance = %id.name(), from = %old.display(), "took over an earlier build's enforcer (one link update; its counters start afresh)");
             previous
                 .as_ref()
                 .map_or_else(|| "adopted".to_string(), |p| p.xdp_mode.clone())
@@ -547,7 +563,10 @@ fn detach(
         );
     }
     let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
-    let had_link = datapath::detach_pinned(&id.pin_dir())?;
+    let mut had_link = datapath::detach_pinned(&id.pin_dir())?;
+    for dir in id.legacy_pin_dirs() {
+        had_link |= datapath::detach_pinned(&dir)?;
+    }
     instance::release(&id);
     println!(
         "{}: {}",

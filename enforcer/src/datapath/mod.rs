@@ -496,16 +496,30 @@ impl Datapath {
         Ok("replaced the running program with this build's (one link update)")
     }
 
+    /// Takes over the link an earlier build pinned under `old_dir` (another pin layout): the
+    /// link switches to this program in one kernel call and is pinned under `dir`; `old_dir`
+    /// (the earlier build's program and maps) is removed.
+    pub fn take_over_legacy(&mut self, old_dir: &Path, dir: &Path) -> Result<(), DatapathError> {
+        self.take_over_link_from(&old_dir.join(LINK_PIN), dir)?;
+        let _ = std::fs::remove_dir_all(old_dir);
+        Ok(())
+    }
+
     /// Switches the link pinned under `dir` to this program in one kernel call (no moment
     /// without a program) and pins this program in place of the one it replaced.
     fn take_over_link(&mut self, dir: &Path) -> Result<(), DatapathError> {
+        self.take_over_link_from(&dir.join(LINK_PIN), dir)
+    }
+
+    /// The same, for the link pinned at `link_from`; link and program end up pinned in `dir`.
+    fn take_over_link_from(&mut self, link_from: &Path, dir: &Path) -> Result<(), DatapathError> {
         let link_path = dir.join(LINK_PIN);
         let program_path = dir.join(PROGRAM_PIN);
         let adopt_error = |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
             iface: format!("pinned link {}", link_path.display()),
             source: e,
         };
-        let link = aya::programs::links::PinnedLink::from_pin(&link_path)
+        let link = aya::programs::links::PinnedLink::from_pin(link_from)
             .map_err(|e| adopt_error(boxed(e)))?;
         let fd_link = link.unpin().map_err(|e| adopt_error(boxed(e)))?;
         let xdp_link =
