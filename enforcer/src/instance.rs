@@ -165,10 +165,12 @@ impl State {
         let path = id.state_file();
         let dir = path.parent().expect("state file has a parent");
         fs::create_dir_all(dir).map_err(io_error(dir))?;
+        // The labels are derived data (every start writes them anew): replaced atomically, but
+        // not synced — a live change should not wait for a second disk flush.
         let rules = serde_json::to_vec(&self.rules).expect("labels serialise");
-        write_file(&dir.join(RULES_FILE), &rules)?;
+        write_file(&dir.join(RULES_FILE), &rules, false)?;
         let json = serde_json::to_vec_pretty(self).expect("state serialises");
-        write_file(&path, &json)
+        write_file(&path, &json, true)
     }
 
     /// The rule labels written beside the state file at `path` (none if absent).
@@ -192,12 +194,12 @@ impl State {
 /// The file beside `state.json` that holds the rule labels.
 const RULES_FILE: &str = "rules.json";
 
-/// Replaces `path` with `bytes`: a temporary file beside it, fsync, rename.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), InstanceError> {
+/// Replaces `path` with `bytes`: a temporary file beside it (fsync'ed if `sync`), rename.
+fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), InstanceError> {
     let tmp = path.with_extension("json.tmp");
     let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
     file.write_all(bytes)
-        .and_then(|()| file.sync_all())
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
         .map_err(io_error(&tmp))?;
     fs::rename(&tmp, path).map_err(io_error(path))
 }

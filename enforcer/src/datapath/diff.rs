@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
 
-use super::source::{Mapped, bytes};
+use super::source::bytes;
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
@@ -166,7 +166,7 @@ impl Datapath {
         }
         let name = map_names::RULES;
         let size = size_of::<Rule>();
-        let mut memory = Mapped::new(self.map(name)?, name, size)?;
+        let memory = self.mapped(name, size)?;
         let slots = memory.bytes();
         for (index, rule) in rules {
             let at = *index as usize * size;
@@ -181,7 +181,7 @@ impl Datapath {
             return Ok(());
         }
         let name = map_names::RULE_HITS;
-        let mut memory = Mapped::new(self.map(name)?, name, 8)?;
+        let memory = self.mapped(name, 8)?;
         let slots = memory.bytes();
         for index in indices {
             let at = *index as usize * 8;
@@ -252,7 +252,7 @@ impl Datapath {
         let mut rules = Vec::new();
         let name = map_names::RULES;
         let size = size_of::<Rule>();
-        let mut memory = Mapped::new(self.map(name)?, name, size)?;
+        let memory = self.mapped(name, size)?;
         for (index, record) in memory.bytes().chunks_exact(size).enumerate() {
             let flags = u32::from_ne_bytes(record[..4].try_into().expect("4 bytes"));
             if flags & RULE_IN_USE == 0 {
@@ -288,7 +288,6 @@ impl Datapath {
                 vpn: None,
             });
         }
-        drop(memory);
         rules.sort_by_key(|r| r.index);
         let port_keys: Vec<PortKey> = {
             let ports = self.port_rules()?;

@@ -116,6 +116,8 @@ pub struct Datapath {
     /// Where the maps are pinned (`None`: a program of its own, for tests and benchmarks).
     pin_dir: Option<std::path::PathBuf>,
     vpn_stage: bool,
+    /// Array maps mapped into this process, by name (see `mapped`).
+    mapped: std::collections::HashMap<&'static str, source::Mapped>,
 }
 
 /// File names of the pinned link and program inside an instance's pin directory.
@@ -247,6 +249,7 @@ impl Datapath {
             source: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
             vpn_stage: vpn_stage != 0,
+            mapped: std::collections::HashMap::new(),
         })
     }
 

@@ -83,6 +83,10 @@ impl Mapped {
     }
 }
 
+// SAFETY: the mapping is plain shared memory of this process, valid until `drop`; moving the
+// owner to another thread changes nothing about it.
+unsafe impl Send for Mapped {}
+
 impl Drop for Mapped {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped.
@@ -129,6 +133,20 @@ fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
 }
 
 impl Datapath {
+    /// A memory-mapped array map, mapped once and kept: mapping inserts every page of the map
+    /// (24 MiB for `RULES`), too slow to repeat for every live change.
+    pub(super) fn mapped(
+        &mut self,
+        name: &'static str,
+        value_size: usize,
+    ) -> Result<&mut Mapped, DatapathError> {
+        if !self.mapped.contains_key(name) {
+            let memory = Mapped::new(self.map(name)?, name, value_size)?;
+            self.mapped.insert(name, memory);
+        }
+        Ok(self.mapped.get_mut(name).expect("just inserted"))
+    }
+
     /// Reads what the tables hold (after a restart, or on first use of a fresh program).
     fn source_state(&mut self) -> Result<SourceState, DatapathError> {
         let generation = self.config()?.generation & 1;
@@ -136,7 +154,7 @@ impl Datapath {
             generation,
             ..SourceState::default()
         };
-        let mut blocks = Mapped::new(self.map(map_names::SOURCE_V4)?, map_names::SOURCE_V4, 1024)?;
+        let blocks = self.mapped(map_names::SOURCE_V4, 1024)?;
         let slots = blocks.u32s();
         for g in 0..2 {
             for first in 0..V4_ROOT_BLOCKS {
@@ -217,7 +235,7 @@ impl Datapath {
                     .into(),
             });
         };
-        let old: Vec<u8> = Mapped::new(self.map(name)?, name, 1024)?.bytes().to_vec();
+        let old: Vec<u8> = self.mapped(name, 1024)?.bytes().to_vec();
         let pin = dir.join(name);
         let _ = std::fs::remove_file(&pin);
         let mut grown = match Self::load_full(self.vpn_stage, Some(&dir), blocks) {
@@ -231,7 +249,7 @@ impl Datapath {
             }
         };
         {
-            let mut memory = Mapped::new(grown.map(name)?, name, 1024)?;
+            let memory = grown.mapped(name, 1024)?;
             memory.bytes()[..old.len()].copy_from_slice(&old);
         }
         if dir.join(super::LINK_PIN).exists() {
@@ -255,7 +273,7 @@ impl Datapath {
         // IPv4 blocks: a /16 whose block is unchanged keeps it (shared by both generations);
         // changed ones get a block the generation in force does not use.
         let name = map_names::SOURCE_V4;
-        let mut memory = Mapped::new(self.map(name)?, name, 1024)?;
+        let memory = self.mapped(name, 1024)?;
         let slots = memory.u32s();
         let capacity = u32::try_from(slots.len() / BLOCK_SLOTS).unwrap_or(u32::MAX);
         let in_use: std::collections::HashSet<u32, foldhash::fast::RandomState> =
@@ -295,18 +313,16 @@ impl Datapath {
                 .expect("256 slots");
             slots[block_range(next as u32 * V4_ROOT_BLOCKS + first)].copy_from_slice(block);
         }
-        drop(memory);
 
         // IPv6 direct table: the whole generation.
         let name = map_names::DIR_V6;
-        let mut memory = Mapped::new(self.map(name)?, name, size_of::<DirV6>())?;
+        let memory = self.mapped(name, size_of::<DirV6>())?;
         let dir = memory.bytes();
         let size = size_of::<DirV6>();
         let from = next * V6_DIR_SLOTS as usize * size;
         for (i, d) in v6.dir.iter().enumerate() {
             dir[from + i * size..from + (i + 1) * size].copy_from_slice(bytes(d));
         }
-        drop(memory);
 
         // The hashes: each key holds a value per generation; only `next`'s changes.
         let wanted: FastMap<LongKeyV4, u32> = v4
