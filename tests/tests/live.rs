@@ -633,11 +633,15 @@ fn expired_entries_leave_the_registry_without_a_restart() {
         !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, TIMEOUT).unwrap(),
         "an expired entry is never in force"
     );
+    // The sweep rewrites the registry, then appends its audit line: wait for both.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while names(&s.registry(), "networks").contains(&"old-contract".to_string()) {
+    while names(&s.registry(), "networks").contains(&"old-contract".to_string())
+        || !s.audit_lines().iter().any(|a| a["verb"] == "expire")
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "the expiry sweep removes it from the registry"
+            "the expiry sweep removes it from the registry and audits it: {:?}",
+            s.audit_lines()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -17,6 +17,10 @@ use crate::{
     registry::Mode,
 };
 
+/// Up to this many rules are written with one batch system call; more through the memory
+/// mapping of `RULES` (mapping it inserts all of its 24 MiB of pages: worth it only for many).
+const FEW: usize = 4096;
+
 /// Hash maps over a million rules: a fast hasher (the keys are our own data, not an attacker's).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -114,6 +118,7 @@ impl Datapath {
         if new.mode == Mode::Enforce && old.mode != Mode::Enforce {
             self.set_mode(Mode::Enforce)?;
         }
+        self.unmap_large();
         Ok(())
     }
 
@@ -166,6 +171,13 @@ impl Datapath {
         }
         let name = map_names::RULES;
         let size = size_of::<Rule>();
+        if rules.len() <= FEW {
+            let keys: Vec<u8> = rules.iter().flat_map(|(i, _)| i.to_ne_bytes()).collect();
+            let values: Vec<u8> = rules.iter().flat_map(|(_, r)| bytes(r).to_vec()).collect();
+            if self.update_batch(name, &keys, &values, 4, size).is_ok() {
+                return Ok(());
+            }
+        }
         let memory = self.mapped(name, size)?;
         let slots = memory.bytes();
         for (index, rule) in rules {
@@ -181,6 +193,13 @@ impl Datapath {
             return Ok(());
         }
         let name = map_names::RULE_HITS;
+        if indices.len() <= FEW {
+            let keys: Vec<u8> = indices.iter().flat_map(|i| i.to_ne_bytes()).collect();
+            let values = vec![0u8; indices.len() * 8];
+            if self.update_batch(name, &keys, &values, 4, 8).is_ok() {
+                return Ok(());
+            }
+        }
         let memory = self.mapped(name, 8)?;
         let slots = memory.bytes();
         for index in indices {
@@ -305,6 +324,7 @@ impl Datapath {
             self.vpn_slots.insert(prefix, (slot, approvals.clone()));
             vpn_groups.push((prefix, approvals));
         }
+        self.unmap_large();
         let mode = if self.config()?.mode == enforcer_common::MODE_MONITOR {
             Mode::Monitor
         } else {

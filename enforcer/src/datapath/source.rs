@@ -28,6 +28,9 @@ pub(super) struct SourceState {
     long_v6: FastMap<LongKeyV6, LongValue>,
 }
 
+/// Mappings up to this size stay mapped between changes.
+const KEEP_MAPPED: usize = 8 << 20;
+
 /// A map's values, mapped into this process (`BPF_F_MMAPABLE` arrays).
 pub(super) struct Mapped {
     ptr: *mut u8,
@@ -133,8 +136,9 @@ fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
 }
 
 impl Datapath {
-    /// A memory-mapped array map, mapped once and kept: mapping inserts every page of the map
-    /// (24 MiB for `RULES`), too slow to repeat for every live change.
+    /// A memory-mapped array map, mapped once and kept: mapping inserts every page of the map,
+    /// too slow to repeat for every use. Mappings larger than `KEEP_MAPPED` are dropped at the
+    /// end of each change (`unmap_large`): they would count in the controller's resident memory.
     pub(super) fn mapped(
         &mut self,
         name: &'static str,
@@ -145,6 +149,11 @@ impl Datapath {
             self.mapped.insert(name, memory);
         }
         Ok(self.mapped.get_mut(name).expect("just inserted"))
+    }
+
+    /// Drops the mappings larger than `KEEP_MAPPED`.
+    pub(super) fn unmap_large(&mut self) {
+        self.mapped.retain(|_, m| m.len <= KEEP_MAPPED);
     }
 
     /// Reads what the tables hold (after a restart, or on first use of a fresh program).
