@@ -308,6 +308,10 @@ impl Live {
             Ok(p) => p,
             Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
         };
+        // The parsed registry is not needed past this point; at a million entries it is the
+        // largest thing held while the maps are filled.
+        let expiry = next_expiry(&registry);
+        drop(registry);
         if let Some(mode) = self.mode_override {
             policy.mode = mode;
         }
@@ -333,7 +337,7 @@ impl Live {
             ));
         }
         self.policy = policy;
-        self.next_expiry = next_expiry(&registry);
+        self.next_expiry = expiry;
         self.serial = serial;
         self.state.rules = crate::cli::rule_labels(&self.policy);
         self.state.mode = self.policy.mode.to_string();
