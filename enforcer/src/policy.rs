@@ -107,6 +107,23 @@ impl CompiledRule {
         }
     }
 
+    /// The (IP protocol, destination port) pairs the rule's port list expands to.
+    fn port_pairs(&self) -> impl Iterator<Item = (u8, u16)> + '_ {
+        self.ports
+            .iter()
+            .flatten()
+            .filter_map(|spec| match *spec {
+                PortSpec::Range {
+                    protocol,
+                    first,
+                    last,
+                } => Some((protocol.number(), first..=last)),
+                // ICMP is a flag, not port entries.
+                PortSpec::Icmp => None,
+            })
+            .flat_map(|(protocol, ports)| ports.map(move |port| (protocol, port)))
+    }
+
     /// What `RULES` holds for this rule: its flags and, for a source entry, its prefix.
     pub fn record(&self) -> enforcer_common::Rule {
         if self.kind == RuleKind::VpnEndpoint {
@@ -539,17 +556,7 @@ impl CompiledRule {
 type Content = (u32, Vec<(u8, u16)>, Option<(VpnProtocol, Option<u16>)>);
 
 fn content(rule: &CompiledRule) -> Content {
-    let mut ports = Vec::new();
-    for spec in rule.ports.iter().flatten() {
-        if let PortSpec::Range {
-            protocol,
-            first,
-            last,
-        } = *spec
-        {
-            ports.extend((first..=last).map(|port| (protocol.number(), port)));
-        }
-    }
+    let mut ports: Vec<(u8, u16)> = rule.port_pairs().collect();
     ports.sort_unstable();
     ports.dedup();
     let vpn = rule.vpn.as_ref().map(|v| (v.protocol, v.port));
@@ -620,18 +627,10 @@ fn assign_indices(
 fn port_keys(rules: &[CompiledRule]) -> Result<Vec<PortKey>, PolicyError> {
     let mut keys = BTreeSet::new();
     for rule in rules {
-        for spec in rule.ports.iter().flatten() {
-            if let PortSpec::Range {
-                protocol,
-                first,
-                last,
-            } = *spec
-            {
-                for port in first..=last {
-                    keys.insert((rule.index, protocol.number(), port));
-                }
-            }
-        }
+        keys.extend(
+            rule.port_pairs()
+                .map(|(protocol, port)| (rule.index, protocol, port)),
+        );
         if keys.len() > MAX_PORT_RULES as usize {
             return Err(PolicyError::TooManyPorts(keys.len()));
         }
