@@ -163,6 +163,19 @@ impl Frame {
         )
     }
 
+    /// UDP from `src:src_port` to `dst:dst_port` carrying `data`.
+    pub fn udp_data(src: &str, src_port: u16, dst: &str, dst_port: u16, data: Vec<u8>) -> Self {
+        Self::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            L4::UdpData {
+                src_port,
+                dst_port,
+                data,
+            },
+        )
+    }
+
     pub fn echo(src: &str, dst: &str) -> Self {
         Self::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Echo)
     }

@@ -31,15 +31,7 @@ const SERVER: &str = "198.51.100.1";
 const LAN: &str = "198.51.100.10";
 
 fn udp(src: &str, src_port: u16, dst: &str, dst_port: u16, data: Vec<u8>) -> Frame {
-    Frame::new(
-        src.parse().unwrap(),
-        dst.parse().unwrap(),
-        L4::UdpData {
-            src_port,
-            dst_port,
-            data,
-        },
-    )
+    Frame::udp_data(src, src_port, dst, dst_port, data)
 }
 
 fn tcp(src: &str, src_port: u16, dst: &str, dst_port: u16, data: Vec<u8>) -> Frame {

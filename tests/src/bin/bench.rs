@@ -153,16 +153,7 @@ fn time_program_once(program: &Xdp, frame: &[u8]) -> u64 {
 fn packets() -> Vec<(&'static str, Vec<u8>)> {
     let udp = |src: &str, dst: &str, src_port, dst_port, mut data: Vec<u8>, len: usize| {
         data.resize(len, 0x5C);
-        Frame::new(
-            src.parse().unwrap(),
-            dst.parse().unwrap(),
-            L4::UdpData {
-                src_port,
-                dst_port,
-                data,
-            },
-        )
-        .build()
+        Frame::udp_data(src, src_port, dst, dst_port, data).build()
     };
     vec![
         (
@@ -468,16 +459,7 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
 fn vpn_stage(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let udp = |src: &str, src_port, dst_port, mut data: Vec<u8>, len: usize| {
         data.resize(len, 0x5C);
-        Frame::new(
-            src.parse().unwrap(),
-            "192.0.2.1".parse().unwrap(),
-            L4::UdpData {
-                src_port,
-                dst_port,
-                data,
-            },
-        )
-        .build()
+        Frame::udp_data(src, src_port, "192.0.2.1", dst_port, data).build()
     };
     let https = {
         let mut hello = vec![0x16, 3, 1, 2, 0, 1, 0, 1, 0xFC, 3, 3];
