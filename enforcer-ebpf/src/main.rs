@@ -5,11 +5,14 @@
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
 // LLVM lowers this intrinsic to BPF's atomic add.
 #![feature(core_intrinsics)]
+// `fast::decide` reads packet words where they lie, aligned or not (see `fast.rs`).
+#![feature(bpf_target_feature)]
 #![expect(
     internal_features,
     reason = "atomic_xadd is the only atomic add on this target"
 )]
 
+mod fast;
 mod parse;
 mod source;
 mod vpn;
@@ -24,8 +27,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
-    MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_DENY, RULE_FEED,
-    RULE_ICMP, Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
+    MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_DENY,
+    RULE_FEED, RULE_ICMP, Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
 };
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
@@ -58,6 +61,10 @@ static VPN_VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VPN_VE
 /// enforcer always runs with the VPN stage; benchmarks load it without to measure its cost.
 #[unsafe(no_mangle)]
 static VPN_STAGE: u8 = 1;
+/// Load-time switch for the fast path (`fast.rs`), likewise: tests load the program without it
+/// to check that it reaches the verdicts of the full path.
+#[unsafe(no_mangle)]
+static FAST_PATH: u8 = 1;
 
 /// Which reason decided, which registry entry (or `NO_RULE`), and the VPN protocol recognised.
 #[derive(Clone, Copy)]
@@ -86,8 +93,19 @@ impl Verdict {
 
 #[xdp]
 pub fn enforcer(ctx: XdpContext) -> u32 {
+    // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
+    if unsafe { core::ptr::read_volatile(&raw const FAST_PATH) } != 0 {
+        // SAFETY: the target feature changes only how loads are compiled: misaligned word
+        // loads of packet data, which the kernel allows unless a program asks for strict
+        // alignment (this one does not) and the JIT turns into plain loads.
+        let action = unsafe { fast::decide(ctx.ctx) };
+        if action != fast::UNDECIDED {
+            return action;
+        }
+    }
     let verdict = decide(&ctx);
-    record(&ctx, verdict)
+    let mode = CONFIG.get(0).map_or(MODE_ENFORCE, |c| c.mode);
+    record(&ctx, mode, verdict)
 }
 
 /// The policy, in order; the first step that decides wins.
@@ -223,17 +241,11 @@ fn fragment_key(packet: &IpPacket) -> FragmentKey {
     key
 }
 
-/// The one exit: count the verdict (per CPU, by reason; per rule), then carry it out. In monitor
+/// The one exit (of the fast path too): count the verdict (per CPU, by reason; per rule), then carry it out. In monitor
 /// mode a drop is counted in its monitor slot and the packet passes.
 #[inline(always)]
-fn record(ctx: &XdpContext, verdict: Verdict) -> u32 {
-    let monitor = matches!(
-        CONFIG.get(0),
-        Some(Config {
-            mode: MODE_MONITOR,
-            ..
-        })
-    );
+fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
+    let monitor = mode == MODE_MONITOR;
     let drop = matches!(verdict.reason.action(), Action::Drop);
     let slot = if drop && monitor {
         MONITOR_SLOT_OFFSET + verdict.reason as u32

@@ -31,6 +31,7 @@ const MAX_VLAN_TAGS: usize = 2;
 /// How many IPv6 extension headers we walk before calling the packet malformed.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
 
+const IPV4_DF: u16 = 0x4000;
 const IPV4_MF: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1FFF;
 const IPV6_FRAG_OFFSET_MASK: u16 = 0xFFF8;
@@ -262,6 +263,94 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
         // A third VLAN tag is as foreign to us as any other EtherType.
         _ => Ok(Frame::NonIp),
     }
+}
+
+/// The commonest frame in a few reads: untagged Ethernet, an IPv4 header without options, a
+/// whole datagram (no fragment), TCP or UDP. `None` for anything else, and for anything
+/// `parse_frame` would call malformed, link control or a fragment: those take the full parse.
+/// Where this returns a packet, `parse_frame` returns the same source, protocol, ports and
+/// payload (the fast path in `fast.rs` depends on it).
+#[inline(always)]
+pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
+    const L3: usize = ETH_HDR_LEN;
+    const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+    // Whole-word reads: the caller is compiled to allow misaligned loads (the kernel allows them
+    // on packet data wherever the CPU does, unless a program asks for strict alignment).
+    let word = |offset: usize| -> Option<u16> {
+        let ptr = ptr_at::<[u8; 2]>(ctx, offset).ok()?;
+        // SAFETY: ptr_at checked that the two bytes lie inside the frame.
+        Some(u16::from_be(unsafe {
+            core::ptr::read_unaligned(ptr.cast::<u16>())
+        }))
+    };
+    // Verifier: one bound check covers the Ethernet and IPv4 headers and the UDP header (the
+    // shorter of the two transport headers); TCP's is checked below.
+    ptr_at::<[u8; L4 + UDP_HDR_LEN]>(ctx, 0).ok()?;
+    let (ether_type, version_ihl_tos, tot_len, frag_off, ttl_proto) = (
+        word(12)?,
+        word(L3)?,
+        usize::from(word(L3 + 2)?),
+        word(L3 + 6)?,
+        word(L3 + 8)?,
+    );
+    let proto = ttl_proto as u8;
+    // 0x45: version 4, no options. Only DF may be set among the fragment bits.
+    if ether_type != ETH_P_IPV4 || version_ihl_tos >> 8 != 0x45 || frag_off & !IPV4_DF != 0 {
+        return None;
+    }
+    if tot_len < IPV4_MIN_HDR_LEN || ctx.data() + L3 + tot_len > ctx.data_end() {
+        return None;
+    }
+    let src = read::<4>(ctx, L3 + 12)?;
+    let ip_payload_len = tot_len - IPV4_MIN_HDR_LEN;
+    let (src_port_be, dst_port_be) = (read::<2>(ctx, L4)?, read::<2>(ctx, L4 + 2)?);
+    let payload = match proto {
+        IPPROTO_TCP => {
+            let tcp = ptr_at::<TcpHdr>(ctx, L4).ok()?;
+            // SAFETY: ptr_at checked that the TCP header lies inside the frame.
+            let data_offset = unsafe { (*tcp).data_offset };
+            let header_len = usize::from(data_offset >> 4) * 4;
+            if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
+                return None;
+            }
+            let len = ip_payload_len - header_len;
+            Payload {
+                offset: L4 + header_len,
+                len,
+                total: len,
+            }
+        }
+        IPPROTO_UDP => {
+            let udp_len = usize::from(word(L4 + 4)?);
+            if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
+                return None;
+            }
+            let total = udp_len - UDP_HDR_LEN;
+            let in_packet = ip_payload_len - UDP_HDR_LEN;
+            Payload {
+                offset: L4 + UDP_HDR_LEN,
+                len: if total < in_packet { total } else { in_packet },
+                total,
+            }
+        }
+        _ => return None,
+    };
+    Some(PlainV4 {
+        src,
+        proto,
+        src_port_be,
+        dst_port_be,
+        payload,
+    })
+}
+
+/// What `plain_v4` reads.
+pub struct PlainV4 {
+    pub src: [u8; 4],
+    pub proto: u8,
+    pub src_port_be: [u8; 2],
+    pub dst_port_be: [u8; 2],
+    pub payload: Payload,
 }
 
 #[inline(always)]

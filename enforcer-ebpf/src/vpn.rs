@@ -121,6 +121,67 @@ pub fn classify(
     }
 }
 
+/// Whether a UDP payload could carry any signature `udp` recognises: the port gates, then the
+/// first byte of every signature that has a fixed one, then the two that look deeper (IKE's
+/// version at byte 17, ZeroTier's verb at byte 27). Every signature implies this test, and `udp`
+/// starts with it, so a signature it missed would be missed by the classifier too (and its
+/// tests would fail): the fast path in `fast.rs` may rely on a `false` meaning "no signature".
+#[inline(always)]
+pub fn udp_may_match(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> bool {
+    for port in [IPSEC_NAT_T_PORT, L2TP_PORT, WARP_PORT] {
+        if src_port == port || dst_port == port {
+            return true;
+        }
+    }
+    // Verifier: two bytes, not one (see the NAT-T keepalive in `udp`).
+    if p.len < 4 {
+        return false;
+    }
+    let Some([first, _]) = read::<2>(ctx, p.offset) else {
+        return false;
+    };
+    match first {
+        // WireGuard types, DTLS records (AnyConnect), OpenVPN hard resets, Lightway ('H'),
+        // SoftEther ('I' of "IP="), Tailscale disco ('T' of "TS").
+        1..=4
+        | 20..=23
+        | OPENVPN_CLIENT_RESET_V2
+        | OPENVPN_SERVER_RESET_V2
+        | OPENVPN_CLIENT_RESET_V3
+        | b'H'
+        | b'I'
+        | b'T' => return true,
+        _ => {}
+    }
+    if p.total >= IKE_HEADER_LEN
+        && let Some([_, version]) = read::<2>(ctx, p.offset + 16)
+        && (version == IKE_V1 || version == IKE_V2)
+    {
+        return true;
+    }
+    p.len >= ZEROTIER_HELLO_MIN_LEN
+        && matches!(read::<2>(ctx, p.offset + 26), Some([_, verb]) if verb & 0x1F == 1)
+}
+
+/// The same for a TCP payload and `tcp`: UltraSurf's first byte, PPTP's message type, or an
+/// OpenVPN hard reset's opcode behind the 2-byte length.
+#[inline(always)]
+pub fn tcp_may_match(ctx: &XdpContext, p: Payload) -> bool {
+    if p.len < ULTRASURF_PREFIX.len() {
+        return false;
+    }
+    let Some(head) = read::<4>(ctx, p.offset) else {
+        return false;
+    };
+    head[0] == ULTRASURF_PREFIX[0]
+        || (p.len >= 14
+            && (head[2..4] == PPTP_CONTROL_MESSAGE
+                || matches!(
+                    head[2],
+                    OPENVPN_CLIENT_RESET_V2 | OPENVPN_SERVER_RESET_V2 | OPENVPN_CLIENT_RESET_V3
+                )))
+}
+
 /// The payload's position as values the verifier cannot tell apart by the path that produced
 /// them. Verifier: every parse path (VLAN tags, IPv4 options, IPv6 extension headers) reaches
 /// the signatures with its own exact offset; without this the signature checks are explored once
@@ -145,6 +206,10 @@ fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
     // A comparison such as `len >= 62` that fails leaves `len < 62` known for the rest of a
     // chain, and every such split doubles the states explored after it; fresh values keep the
     // checks independent.
+    let fresh = |port: u16| masked(usize::from(port), 0xFFFF) as u16;
+    if !udp_may_match(ctx, fresh(src_port), fresh(dst_port), converge(p)) {
+        return None;
+    }
     let on_port = |port: u16| {
         masked(usize::from(src_port), 0xFFFF) == usize::from(port)
             || masked(usize::from(dst_port), 0xFFFF) == usize::from(port)
@@ -215,6 +280,9 @@ fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
 
 #[inline(always)]
 fn tcp(ctx: &XdpContext, p: Payload) -> Found {
+    if !tcp_may_match(ctx, p) {
+        return None;
+    }
     // Signatures sit in the first data segment of a stream.
     if p.len >= 8 && read::<8>(ctx, p.offset)? == ULTRASURF_PREFIX {
         return Some((VpnProtocol::UltraSurf, false));
@@ -522,20 +590,22 @@ pub fn approved(packet: &IpPacket, protocol: VpnProtocol) -> Option<u32> {
         } => (src_port_be, dst_port_be),
         _ => ([0; 2], [0; 2]),
     };
+    // Verifier: plain numbers, with `NO_GROUP` for no approval, not `Option<u32>`: LLVM may
+    // spill the undefined payload of a `None`, and the verifier refuses to read that register.
     let (src_group, dst_group) = match packet.addrs {
         Addrs::V4 { src, dst } => (
-            VPN_V4.get(Key::new(32, src)).copied(),
-            VPN_V4.get(Key::new(32, dst)).copied(),
+            VPN_V4.get(Key::new(32, src)).map_or(NO_GROUP, |g| *g),
+            VPN_V4.get(Key::new(32, dst)).map_or(NO_GROUP, |g| *g),
         ),
         Addrs::V6 { src, dst } => (
-            VPN_V6.get(Key::new(128, src)).copied(),
-            VPN_V6.get(Key::new(128, dst)).copied(),
+            VPN_V6.get(Key::new(128, src)).map_or(NO_GROUP, |g| *g),
+            VPN_V6.get(Key::new(128, dst)).map_or(NO_GROUP, |g| *g),
         ),
     };
-    if let Some(rule) = src_group.and_then(|g| match_group(g, protocol, src_port)) {
+    if let Some(rule) = match_group(src_group, protocol, src_port) {
         return Some(rule);
     }
-    dst_group.and_then(|g| match_group(g, protocol, dst_port))
+    match_group(dst_group, protocol, dst_port)
 }
 
 /// For a TCP/UDP packet without a signature: the approval (rule, protocol) whose endpoint is the
@@ -555,9 +625,9 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> Option<(
         return None;
     }
     let group = match packet.addrs {
-        Addrs::V4 { src, .. } => VPN_V4.get(Key::new(32, src)).copied(),
-        Addrs::V6 { src, .. } => VPN_V6.get(Key::new(128, src)).copied(),
-    }?;
+        Addrs::V4 { src, .. } => VPN_V4.get(Key::new(32, src)).map_or(NO_GROUP, |g| *g),
+        Addrs::V6 { src, .. } => VPN_V6.get(Key::new(128, src)).map_or(NO_GROUP, |g| *g),
+    };
     let group = VPN_GROUPS.get(group)?;
     for i in 0..MAX_APPROVALS_PER_GROUP {
         if i as u32 >= group.count {
@@ -570,6 +640,9 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> Option<(
     }
     None
 }
+
+/// No approved endpoint covers the address: an index past `VPN_GROUPS`, which holds nothing.
+const NO_GROUP: u32 = u32::MAX;
 
 #[inline(always)]
 fn match_group(group: u32, protocol: VpnProtocol, port: [u8; 2]) -> Option<u32> {

@@ -3,7 +3,7 @@
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::{
-    datapath::{Datapath, VerdictCounts},
+    datapath::{Datapath, Stages, VerdictCounts},
     policy::Policy,
     registry::{Date, Mode, Registry},
 };
@@ -21,24 +21,39 @@ pub struct Loaded {
 impl Loaded {
     /// Loads the program and fills its maps from registry text (entries in force on 2026-11-27).
     pub fn new(registry: &str) -> Self {
-        Self::build(registry, Datapath::load_for)
+        Self::with_stages(registry, Stages::ALL)
     }
 
     /// The same, with the VPN stage switched off at load time (benchmark baseline).
     pub fn without_vpn_stage(registry: &str) -> Self {
-        Self::build(registry, Datapath::load_without_vpn_stage)
+        Self::with_stages(
+            registry,
+            Stages {
+                vpn: false,
+                ..Stages::ALL
+            },
+        )
     }
 
-    fn build(
-        registry: &str,
-        load: fn(&Policy) -> Result<Datapath, enforcer::datapath::DatapathError>,
-    ) -> Self {
+    /// The same, with the fast path switched off: every packet takes the full path.
+    pub fn without_fast_path(registry: &str) -> Self {
+        Self::with_stages(
+            registry,
+            Stages {
+                fast_path: false,
+                ..Stages::ALL
+            },
+        )
+    }
+
+    fn with_stages(registry: &str, stages: Stages) -> Self {
         crate::netns::require_root();
         let registry =
             Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
         let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
             .expect("test policy compiles");
-        let mut datapath = load(&policy).expect("the XDP program loads (verifier accepts it)");
+        let mut datapath = Datapath::load_stages(&policy, stages)
+            .expect("the XDP program loads (verifier accepts it)");
         datapath.fill(&policy).expect("maps fill");
         Self { datapath, policy }
     }

@@ -103,6 +103,25 @@ pub enum AttachMode {
     Skb,
 }
 
+/// The program's optional stages, switched at load time (read-only data, so the verifier prunes
+/// a stage that is off). The enforcer runs them all; benchmarks and tests switch one off to
+/// measure what it costs or to compare the verdicts without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stages {
+    /// The VPN signature stage.
+    pub vpn: bool,
+    /// The fast path for plain IPv4 TCP/UDP from sources the registry does not list
+    /// (`enforcer-ebpf/src/fast.rs`).
+    pub fast_path: bool,
+}
+
+impl Stages {
+    pub const ALL: Self = Self {
+        vpn: true,
+        fast_path: true,
+    };
+}
+
 /// The loaded program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -115,7 +134,7 @@ pub struct Datapath {
     source: Option<source::SourceState>,
     /// Where the maps are pinned (`None`: a program of its own, for tests and benchmarks).
     pin_dir: Option<std::path::PathBuf>,
-    vpn_stage: bool,
+    stages: Stages,
     /// Array maps mapped into this process, by name (see `mapped`).
     mapped: std::collections::HashMap<&'static str, source::Mapped>,
 }
@@ -161,22 +180,18 @@ impl Datapath {
     /// Loads the embedded program into the kernel (the verifier runs here). Maps start empty and
     /// the mode starts as enforce; nothing is attached yet.
     pub fn load() -> Result<Self, DatapathError> {
-        Self::load_with(true)
+        Self::load_full(Stages::ALL, None, lookup::V4_DEFAULT_BLOCKS)
     }
 
     /// Like `load`, with the IPv4 lookup table sized for `policy` (and changes to it).
     pub fn load_for(policy: &Policy) -> Result<Self, DatapathError> {
-        Self::load_full(true, None, v4_blocks_for(policy.source_prefixes()))
+        Self::load_stages(policy, Stages::ALL)
     }
 
-    /// Loads the program with the VPN stage switched off (a load-time constant): only for
-    /// benchmarks that measure what the VPN stage costs.
-    pub fn load_without_vpn_stage(policy: &Policy) -> Result<Self, DatapathError> {
-        Self::load_full(false, None, v4_blocks_for(policy.source_prefixes()))
-    }
-
-    fn load_with(vpn_stage: bool) -> Result<Self, DatapathError> {
-        Self::load_full(vpn_stage, None, lookup::V4_DEFAULT_BLOCKS)
+    /// Like `load_for`, with only `stages` switched on: for benchmarks and tests that measure
+    /// or compare a stage.
+    pub fn load_stages(policy: &Policy, stages: Stages) -> Result<Self, DatapathError> {
+        Self::load_full(stages, None, v4_blocks_for(policy.source_prefixes()))
     }
 
     /// Loads the program with every map pinned under `dir`: maps already pinned there (by an
@@ -185,31 +200,30 @@ impl Datapath {
     /// `prefixes` (the registry's source prefixes) size the IPv4 lookup table when it is
     /// created; a pinned one keeps its size.
     pub fn load_pinned(dir: &Path, prefixes: &[IpNet]) -> Result<Self, DatapathError> {
-        Self::load_full(true, Some(dir), v4_blocks_for(prefixes))
+        Self::load_full(Stages::ALL, Some(dir), v4_blocks_for(prefixes))
     }
 
     fn load_full(
-        vpn_stage: bool,
+        stages: Stages,
         pin_dir: Option<&Path>,
         v4_blocks: u32,
     ) -> Result<Self, DatapathError> {
         // The verifier's full log costs seconds and hundreds of MiB for this program: load
         // without it, and only if the verifier refuses, again with it for the error message.
-        match Self::load_with_log(vpn_stage, pin_dir, v4_blocks, VerifierLogLevel::STATS) {
+        match Self::load_with_log(stages, pin_dir, v4_blocks, VerifierLogLevel::STATS) {
             Err(DatapathError::Load(_)) => {
-                Self::load_with_log(vpn_stage, pin_dir, v4_blocks, VerifierLogLevel::default())
+                Self::load_with_log(stages, pin_dir, v4_blocks, VerifierLogLevel::default())
             }
             loaded => loaded,
         }
     }
 
     fn load_with_log(
-        vpn_stage: bool,
+        stages: Stages,
         pin_dir: Option<&Path>,
         v4_blocks: u32,
         log: VerifierLogLevel,
     ) -> Result<Self, DatapathError> {
-        let vpn_stage = u8::from(vpn_stage);
         let paths: Vec<(&'static str, std::path::PathBuf)> = pin_dir
             .map(|dir| {
                 map_names::ALL
@@ -220,7 +234,9 @@ impl Datapath {
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(log);
+        let (vpn_stage, fast_path) = (u8::from(stages.vpn), u8::from(stages.fast_path));
         loader.override_global("VPN_STAGE", &vpn_stage, true);
+        loader.override_global("FAST_PATH", &fast_path, true);
         loader.map_max_entries(map_names::SOURCE_V4, 2 * lookup::V4_ROOT_BLOCKS + v4_blocks);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -248,7 +264,7 @@ impl Datapath {
             adopted_program_id: None,
             source: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
-            vpn_stage: vpn_stage != 0,
+            stages,
             mapped: std::collections::HashMap::new(),
         })
     }

@@ -247,7 +247,7 @@ impl Datapath {
         let old: Vec<u8> = self.mapped(name, 1024)?.bytes().to_vec();
         let pin = dir.join(name);
         let _ = std::fs::remove_file(&pin);
-        let mut grown = match Self::load_full(self.vpn_stage, Some(&dir), blocks) {
+        let mut grown = match Self::load_full(self.stages, Some(&dir), blocks) {
             Ok(grown) => grown,
             Err(e) => {
                 // Put the old table's pin back: the running program still uses it.

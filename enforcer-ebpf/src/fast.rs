@@ -1,0 +1,74 @@
+//! The fast path: the verdict on the commonest packet of a flood, an untagged IPv4 TCP/UDP
+//! datagram whose source /16 holds no registry entry at all, in a few reads, before the full
+//! parse. It decides only where `decide` would decide the same, and counts the same; anything
+//! else (a listed /16, VLAN tags, IPv4 options, fragments, other protocols, IPv6, a payload that
+//! could carry a VPN signature, or a VPN state that needs the full stage) goes the full way.
+
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+use enforcer_common::{
+    Config, RULE_DENY, RULE_FEED, Reason,
+    lookup::{V4_POINTER, VALUE_MASK},
+};
+
+use crate::{CONFIG, RULES, Verdict, parse, record, source, vpn};
+
+/// Returned when the full path must decide (no XDP action has this number).
+pub const UNDECIDED: u32 = u32::MAX;
+
+/// The verdict `decide` would reach, if the fast path can tell (see the module note): counted
+/// by `record` as the full path would, and carried out; the XDP action, or `UNDECIDED`.
+///
+/// Verifier: a function of its own (a BPF-to-BPF call) that returns a plain number, so that its
+/// branches meet again at the return instead of multiplying the states of the full path.
+#[inline(never)]
+#[target_feature(enable = "allows-misaligned-mem-access")]
+pub fn decide(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let Some(packet) = parse::plain_v4(&ctx) else {
+        return UNDECIDED;
+    };
+    let Some(&Config {
+        mode,
+        vpn_flows_seen: 0,
+        port_endpoints: 0,
+        generation,
+    }) = CONFIG.get(0)
+    else {
+        // A stateful VPN flow was seen (every TCP/UDP packet may belong to one), or some
+        // approval names a port (a packet from it passes without a signature).
+        return UNDECIDED;
+    };
+    let slot = source::v4_root_slot(packet.src, generation);
+    if slot & V4_POINTER != 0 {
+        return UNDECIDED;
+    }
+    let verdict = if let Some(rule) = (slot & VALUE_MASK).checked_sub(1) {
+        // Only a deny range decides before the VPN stage; an allowed source goes the full way.
+        let flags = RULES.get(rule).map_or(0, |r| r.flags);
+        if flags & RULE_DENY == 0 {
+            return UNDECIDED;
+        }
+        let reason = if flags & RULE_FEED != 0 {
+            Reason::DeniedFeed
+        } else {
+            Reason::Denied
+        };
+        Verdict::new(reason, rule)
+    } else {
+        // No entry at all: the VPN stage decides if the payload could carry a signature.
+        let (src_port, dst_port) = (
+            u16::from_be_bytes(packet.src_port_be),
+            u16::from_be_bytes(packet.dst_port_be),
+        );
+        let may_be_vpn = if packet.proto == parse::IPPROTO_UDP {
+            vpn::udp_may_match(&ctx, src_port, dst_port, packet.payload)
+        } else {
+            vpn::tcp_may_match(&ctx, packet.payload)
+        };
+        if may_be_vpn {
+            return UNDECIDED;
+        }
+        Verdict::without_rule(Reason::NotAllowlisted)
+    };
+    record(&ctx, mode, verdict)
+}
