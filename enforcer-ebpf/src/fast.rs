@@ -1,14 +1,12 @@
 //! The fast path: the verdict on the commonest packet of a flood, an untagged IPv4 TCP/UDP
-//! datagram whose source /16 holds no registry entry at all, in a few reads, before the full
-//! parse. It decides only where `decide` would decide the same, and counts the same; anything
-//! else (a listed /16, VLAN tags, IPv4 options, fragments, other protocols, IPv6, a payload that
-//! could carry a VPN signature, or a VPN state that needs the full stage) goes the full way.
+//! datagram from a source the registry does not list (or denies), in a few reads, before the
+//! full parse. It decides only where `decide` would decide the same, and counts the same;
+//! anything else (an allowed source, VLAN tags, IPv4 options, fragments, other protocols, IPv6,
+//! a payload that could carry a VPN signature, or a VPN state that needs the full stage) goes
+//! the full way.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use enforcer_common::{
-    Config, RULE_DENY, RULE_FEED, Reason,
-    lookup::{V4_POINTER, VALUE_MASK},
-};
+use enforcer_common::{Config, RULE_DENY, RULE_FEED, Reason};
 
 use crate::{CONFIG, RULES, Verdict, parse, record, source, vpn};
 
@@ -38,11 +36,7 @@ pub fn decide(ctx: *mut xdp_md) -> u32 {
         // approval names a port (a packet from it passes without a signature).
         return UNDECIDED;
     };
-    let slot = source::v4_root_slot(packet.src, generation);
-    if slot & V4_POINTER != 0 {
-        return UNDECIDED;
-    }
-    let verdict = if let Some(rule) = (slot & VALUE_MASK).checked_sub(1) {
+    let verdict = if let Some(rule) = source::v4(packet.src, generation) {
         // Only a deny range decides before the VPN stage; an allowed source goes the full way.
         let flags = RULES.get(rule).map_or(0, |r| r.flags);
         if flags & RULE_DENY == 0 {

@@ -57,22 +57,15 @@ pub fn v6(src: &[u8; 16], generation: u32) -> Option<u32> {
 // its own state through the rest of the program, and verification passes a million
 // instructions; behind a call, all of them meet again at the return with one scalar.
 
-/// The root slot of `src`'s /16 in table generation `generation`: `rule + 1` of the longest
-/// prefix of /16 or shorter holding it (0 for none), unless `V4_POINTER` says a block of longer
-/// prefixes decides.
-#[inline(always)]
-pub fn v4_root_slot(src: [u8; 4], generation: u32) -> u32 {
-    SOURCE_V4
-        .get((generation & 1) * V4_ROOT_BLOCKS + u32::from(src[0]))
-        .map_or(0, |root| root[usize::from(src[1])])
-}
-
 /// `rule + 1` of the longest prefix holding `addr` (host order), or 0.
 #[inline(never)]
 fn lookup_v4(addr: u32, generation: u32) -> u32 {
     let generation = generation & 1;
     let src = addr.to_be_bytes();
-    let slot = v4_root_slot(src, generation);
+    let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
+        return 0;
+    };
+    let slot = root[usize::from(src[1])];
     if slot & V4_POINTER == 0 {
         return slot & VALUE_MASK;
     }

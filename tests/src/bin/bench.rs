@@ -537,7 +537,7 @@ fn v4_prefixes(registry: &str) -> Vec<Ipv4Net> {
 
 /// Frames per flood (about a second at the rates seen here).
 const FLOOD_FRAMES: u32 = 4_000_000;
-const FLOOD_ROUNDS: usize = 7;
+const FLOOD_ROUNDS: usize = 11;
 const FLOOD_CPU: usize = 1;
 
 fn median_f64(mut values: Vec<f64>) -> f64 {
@@ -737,13 +737,26 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
             );
         }
     }
-    let bare = receivers
+    // Each receiver against bare XDP_DROP in the same round (floods a few seconds apart), then
+    // the median over rounds: this machine's speed drifts by tens of percent within a run, and
+    // a ratio of two medians taken at different moments carries that drift.
+    let bare_rounds = receivers
         .iter()
         .find(|r| r.label == "bare XDP_DROP")
-        .map_or(1.0, |r| median_f64(r.rates.clone()));
+        .map(|r| r.rates.clone())
+        .ok_or_else(|| anyhow::anyhow!("no bare XDP_DROP receiver"))?;
+    let vs_bare = |rates: &[f64]| {
+        median_f64(
+            rates
+                .iter()
+                .zip(&bare_rounds)
+                .map(|(rate, bare)| rate / bare)
+                .collect(),
+        )
+    };
     writeln!(
         out,
-        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved",
+        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
         flood::SOURCES
     )?;
     writeln!(
@@ -762,10 +775,10 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
             out,
             "{:<40}{mpps:>8.2}{:>13.2}x{softirq:>20.0}{program:>18}",
             r.label,
-            mpps / bare
+            vs_bare(&r.rates)
         )?;
         rows.push(serde_json::json!({
-            "receiver": r.label, "mpps": mpps, "vs_bare_drop": mpps / bare,
+            "receiver": r.label, "mpps": mpps, "vs_bare_drop": vs_bare(&r.rates),
             "softirq_ns_per_packet": softirq, "xdp_program_ns_per_packet": r.program_ns,
             "rounds_mpps": r.rates, "rounds_softirq_ns": r.softirq,
         }));
