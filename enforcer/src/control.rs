@@ -274,7 +274,7 @@ impl Live {
         let serial = self.serial + 1;
         doc["serial"] = json!(serial);
         let text = serde_json::to_string_pretty(&doc).expect("JSON serialises") + "\n";
-        let response = self.adopt(&text, serial, what);
+        let response = self.adopt(text, false, serial, what);
         if response.ok {
             self.audit(uid, verb, entry, approval, serial - 1, serial);
         }
@@ -289,8 +289,10 @@ impl Live {
     }
 
     /// Makes `text` (a whole registry) the policy in force and the file on disk, or nothing.
-    fn adopt(&mut self, text: &str, serial: u64, what: String) -> Response {
-        let registry = match Registry::parse_at(text, &self.base_dir()) {
+    /// `written`: the text is the registry file as it is on disk already (a reload), so it is
+    /// not written back, nor kept while the maps are filled.
+    fn adopt(&mut self, text: String, written: bool, serial: u64, what: String) -> Response {
+        let registry = match Registry::parse_at(&text, &self.base_dir()) {
             Ok(r) => r,
             Err(problems) => {
                 let list: Vec<String> = problems
@@ -304,6 +306,7 @@ impl Live {
                 return Response::error(format!("refused, nothing changed: {}", list.join("; ")));
             }
         };
+        tracing::debug!(mib = ?crate::memory_mib(), "registry parsed");
         let mut policy = match Policy::compile_after(&registry, Date::today(), Some(&self.policy)) {
             Ok(p) => p,
             Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
@@ -312,6 +315,8 @@ impl Live {
         // largest thing held while the maps are filled.
         let expiry = next_expiry(&registry);
         drop(registry);
+        let text = (!written).then_some(text);
+        tracing::debug!(mib = ?crate::memory_mib(), "policy compiled");
         if let Some(mode) = self.mode_override {
             policy.mode = mode;
         }
@@ -322,14 +327,18 @@ impl Live {
                 "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
             ));
         }
-        if let Err(e) = self.datapath.apply(&self.policy, &policy) {
+        let applied = self.datapath.apply(&self.policy, &policy);
+        tracing::debug!(mib = ?crate::memory_mib(), "policy applied");
+        if let Err(e) = applied {
             // Put back what was there; the maps hold a mixture only until this returns.
             let _ = self.datapath.apply(&policy, &self.policy);
             return Response::error(format!(
                 "refused, nothing changed: applying to the kernel failed: {e}"
             ));
         }
-        if let Err(e) = write_atomically(&self.registry_path, text) {
+        if let Some(text) = &text
+            && let Err(e) = write_atomically(&self.registry_path, text)
+        {
             let _ = self.datapath.apply(&policy, &self.policy);
             return Response::error(format!(
                 "refused, nothing changed: writing {}: {e}",
@@ -339,9 +348,12 @@ impl Live {
         self.policy = policy;
         self.next_expiry = expiry;
         self.serial = serial;
-        self.state.rules = crate::cli::rule_labels(&self.policy);
         self.state.mode = self.policy.mode.to_string();
-        if let Err(e) = self.state.write(&self.id) {
+        if let Err(e) = self
+            .state
+            .write(&self.id)
+            .and_then(|()| State::write_rules(&self.id, &crate::cli::rule_labels(&self.policy)))
+        {
             tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
         }
         Response::ok(what, json!({"serial": serial}))
@@ -452,7 +464,8 @@ impl Live {
         };
         let before = self.serial;
         let response = self.adopt(
-            &text,
+            text,
+            true,
             serial,
             format!("reloaded {}", self.registry_path.display()),
         );

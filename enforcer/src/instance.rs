@@ -153,24 +153,31 @@ pub struct State {
     pub program_id: Option<u32>,
     pub registry: String,
     pub started_unix: u64,
-    /// Kept in `rules.json` beside the state file: a million labels would make every read of
-    /// the state (each start, each CLI call) parse tens of MiB.
-    #[serde(skip)]
-    pub rules: Vec<RuleLabel>,
 }
 
 impl State {
-    /// Writes the state file and the rule labels atomically (temporary file, fsync, rename).
+    /// Writes the state file atomically (temporary file, fsync, rename).
     pub fn write(&self, id: &InstanceId) -> Result<(), InstanceError> {
         let path = id.state_file();
         let dir = path.parent().expect("state file has a parent");
         fs::create_dir_all(dir).map_err(io_error(dir))?;
-        // The labels are derived data (every start writes them anew): replaced atomically, but
-        // not synced — a live change should not wait for a second disk flush.
-        let rules = serde_json::to_vec(&self.rules).expect("labels serialise");
-        write_file(&dir.join(RULES_FILE), &rules, false)?;
-        let json = serde_json::to_vec_pretty(self).expect("state serialises");
-        write_file(&path, &json, true)
+        write_file(&path, true, |out| {
+            serde_json::to_writer_pretty(out, self).map_err(std::io::Error::from)
+        })
+    }
+
+    /// Replaces the rule labels beside the state file: `rules.json`, kept apart because a
+    /// million labels would make every read of the state (each start, each CLI call) parse
+    /// tens of MiB. Streamed from `labels` (no copy of them is kept), replaced atomically, but
+    /// not synced: they are derived data, written anew by every start and change, and a live
+    /// change should not wait for a second disk flush.
+    pub fn write_rules(id: &InstanceId, labels: &impl Serialize) -> Result<(), InstanceError> {
+        let path = id.state_file().with_file_name(RULES_FILE);
+        let dir = path.parent().expect("state file has a parent");
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        write_file(&path, false, |out| {
+            serde_json::to_writer(out, labels).map_err(std::io::Error::from)
+        })
     }
 
     /// The rule labels written beside the state file at `path` (none if absent).
@@ -194,13 +201,21 @@ impl State {
 /// The file beside `state.json` that holds the rule labels.
 const RULES_FILE: &str = "rules.json";
 
-/// Replaces `path` with `bytes`: a temporary file beside it (fsync'ed if `sync`), rename.
-fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), InstanceError> {
+/// Replaces `path` with what `fill` writes: a temporary file beside it (fsync'ed if `sync`),
+/// rename.
+fn write_file(
+    path: &Path,
+    sync: bool,
+    fill: impl FnOnce(&mut std::io::BufWriter<&fs::File>) -> std::io::Result<()>,
+) -> Result<(), InstanceError> {
     let tmp = path.with_extension("json.tmp");
-    let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    file.write_all(bytes)
+    let file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    let mut out = std::io::BufWriter::new(&file);
+    fill(&mut out)
+        .and_then(|()| out.flush())
         .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
         .map_err(io_error(&tmp))?;
+    drop(out);
     fs::rename(&tmp, path).map_err(io_error(path))
 }
 

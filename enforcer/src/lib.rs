@@ -15,3 +15,18 @@ pub mod instance;
 pub mod lookup;
 pub mod policy;
 pub mod registry;
+
+/// This process's resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM`), for the
+/// debug log of the phases that handle a whole registry.
+pub fn memory_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

@@ -30,7 +30,7 @@
 //! all packets to it: a packet sees the old tables or the new ones, never a mixture. Blocks whose
 //! content did not change are shared by both generations.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use enforcer_common::{
     DirV6, MAX_V6_LENGTHS, NodeV6,
@@ -130,63 +130,92 @@ fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLength
         dir: vec![DirV6::default(); V6_DIR_SLOTS as usize],
         ..V6Tables::default()
     };
-    // The lengths below each /16 (17 to 32) and each /32 (33 to 128).
-    let mut below16: BTreeMap<u16, BTreeSet<u8>> = BTreeMap::new();
-    let mut below32: BTreeMap<u32, BTreeSet<u8>> = BTreeMap::new();
+    let mut lengths = V6Lengths::default();
     for &(addr, len, value) in &entries {
-        let slot = (addr >> 112) as usize;
-        match len {
-            0..=16 => {
-                for d in &mut tables.dir[slot..slot + (1usize << (16 - len))] {
-                    d.value = value;
-                }
+        lengths.add(addr, len);
+        if len <= 16 {
+            let slot = (addr >> 112) as usize;
+            for d in &mut tables.dir[slot..slot + (1usize << (16 - len))] {
+                d.value = value;
             }
-            17..=32 => {
-                below16.entry(slot as u16).or_default().insert(len);
-                tables.long.insert((addr, len), value);
-            }
-            _ => {
-                below32.entry((addr >> 96) as u32).or_default().insert(len);
-                tables.long.insert((addr, len), value);
-            }
+        } else {
+            tables.long.insert((addr, len), value);
         }
     }
-    let list = |lengths: &BTreeSet<u8>, within: u128, within_len: u8| {
-        if lengths.len() > MAX_V6_LENGTHS {
-            return Err(TooManyLengths {
-                within: IpNet::V6(
-                    ipnet::Ipv6Net::new(within.into(), within_len).expect("valid length"),
-                ),
-                lengths: lengths.iter().copied().collect(),
-            });
-        }
-        let mut out = [0u8; MAX_V6_LENGTHS];
-        for (o, len) in out.iter_mut().zip(lengths.iter().rev()) {
-            *o = *len;
-        }
-        Ok(out)
-    };
-    for (slot, lengths) in &below16 {
-        tables.dir[usize::from(*slot)].lengths = list(lengths, u128::from(*slot) << 112, 16)?;
+    lengths.check()?;
+    for (slot, bits) in &lengths.below16 {
+        tables.dir[usize::from(*slot)].lengths = V6Lengths::list(u128::from(*bits));
     }
-    for (top, lengths) in &below32 {
-        let lengths = list(lengths, u128::from(*top) << 96, 32)?;
+    tables.nodes.reserve(lengths.below32.len());
+    for (top, bits) in &lengths.below32 {
+        let lengths = V6Lengths::list(*bits);
         tables.nodes.insert(*top, NodeV6 { lengths });
     }
     Ok(tables)
 }
 
+/// The IPv6 prefix lengths present below each /16 (17 to 32) and each /32 (33 to 128), as
+/// bit sets (bit `n` = length `n`): what the lookup probes there.
+#[derive(Default)]
+struct V6Lengths {
+    below16: FastMap<u16, u32>,
+    below32: FastMap<u32, u128>,
+}
+
+impl V6Lengths {
+    fn add(&mut self, addr: u128, len: u8) {
+        match len {
+            0..=16 => {}
+            // Bit `len - 1`: /32 is bit 31.
+            17..=32 => *self.below16.entry((addr >> 112) as u16).or_default() |= 1 << (len - 1),
+            _ => *self.below32.entry((addr >> 96) as u32).or_default() |= 1 << (len - 1),
+        }
+    }
+
+    /// The lowest /16 or /32 (in address order) with more lengths than the lookup probes.
+    fn check(&self) -> Result<(), TooManyLengths> {
+        let over = |bits: u128| bits.count_ones() as usize > MAX_V6_LENGTHS;
+        let within = self
+            .below16
+            .iter()
+            .filter(|(_, bits)| over(u128::from(**bits)))
+            .map(|(slot, bits)| ((u128::from(*slot) << 112, 16), u128::from(*bits)))
+            .chain(
+                self.below32
+                    .iter()
+                    .filter(|(_, bits)| over(**bits))
+                    .map(|(top, bits)| ((u128::from(*top) << 96, 32), *bits)),
+            )
+            .min_by_key(|(place, _)| *place);
+        match within {
+            None => Ok(()),
+            Some(((addr, len), bits)) => Err(TooManyLengths {
+                within: IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).expect("valid length")),
+                lengths: (1..=128u8).filter(|l| bits & (1 << (l - 1)) != 0).collect(),
+            }),
+        }
+    }
+
+    /// The lengths of `bits`, longest first, in the kernel's fixed-size list (`check` first).
+    fn list(bits: u128) -> [u8; MAX_V6_LENGTHS] {
+        let mut out = [0u8; MAX_V6_LENGTHS];
+        let longest_first = (1..=128u8).rev().filter(|l| bits & (1 << (l - 1)) != 0);
+        for (o, len) in out.iter_mut().zip(longest_first) {
+            *o = len;
+        }
+        out
+    }
+}
+
 /// Whether the IPv6 lookup can hold these prefixes (see `TooManyLengths`).
 pub fn check<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Result<(), TooManyLengths> {
-    let mut seen = HashSet::new();
-    let v6: Vec<(u128, u8, u32)> = prefixes
-        .into_iter()
-        .filter_map(|p| match p.trunc() {
-            IpNet::V6(net) if seen.insert(net) => Some((net.network().into(), net.prefix_len(), 1)),
-            _ => None,
-        })
-        .collect();
-    build_v6(v6).map(drop)
+    let mut lengths = V6Lengths::default();
+    for prefix in prefixes {
+        if let IpNet::V6(net) = prefix.trunc() {
+            lengths.add(net.network().into(), net.prefix_len());
+        }
+    }
+    lengths.check()
 }
 
 /// More distinct IPv6 prefix lengths inside one /16 or /32 than the lookup probes.

@@ -48,7 +48,9 @@ pub struct CompiledRule {
     pub ports: Option<Vec<PortSpec>>,
     /// For an approved VPN endpoint: what is approved.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vpn: Option<VpnApprovalInfo>,
+    /// Boxed: one rule in a million is a VPN endpoint, and the others should not carry room
+    /// for it.
+    pub vpn: Option<Box<VpnApprovalInfo>>,
 }
 
 /// What a `vpn_endpoints` entry approves.
@@ -286,7 +288,14 @@ impl Policy {
             }
             _ => true,
         };
-        let mut rules: Vec<CompiledRule> = Vec::new();
+        let feed_entries: usize = registry.feeds.iter().map(|f| f.entries.len()).sum();
+        let mut rules: Vec<CompiledRule> = Vec::with_capacity(
+            registry.networks.len()
+                + registry.devices.len()
+                + registry.deny.len()
+                + feed_entries
+                + registry.vpn_endpoints.len(),
+        );
         let mut push = |kind, name: String, prefix, ports, vpn| {
             let index = u32::MAX; // assigned below
             rules.push(CompiledRule {
@@ -358,7 +367,7 @@ impl Policy {
                     v.name.clone(),
                     v.address,
                     None,
-                    Some(info),
+                    Some(Box::new(info)),
                 );
             }
         }

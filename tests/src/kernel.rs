@@ -52,9 +52,8 @@ impl Loaded {
             Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
         let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
             .expect("test policy compiles");
-        let mut datapath = Datapath::load_stages(&policy, stages)
-            .expect("the XDP program loads (verifier accepts it)");
-        datapath.fill(&policy).expect("maps fill");
+        let datapath = Datapath::load_filled(&policy, stages)
+            .expect("the XDP program loads (verifier accepts it) and its maps fill");
         Self { datapath, policy }
     }
 

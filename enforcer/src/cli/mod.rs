@@ -20,7 +20,7 @@ use live::{
 use crate::{
     control,
     datapath::{self, AttachMode, Datapath, VerdictCounts, VpnCounts},
-    instance::{self, InstanceId, RuleLabel, State},
+    instance::{self, InstanceId, State},
     policy::{Policy, RuleKind},
     registry::{Date, Mode, Protocol, Registry},
 };
@@ -348,9 +348,9 @@ fn run(
 ) -> anyhow::Result<std::process::ExitCode> {
     let timer = std::time::Instant::now();
     let registry = Registry::load(registry_path)?;
-    tracing::debug!(ms = timer.elapsed().as_millis(), "registry parsed");
+    tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "registry parsed");
     let mut policy = Policy::compile(&registry, Date::today())?;
-    tracing::debug!(ms = timer.elapsed().as_millis(), "policy compiled");
+    tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "policy compiled");
     if let Some(mode) = mode {
         policy.mode = mode;
     }
@@ -399,30 +399,52 @@ fn run(
     tracing::debug!(ms = timer.elapsed().as_millis(), "instance claimed");
     let prefixes = registry.source_prefixes();
     tracing::debug!(ms = timer.elapsed().as_millis(), "prefixes listed");
-    let mut datapath = Datapath::load_pinned(&pin_dir, &prefixes)?;
+    // Fresh maps (nothing pinned yet) are sized for this registry and can be filled while the
+    // kernel verifies the program; pinned ones may have to grow, which needs the program.
+    let fresh = !pin_dir.join(map_names::SOURCE_V4).exists();
+    let mut datapath = Datapath::create_pinned(&pin_dir, &prefixes)?;
     drop(prefixes);
-    tracing::debug!(ms = timer.elapsed().as_millis(), "program loaded");
     // What the daemon keeps of the registry; the rest is dropped before the maps are filled
     // (a million entries are hundreds of MiB).
     let serial = registry.serial;
     let next_expiry = control::next_expiry(&registry);
     let mut registry = Some(registry);
     let started = (|| -> anyhow::Result<(String, State)> {
-        let current = datapath.read_back()?;
-        tracing::debug!(ms = timer.elapsed().as_millis(), "maps read back");
-        let registry = registry.take().expect("taken once");
-        // Fresh maps hold nothing to keep numbers for: the policy compiled above is the one.
-        if !current.rules.is_empty() || !current.vpn_groups.is_empty() {
-            let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
-            if let Some(mode) = mode {
-                compiled.mode = mode;
+        let mut fill = |datapath: &mut Datapath| -> anyhow::Result<()> {
+            let current = datapath.read_back()?;
+            tracing::debug!(ms = timer.elapsed().as_millis(), "maps read back");
+            let registry = registry.take().expect("taken once");
+            // Fresh maps hold nothing to keep numbers for: the policy compiled above is the one.
+            if !current.rules.is_empty() || !current.vpn_groups.is_empty() {
+                let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
+                if let Some(mode) = mode {
+                    compiled.mode = mode;
+                }
+                policy = compiled;
             }
-            policy = compiled;
+            drop(registry);
+            tracing::debug!(ms = timer.elapsed().as_millis(), "policy numbered");
+            // The rule labels (`rules.json`, for `stats`) are written beside the fill: a million
+            // take most of a second.
+            let policy = &policy;
+            std::thread::scope(|scope| -> anyhow::Result<()> {
+                let labels = scope.spawn(|| State::write_rules(&id, &rule_labels(policy)));
+                datapath.apply(&current, policy)?;
+                tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "maps filled");
+                labels
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the thread writing rules.json panicked"))??;
+                tracing::debug!(ms = timer.elapsed().as_millis(), "rule labels written");
+                Ok(())
+            })
+        };
+        if fresh {
+            datapath.verify_while(fill)??;
+        } else {
+            datapath.verify_while(|_| ())?;
+            fill(&mut datapath)?;
         }
-        drop(registry);
-        tracing::debug!(ms = timer.elapsed().as_millis(), "policy numbered");
-        datapath.apply(&current, &policy)?;
-        tracing::debug!(ms = timer.elapsed().as_millis(), "maps filled");
+        tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "program verified, maps filled");
         let xdp = if adopting {
             let how = datapath.adopt(&pin_dir)?;
             tracing::info!(instance = %id.name(), "{how}; maps reconciled with {}", registry_path.display());
@@ -452,7 +474,6 @@ fn run(
             started_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            rules: rule_labels(&policy),
         };
         state.write(&id)?;
         Ok((xdp, state))
@@ -673,17 +694,36 @@ fn stats(
 }
 
 /// Rule labels for `stats`, from a compiled policy.
-pub fn rule_labels(policy: &Policy) -> Vec<RuleLabel> {
-    policy
-        .rules
-        .iter()
-        .map(|r| RuleLabel {
-            index: r.index,
-            kind: r.kind.as_str().to_string(),
-            name: r.name.clone(),
-            prefix: r.prefix.to_string(),
-        })
-        .collect()
+pub fn rule_labels(policy: &Policy) -> impl serde::Serialize + '_ {
+    /// `RuleLabel`'s fields, borrowed from the rule.
+    #[derive(serde::Serialize)]
+    struct Label<'a> {
+        index: u32,
+        kind: &'a str,
+        name: &'a str,
+        #[serde(serialize_with = "serialize_display")]
+        prefix: &'a ipnet::IpNet,
+    }
+    /// Written straight into the output, without a `String` per label.
+    fn serialize_display<S: serde::Serializer>(
+        value: &&ipnet::IpNet,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+    /// The labels as a JSON array, made one at a time while it is written.
+    struct Labels<'a>(&'a Policy);
+    impl serde::Serialize for Labels<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.rules.iter().map(|r| Label {
+                index: r.index,
+                kind: r.kind.as_str(),
+                name: &r.name,
+                prefix: &r.prefix,
+            }))
+        }
+    }
+    Labels(policy)
 }
 
 /// The counters by reason as a table.

@@ -91,6 +91,7 @@ impl Datapath {
             .map(|rule| (rule.index, rule.record()))
             .collect();
         self.set_rules(&flagged)?;
+        tracing::debug!(mib = ?crate::memory_mib(), "rules written");
         // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
         let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
         let new_trie = new.trie_entries();

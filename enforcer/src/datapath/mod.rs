@@ -124,7 +124,11 @@ impl Stages {
 
 /// The loaded program and its maps.
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// The program (`None` only while `verify_while` has it on the verifier's thread).
+    ebpf: Option<Ebpf>,
+    /// Every map, taken out of `ebpf` at load so that they can be filled while the program is
+    /// verified (see `verify_while`).
+    maps: std::collections::HashMap<&'static str, Map>,
     link: Option<XdpLinkId>,
     /// Approved-endpoint prefix → (its slot in `VPN_GROUPS`, the approvals written there).
     vpn_slots: std::collections::BTreeMap<IpNet, (u32, Vec<VpnApproval>)>,
@@ -177,32 +181,6 @@ fn v4_blocks_for<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> u32 {
 }
 
 impl Datapath {
-    /// Loads the embedded program into the kernel (the verifier runs here). Maps start empty and
-    /// the mode starts as enforce; nothing is attached yet.
-    pub fn load() -> Result<Self, DatapathError> {
-        Self::load_full(Stages::ALL, None, lookup::V4_DEFAULT_BLOCKS)
-    }
-
-    /// Like `load`, with the IPv4 lookup table sized for `policy` (and changes to it).
-    pub fn load_for(policy: &Policy) -> Result<Self, DatapathError> {
-        Self::load_stages(policy, Stages::ALL)
-    }
-
-    /// Like `load_for`, with only `stages` switched on: for benchmarks and tests that measure
-    /// or compare a stage.
-    pub fn load_stages(policy: &Policy, stages: Stages) -> Result<Self, DatapathError> {
-        Self::load_full(stages, None, v4_blocks_for(policy.source_prefixes()))
-    }
-
-    /// Loads the program with every map pinned under `dir`: maps already pinned there (by an
-    /// earlier run whose program may still be attached) are reused, the others are created and
-    /// pinned. So a restarted controller works on the very maps the kernel is enforcing with.
-    /// `prefixes` (the registry's source prefixes) size the IPv4 lookup table when it is
-    /// created; a pinned one keeps its size.
-    pub fn load_pinned(dir: &Path, prefixes: &[IpNet]) -> Result<Self, DatapathError> {
-        Self::load_full(Stages::ALL, Some(dir), v4_blocks_for(prefixes))
-    }
-
     fn load_full(
         stages: Stages,
         pin_dir: Option<&Path>,
@@ -219,6 +197,20 @@ impl Datapath {
     }
 
     fn load_with_log(
+        stages: Stages,
+        pin_dir: Option<&Path>,
+        v4_blocks: u32,
+        log: VerifierLogLevel,
+    ) -> Result<Self, DatapathError> {
+        let mut datapath = Self::create(stages, pin_dir, v4_blocks, log)?;
+        let ebpf = datapath.ebpf.as_mut().expect("created with its program");
+        Self::verify(ebpf)?;
+        Ok(datapath)
+    }
+
+    /// Creates the maps (reusing those pinned under `pin_dir`) and relocates the program, without
+    /// loading it: `verify` (or `verify_while`) does that.
+    fn create(
         stages: Stages,
         pin_dir: Option<&Path>,
         v4_blocks: u32,
@@ -246,6 +238,28 @@ impl Datapath {
             .load(PROGRAM_OBJECT)
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         tracing::debug!(ms = timer.elapsed().as_millis(), "maps created");
+        // The program keeps the maps' descriptors it was relocated with; the map objects live
+        // here, beside it.
+        let maps = map_names::ALL
+            .iter()
+            .filter_map(|name| ebpf.take_map(name).map(|map| (*name, map)))
+            .collect();
+        Ok(Self {
+            ebpf: Some(ebpf),
+            maps,
+            link: None,
+            vpn_slots: std::collections::BTreeMap::new(),
+            adopted_program_id: None,
+            source: None,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            stages,
+            mapped: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Loads the relocated program into the kernel: the verifier runs here.
+    fn verify(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+        let timer = std::time::Instant::now();
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| {
@@ -257,35 +271,96 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         program.load().map_err(|e| DatapathError::Load(boxed(e)))?;
         tracing::debug!(ms = timer.elapsed().as_millis(), "program verified");
-        Ok(Self {
-            ebpf,
-            link: None,
-            vpn_slots: std::collections::BTreeMap::new(),
-            adopted_program_id: None,
-            source: None,
-            pin_dir: pin_dir.map(Path::to_path_buf),
-            stages,
-            mapped: std::collections::HashMap::new(),
-        })
+        Ok(())
+    }
+
+    /// Loads the embedded program with only `stages` switched on (benchmarks and tests switch
+    /// one off to measure or compare it), its IPv4 lookup table sized for `policy`, and fills
+    /// the maps with `policy` while the kernel verifies the program, as `enforcer run` does.
+    /// Nothing is pinned or attached.
+    pub fn load_filled(policy: &Policy, stages: Stages) -> Result<Self, DatapathError> {
+        let blocks = v4_blocks_for(policy.source_prefixes());
+        let mut datapath = Self::create(stages, None, blocks, VerifierLogLevel::STATS)?;
+        datapath.verify_while(|datapath| datapath.fill(policy))??;
+        Ok(datapath)
+    }
+
+    /// Creates every map pinned under `dir`: maps already pinned there (by an earlier run whose
+    /// program may still be attached) are reused, the others are created and pinned, so a
+    /// restarted controller works on the very maps the kernel is enforcing with. `prefixes`
+    /// (the registry's source prefixes) size the IPv4 lookup table when it is created; a pinned
+    /// one keeps its size. The program is relocated but not yet verified: `verify_while`
+    /// verifies it, while the maps are filled if they are fresh.
+    pub fn create_pinned(dir: &Path, prefixes: &[IpNet]) -> Result<Self, DatapathError> {
+        Self::create(
+            Stages::ALL,
+            Some(dir),
+            v4_blocks_for(prefixes),
+            VerifierLogLevel::STATS,
+        )
+    }
+
+    /// Runs `work` on the maps while the kernel verifies the program on another thread (the
+    /// verifier takes most of a second for this program, filling a million entries about as
+    /// long). `work` must not need the program, nor grow the IPv4 table (a table created for
+    /// the policy it fills never needs to). A refused program is loaded once more with the
+    /// verifier's full log, for the error message.
+    pub fn verify_while<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> T,
+    ) -> Result<T, DatapathError> {
+        let Some(mut ebpf) = self.ebpf.take() else {
+            return Err(DatapathError::Load(
+                "the program is being verified already".into(),
+            ));
+        };
+        let (verified, out) = std::thread::scope(|scope| {
+            let verifier = scope.spawn(move || {
+                let result = Self::verify(&mut ebpf);
+                (ebpf, result)
+            });
+            let out = work(self);
+            (verifier.join(), out)
+        });
+        let (ebpf, result) =
+            verified.map_err(|_| DatapathError::Load("the verifier's thread panicked".into()))?;
+        self.ebpf = Some(ebpf);
+        if let Err(refused) = result {
+            let blocks = self.v4_capacity()?;
+            let detailed = Self::load_with_log(
+                self.stages,
+                self.pin_dir.as_deref(),
+                blocks,
+                VerifierLogLevel::default(),
+            );
+            return Err(detailed.err().unwrap_or(refused));
+        }
+        Ok(out)
+    }
+
+    fn ebpf(&self) -> &Ebpf {
+        self.ebpf
+            .as_ref()
+            .expect("the program is back from the verifier's thread")
     }
 
     /// The single place that looks maps up by name.
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
-        self.ebpf.map_mut(name).ok_or_else(|| DatapathError::Map {
+        self.maps.get_mut(name).ok_or_else(|| DatapathError::Map {
             name,
             source: "missing from the object".into(),
         })
     }
 
     pub(crate) fn map(&self, name: &'static str) -> Result<&Map, DatapathError> {
-        self.ebpf.map(name).ok_or_else(|| DatapathError::Map {
+        self.maps.get(name).ok_or_else(|| DatapathError::Map {
             name,
             source: "missing from the object".into(),
         })
     }
 
     pub fn program(&self) -> &Xdp {
-        self.ebpf
+        self.ebpf()
             .program(PROGRAM_NAME)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("load() checked that the program exists and is XDP")
@@ -413,11 +488,7 @@ impl Datapath {
         if !interface_exists(iface) {
             return Err(DatapathError::NoSuchInterface(iface.to_string()));
         }
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .expect("load() checked that the program exists and is XDP");
+        let program = self.program_mut();
         let attach_error = |source| DatapathError::Attach {
             iface: iface.to_string(),
             source: boxed(source),
@@ -564,6 +635,8 @@ impl Datapath {
 
     fn program_mut(&mut self) -> &mut Xdp {
         self.ebpf
+            .as_mut()
+            .expect("the program is back from the verifier's thread")
             .program_mut(PROGRAM_NAME)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
             .expect("load() checked that the program exists and is XDP")

@@ -189,6 +189,7 @@ impl Datapath {
             name: map_names::LONG_V6,
             source: e.into(),
         })?;
+        tracing::debug!(mib = ?crate::memory_mib(), "lookup tables built");
         let mut state = match self.source.take() {
             Some(state) => state,
             None => self.source_state()?,
@@ -196,7 +197,10 @@ impl Datapath {
         let in_use = state.blocks[state.generation as usize].len();
         let capacity = self.v4_capacity()?;
         if v4.blocks.len() + in_use > capacity as usize {
-            let blocks = u32::try_from(2 * v4.blocks.len().max(in_use) + 256)
+            // Room for both generations side by side, and a quarter more for later changes
+            // (as a table sized at start has).
+            let both = v4.blocks.len() + in_use;
+            let blocks = u32::try_from(both + both / 4 + 256)
                 .unwrap_or(u32::MAX)
                 .clamp(V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS);
             if let Err(e) = self.grow_v4(blocks) {
@@ -210,7 +214,8 @@ impl Datapath {
                 });
             }
         }
-        let result = self.write_source_with(&mut state, &v4, &v6);
+        let result = self.write_source_with(&mut state, v4, v6);
+        tracing::debug!(mib = ?crate::memory_mib(), "lookup tables written");
         // On failure the state may no longer match the maps: read it afresh next time.
         if result.is_ok() {
             self.source = Some(state);
@@ -219,7 +224,7 @@ impl Datapath {
     }
 
     /// Blocks `SOURCE_V4` has beyond the roots of both generations.
-    fn v4_capacity(&self) -> Result<u32, DatapathError> {
+    pub(super) fn v4_capacity(&self) -> Result<u32, DatapathError> {
         let name = map_names::SOURCE_V4;
         let Map::Array(data) = self.map(name)? else {
             return Err(DatapathError::Map {
@@ -237,6 +242,12 @@ impl Datapath {
     /// to that program in one kernel call. Only for pinned maps (what the controller runs with).
     fn grow_v4(&mut self, blocks: u32) -> Result<(), DatapathError> {
         let name = map_names::SOURCE_V4;
+        if self.ebpf.is_none() {
+            return Err(DatapathError::Map {
+                name,
+                source: "the table cannot grow while the program is verified".into(),
+            });
+        }
         let Some(dir) = self.pin_dir.clone() else {
             return Err(DatapathError::Map {
                 name,
@@ -270,12 +281,24 @@ impl Datapath {
         Ok(())
     }
 
+    /// Memory: at a million entries each table below is tens of MiB, so each is dropped (and
+    /// a large mapping unmapped) as soon as it is written, not at the end.
     fn write_source_with(
         &mut self,
         state: &mut SourceState,
-        v4: &lookup::V4Tables,
-        v6: &lookup::V6Tables,
+        v4: lookup::V4Tables,
+        v6: lookup::V6Tables,
     ) -> Result<(), DatapathError> {
+        let lookup::V4Tables {
+            root: v4_root,
+            blocks: v4_blocks,
+            long: v4_long,
+        } = v4;
+        let lookup::V6Tables {
+            dir: v6_dir,
+            nodes: v6_nodes,
+            long: v6_long,
+        } = v6;
         let active = state.generation as usize;
         let next = 1 - active;
 
@@ -288,10 +311,10 @@ impl Datapath {
         let in_use: std::collections::HashSet<u32, foldhash::fast::RandomState> =
             state.blocks[active].values().copied().collect();
         let mut free = (2 * V4_ROOT_BLOCKS..capacity).filter(|b| !in_use.contains(b));
-        let mut root = v4.root.clone();
+        let mut root = v4_root;
         let mut placed: FastMap<u16, u32> =
-            FastMap::with_capacity_and_hasher(v4.blocks.len(), Default::default());
-        for (slot, block) in &v4.blocks {
+            FastMap::with_capacity_and_hasher(v4_blocks.len(), Default::default());
+        for (slot, block) in &v4_blocks {
             let unchanged = state.blocks[active]
                 .get(slot)
                 .filter(|b| slots[block_range(**b)] == block[..]);
@@ -302,7 +325,7 @@ impl Datapath {
                         name,
                         source: format!(
                             "the IPv4 lookup table is full: this policy needs {} blocks beside the {} in force, the table holds {}; restart the controller after `enforcer detach` to size it anew",
-                            v4.blocks.len(),
+                            v4_blocks.len(),
                             in_use.len(),
                             capacity - 2 * V4_ROOT_BLOCKS
                         )
@@ -322,6 +345,9 @@ impl Datapath {
                 .expect("256 slots");
             slots[block_range(next as u32 * V4_ROOT_BLOCKS + first)].copy_from_slice(block);
         }
+        drop((v4_blocks, root));
+        // Mapping an array puts all its pages in this process: tens of MiB at this size.
+        self.unmap_large();
 
         // IPv6 direct table: the whole generation.
         let name = map_names::DIR_V6;
@@ -329,49 +355,54 @@ impl Datapath {
         let dir = memory.bytes();
         let size = size_of::<DirV6>();
         let from = next * V6_DIR_SLOTS as usize * size;
-        for (i, d) in v6.dir.iter().enumerate() {
+        for (i, d) in v6_dir.iter().enumerate() {
             dir[from + i * size..from + (i + 1) * size].copy_from_slice(bytes(d));
         }
+        drop(v6_dir);
 
-        // The hashes: each key holds a value per generation; only `next`'s changes.
-        let wanted: FastMap<LongKeyV4, u32> = v4
-            .long
-            .iter()
-            .map(|((addr, len), v)| {
-                (
-                    LongKeyV4 {
-                        addr: addr.to_be_bytes(),
-                        len: *len,
-                        _pad: [0; 3],
-                    },
-                    *v,
-                )
-            })
-            .collect();
-        let long_v4 = pair_updates(&state.long_v4, &wanted, next);
-        let wanted: FastMap<[u8; 4], NodeV6> = v6
-            .nodes
-            .iter()
-            .map(|(k, n)| (k.to_be_bytes(), *n))
-            .collect();
-        let nodes_v6 = pair_updates(&state.nodes_v6, &wanted, next);
-        let wanted: FastMap<LongKeyV6, u32> = v6
-            .long
-            .iter()
-            .map(|((addr, len), v)| {
-                (
-                    LongKeyV6 {
-                        addr: addr.to_be_bytes(),
-                        len: *len,
-                        _pad: [0; 3],
-                    },
-                    *v,
-                )
-            })
-            .collect();
-        let long_v6 = pair_updates(&state.long_v6, &wanted, next);
+        // The hashes: each key holds a value per generation; only `next`'s values are written
+        // now (the packets in flight read the other). One hash at a time.
+        let long_v4 = {
+            let wanted: FastMap<LongKeyV4, u32> = v4_long
+                .into_iter()
+                .map(|((addr, len), v)| {
+                    (
+                        LongKeyV4 {
+                            addr: addr.to_be_bytes(),
+                            len,
+                            _pad: [0; 3],
+                        },
+                        v,
+                    )
+                })
+                .collect();
+            pair_updates(&state.long_v4, &wanted, next)
+        };
         self.write_pairs(map_names::LONG_V4, &long_v4.0)?;
+        let nodes_v6 = {
+            let wanted: FastMap<[u8; 4], NodeV6> = v6_nodes
+                .into_iter()
+                .map(|(k, n)| (k.to_be_bytes(), n))
+                .collect();
+            pair_updates(&state.nodes_v6, &wanted, next)
+        };
         self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
+        let long_v6 = {
+            let wanted: FastMap<LongKeyV6, u32> = v6_long
+                .into_iter()
+                .map(|((addr, len), v)| {
+                    (
+                        LongKeyV6 {
+                            addr: addr.to_be_bytes(),
+                            len,
+                            _pad: [0; 3],
+                        },
+                        v,
+                    )
+                })
+                .collect();
+            pair_updates(&state.long_v6, &wanted, next)
+        };
         self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
 
         // The switch.
@@ -398,8 +429,12 @@ impl Datapath {
         if pairs.is_empty() {
             return Ok(());
         }
-        let keys: Vec<u8> = pairs.iter().flat_map(|(k, _)| bytes(k).to_vec()).collect();
-        let values: Vec<u8> = pairs.iter().flat_map(|(_, v)| bytes(v).to_vec()).collect();
+        let mut keys: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<K>());
+        let mut values: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<V>());
+        for (key, value) in pairs {
+            keys.extend_from_slice(bytes(key));
+            values.extend_from_slice(bytes(value));
+        }
         if self
             .update_batch(name, &keys, &values, size_of::<K>(), size_of::<V>())
             .is_ok()

@@ -222,9 +222,6 @@ impl Registry {
     }
 }
 
-/// (section, position, name, (prefix, is an allow entry)) of one entry, for the cross checks.
-type Entry<'a> = (&'static str, usize, Option<&'a str>, Option<(IpNet, bool)>);
-
 /// A registry with the place of each entry, for checks across entries.
 pub(crate) struct Located {
     pub registry: Registry,
@@ -271,33 +268,34 @@ impl Located {
         let mut deny: HashMap<IpNet, (&'static str, usize), _> =
             HashMap::with_capacity_and_hasher(r.deny.len(), hasher);
 
-        let mut entries: Vec<Entry<'_>> = Vec::new();
-        entries.extend(
-            r.networks
-                .iter()
-                .enumerate()
-                .map(|(i, n)| ("networks", i, Some(n.name.as_str()), Some((n.cidr, true)))),
-        );
-        entries.extend(r.devices.iter().enumerate().map(|(i, d)| {
+        // The sections in file order, one entry at a time (a million entries: no list of them).
+        let networks = r
+            .networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ("networks", i, Some(n.name.as_str()), Some((n.cidr, true))));
+        let devices = r.devices.iter().enumerate().map(|(i, d)| {
             (
                 "devices",
                 i,
                 Some(d.name.as_str()),
                 Some((IpNet::from(d.address), true)),
             )
-        }));
-        entries.extend(
-            r.vpn_endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, v)| ("vpn_endpoints", i, Some(v.name.as_str()), None)),
-        );
-        entries.extend(
-            r.deny
-                .iter()
-                .enumerate()
-                .map(|(i, d)| ("deny", i, d.name.as_deref(), Some((d.cidr, false)))),
-        );
+        });
+        let vpn_endpoints = r
+            .vpn_endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ("vpn_endpoints", i, Some(v.name.as_str()), None));
+        let deny_entries = r
+            .deny
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ("deny", i, d.name.as_deref(), Some((d.cidr, false))));
+        let entries = networks
+            .chain(devices)
+            .chain(vpn_endpoints)
+            .chain(deny_entries);
 
         for (section, position, name, prefix) in entries {
             let index_of = |s: &'static str, p: usize| {
