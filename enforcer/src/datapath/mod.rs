@@ -405,9 +405,7 @@ impl Datapath {
         groups.set(slot, group, 0).map_err(map_error(name))
     }
 
-    /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+): aya 0.14 has no batch API, so the one raw system
-    /// call of the controller lives here. `keys`/`values` are packed arrays of the map's key and
-    /// value layout.
+    /// `BPF_MAP_UPDATE_BATCH` into the map `name` (see `update_batch_fd`).
     pub(super) fn update_batch(
         &mut self,
         name: &'static str,
@@ -416,62 +414,21 @@ impl Datapath {
         key_size: usize,
         value_size: usize,
     ) -> std::io::Result<()> {
+        update_batch_fd(self.raw_fd(name)?, keys, values, key_size, value_size)
+    }
+
+    /// The descriptor of the map `name`, for system calls aya has no API for.
+    pub(super) fn raw_fd(&self, name: &'static str) -> std::io::Result<std::os::fd::RawFd> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-
-        /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-        #[repr(C)]
-        struct BatchAttr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
-        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-        const CHUNK: usize = 65_536;
-
         let map = self
-            .map_mut(name)
+            .map(name)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let fd = match map {
+        match map {
             Map::LpmTrie(data) | Map::Array(data) | Map::HashMap(data) => {
-                data.fd().as_fd().as_raw_fd()
+                Ok(data.fd().as_fd().as_raw_fd())
             }
-            _ => return Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
-        };
-        for (keys, values) in keys
-            .chunks(CHUNK * key_size)
-            .zip(values.chunks(CHUNK * value_size))
-        {
-            let mut attr = BatchAttr {
-                in_batch: 0,
-                out_batch: 0,
-                keys: keys.as_ptr() as u64,
-                values: values.as_ptr() as u64,
-                count: u32::try_from(keys.len() / key_size).expect("chunk fits u32"),
-                map_fd: u32::try_from(fd).expect("fd is non-negative"),
-                elem_flags: 0,
-                flags: 0,
-            };
-            // SAFETY: `attr` is a valid `bpf_attr.batch` prefix; the kernel reads `count` keys and
-            // values from the two slices, which outlive the call, and zero-fills the rest of the
-            // union because we pass our size.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_UPDATE_BATCH,
-                    (&raw mut attr).cast::<libc::c_void>(),
-                    std::mem::size_of::<BatchAttr>() as libc::c_uint,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            _ => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
         }
-        Ok(())
     }
 
     /// Switches between enforce and monitor.
@@ -867,4 +824,63 @@ impl Datapath {
     pub fn vpn_verdicts(&self) -> Result<VpnCounts, DatapathError> {
         VpnCounts::read(self.map(map_names::VPN_VERDICTS)?)
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+) into the map behind `fd`: aya 0.14 has no batch API, so
+/// the one raw system call of the controller lives here. `keys`/`values` are packed arrays of
+/// the map's key and value layout. Takes a descriptor, not the map, so that several maps can be
+/// written from several threads.
+pub(super) fn update_batch_fd(
+    fd: std::os::fd::RawFd,
+    keys: &[u8],
+    values: &[u8],
+    key_size: usize,
+    value_size: usize,
+) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const CHUNK: usize = 65_536;
+
+    for (keys, values) in keys
+        .chunks(CHUNK * key_size)
+        .zip(values.chunks(CHUNK * value_size))
+    {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: u32::try_from(keys.len() / key_size).expect("chunk fits u32"),
+            map_fd: u32::try_from(fd)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` prefix; the kernel reads `count` keys and
+        // values from the two slices, which outlive the call, and zero-fills the rest of the
+        // union because we pass our size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                (&raw mut attr).cast::<libc::c_void>(),
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

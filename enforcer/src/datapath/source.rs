@@ -378,7 +378,6 @@ impl Datapath {
                 .collect();
             pair_updates(&state.long_v4, &wanted, next)
         };
-        self.write_pairs(map_names::LONG_V4, &long_v4.0)?;
         let nodes_v6 = {
             let wanted: FastMap<[u8; 4], NodeV6> = v6_nodes
                 .into_iter()
@@ -386,7 +385,6 @@ impl Datapath {
                 .collect();
             pair_updates(&state.nodes_v6, &wanted, next)
         };
-        self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
         let long_v6 = {
             let wanted: FastMap<LongKeyV6, u32> = v6_long
                 .into_iter()
@@ -403,7 +401,28 @@ impl Datapath {
                 .collect();
             pair_updates(&state.long_v6, &wanted, next)
         };
-        self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
+        // The kernel inserts into a hash at about a microsecond an entry: the IPv4 hash is
+        // written on a second thread beside the IPv6 ones. Where batches are refused (before
+        // Linux 5.6), entry by entry, one thread.
+        let fds = (
+            self.raw_fd(map_names::LONG_V4),
+            self.raw_fd(map_names::NODE_V6),
+            self.raw_fd(map_names::LONG_V6),
+        );
+        let batched = match fds {
+            (Ok(v4_fd), Ok(node_fd), Ok(v6_fd)) => std::thread::scope(|scope| {
+                let v4 = scope.spawn(|| batch_pairs(v4_fd, &long_v4.0));
+                let v6 =
+                    batch_pairs(node_fd, &nodes_v6.0).and_then(|()| batch_pairs(v6_fd, &long_v6.0));
+                v4.join().is_ok_and(|r| r.is_ok()) && v6.is_ok()
+            }),
+            _ => false,
+        };
+        if !batched {
+            self.write_pairs(map_names::LONG_V4, &long_v4.0)?;
+            self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
+            self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
+        }
 
         // The switch.
         self.update_config(|c| c.generation = next as u32)?;
@@ -429,15 +448,8 @@ impl Datapath {
         if pairs.is_empty() {
             return Ok(());
         }
-        let mut keys: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<K>());
-        let mut values: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<V>());
-        for (key, value) in pairs {
-            keys.extend_from_slice(bytes(key));
-            values.extend_from_slice(bytes(value));
-        }
-        if self
-            .update_batch(name, &keys, &values, size_of::<K>(), size_of::<V>())
-            .is_ok()
+        if let Ok(fd) = self.raw_fd(name)
+            && batch_pairs(fd, pairs).is_ok()
         {
             return Ok(());
         }
@@ -465,6 +477,23 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// (key → value) pairs into the hash behind `fd` in batches.
+fn batch_pairs<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::RawFd,
+    pairs: &[(K, V)],
+) -> std::io::Result<()> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<K>());
+    let mut values: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<V>());
+    for (key, value) in pairs {
+        keys.extend_from_slice(bytes(key));
+        values.extend_from_slice(bytes(value));
+    }
+    super::update_batch_fd(fd, &keys, &values, size_of::<K>(), size_of::<V>())
 }
 
 fn apply_shadow<K: Copy + Eq + std::hash::Hash, V>(
