@@ -327,7 +327,14 @@ impl Live {
                 "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
             ));
         }
-        let applied = self.datapath.apply(&self.policy, &policy);
+        // The new rule labels (a million take most of a second) are written aside meanwhile,
+        // and put in place only if the policy is.
+        let (applied, labels) = std::thread::scope(|scope| {
+            let labels =
+                scope.spawn(|| State::prepare_rules(&self.id, &crate::cli::rule_labels(&policy)));
+            let applied = self.datapath.apply(&self.policy, &policy);
+            (applied, labels.join())
+        });
         tracing::debug!(mib = ?crate::memory_mib(), "policy applied");
         if let Err(e) = applied {
             // Put back what was there; the maps hold a mixture only until this returns.
@@ -349,10 +356,16 @@ impl Live {
         self.next_expiry = expiry;
         self.serial = serial;
         self.state.mode = self.policy.mode.to_string();
+        let labels = labels.unwrap_or_else(|_| {
+            Err(crate::instance::InstanceError::Io {
+                path: "rules.json".into(),
+                source: std::io::Error::other("the thread writing the rule labels panicked"),
+            })
+        });
         if let Err(e) = self
             .state
             .write(&self.id)
-            .and_then(|()| State::write_rules(&self.id, &crate::cli::rule_labels(&self.policy)))
+            .and_then(|()| labels.and_then(crate::instance::PreparedRules::commit))
         {
             tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
         }

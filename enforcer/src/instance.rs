@@ -168,15 +168,29 @@ impl State {
 
     /// Replaces the rule labels beside the state file: `rules.json`, kept apart because a
     /// million labels would make every read of the state (each start, each CLI call) parse
-    /// tens of MiB. Streamed from `labels` (no copy of them is kept), replaced atomically, but
-    /// not synced: they are derived data, written anew by every start and change, and a live
-    /// change should not wait for a second disk flush.
+    /// tens of MiB.
     pub fn write_rules(id: &InstanceId, labels: &impl Serialize) -> Result<(), InstanceError> {
+        Self::prepare_rules(id, labels)?.commit()
+    }
+
+    /// Writes the rule labels aside (a temporary file beside `rules.json`), for `commit` to put
+    /// in place once the policy they describe is. Streamed from `labels` (no copy of them is
+    /// kept); not synced: they are derived data, written anew by every start and change, and a
+    /// live change should not wait for a second disk flush.
+    pub fn prepare_rules(
+        id: &InstanceId,
+        labels: &impl Serialize,
+    ) -> Result<PreparedRules, InstanceError> {
         let path = id.state_file().with_file_name(RULES_FILE);
         let dir = path.parent().expect("state file has a parent");
         fs::create_dir_all(dir).map_err(io_error(dir))?;
-        write_file(&path, false, |out| {
+        let tmp = path.with_extension("json.tmp");
+        write_temporary(&tmp, false, |out| {
             serde_json::to_writer(out, labels).map_err(std::io::Error::from)
+        })?;
+        Ok(PreparedRules {
+            tmp: Some(tmp),
+            path,
         })
     }
 
@@ -209,14 +223,44 @@ fn write_file(
     fill: impl FnOnce(&mut std::io::BufWriter<&fs::File>) -> std::io::Result<()>,
 ) -> Result<(), InstanceError> {
     let tmp = path.with_extension("json.tmp");
-    let file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    write_temporary(&tmp, sync, fill)?;
+    fs::rename(&tmp, path).map_err(io_error(path))
+}
+
+/// Writes `tmp` with what `fill` writes (fsync'ed if `sync`).
+fn write_temporary(
+    tmp: &Path,
+    sync: bool,
+    fill: impl FnOnce(&mut std::io::BufWriter<&fs::File>) -> std::io::Result<()>,
+) -> Result<(), InstanceError> {
+    let file = fs::File::create(tmp).map_err(io_error(tmp))?;
     let mut out = std::io::BufWriter::new(&file);
     fill(&mut out)
         .and_then(|()| out.flush())
         .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
-        .map_err(io_error(&tmp))?;
-    drop(out);
-    fs::rename(&tmp, path).map_err(io_error(path))
+        .map_err(io_error(tmp))
+}
+
+/// Rule labels written aside by `State::prepare_rules`: `commit` puts them in place; dropped
+/// uncommitted, the temporary file is removed.
+pub struct PreparedRules {
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+}
+
+impl PreparedRules {
+    pub fn commit(mut self) -> Result<(), InstanceError> {
+        let tmp = self.tmp.take().expect("committed once");
+        fs::rename(&tmp, &self.path).map_err(io_error(&self.path))
+    }
+}
+
+impl Drop for PreparedRules {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {

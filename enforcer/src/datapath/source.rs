@@ -185,35 +185,21 @@ impl Datapath {
     /// Builds the tables for `entries` in the generation not in force, then switches to it.
     /// If anything fails before the switch, the tables in force are untouched.
     pub(super) fn write_source(&mut self, entries: &[(IpNet, u32)]) -> Result<(), DatapathError> {
+        let mut state = match self.source.take() {
+            Some(state) => state,
+            None => self.source_state()?,
+        };
+        // Grow first, while the new policy's tables do not exist yet: growing copies the table
+        // in force, and at a million entries the copies and the tables together are hundreds
+        // of MiB.
+        let needed = lookup::v4_blocks_needed(entries.iter().map(|(prefix, _)| prefix));
+        self.make_v4_room(&state, needed as usize)?;
         let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
             name: map_names::LONG_V6,
             source: e.into(),
         })?;
         tracing::debug!(mib = ?crate::memory_mib(), "lookup tables built");
-        let mut state = match self.source.take() {
-            Some(state) => state,
-            None => self.source_state()?,
-        };
-        let in_use = state.blocks[state.generation as usize].len();
-        let capacity = self.v4_capacity()?;
-        if v4.blocks.len() + in_use > capacity as usize {
-            // Room for both generations side by side, and a quarter more for later changes
-            // (as a table sized at start has).
-            let both = v4.blocks.len() + in_use;
-            let blocks = u32::try_from(both + both / 4 + 256)
-                .unwrap_or(u32::MAX)
-                .clamp(V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS);
-            if let Err(e) = self.grow_v4(blocks) {
-                return Err(DatapathError::Map {
-                    name: map_names::SOURCE_V4,
-                    source: format!(
-                        "the IPv4 lookup table holds {capacity} blocks; this policy needs {} beside the {in_use} in force, and growing the table failed: {e}",
-                        v4.blocks.len()
-                    )
-                    .into(),
-                });
-            }
-        }
+        self.make_v4_room(&state, v4.blocks.len())?;
         let result = self.write_source_with(&mut state, v4, v6);
         tracing::debug!(mib = ?crate::memory_mib(), "lookup tables written");
         // On failure the state may no longer match the maps: read it afresh next time.
@@ -221,6 +207,28 @@ impl Datapath {
             self.source = Some(state);
         }
         result
+    }
+
+    /// Grows `SOURCE_V4` if `blocks` new blocks do not fit beside the generation in force.
+    fn make_v4_room(&mut self, state: &SourceState, blocks: usize) -> Result<(), DatapathError> {
+        let in_use = state.blocks[state.generation as usize].len();
+        let capacity = self.v4_capacity()?;
+        if blocks + in_use <= capacity as usize {
+            return Ok(());
+        }
+        // Room for both generations side by side, and a quarter more for later changes (as a
+        // table sized at start has).
+        let both = blocks + in_use;
+        let size = u32::try_from(both + both / 4 + 256)
+            .unwrap_or(u32::MAX)
+            .clamp(V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS);
+        self.grow_v4(size).map_err(|e| DatapathError::Map {
+            name: map_names::SOURCE_V4,
+            source: format!(
+                "the IPv4 lookup table holds {capacity} blocks; this policy needs {blocks} beside the {in_use} in force, and growing the table failed: {e}"
+            )
+            .into(),
+        })
     }
 
     /// Blocks `SOURCE_V4` has beyond the roots of both generations.
@@ -256,6 +264,8 @@ impl Datapath {
             });
         };
         let old: Vec<u8> = self.mapped(name, 1024)?.bytes().to_vec();
+        // Unmapped at once: the copy above is what is kept.
+        self.mapped.remove(name);
         let pin = dir.join(name);
         let _ = std::fs::remove_file(&pin);
         let mut grown = match Self::load_full(self.stages, Some(&dir), blocks) {
@@ -272,6 +282,8 @@ impl Datapath {
             let memory = grown.mapped(name, 1024)?;
             memory.bytes()[..old.len()].copy_from_slice(&old);
         }
+        drop(old);
+        grown.unmap_large();
         if dir.join(super::LINK_PIN).exists() {
             grown.take_over_link(&dir)?;
         }
