@@ -194,6 +194,9 @@ impl Datapath {
         // of MiB.
         let needed = lookup::v4_blocks_needed(entries.iter().map(|(prefix, _)| prefix));
         self.make_v4_room(&state, needed as usize)?;
+        // Reading the state maps the IPv4 table (all of its pages): not kept while the new
+        // tables are built.
+        self.unmap_large();
         let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
             name: map_names::LONG_V6,
             source: e.into(),
