@@ -349,11 +349,6 @@ fn run(
     let timer = std::time::Instant::now();
     let registry = Registry::load(registry_path)?;
     tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "registry parsed");
-    let mut policy = Policy::compile(&registry, Date::today())?;
-    tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "policy compiled");
-    if let Some(mode) = mode {
-        policy.mode = mode;
-    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         tracing::warn!(
@@ -409,41 +404,42 @@ fn run(
     let serial = registry.serial;
     let next_expiry = control::next_expiry(&registry);
     let mut registry = Some(registry);
-    let started = (|| -> anyhow::Result<(String, State)> {
-        let mut fill = |datapath: &mut Datapath| -> anyhow::Result<()> {
+    // The kernel verifies the program (about a second) while the policy is compiled and the
+    // maps are filled.
+    let started = (|| -> anyhow::Result<(String, State, Policy)> {
+        let mut fill = |datapath: &mut Datapath| -> anyhow::Result<Policy> {
             let current = datapath.read_back()?;
             tracing::debug!(ms = timer.elapsed().as_millis(), "maps read back");
             let registry = registry.take().expect("taken once");
-            // Fresh maps hold nothing to keep numbers for: the policy compiled above is the one.
-            if !current.rules.is_empty() || !current.vpn_groups.is_empty() {
-                let mut compiled = Policy::compile_after(&registry, Date::today(), Some(&current))?;
-                if let Some(mode) = mode {
-                    compiled.mode = mode;
-                }
-                policy = compiled;
+            // Entries the maps hold (an earlier run's) keep their rule numbers.
+            let previous =
+                (!current.rules.is_empty() || !current.vpn_groups.is_empty()).then_some(&current);
+            let mut policy = Policy::compile_after(&registry, Date::today(), previous)?;
+            if let Some(mode) = mode {
+                policy.mode = mode;
             }
             drop(registry);
-            tracing::debug!(ms = timer.elapsed().as_millis(), "policy numbered");
+            tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "policy compiled");
             // The rule labels (`rules.json`, for `stats`) are written beside the fill: a million
             // take most of a second.
-            let policy = &policy;
             std::thread::scope(|scope| -> anyhow::Result<()> {
-                let labels = scope.spawn(|| State::write_rules(&id, &rule_labels(policy)));
-                datapath.apply(&current, policy)?;
+                let labels = scope.spawn(|| State::write_rules(&id, &rule_labels(&policy)));
+                datapath.apply(&current, &policy)?;
                 tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "maps filled");
                 labels
                     .join()
                     .map_err(|_| anyhow::anyhow!("the thread writing rules.json panicked"))??;
                 tracing::debug!(ms = timer.elapsed().as_millis(), "rule labels written");
                 Ok(())
-            })
+            })?;
+            Ok(policy)
         };
-        if fresh {
-            datapath.verify_while(fill)??;
+        let policy = if fresh {
+            datapath.verify_while(fill)??
         } else {
             datapath.verify_while(|_| ())?;
-            fill(&mut datapath)?;
-        }
+            fill(&mut datapath)?
+        };
         tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "program verified, maps filled");
         let xdp = if adopting {
             let how = datapath.adopt(&pin_dir)?;
@@ -476,9 +472,9 @@ fn run(
                 .map_or(0, |d| d.as_secs()),
         };
         state.write(&id)?;
-        Ok((xdp, state))
+        Ok((xdp, state, policy))
     })();
-    let (xdp, state) = match started {
+    let (xdp, state, policy) = match started {
         Ok(started) => started,
         Err(error) => {
             // Only what this run created is removed; an adopted program keeps enforcing.

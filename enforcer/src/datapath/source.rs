@@ -111,9 +111,19 @@ pub(super) fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
 /// New per-generation values for one hash: keep the generation in force, set `next`.
 fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
     shadow: &FastMap<K, [V; 2]>,
-    wanted: &FastMap<K, V>,
+    wanted: impl Iterator<Item = (K, V)>,
     next: usize,
 ) -> (Vec<(K, [V; 2])>, Vec<K>) {
+    let pair = |value: V| {
+        let mut new = [V::default(); 2];
+        new[next] = value;
+        new
+    };
+    if shadow.is_empty() {
+        // A first fill: every entry is new, and no map of them is needed.
+        return (wanted.map(|(k, v)| (k, pair(v))).collect(), Vec::new());
+    }
+    let wanted: FastMap<K, V> = wanted.collect();
     let mut writes = Vec::new();
     let mut deletes = Vec::new();
     for (key, pair) in shadow {
@@ -125,11 +135,9 @@ fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
             writes.push((*key, new));
         }
     }
-    for (key, value) in wanted {
+    for (key, value) in &wanted {
         if !shadow.contains_key(key) {
-            let mut new = [V::default(); 2];
-            new[next] = *value;
-            writes.push((*key, new));
+            writes.push((*key, pair(*value)));
         }
     }
     (writes, deletes)
@@ -377,45 +385,35 @@ impl Datapath {
 
         // The hashes: each key holds a value per generation; only `next`'s values are written
         // now (the packets in flight read the other). One hash at a time.
-        let long_v4 = {
-            let wanted: FastMap<LongKeyV4, u32> = v4_long
-                .into_iter()
-                .map(|((addr, len), v)| {
-                    (
-                        LongKeyV4 {
-                            addr: addr.to_be_bytes(),
-                            len,
-                            _pad: [0; 3],
-                        },
-                        v,
-                    )
-                })
-                .collect();
-            pair_updates(&state.long_v4, &wanted, next)
-        };
-        let nodes_v6 = {
-            let wanted: FastMap<[u8; 4], NodeV6> = v6_nodes
-                .into_iter()
-                .map(|(k, n)| (k.to_be_bytes(), n))
-                .collect();
-            pair_updates(&state.nodes_v6, &wanted, next)
-        };
-        let long_v6 = {
-            let wanted: FastMap<LongKeyV6, u32> = v6_long
-                .into_iter()
-                .map(|((addr, len), v)| {
-                    (
-                        LongKeyV6 {
-                            addr: addr.to_be_bytes(),
-                            len,
-                            _pad: [0; 3],
-                        },
-                        v,
-                    )
-                })
-                .collect();
-            pair_updates(&state.long_v6, &wanted, next)
-        };
+        let long_v4 = pair_updates(
+            &state.long_v4,
+            v4_long.into_iter().map(|((addr, len), v)| {
+                let key = LongKeyV4 {
+                    addr: addr.to_be_bytes(),
+                    len,
+                    _pad: [0; 3],
+                };
+                (key, v)
+            }),
+            next,
+        );
+        let nodes_v6 = pair_updates(
+            &state.nodes_v6,
+            v6_nodes.into_iter().map(|(k, n)| (k.to_be_bytes(), n)),
+            next,
+        );
+        let long_v6 = pair_updates(
+            &state.long_v6,
+            v6_long.into_iter().map(|((addr, len), v)| {
+                let key = LongKeyV6 {
+                    addr: addr.to_be_bytes(),
+                    len,
+                    _pad: [0; 3],
+                };
+                (key, v)
+            }),
+            next,
+        );
         // The kernel inserts into a hash at about a microsecond an entry: the IPv4 hash is
         // written on a second thread beside the IPv6 ones. Where batches are refused (before
         // Linux 5.6), entry by entry, one thread.
