@@ -284,6 +284,17 @@ pub struct LongKeyV4 {
 }
 const _: () = assert!(core::mem::size_of::<LongKeyV4>() == 8);
 
+impl LongKeyV4 {
+    /// The key of the prefix `addr/len` (host order, already masked to `len`).
+    pub const fn new(addr: u32, len: u8) -> Self {
+        Self {
+            addr: addr.to_be_bytes(),
+            len,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Key of `LONG_V6`: a prefix of /17 to /128 (address masked to its length).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -293,6 +304,17 @@ pub struct LongKeyV6 {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<LongKeyV6>() == 20);
+
+impl LongKeyV6 {
+    /// The key of the prefix `addr/len` (host order, already masked to `len`).
+    pub const fn new(addr: u128, len: u8) -> Self {
+        Self {
+            addr: addr.to_be_bytes(),
+            len,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// Value of `LONG_V4` and `LONG_V6`: the prefix's `rule + 1` in each generation (0: absent).
 pub type LongValue = [u32; 2];

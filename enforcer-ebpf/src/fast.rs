@@ -36,7 +36,7 @@ pub fn decide(ctx: *mut xdp_md) -> u32 {
         // approval names a port (a packet from it passes without a signature).
         return UNDECIDED;
     };
-    if let Some(rule) = source::v4_inline(packet.src, generation) {
+    if let Some(rule) = source::v4(packet.src, generation) {
         // Only a deny range decides before the VPN stage; an allowed source goes the full way.
         let flags = RULES.get(rule).map_or(0, |r| r.flags);
         if flags & RULE_DENY == 0 {

@@ -35,16 +35,11 @@ static NODE_V6: HashMap<[u8; 4], [NodeV6; 2]> =
 static LONG_V6: HashMap<LongKeyV6, LongValue> =
     HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
-/// The rule whose prefix is the longest holding `src`, in table generation `generation`.
+/// The rule whose prefix is the longest holding `src`, in table generation `generation`. The
+/// two array reads that decide almost every address are inlined; only a /24 holding prefixes of
+/// /25 to /32 calls `long_v4` for its probes.
 #[inline(always)]
 pub fn v4(src: [u8; 4], generation: u32) -> Option<u32> {
-    lookup_v4(u32::from_be_bytes(src), generation).checked_sub(1)
-}
-
-/// The same, with the two array reads that decide almost every address inlined into the
-/// caller (the fast path): only a /24 holding prefixes of /25 to /32 takes the call.
-#[inline(always)]
-pub fn v4_inline(src: [u8; 4], generation: u32) -> Option<u32> {
     let generation = generation & 1;
     let root = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0]))?;
     let mut slot = root[usize::from(src[1])];
@@ -52,7 +47,7 @@ pub fn v4_inline(src: [u8; 4], generation: u32) -> Option<u32> {
         let block = SOURCE_V4.get(slot & !V4_POINTER)?;
         slot = block[usize::from(src[2])];
         if slot >> V4_LONG_SHIFT != 0 {
-            return v4(src, generation);
+            return long_v4(u32::from_be_bytes(src), generation, slot).checked_sub(1);
         }
     }
     (slot & VALUE_MASK).checked_sub(1)
@@ -69,46 +64,29 @@ pub fn v6(src: &[u8; 16], generation: u32) -> Option<u32> {
     lookup_v6(hi, lo, generation).checked_sub(1)
 }
 
-// Verifier: each lookup is a function of its own (a BPF-to-BPF call) taking and returning plain
-// numbers. Inlined, every way out of the probe loops (hit at each length, or miss) would carry
+// Verifier: each probe loop is a function of its own (a BPF-to-BPF call) taking and returning
+// plain numbers. Inlined, every way out of the probe loops (hit at each length, or miss) would carry
 // its own state through the rest of the program, and verification passes a million
 // instructions; behind a call, all of them meet again at the return with one scalar.
 
-/// `rule + 1` of the longest prefix holding `addr` (host order), or 0.
+/// `rule + 1` of the longest prefix holding `addr` (host order), whose /24 slot in table
+/// generation `generation` (0 or 1) is `slot`: the lengths /25 to /32 it marks, probed longest
+/// first, then the slot's own value.
 #[inline(never)]
-fn lookup_v4(addr: u32, generation: u32) -> u32 {
-    let generation = generation & 1;
-    let src = addr.to_be_bytes();
-    let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
-        return 0;
-    };
-    let slot = root[usize::from(src[1])];
-    if slot & V4_POINTER == 0 {
-        return slot & VALUE_MASK;
-    }
-    let Some(block) = SOURCE_V4.get(slot & !V4_POINTER) else {
-        return 0;
-    };
-    let slot = block[usize::from(src[2])];
+fn long_v4(addr: u32, generation: u32, slot: u32) -> u32 {
     let lengths = slot >> V4_LONG_SHIFT;
-    if lengths != 0 {
-        // Lengths /32 down to /25, each a constant shift (no loop state for the verifier).
-        for bit in (0..8u32).rev() {
-            if lengths & (1 << bit) == 0 {
-                continue;
-            }
-            let len = 25 + bit;
-            let key = LongKeyV4 {
-                addr: (addr & (u32::MAX << (32 - len))).to_be_bytes(),
-                len: len as u8,
-                _pad: [0; 3],
-            };
-            // SAFETY: a read of a map value the kernel keeps alive for this program run.
-            if let Some(value) = unsafe { LONG_V4.get(&key) } {
-                let value = value[generation as usize];
-                if value != 0 {
-                    return value;
-                }
+    // Lengths /32 down to /25, each a constant shift (no loop state for the verifier).
+    for bit in (0..8u32).rev() {
+        if lengths & (1 << bit) == 0 {
+            continue;
+        }
+        let len = 25 + bit;
+        let key = LongKeyV4::new(addr & (u32::MAX << (32 - len)), len as u8);
+        // SAFETY: a read of a map value the kernel keeps alive for this program run.
+        if let Some(value) = unsafe { LONG_V4.get(&key) } {
+            let value = value[(generation & 1) as usize];
+            if value != 0 {
+                return value;
             }
         }
     }

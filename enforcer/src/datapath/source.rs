@@ -387,14 +387,9 @@ impl Datapath {
         // now (the packets in flight read the other). One hash at a time.
         let long_v4 = pair_updates(
             &state.long_v4,
-            v4_long.into_iter().map(|((addr, len), v)| {
-                let key = LongKeyV4 {
-                    addr: addr.to_be_bytes(),
-                    len,
-                    _pad: [0; 3],
-                };
-                (key, v)
-            }),
+            v4_long
+                .into_iter()
+                .map(|((addr, len), v)| (LongKeyV4::new(addr, len), v)),
             next,
         );
         let nodes_v6 = pair_updates(
@@ -404,14 +399,9 @@ impl Datapath {
         );
         let long_v6 = pair_updates(
             &state.long_v6,
-            v6_long.into_iter().map(|((addr, len), v)| {
-                let key = LongKeyV6 {
-                    addr: addr.to_be_bytes(),
-                    len,
-                    _pad: [0; 3],
-                };
-                (key, v)
-            }),
+            v6_long
+                .into_iter()
+                .map(|((addr, len), v)| (LongKeyV6::new(addr, len), v)),
             next,
         );
         // The kernel inserts into a hash at about a microsecond an entry: the IPv4 hash is
