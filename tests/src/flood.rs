@@ -16,7 +16,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
@@ -196,18 +196,9 @@ pub fn enable_program_stats() -> anyhow::Result<OwnedFd> {
         kind: u32, // BPF_STATS_RUN_TIME = 0
     }
     let mut attr = EnableStats { kind: 0 };
-    // SAFETY: a valid `bpf_attr.enable_stats`; the kernel zero-fills the rest of the union.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            (&raw mut attr).cast::<libc::c_void>(),
-            size_of::<EnableStats>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-    }
+    // SAFETY: a valid `bpf_attr.enable_stats`.
+    let fd = unsafe { enforcer::datapath::bpf_call(BPF_ENABLE_STATS, &mut attr) }
+        .context("BPF_ENABLE_STATS")?;
     // SAFETY: the kernel returned a new descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) })
 }

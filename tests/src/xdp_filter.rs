@@ -119,19 +119,9 @@ impl XdpFilter {
             repeat,
             ..TestAttr::default()
         };
-        // SAFETY: a valid `bpf_attr.test` prefix; the kernel reads `frame` during the call and
-        // zero-fills the rest of the union.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                (&raw mut attr).cast::<libc::c_void>(),
-                size_of::<TestAttr>() as libc::c_uint,
-            )
-        };
-        if rc != 0 {
-            bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-        }
+        // SAFETY: a valid `bpf_attr.test` prefix; the kernel reads `frame` during the call.
+        unsafe { enforcer::datapath::bpf_call(BPF_PROG_TEST_RUN, &mut attr) }
+            .context("BPF_PROG_TEST_RUN")?;
         Ok((attr.retval, u64::from(attr.duration)))
     }
 }

@@ -622,6 +622,29 @@ pub fn ifindex(iface: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// The bpf(2) system call for the commands aya 0.14 has no API for: `attr` is the command's
+/// part of `union bpf_attr` (the kernel zero-fills the rest, since the size passed is ours).
+/// Returns what the call returns (a new descriptor for some commands).
+///
+/// # Safety
+/// `attr` must be laid out as the start of `union bpf_attr` for `cmd`, and every address in it
+/// valid for what the kernel reads or writes during the call.
+pub unsafe fn bpf_call<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller's promise, above; `attr` lives for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            std::mem::size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
 /// The interface index a pinned XDP link is attached to: 0 once its interface is gone (the
 /// kernel keeps the link but it no longer enforces anything). aya 0.14 does not expose it, so
 /// this is `BPF_OBJ_GET` and `BPF_OBJ_GET_INFO_BY_FD` on `struct bpf_link_info`, whose union
@@ -652,17 +675,7 @@ pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
         file_flags: 0,
     };
     // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            (&raw mut get).cast::<libc::c_void>(),
-            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf_call(BPF_OBJ_GET, &mut get)? };
     // SAFETY: the kernel just returned this descriptor to us; it is closed on drop.
     let fd = unsafe {
         std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?)
@@ -676,17 +689,7 @@ pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at
     // most `info_len` bytes into `info`, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            (&raw mut attr).cast::<libc::c_void>(),
-            std::mem::size_of::<InfoAttr>() as libc::c_uint,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     if info[0] != BPF_LINK_TYPE_XDP {
         return Err(std::io::Error::other(format!(
             "{} is not an XDP link",
@@ -868,19 +871,8 @@ pub(super) fn update_batch_fd(
             flags: 0,
         };
         // SAFETY: `attr` is a valid `bpf_attr.batch` prefix; the kernel reads `count` keys and
-        // values from the two slices, which outlive the call, and zero-fills the rest of the
-        // union because we pass our size.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                (&raw mut attr).cast::<libc::c_void>(),
-                std::mem::size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // values from the two slices, which outlive the call.
+        unsafe { bpf_call(BPF_MAP_UPDATE_BATCH, &mut attr)? };
     }
     Ok(())
 }
