@@ -201,6 +201,30 @@ fn duplicate_prefixes() {
 }
 
 #[test]
+fn every_repeat_names_the_first_user() {
+    // Three users of one name and of one prefix, a repeat inside a section and across sections,
+    // an entry with both problems, and an unnamed deny entry beside named ones.
+    let text = r#"{"schema": 1, "mode": "enforce",
+      "networks": [{"name": "x", "cidr": "10.0.0.0/8"}, {"name": "y", "cidr": "10.1.0.0/16"},
+                   {"name": "x", "cidr": "10.0.0.0/8"}],
+      "devices": [{"name": "z", "address": "10.1.2.3"}, {"name": "x", "address": "10.1.2.4"}],
+      "deny": [{"cidr": "10.0.0.0/8"}, {"name": "y", "cidr": "10.1.0.0/16"}]}"#;
+    let all: Vec<String> = problems(text)
+        .iter()
+        .map(|p| format!("{}: {}", p.place, p.message))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            "networks[2] \"x\" field \"name\": duplicate name \"x\", already used by networks[0]",
+            "networks[2] \"x\": prefix 10.0.0.0/8 is already listed by networks[0]",
+            "devices[1] \"x\" field \"name\": duplicate name \"x\", already used by networks[0]",
+            "deny[1] \"y\" field \"name\": duplicate name \"y\", already used by networks[1]",
+        ]
+    );
+}
+
+#[test]
 fn a_prefix_may_be_both_allowed_and_denied() {
     // deny beats allow at run time; listing both is how an operator carves out a range
     let text = r#"{"schema": 1, "mode": "enforce",
