@@ -323,18 +323,23 @@ pub type LongValue = [u32; 2];
 /// (lengths /33 to /128): the controller refuses a registry with more.
 pub const MAX_V6_LENGTHS: usize = 8;
 
+/// Lengths /33 to /128 a `DIR_V6` slot may list itself, for every address of its /16: a /16
+/// whose longer prefixes use at most this many lengths (and whose list has room) needs no
+/// `NODE_V6` entries; a registry of scattered /128s needs none at all.
+pub const V6_DEEP_LENGTHS: usize = 2;
+
 /// A slot of `DIR_V6`.
 ///
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | `rule + 1` of the longest prefix /0 to /16 covering this /16, or 0 |
-/// | 4 | 4 | padding, 0 |
-/// | 8 | 8 | the lengths /17 to /32 of prefixes inside this /16, longest first, 0-terminated |
+/// | 4 | 4 | 1 if the /32s inside have `NODE_V6` entries for their lengths /33 to /128, else 0 |
+/// | 8 | 8 | the lengths to probe for every address of this /16, longest first, 0-terminated: /17 to /32, and /33 to /128 unless the /32s have nodes |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirV6 {
     pub value: u32,
-    pub _pad: u32,
+    pub nodes: u32,
     pub lengths: [u8; MAX_V6_LENGTHS],
 }
 const _: () = assert!(core::mem::size_of::<DirV6>() == 16);

@@ -117,23 +117,26 @@ fn probe_v6(hi: u64, lo: u64, len: u32, generation: usize) -> u32 {
 #[inline(never)]
 fn lookup_v6(hi: u64, lo: u64, generation: u32) -> u32 {
     let generation = (generation & 1) as usize;
-    let top = ((hi >> 32) as u32).to_be_bytes();
-    // SAFETY: as above.
-    if let Some(node) = unsafe { NODE_V6.get(&top) } {
-        let lengths = node[generation].lengths;
-        for len in lengths {
-            if len == 0 {
-                break;
-            }
-            let value = probe_v6(hi, lo, u32::from(len), generation);
-            if value != 0 {
-                return value;
-            }
-        }
-    }
     let Some(dir) = DIR_V6.get(generation as u32 * V6_DIR_SLOTS + (hi >> 48) as u32) else {
         return 0;
     };
+    // Lengths /33 to /128 from the /32's node, where the /16 does not list them itself.
+    if dir.nodes != 0 {
+        let top = ((hi >> 32) as u32).to_be_bytes();
+        // SAFETY: as above.
+        if let Some(node) = unsafe { NODE_V6.get(&top) } {
+            let lengths = node[generation].lengths;
+            for len in lengths {
+                if len == 0 {
+                    break;
+                }
+                let value = probe_v6(hi, lo, u32::from(len), generation);
+                if value != 0 {
+                    return value;
+                }
+            }
+        }
+    }
     for len in dir.lengths {
         if len == 0 {
             break;

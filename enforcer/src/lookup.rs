@@ -13,10 +13,13 @@
 //!   (`LONG_V4`), longest length first. Two array reads for almost every packet, plus one hash
 //!   probe per length present in the packet's own /24 (usually none or one).
 //! - IPv6: prefixes sit in one hash keyed by (masked address, length). What to probe is known
-//!   from a direct-indexed table of the first 16 bits (prefixes up to /16, and the lengths
-//!   /17 to /32 that exist inside) and from a hash of /32 nodes (the lengths /33 to /128 that
-//!   exist inside that /32). Registries hold few lengths per /32, so a packet costs one node
-//!   probe and one or two prefix probes at any size. The lists hold at most 8 lengths each
+//!   from a direct-indexed table of the first 16 bits (prefixes up to /16, the lengths /17 to
+//!   /32 that exist inside, and the lengths /33 to /128 too when the /16 has at most two of
+//!   them) and, in a /16 with more, from a hash of /32 nodes (the lengths /33 to /128 that exist
+//!   inside that /32). Registries hold few lengths per /32, so a packet costs at most one node
+//!   probe and one or two prefix probes at any size; scattered single devices (/128s) need no
+//!   nodes at all, which at a million entries saves half a million kernel hash inserts at
+//!   load. The lists hold at most 8 lengths each
 //!   (`MAX_V6_LENGTHS`; a longer list would be a loop the verifier must walk for every path
 //!   into it), and a registry that needs more is refused with the /16 or /32 named.
 //!
@@ -33,7 +36,7 @@
 use std::collections::{HashMap, HashSet};
 
 use enforcer_common::{
-    DirV6, MAX_V6_LENGTHS, NodeV6,
+    DirV6, MAX_V6_LENGTHS, NodeV6, V6_DEEP_LENGTHS,
     lookup::{BLOCK_SLOTS, V4_LONG_SHIFT, V6_DIR_SLOTS, VALUE_MASK},
 };
 use ipnet::IpNet;
@@ -125,14 +128,18 @@ fn build_v4(mut entries: Vec<(u32, u8, u32)>) -> V4Tables {
 }
 
 fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLengths> {
+    let lengths = V6Lengths::of(|| entries.iter().map(|&(addr, len, _)| (addr, len)));
+    lengths.check()?;
     entries.sort_unstable_by_key(|(_, len, _)| *len);
     let mut tables = V6Tables {
         dir: vec![DirV6::default(); V6_DIR_SLOTS as usize],
+        long: FastMap::with_capacity_and_hasher(
+            entries.iter().filter(|(_, len, _)| *len > 16).count(),
+            foldhash::fast::RandomState::default(),
+        ),
         ..V6Tables::default()
     };
-    let mut lengths = V6Lengths::default();
     for &(addr, len, value) in &entries {
-        lengths.add(addr, len);
         if len <= 16 {
             let slot = (addr >> 112) as usize;
             for d in &mut tables.dir[slot..slot + (1usize << (16 - len))] {
@@ -142,9 +149,17 @@ fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLength
             tables.long.insert((addr, len), value);
         }
     }
-    lengths.check()?;
     for (slot, bits) in &lengths.below16 {
         tables.dir[usize::from(*slot)].lengths = V6Lengths::list(u128::from(*bits));
+    }
+    for (slot, deep) in &lengths.deep {
+        let dir = &mut tables.dir[usize::from(*slot)];
+        let short = lengths.below16.get(slot).copied().unwrap_or_default();
+        if V6Lengths::listed_in_slot(short, *deep) {
+            dir.lengths = V6Lengths::list(u128::from(short) | deep);
+        } else {
+            dir.nodes = 1;
+        }
     }
     tables.nodes.reserve(lengths.below32.len());
     for (top, bits) in &lengths.below32 {
@@ -154,25 +169,56 @@ fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLength
     Ok(tables)
 }
 
-/// The IPv6 prefix lengths present below each /16 (17 to 32) and each /32 (33 to 128), as
-/// bit sets (bit `n` = length `n`): what the lookup probes there.
+/// The IPv6 prefix lengths present below each /16 (17 to 32 in `below16`, 33 to 128 in
+/// `deep`) and, in a /16 whose longer lengths are too many for its slot, below each /32 (33 to
+/// 128), as bit sets (bit `n - 1` = length `n`): what the lookup probes there.
 #[derive(Default)]
 struct V6Lengths {
     below16: FastMap<u16, u32>,
+    deep: FastMap<u16, u128>,
     below32: FastMap<u32, u128>,
 }
 
 impl V6Lengths {
-    fn add(&mut self, addr: u128, len: u8) {
-        match len {
-            0..=16 => {}
-            // Bit `len - 1`: /32 is bit 31.
-            17..=32 => *self.below16.entry((addr >> 112) as u16).or_default() |= 1 << (len - 1),
-            _ => *self.below32.entry((addr >> 96) as u32).or_default() |= 1 << (len - 1),
+    /// From two passes over the (address, length) prefixes: the second, for the /32s, only if
+    /// some /16 needs nodes.
+    fn of<I: Iterator<Item = (u128, u8)>>(prefixes: impl Fn() -> I) -> Self {
+        let mut lengths = Self::default();
+        for (addr, len) in prefixes() {
+            let slot = (addr >> 112) as u16;
+            match len {
+                0..=16 => {}
+                17..=32 => *lengths.below16.entry(slot).or_default() |= 1 << (len - 1),
+                _ => *lengths.deep.entry(slot).or_default() |= 1 << (len - 1),
+            }
         }
+        let needs_nodes = |slot: u16| {
+            lengths.deep.get(&slot).is_some_and(|deep| {
+                let short = lengths.below16.get(&slot).copied().unwrap_or_default();
+                !Self::listed_in_slot(short, *deep)
+            })
+        };
+        let mut below32: FastMap<u32, u128> = FastMap::default();
+        if lengths.deep.keys().any(|slot| needs_nodes(*slot)) {
+            for (addr, len) in prefixes() {
+                if len > 32 && needs_nodes((addr >> 112) as u16) {
+                    *below32.entry((addr >> 96) as u32).or_default() |= 1 << (len - 1);
+                }
+            }
+        }
+        lengths.below32 = below32;
+        lengths
+    }
+
+    /// Whether a /16 with the lengths /17 to /32 `short` lists its lengths /33 to /128 `deep`
+    /// itself (no nodes): at most `V6_DEEP_LENGTHS` of them, and room in its list.
+    fn listed_in_slot(short: u32, deep: u128) -> bool {
+        let deep = deep.count_ones() as usize;
+        deep <= V6_DEEP_LENGTHS && short.count_ones() as usize + deep <= MAX_V6_LENGTHS
     }
 
     /// The lowest /16 or /32 (in address order) with more lengths than the lookup probes.
+    /// (A /16 listing its longer lengths itself has room for them.)
     fn check(&self) -> Result<(), TooManyLengths> {
         let over = |bits: u128| bits.count_ones() as usize > MAX_V6_LENGTHS;
         let within = self
@@ -196,7 +242,8 @@ impl V6Lengths {
         }
     }
 
-    /// The lengths of `bits`, longest first, in the kernel's fixed-size list (`check` first).
+    /// The lengths of `bits`, longest first, in the kernel's fixed-size list (`check` or
+    /// `listed_in_slot` first).
     fn list(bits: u128) -> [u8; MAX_V6_LENGTHS] {
         let mut out = [0u8; MAX_V6_LENGTHS];
         let longest_first = (1..=128u8).rev().filter(|l| bits & (1 << (l - 1)) != 0);
@@ -208,14 +255,14 @@ impl V6Lengths {
 }
 
 /// Whether the IPv6 lookup can hold these prefixes (see `TooManyLengths`).
-pub fn check<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Result<(), TooManyLengths> {
-    let mut lengths = V6Lengths::default();
-    for prefix in prefixes {
-        if let IpNet::V6(net) = prefix.trunc() {
-            lengths.add(net.network().into(), net.prefix_len());
-        }
-    }
-    lengths.check()
+pub fn check<'a>(prefixes: impl Iterator<Item = &'a IpNet> + Clone) -> Result<(), TooManyLengths> {
+    V6Lengths::of(|| {
+        prefixes.clone().filter_map(|prefix| match prefix.trunc() {
+            IpNet::V6(net) => Some((net.network().into(), net.prefix_len())),
+            IpNet::V4(_) => None,
+        })
+    })
+    .check()
 }
 
 /// More distinct IPv6 prefix lengths inside one /16 or /32 than the lookup probes.
@@ -273,12 +320,15 @@ impl V4Tables {
 impl V6Tables {
     /// The rule for `addr`, walking the tables exactly as the kernel program does.
     pub fn lookup(&self, addr: u128) -> Option<u32> {
-        let node = self
-            .nodes
-            .get(&((addr >> 96) as u32))
-            .copied()
-            .unwrap_or_default();
         let dir = self.dir[(addr >> 112) as usize];
+        let node = if dir.nodes != 0 {
+            self.nodes
+                .get(&((addr >> 96) as u32))
+                .copied()
+                .unwrap_or_default()
+        } else {
+            NodeV6::default()
+        };
         for len in node
             .lengths
             .into_iter()
@@ -347,12 +397,20 @@ mod tests {
                         [(rng.next() % 15) as usize];
                     IpNet::V4(ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc())
                 } else {
+                    // Two /16s, four /32s in each. In odd rounds every /16 lists its few
+                    // lengths over /32 itself; in even rounds the /16s hold too many and
+                    // each /32 has a node.
                     let addr = (0x2001_0db8u128 << 96)
+                        | u128::from(rng.next() % 2) << 113
                         | u128::from(rng.next() as u16) << 80
                         | u128::from(rng.next() % 4) << 110
                         | u128::from(rng.next() % 8);
-                    let len = [0, 8, 16, 17, 24, 31, 32, 33, 40, 48, 56, 64, 65, 96, 128]
-                        [(rng.next() % 15) as usize];
+                    let len = if round % 2 == 1 {
+                        [0, 8, 16, 17, 24, 31, 32, 48, 128][(rng.next() % 9) as usize]
+                    } else {
+                        [0, 8, 16, 17, 24, 31, 32, 33, 40, 48, 56, 64, 65, 96, 128]
+                            [(rng.next() % 15) as usize]
+                    };
                     IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).unwrap().trunc())
                 };
                 if seen.insert(net) {
@@ -361,6 +419,13 @@ mod tests {
                 }
             }
             let (v4, v6) = build(&entries).unwrap();
+            if round % 2 == 1 {
+                assert!(
+                    v6.nodes.is_empty(),
+                    "round {round}: {} nodes",
+                    v6.nodes.len()
+                );
+            }
             for _ in 0..2000 {
                 // Addresses near the entries: an entry's network with some low bits flipped.
                 let (base, _) = entries[(rng.next() % count) as usize];
