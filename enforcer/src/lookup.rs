@@ -254,10 +254,13 @@ impl V6Lengths {
     }
 }
 
-/// Whether the IPv6 lookup can hold these prefixes (see `TooManyLengths`).
-pub fn check<'a>(prefixes: impl Iterator<Item = &'a IpNet> + Clone) -> Result<(), TooManyLengths> {
+/// Whether the IPv6 lookup can hold these prefixes (see `TooManyLengths`); `prefixes` is
+/// walked twice.
+pub fn check<'a, I: Iterator<Item = &'a IpNet>>(
+    prefixes: impl Fn() -> I,
+) -> Result<(), TooManyLengths> {
     V6Lengths::of(|| {
-        prefixes.clone().filter_map(|prefix| match prefix.trunc() {
+        prefixes().filter_map(|prefix| match prefix.trunc() {
             IpNet::V6(net) => Some((net.network().into(), net.prefix_len())),
             IpNet::V4(_) => None,
         })

@@ -374,12 +374,12 @@ impl Policy {
         if rules.len() > MAX_RULES as usize {
             return Err(PolicyError::TooManyRules(rules.len()));
         }
-        crate::lookup::check(
+        crate::lookup::check(|| {
             rules
                 .iter()
                 .filter(|r| r.kind != RuleKind::VpnEndpoint)
-                .map(|r| &r.prefix),
-        )?;
+                .map(|r| &r.prefix)
+        })?;
         assign_indices(&mut rules, previous)?;
         let port_keys = port_keys(&rules)?;
         let vpn_groups = vpn_groups(&rules)?;
