@@ -1,12 +1,15 @@
 //! The fast path: the verdict on the commonest packet of a flood, an untagged IPv4 TCP/UDP
 //! datagram from a source the registry does not list (or denies), in a few reads, before the
 //! full parse. It decides only where `decide` would decide the same, and counts the same;
-//! anything else (an allowed source, VLAN tags, IPv4 options, fragments, other protocols, IPv6,
-//! a payload that could carry a VPN signature, or a VPN state that needs the full stage) goes
-//! the full way.
+//! anything else (an allowed source, a source in a /24 holding prefixes of /25 to /32, VLAN
+//! tags, IPv4 options, fragments, other protocols, IPv6, a payload that could carry a VPN
+//! signature, or a VPN state that needs the full stage) goes the full way.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use enforcer_common::{Config, RULE_DENY, RULE_FEED, Reason};
+use enforcer_common::{
+    Config, RULE_DENY, RULE_FEED, Reason,
+    lookup::{V4_LONG_SHIFT, VALUE_MASK},
+};
 
 use crate::{CONFIG, RULES, Verdict, parse, record, source, vpn};
 
@@ -16,11 +19,14 @@ pub const UNDECIDED: u32 = u32::MAX;
 /// The verdict `decide` would reach, if the fast path can tell (see the module note): counted
 /// by `record` as the full path would, and carried out; the XDP action, or `UNDECIDED`.
 ///
-/// Verifier: a function of its own (a BPF-to-BPF call) that returns a plain number, so that its
-/// branches meet again at the return instead of multiplying the states of the full path.
+/// Verifier: a global function (exported, so the kernel verifies it once, on its own, for any
+/// context) that returns a plain number. As a static function it was verified inside the
+/// caller's state, and the full path after it was walked again for its ways out: a third more
+/// instructions verified (715,000 against 455,000), a third more time to start.
+#[unsafe(no_mangle)]
 #[inline(never)]
 #[target_feature(enable = "allows-misaligned-mem-access")]
-pub fn decide(ctx: *mut xdp_md) -> u32 {
+pub extern "C" fn enforcer_fast_path(ctx: *mut xdp_md) -> u32 {
     let ctx = XdpContext::new(ctx);
     let Some(packet) = parse::plain_v4(&ctx) else {
         return UNDECIDED;
@@ -36,7 +42,13 @@ pub fn decide(ctx: *mut xdp_md) -> u32 {
         // approval names a port (a packet from it passes without a signature).
         return UNDECIDED;
     };
-    if let Some(rule) = source::v4(packet.src, generation) {
+    let slot = source::v4_slot(packet.src, generation);
+    if slot >> V4_LONG_SHIFT != 0 {
+        // Prefixes /25 to /32 inside this /24: their probes are the full path's (a call from
+        // here would take the stack past the kernel's 512 bytes for the chain of calls).
+        return UNDECIDED;
+    }
+    if let Some(rule) = (slot & VALUE_MASK).checked_sub(1) {
         // Only a deny range decides before the VPN stage; an allowed source goes the full way.
         let flags = RULES.get(rule).map_or(0, |r| r.flags);
         if flags & RULE_DENY == 0 {

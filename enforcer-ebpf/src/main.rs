@@ -5,7 +5,7 @@
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
 // LLVM lowers this intrinsic to BPF's atomic add.
 #![feature(core_intrinsics)]
-// `fast::decide` reads packet words where they lie, aligned or not (see `fast.rs`).
+// `fast::enforcer_fast_path` reads packet words where they lie, aligned or not (see `fast.rs`).
 #![feature(bpf_target_feature)]
 #![expect(
     internal_features,
@@ -98,7 +98,7 @@ pub fn enforcer(ctx: XdpContext) -> u32 {
         // SAFETY: the target feature changes only how loads are compiled: misaligned word
         // loads of packet data, which the kernel allows unless a program asks for strict
         // alignment (this one does not) and the JIT turns into plain loads.
-        let action = unsafe { fast::decide(ctx.ctx) };
+        let action = unsafe { fast::enforcer_fast_path(ctx.ctx) };
         if action != fast::UNDECIDED {
             return action;
         }
