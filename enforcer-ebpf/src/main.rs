@@ -71,7 +71,8 @@ static FAST_PATH: u8 = 1;
 struct Verdict {
     reason: Reason,
     rule: u32,
-    vpn: Option<VpnProtocol>,
+    /// `VpnProtocol as u32`, or `vpn::NO_VPN`.
+    vpn: u32,
 }
 
 impl Verdict {
@@ -79,14 +80,14 @@ impl Verdict {
         Self {
             reason,
             rule,
-            vpn: None,
+            vpn: vpn::NO_VPN,
         }
     }
     const fn without_rule(reason: Reason) -> Self {
         Self {
             reason,
             rule: NO_RULE,
-            vpn: None,
+            vpn: vpn::NO_VPN,
         }
     }
 }
@@ -148,7 +149,9 @@ fn decide(ctx: &XdpContext) -> Verdict {
     let vpn_stage = unsafe { core::ptr::read_volatile(&raw const VPN_STAGE) } != 0;
     if !vpn_stage {
         // (benchmark baseline only: straight to the allowlist)
-    } else if let Some(protocol) = vpn::classify(ctx, &packet, &CONFIG) {
+    } else if let protocol = vpn::classify(ctx, &packet, &CONFIG)
+        && protocol != vpn::NO_VPN
+    {
         let (reason, rule) = match vpn::approved(&packet, protocol) {
             Some(rule) => (Reason::ApprovedVpn, rule),
             None => (Reason::UnapprovedVpn, NO_RULE),
@@ -156,16 +159,19 @@ fn decide(ctx: &XdpContext) -> Verdict {
         return Verdict {
             reason,
             rule,
-            vpn: Some(protocol),
+            vpn: protocol,
         };
     }
     //    The signature-less packets of a VPN over TCP (SYN-ACK, ACKs) from an approved
     //    endpoint's address and port belong to that approved VPN.
-    if vpn_stage && let Some((rule, protocol)) = vpn::from_approved_port(&packet, &CONFIG) {
+    if vpn_stage
+        && let (rule, protocol) = vpn::from_approved_port(&packet, &CONFIG)
+        && protocol != vpn::NO_VPN
+    {
         return Verdict {
             reason: Reason::ApprovedVpn,
             rule,
-            vpn: Some(protocol),
+            vpn: protocol,
         };
     }
     // 5. The source allowlist (networks and devices; longest prefix wins) ...
@@ -260,8 +266,8 @@ fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
             (*counter).bytes += parse::frame_len(ctx);
         }
     }
-    if let Some(protocol) = verdict.vpn {
-        let slot = protocol as u32 * 2 + u32::from(verdict.reason == Reason::ApprovedVpn);
+    if verdict.vpn != vpn::NO_VPN {
+        let slot = verdict.vpn * 2 + u32::from(verdict.reason == Reason::ApprovedVpn);
         if let Some(counter) = VPN_VERDICTS.get_ptr_mut(slot) {
             // SAFETY: this CPU's own slot of a per-CPU array, as above.
             unsafe {
