@@ -25,7 +25,6 @@ pub const UNDECIDED: u32 = u32::MAX;
 /// instructions verified (715,000 against 455,000), a third more time to start.
 #[unsafe(no_mangle)]
 #[inline(never)]
-#[target_feature(enable = "allows-misaligned-mem-access")]
 pub extern "C" fn enforcer_fast_path(ctx: *mut xdp_md) -> u32 {
     let ctx = XdpContext::new(ctx);
     let Some(packet) = parse::plain_v4(&ctx) else {

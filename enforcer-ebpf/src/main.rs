@@ -5,8 +5,6 @@
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
 // LLVM lowers this intrinsic to BPF's atomic add.
 #![feature(core_intrinsics)]
-// `fast::enforcer_fast_path` reads packet words where they lie, aligned or not (see `fast.rs`).
-#![feature(bpf_target_feature)]
 #![expect(
     internal_features,
     reason = "atomic_xadd is the only atomic add on this target"
@@ -96,10 +94,7 @@ impl Verdict {
 pub fn enforcer(ctx: XdpContext) -> u32 {
     // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
     if unsafe { core::ptr::read_volatile(&raw const FAST_PATH) } != 0 {
-        // SAFETY: the target feature changes only how loads are compiled: misaligned word
-        // loads of packet data, which the kernel allows unless a program asks for strict
-        // alignment (this one does not) and the JIT turns into plain loads.
-        let action = unsafe { fast::enforcer_fast_path(ctx.ctx) };
+        let action = fast::enforcer_fast_path(ctx.ctx);
         if action != fast::UNDECIDED {
             return action;
         }

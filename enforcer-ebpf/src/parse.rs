@@ -274,8 +274,10 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
 pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     const L3: usize = ETH_HDR_LEN;
     const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
-    // Whole-word reads: the caller is compiled to allow misaligned loads (the kernel allows them
-    // on packet data wherever the CPU does, unless a program asks for strict alignment).
+    // 16-bit fields as numbers. LLVM's BPF backend compiles a misaligned read to byte loads; its
+    // feature for misaligned loads (`allows-misaligned-mem-access`) applies to the whole program
+    // only (the backend ignores it on one function), where it also emits misaligned stack
+    // stores the verifier refuses.
     let word = |offset: usize| -> Option<u16> {
         let ptr = ptr_at::<[u8; 2]>(ctx, offset).ok()?;
         // SAFETY: ptr_at checked that the two bytes lie inside the frame.
