@@ -26,7 +26,7 @@ use aya_ebpf::{
 use enforcer_common::{
     Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
     MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, NO_RULE, PortKey, RULE_ANY_PORT, RULE_DENY,
-    RULE_FEED, RULE_ICMP, Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS, VpnProtocol,
+    RULE_FEED, RULE_ICMP, Reason, Rule, VERDICT_SLOTS, VPN_VERDICT_SLOTS,
 };
 use parse::{Addrs, Fragment, Frame, IpPacket, L4, Malformed};
 
@@ -94,7 +94,7 @@ impl Verdict {
 pub fn enforcer(ctx: XdpContext) -> u32 {
     // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
     if unsafe { core::ptr::read_volatile(&raw const FAST_PATH) } != 0 {
-        let action = fast::enforcer_fast_path(ctx.ctx);
+        let action = fast::decide(&ctx);
         if action != fast::UNDECIDED {
             return action;
         }

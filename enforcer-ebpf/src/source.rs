@@ -50,7 +50,7 @@ pub fn v4(src: [u8; 4], generation: u32) -> Option<u32> {
 /// The slot that answers `src` up to /24: `rule + 1` of the longest prefix up to /24 (in
 /// `VALUE_MASK`), and the lengths /25 to /32 that exist inside its /24 (from `V4_LONG_SHIFT`).
 #[inline(always)]
-pub fn v4_slot(src: [u8; 4], generation: u32) -> u32 {
+fn v4_slot(src: [u8; 4], generation: u32) -> u32 {
     let generation = generation & 1;
     let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
         return 0;
