@@ -144,10 +144,18 @@ fn decide(ctx: &XdpContext) -> Verdict {
     let vpn_stage = unsafe { core::ptr::read_volatile(&raw const VPN_STAGE) } != 0;
     if !vpn_stage {
         // (benchmark baseline only: straight to the allowlist)
-    } else if let protocol = vpn::classify(ctx, &packet, &CONFIG)
-        && protocol != vpn::NO_VPN
+    } else if let found = vpn::classify(ctx, &packet, &CONFIG)
+        && found != vpn::NO_VPN
     {
-        let (reason, rule) = match vpn::approved(&packet, protocol) {
+        let protocol = found & vpn::PROTOCOL;
+        let approval = vpn::approved(&packet, protocol);
+        // An OpenVPN reset is remembered only for a flow that could pass (an allowlisted
+        // source, or an approval): the rest of any other flow drops as not allowlisted anyway,
+        // and a reset from anywhere would otherwise turn the fast path off (`vpn_flows_seen`).
+        if found & vpn::STATEFUL != 0 && (hit.is_some() || approval.is_some()) {
+            vpn::remember_flow(&packet, protocol, &CONFIG);
+        }
+        let (reason, rule) = match approval {
             Some(rule) => (Reason::ApprovedVpn, rule),
             None => (Reason::UnapprovedVpn, NO_RULE),
         };

@@ -77,11 +77,14 @@ fn be16(bytes: [u8; 2]) -> u16 {
 
 /// No VPN protocol: a number past `VpnProtocol`'s.
 pub const NO_VPN: u32 = u32::MAX;
-/// In `enforcer_vpn_signature`'s answer: the rest of the flow carries no signature.
-const STATEFUL: u32 = 1 << 8;
+/// In `classify`'s answer: the rest of the flow carries no signature (see `remember_flow`).
+pub const STATEFUL: u32 = 1 << 8;
+/// The protocol number in `classify`'s answer.
+pub const PROTOCOL: u32 = 0xFF;
 
 /// The VPN protocol number (`VpnProtocol as u32`) of this packet, if it carries a signature or
-/// belongs to a flow that did; `NO_VPN` if not.
+/// belongs to a flow that did, with `STATEFUL` if the signature is one that only the first
+/// packets of a flow carry; `NO_VPN` if none.
 #[inline(always)]
 pub fn classify(ctx: &XdpContext, packet: &IpPacket, config: &Array<Config>) -> u32 {
     // Verifier: every packet goes through the one call, whose answer is a number the verifier
@@ -124,11 +127,7 @@ pub fn classify(ctx: &XdpContext, packet: &IpPacket, config: &Array<Config>) -> 
     if found == NO_VPN {
         return known_flow(packet, src_port_be, dst_port_be, config);
     }
-    let protocol = found & 0xFF;
-    if found & STATEFUL != 0 {
-        remember_flow(packet, src_port_be, dst_port_be, protocol, config);
-    }
-    protocol
+    found
 }
 
 /// The VPN a packet shows by its IP protocol or carries in its payload: `VpnProtocol as u32`,
@@ -592,14 +591,22 @@ fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> FlowKey 
 }
 
 #[inline(always)]
-fn remember_flow(
-    packet: &IpPacket,
-    src_port: [u8; 2],
-    dst_port: [u8; 2],
-    protocol: u32,
-    config: &Array<Config>,
-) {
-    let _ = VPN_FLOWS.insert(flow_key(packet, src_port, dst_port), protocol as u8, 0);
+/// Remembers the flow of a TCP or UDP packet whose signature only the first packets of a flow
+/// carry, so that the rest of it is classified too; and tells the fast path that flows exist.
+pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
+    let L4::Ports {
+        src_port_be,
+        dst_port_be,
+        ..
+    } = packet.l4
+    else {
+        return;
+    };
+    let _ = VPN_FLOWS.insert(
+        flow_key(packet, src_port_be, dst_port_be),
+        protocol as u8,
+        0,
+    );
     if let Some(c) = config.get_ptr_mut(0) {
         // SAFETY: points into the single-entry config array; a racing write stores the same 1.
         unsafe { (*c).vpn_flows_seen = 1 };

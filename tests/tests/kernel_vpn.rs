@@ -284,6 +284,40 @@ fn every_protocol_is_recognised_and_unapproved_endpoints_dropped() {
             ),
             (
                 case(
+                    "OpenVPN client reset from an unlisted source",
+                    udp(
+                        "203.0.113.9",
+                        40009,
+                        SERVER,
+                        1194,
+                        openvpn_plain_client_reset(),
+                    )
+                    .build(),
+                    UnapprovedVpn,
+                    None,
+                ),
+                ov,
+            ),
+            (
+                // Its flow is not remembered: it could not pass anyway, and a reset from anywhere
+                // must not switch the fast path off for every packet after it.
+                case(
+                    "the unlisted source's next packet of that flow: not allowlisted",
+                    udp(
+                        "203.0.113.9",
+                        40009,
+                        SERVER,
+                        1194,
+                        bytes(&[0x20, 9, 9], 100),
+                    )
+                    .build(),
+                    NotAllowlisted,
+                    None,
+                ),
+                None,
+            ),
+            (
+                case(
                     "OpenVPN tls-auth (SHA1) client reset on 443",
                     udp(LAN, 40002, SERVER, 443, openvpn_tls_auth_client_reset()).build(),
                     UnapprovedVpn,
