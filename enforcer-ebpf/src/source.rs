@@ -36,32 +36,21 @@ static LONG_V6: HashMap<LongKeyV6, LongValue> =
     HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// The rule whose prefix is the longest holding `src`, in table generation `generation`. The
-/// two array reads that decide almost every address are inlined (`v4_slot`); only a /24
-/// holding prefixes of /25 to /32 calls `long_v4` for its probes.
+/// two array reads that decide almost every address are inlined; only a /24 holding prefixes of
+/// /25 to /32 calls `long_v4` for its probes.
 #[inline(always)]
 pub fn v4(src: [u8; 4], generation: u32) -> Option<u32> {
-    let slot = v4_slot(src, generation);
-    if slot >> V4_LONG_SHIFT != 0 {
-        return long_v4(u32::from_be_bytes(src), generation, slot).checked_sub(1);
+    let generation = generation & 1;
+    let root = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0]))?;
+    let mut slot = root[usize::from(src[1])];
+    if slot & V4_POINTER != 0 {
+        let block = SOURCE_V4.get(slot & !V4_POINTER)?;
+        slot = block[usize::from(src[2])];
+        if slot >> V4_LONG_SHIFT != 0 {
+            return long_v4(u32::from_be_bytes(src), generation, slot).checked_sub(1);
+        }
     }
     (slot & VALUE_MASK).checked_sub(1)
-}
-
-/// The slot that answers `src` up to /24: `rule + 1` of the longest prefix up to /24 (in
-/// `VALUE_MASK`), and the lengths /25 to /32 that exist inside its /24 (from `V4_LONG_SHIFT`).
-#[inline(always)]
-fn v4_slot(src: [u8; 4], generation: u32) -> u32 {
-    let generation = generation & 1;
-    let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
-        return 0;
-    };
-    let slot = root[usize::from(src[1])];
-    if slot & V4_POINTER == 0 {
-        return slot;
-    }
-    SOURCE_V4
-        .get(slot & !V4_POINTER)
-        .map_or(0, |block| block[usize::from(src[2])])
 }
 
 /// The same for IPv6.
