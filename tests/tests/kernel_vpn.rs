@@ -736,6 +736,67 @@ fn look_alikes_stay_ordinary_traffic() {
     );
 }
 
+/// The controller rewrites `CONFIG` whole on every change (mode, table generation); a write from
+/// a read taken just before the program first set `vpn_flows_seen` would clear it, and the
+/// flow's later packets (no signature) would skip the flow lookup and pass as ordinary traffic.
+/// The stale write is simulated here from outside, as another process could: the controller's
+/// next change must set the flag again while flows exist.
+#[test]
+fn a_config_change_keeps_the_flow_flag_while_flows_exist() {
+    let mut loaded = Loaded::new(REGISTRY);
+    let reset = udp(LAN, 40001, SERVER, 1194, openvpn_plain_client_reset()).build();
+    let next = udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build();
+    loaded.run(&reset);
+    assert_eq!(
+        loaded.datapath.config().unwrap().vpn_flows_seen,
+        1,
+        "a remembered flow sets the flag"
+    );
+
+    // Find CONFIG among the program's maps, by the kernel's ids, and clear the flag.
+    let ids = loaded
+        .datapath
+        .program()
+        .info()
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .expect("the kernel lists the program's maps");
+    let data = ids
+        .into_iter()
+        .map(|id| aya::maps::MapData::from_id(id).unwrap())
+        .find(|m| m.info().unwrap().name_as_str() == Some("CONFIG"))
+        .expect("the program uses CONFIG");
+    let mut config: aya::maps::Array<aya::maps::MapData, enforcer_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let stale = enforcer_common::Config {
+        vpn_flows_seen: 0,
+        ..config.get(&0, 0).unwrap()
+    };
+    config.set(0, stale, 0).unwrap();
+    let before = loaded.counts();
+    loaded.run(&next);
+    assert_eq!(
+        loaded.counts().packets(NotAllowlisted) + loaded.counts().packets(Allowed),
+        before.packets(NotAllowlisted) + before.packets(Allowed) + 1,
+        "with the flag cleared the flow's next packet is ordinary traffic (what the fix prevents)"
+    );
+
+    loaded.set_mode(Mode::Enforce);
+    assert_eq!(
+        loaded.datapath.config().unwrap().vpn_flows_seen,
+        1,
+        "a change of CONFIG sets the flag again while flows exist"
+    );
+    let before = loaded.counts();
+    loaded.run(&next);
+    assert_eq!(
+        loaded.counts().packets(UnapprovedVpn),
+        before.packets(UnapprovedVpn) + 1,
+        "the flow's next packet is OpenVPN again"
+    );
+}
+
 #[test]
 fn monitor_mode_lets_unapproved_vpn_through_and_counts_it() {
     let mut loaded = Loaded::new(REGISTRY);

@@ -9,8 +9,8 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, Counter, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME, Reason,
-    VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
+    Config, Counter, FlowKey, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME,
+    Reason, VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
 };
 use ipnet::IpNet;
 
@@ -383,13 +383,41 @@ impl Datapath {
     }
 
     /// Read-modify-write of `CONFIG`, keeping what the program itself wrote there.
+    ///
+    /// The program writes one field itself: `vpn_flows_seen`, after it first puts a flow in
+    /// `VPN_FLOWS`. A whole-value write from a read taken before that would clear it, and the
+    /// flows' later packets, which carry no signature, would skip the flow lookup (an unapproved
+    /// OpenVPN tunnel from an allowlisted host would pass as ordinary traffic). So after the
+    /// write, if flows exist, the field is set again: the program sets it only after inserting,
+    /// so a flow inserted after the check sets it itself.
     fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
         let name = map_names::CONFIG;
-        let mut config: Array<&mut MapData, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
-        let mut current = config.get(&0, 0).map_err(map_error(name))?;
-        change(&mut current);
-        config.set(0, current, 0).map_err(map_error(name))
+        let mut current = {
+            let mut config: Array<&mut MapData, Config> =
+                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            let mut current = config.get(&0, 0).map_err(map_error(name))?;
+            change(&mut current);
+            config.set(0, current, 0).map_err(map_error(name))?;
+            current
+        };
+        if current.vpn_flows_seen == 0 && self.vpn_flows_exist()? {
+            current.vpn_flows_seen = 1;
+            let mut config: Array<&mut MapData, Config> =
+                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            config.set(0, current, 0).map_err(map_error(name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the program has remembered any VPN flow (one `BPF_MAP_GET_NEXT_KEY`).
+    fn vpn_flows_exist(&self) -> Result<bool, DatapathError> {
+        let name = map_names::VPN_FLOWS;
+        let flows: aya::maps::HashMap<&MapData, FlowKey, u8> =
+            aya::maps::HashMap::try_from(self.map(name)?).map_err(map_error(name))?;
+        match flows.keys().next() {
+            None => Ok(false),
+            Some(key) => key.map(|_| true).map_err(map_error(name)),
+        }
     }
 
     /// Writes one approval group into its slot of `VPN_GROUPS`.
