@@ -387,7 +387,7 @@ impl Datapath {
     /// The program writes one field itself: `vpn_flows_seen`, after it first puts a flow in
     /// `VPN_FLOWS`. A whole-value write from a read taken before that would clear it, and the
     /// flows' later packets, which carry no signature, would skip the flow lookup (an unapproved
-    /// OpenVPN tunnel from an allowlisted host would pass as ordinary traffic). So after the
+    /// `OpenVPN` tunnel from an allowlisted host would pass as ordinary traffic). So after the
     /// write, if flows exist, the field is set again: the program sets it only after inserting,
     /// so a flow inserted after the check sets it itself.
     fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
