@@ -389,7 +389,9 @@ impl Datapath {
     /// flows' later packets, which carry no signature, would skip the flow lookup (an unapproved
     /// `OpenVPN` tunnel from an allowlisted host would pass as ordinary traffic). So after the
     /// write, if flows exist, the field is set again: the program sets it only after inserting,
-    /// so a flow inserted after the check sets it itself.
+    /// so a flow inserted after the check sets it itself. What remains is the few microseconds
+    /// between the two writes; a flag the controller never writes (a map of its own) would
+    /// close that too, at one more lookup per packet.
     fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
         let name = map_names::CONFIG;
         let mut current = {
