@@ -29,6 +29,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 7;
+/// Program instances per registry size (each with maps of its own), all timed every round.
+const INSTANCES: usize = 3;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
@@ -232,30 +234,50 @@ fn measure_distribution(
     d: Distribution,
     frames: &[(&'static str, Vec<u8>)],
 ) -> anyhow::Result<Series> {
-    // Every size is loaded first; then each round times every (size, packet) once, so that the
-    // drifts of a shared machine fall on all sizes alike. Medians over the rounds.
-    let mut loaded = Vec::new();
+    // Every size is loaded first, `INSTANCES` times; then each round times every (size,
+    // instance, packet) once, so that the drifts of a shared machine fall on all sizes alike.
+    // Medians over rounds and instances: on this machine one program instance can sit 30-50 %
+    // above another of the same program and maps, and a single instance per size made one row
+    // or another look like a trend.
+    let mut loaded: Vec<Vec<Loaded>> = Vec::new();
     let mut floors = Vec::new();
     let mut load_ms = Vec::new();
     for size in SIZES {
         let text = d.registry(size);
-        let started = Instant::now();
-        let l = Loaded::new(&text);
-        load_ms.push(started.elapsed().as_millis());
-        assert_eq!(l.run(&frames[0].1), 2, "the allowed packet passes");
-        assert_eq!(l.run(&frames[1].1), 1, "the dropped packet drops");
-        let prefixes: Vec<IpNet> = l.policy.allow_rules().map(|r| r.prefix).collect();
-        floors.push(lpm_floor(&prefixes)?);
-        loaded.push(l);
-        eprintln!("bench: {} {size} loaded", d.name());
+        let mut instances = Vec::new();
+        for i in 0..INSTANCES {
+            let started = Instant::now();
+            let l = Loaded::new(&text);
+            if i == 0 {
+                load_ms.push(started.elapsed().as_millis());
+                let prefixes: Vec<IpNet> = l.policy.allow_rules().map(|r| r.prefix).collect();
+                floors.push(lpm_floor(&prefixes)?);
+            }
+            assert_eq!(l.run(&frames[0].1), 2, "the allowed packet passes");
+            assert_eq!(l.run(&frames[1].1), 1, "the dropped packet drops");
+            instances.push(l);
+        }
+        loaded.push(instances);
+        eprintln!("bench: {} {size} loaded ({INSTANCES} instances)", d.name());
     }
     let mut samples: Vec<Vec<Vec<u64>>> = vec![vec![Vec::new(); SIZES.len()]; frames.len()];
     let mut lpm_samples: Vec<Vec<u64>> = vec![Vec::new(); SIZES.len()];
+    // Each round in its own order (a disturbance that recurs at one point of every round
+    // would otherwise fall on the same size each time).
+    let mut rng = Rng(0x005E_ED0F_0DE5);
     for _ in 0..RUNS {
-        for (s, l) in loaded.iter().enumerate() {
+        let mut order: Vec<(usize, usize)> = (0..SIZES.len())
+            .flat_map(|s| (0..INSTANCES).map(move |i| (s, i)))
+            .collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, usize::try_from(rng.next_u64() % (i as u64 + 1)).unwrap());
+        }
+        for (s, i) in order {
             for (f, (_, frame)) in frames.iter().enumerate() {
-                samples[f][s].push(l.time(frame, REPEAT));
+                samples[f][s].push(loaded[s][i].time(frame, REPEAT));
             }
+        }
+        for s in 0..SIZES.len() {
             let program: &Xdp = floors[s]
                 .program("baseline_lpm")
                 .expect("baseline_lpm")
@@ -953,7 +975,7 @@ fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_j
 
     writeln!(
         table,
-        "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats (ns); bare XDP_PASS = {bare} ns"
+        "per-packet cost via BPF_PROG_TEST_RUN, median of {RUNS} runs x {REPEAT} repeats on each of {INSTANCES} program instances per size (ns); bare XDP_PASS = {bare} ns"
     )?;
     let header: String = SIZES.iter().map(|s| format!("{s:>10}")).collect();
     for s in &series {
