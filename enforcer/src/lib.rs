@@ -30,3 +30,15 @@ pub fn memory_mib() -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// Gives the memory freed by a change back to the system. A change at a million entries frees
+/// hundreds of MiB in small blocks, which the allocator otherwise keeps: the daemon's resident
+/// memory stayed near a GiB after one `allow add`.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system; it is safe to call at
+    // any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
