@@ -154,11 +154,10 @@ fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLength
     }
     for (slot, deep) in &lengths.deep {
         let dir = &mut tables.dir[usize::from(*slot)];
-        let short = lengths.below16.get(slot).copied().unwrap_or_default();
-        if V6Lengths::listed_in_slot(short, *deep) {
-            dir.lengths = V6Lengths::list(u128::from(short) | deep);
-        } else {
+        if lengths.needs_nodes(*slot) {
             dir.nodes = 1;
+        } else {
+            dir.lengths = V6Lengths::list(u128::from(lengths.short(*slot)) | deep);
         }
     }
     tables.nodes.reserve(lengths.below32.len());
@@ -192,16 +191,10 @@ impl V6Lengths {
                 _ => *lengths.deep.entry(slot).or_default() |= 1 << (len - 1),
             }
         }
-        let needs_nodes = |slot: u16| {
-            lengths.deep.get(&slot).is_some_and(|deep| {
-                let short = lengths.below16.get(&slot).copied().unwrap_or_default();
-                !Self::listed_in_slot(short, *deep)
-            })
-        };
         let mut below32: FastMap<u32, u128> = FastMap::default();
-        if lengths.deep.keys().any(|slot| needs_nodes(*slot)) {
+        if lengths.deep.keys().any(|slot| lengths.needs_nodes(*slot)) {
             for (addr, len) in prefixes() {
-                if len > 32 && needs_nodes((addr >> 112) as u16) {
+                if len > 32 && lengths.needs_nodes((addr >> 112) as u16) {
                     *below32.entry((addr >> 96) as u32).or_default() |= 1 << (len - 1);
                 }
             }
@@ -210,11 +203,18 @@ impl V6Lengths {
         lengths
     }
 
-    /// Whether a /16 with the lengths /17 to /32 `short` lists its lengths /33 to /128 `deep`
-    /// itself (no nodes): at most `V6_DEEP_LENGTHS` of them, and room in its list.
-    fn listed_in_slot(short: u32, deep: u128) -> bool {
-        let deep = deep.count_ones() as usize;
-        deep <= V6_DEEP_LENGTHS && short.count_ones() as usize + deep <= MAX_V6_LENGTHS
+    /// The lengths /17 to /32 inside the /16 `slot`.
+    fn short(&self, slot: u16) -> u32 {
+        self.below16.get(&slot).copied().unwrap_or_default()
+    }
+
+    /// Whether the /16 `slot` sends its lengths /33 to /128 to nodes: it has more than
+    /// `V6_DEEP_LENGTHS` of them, or no room for them in its own list.
+    fn needs_nodes(&self, slot: u16) -> bool {
+        self.deep.get(&slot).is_some_and(|deep| {
+            let deep = deep.count_ones() as usize;
+            deep > V6_DEEP_LENGTHS || self.short(slot).count_ones() as usize + deep > MAX_V6_LENGTHS
+        })
     }
 
     /// The lowest /16 or /32 (in address order) with more lengths than the lookup probes.
@@ -243,7 +243,7 @@ impl V6Lengths {
     }
 
     /// The lengths of `bits`, longest first, in the kernel's fixed-size list (`check` or
-    /// `listed_in_slot` first).
+    /// `needs_nodes` first).
     fn list(bits: u128) -> [u8; MAX_V6_LENGTHS] {
         let mut out = [0u8; MAX_V6_LENGTHS];
         let longest_first = (1..=128u8).rev().filter(|l| bits & (1 << (l - 1)) != 0);

@@ -295,15 +295,9 @@ impl Located {
             }
         };
         let count = bounds.iter().map(|(_, len)| len).sum();
-        let hasher = foldhash::fast::RandomState::default();
         let (names, prefixes) = std::thread::scope(|scope| {
-            let names =
-                scope.spawn(|| repeats(count, |n| name_of(n).map(|v| hasher.hash_one(v)), name_of));
-            let prefixes = repeats(
-                count,
-                |n| prefix_of(n).map(|v| hasher.hash_one(v)),
-                prefix_of,
-            );
+            let names = scope.spawn(|| repeats(count, name_of));
+            let prefixes = repeats(count, prefix_of);
             (names.join().expect("the name check panicked"), prefixes)
         });
 
@@ -363,13 +357,13 @@ impl Located {
 
 /// The entries among `0..count` whose value repeats an earlier entry's, each with the first
 /// entry that has it: entries sorted by the value's hash, equal hashes compared by value.
-fn repeats<T: PartialEq>(
+fn repeats<T: PartialEq + std::hash::Hash>(
     count: usize,
-    hash: impl Fn(usize) -> Option<u64>,
     value: impl Fn(usize) -> Option<T>,
 ) -> Vec<(usize, usize)> {
+    let hasher = foldhash::fast::RandomState::default();
     let mut keys: Vec<(u64, u32)> = (0..count)
-        .filter_map(|n| Some((hash(n)?, u32::try_from(n).ok()?)))
+        .filter_map(|n| Some((hasher.hash_one(value(n)?), u32::try_from(n).ok()?)))
         .collect();
     // Each pair is distinct (the entry numbers are), so the unstable sort orders a run of
     // equal hashes by entry: the first user comes first.
