@@ -590,9 +590,9 @@ fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> FlowKey 
     key
 }
 
-#[inline(always)]
 /// Remembers the flow of a TCP or UDP packet whose signature only the first packets of a flow
 /// carry, so that the rest of it is classified too; and tells the fast path that flows exist.
+#[inline(always)]
 pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
     let L4::Ports {
         src_port_be,
