@@ -71,6 +71,10 @@ pub const MAX_APPROVALS_PER_GROUP: usize = 8;
 /// Flows remembered as VPN after a signature that only the first packet carries (`OpenVPN`'s
 /// resets). LRU: the least recently seen flow is forgotten first.
 pub const MAX_VPN_FLOWS: u32 = 65_536;
+/// In a `VPN_FLOWS` value (the `VpnProtocol`, in the low 7 bits): set by the program when the
+/// flow has a packet, cleared by the controller's sweep. A flow the sweep finds without it had
+/// no packet for a whole sweep period, and is forgotten.
+pub const FLOW_ACTIVE: u8 = 0x80;
 /// Slots of `VPN_VERDICTS`: `protocol * 2` unapproved (dropped or would-drop), `+ 1` approved.
 pub const VPN_VERDICT_SLOTS: u32 = 32;
 
@@ -198,7 +202,7 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | mode (`MODE_*`), written by the controller |
-/// | 4 | 4 | 1 once the program has put a flow in `VPN_FLOWS` (written by the program, so that ordinary traffic skips the flow lookup until a stateful VPN was ever seen) |
+/// | 4 | 4 | 1 while `VPN_FLOWS` holds flows: set by the program when it puts one there, cleared by the controller once its sweep has forgotten the last (so that ordinary traffic skips the flow lookup, and the fast path runs, while no stateful VPN flow is remembered) |
 /// | 8 | 4 | 1 if some approved VPN endpoint names a port (written by the controller): then a TCP/UDP packet from that endpoint's address and port passes as approved VPN even without a signature (a TCP VPN's SYN-ACK and ACKs carry none) |
 /// | 12 | 4 | generation of the source lookup tables in force, 0 or 1 (written by the controller: the new tables are built aside, then this one word switches every packet to them) |
 #[repr(C)]

@@ -8,7 +8,9 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
-use enforcer_common::{Config, FlowKey, MAX_APPROVALS_PER_GROUP, VpnGroup, VpnProtocol};
+use enforcer_common::{
+    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, VpnGroup, VpnProtocol,
+};
 
 use crate::parse::{
     Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_TCP, IPPROTO_UDP,
@@ -65,7 +67,8 @@ pub static VPN_V6: LpmTrie<[u8; 16], u32> =
 #[aya_ebpf::macros::map]
 pub static VPN_GROUPS: Array<VpnGroup> =
     Array::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
-/// Flows that showed a first-packet-only signature; value: `VpnProtocol`.
+/// Flows that showed a first-packet-only signature; value: `VpnProtocol`, with `FLOW_ACTIVE`
+/// once the flow has a packet after the controller's last sweep.
 #[aya_ebpf::macros::map]
 pub static VPN_FLOWS: LruHashMap<FlowKey, u8> =
     LruHashMap::with_max_entries(enforcer_common::MAX_VPN_FLOWS, 0);
@@ -604,7 +607,7 @@ pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
     };
     let _ = VPN_FLOWS.insert(
         flow_key(packet, src_port_be, dst_port_be),
-        protocol as u8,
+        protocol as u8 | FLOW_ACTIVE,
         0,
     );
     if let Some(c) = config.get_ptr_mut(0) {
@@ -620,7 +623,8 @@ fn known_flow(
     dst_port: [u8; 2],
     config: &Array<Config>,
 ) -> u32 {
-    // Ordinary traffic skips the hash lookup until a stateful VPN flow was ever seen.
+    // Ordinary traffic skips the hash lookup while no flow is remembered (the flag is set with
+    // the first, and cleared by the controller's sweep once it has forgotten the last).
     if !matches!(
         config.get(0),
         Some(Config {
@@ -630,9 +634,19 @@ fn known_flow(
     ) {
         return NO_VPN;
     }
-    match VPN_FLOWS.get_ptr(flow_key(packet, src_port, dst_port)) {
-        // SAFETY: the pointer is to a live map value of one byte.
-        Some(protocol) => u32::from(unsafe { *protocol }),
+    match VPN_FLOWS.get_ptr_mut(flow_key(packet, src_port, dst_port)) {
+        Some(value) => {
+            // SAFETY: the pointer is to a live map value of one byte.
+            let seen = unsafe { *value };
+            // Marked once per flow and sweep period, not on every packet (other CPUs read the
+            // line). A sweep racing this write may clear the mark again: the flow is then
+            // forgotten only after a whole further period without a packet.
+            if seen & FLOW_ACTIVE == 0 {
+                // SAFETY: as above.
+                unsafe { *value = seen | FLOW_ACTIVE };
+            }
+            u32::from(seen & !FLOW_ACTIVE)
+        }
         None => NO_VPN,
     }
 }

@@ -103,6 +103,11 @@ impl Response {
 
 const SECTIONS: [&str; 4] = ["networks", "devices", "deny", "vpn_endpoints"];
 
+/// The default period of the VPN flow sweep (`run --vpn-flow-idle`): an `OpenVPN` flow is
+/// forgotten after 5 to 10 minutes without a packet. `OpenVPN`'s usual keepalive (a ping every
+/// 10 s) keeps a quiet tunnel's flow; NAT bindings of a UDP flow silent that long are gone too.
+pub const DEFAULT_FLOW_SWEEP: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What the daemon holds while it runs.
 pub struct Live {
     pub datapath: Datapath,
@@ -126,6 +131,9 @@ pub struct Live {
     pub protected: Vec<ipnet::IpNet>,
     /// How often expired entries are swept out.
     pub expiry_check: std::time::Duration,
+    /// How often the remembered VPN flows are swept: a flow is forgotten after one to two
+    /// periods without a packet.
+    pub flow_sweep: std::time::Duration,
     /// The context of the request being served.
     caller: Option<Operator>,
     force: bool,
@@ -162,6 +170,7 @@ impl Live {
             state,
             protected: Vec::new(),
             expiry_check: std::time::Duration::from_secs(60),
+            flow_sweep: DEFAULT_FLOW_SWEEP,
             caller: None,
             force: false,
         })
@@ -415,6 +424,28 @@ impl Live {
         None
     }
 
+    /// One sweep of the remembered VPN flows (see `Datapath::sweep_vpn_flows`), logged when it
+    /// forgets any or turns the flow lookup off.
+    pub fn sweep_flows(&mut self) {
+        match self.datapath.sweep_vpn_flows() {
+            Ok(sweep) => {
+                if sweep.forgotten > 0 {
+                    tracing::info!(
+                        forgotten = sweep.forgotten,
+                        kept = sweep.kept,
+                        "forgot VPN flows silent for a whole sweep period"
+                    );
+                }
+                if sweep.flag_cleared {
+                    tracing::info!(
+                        "no VPN flow is remembered: the flow lookup is off and the fast path on"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("VPN flow sweep failed (flows stay remembered): {e}"),
+        }
+    }
+
     /// Removes the entries whose expiry date has passed from the registry (written and audited
     /// like any change); the kernel stops applying them in the same step.
     pub fn expire(&mut self) -> Option<Response> {
@@ -508,6 +539,9 @@ impl Live {
 
     fn status(&self) -> Response {
         let uptime = self.started.elapsed().map_or(0, |d| d.as_secs());
+        // Whether remembered VPN flows send every TCP/UDP packet to the flow lookup (and keep
+        // the fast path off) until the sweep forgets them.
+        let flow_lookup = self.datapath.config().is_ok_and(|c| c.vpn_flows_seen != 0);
         let data = json!({
             "instance": self.instance,
             "mode": self.policy.mode,
@@ -521,9 +555,15 @@ impl Live {
             "deny": self.policy.count(RuleKind::Deny),
             "deny_feed": self.policy.count(RuleKind::DenyFeed),
             "vpn_endpoints": self.policy.vpn_endpoints,
+            "vpn_flow_lookup": flow_lookup,
         });
+        let flows = if flow_lookup {
+            ", VPN flows remembered (flow lookup on)"
+        } else {
+            ""
+        };
         let message = format!(
-            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints, up {uptime} s",
+            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, up {uptime} s",
             self.instance,
             self.policy.mode,
             self.xdp_mode,
@@ -712,6 +752,11 @@ pub async fn serve(
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
     tokio::pin!(shutdown);
     let mut expiry = tokio::time::interval(live.expiry_check);
+    // Not at once: flows pinned by an earlier run get a whole period to show a packet.
+    let mut flows = tokio::time::interval_at(
+        tokio::time::Instant::now() + live.flow_sweep,
+        live.flow_sweep,
+    );
     loop {
         let (stream, _) = tokio::select! {
             signal = &mut shutdown => return signal,
@@ -719,6 +764,10 @@ pub async fn serve(
                 if let Some(response) = live.expire() {
                     tracing::info!(ok = response.ok, "expiry: {}", response.message);
                 }
+                continue;
+            }
+            _ = flows.tick() => {
+                live.sweep_flows();
                 continue;
             }
             accepted = listener.accept() => accepted?,

@@ -132,6 +132,21 @@ impl Enforcer {
         Ok(Stats(serde_json::from_slice(&output.stdout)?))
     }
 
+    /// The data of `enforcer status --instance I --json`.
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let output = Command::new(enforcer_bin())
+            .args(["status", "--json", "--instance", &self.instance])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "enforcer status failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let response: Value = serde_json::from_slice(&output.stdout)?;
+        Ok(response["data"].clone())
+    }
+
     /// Stops the enforcer (SIGTERM), waits for it, then `enforcer detach`es its program (which
     /// outlives the controller by design); returns the log and the detach output.
     pub fn stop(&mut self) -> anyhow::Result<String> {

@@ -797,6 +797,81 @@ fn a_config_change_keeps_the_flow_flag_while_flows_exist() {
     );
 }
 
+/// The controller's sweep forgets a remembered flow only after a whole period without a packet,
+/// and clears the flag (so ordinary traffic skips the flow lookup and the fast path runs again)
+/// once none is left; a new reset is remembered again.
+#[test]
+fn the_sweep_keeps_active_flows_and_forgets_silent_ones() {
+    let mut loaded = Loaded::new(REGISTRY);
+    let reset = udp(LAN, 40001, SERVER, 1194, openvpn_plain_client_reset()).build();
+    let next = udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build();
+    // The reply direction is the same flow.
+    let reply = udp(SERVER, 1194, LAN, 40001, bytes(&[0x20, 9, 9], 100)).build();
+    let flag = |loaded: &Loaded| loaded.datapath.config().unwrap().vpn_flows_seen;
+    let sweep = |loaded: &mut Loaded| loaded.datapath.sweep_vpn_flows().unwrap();
+    let openvpn_next = |loaded: &Loaded, frame: &[u8]| {
+        let before = loaded.counts();
+        loaded.run(frame);
+        let after = loaded.counts();
+        match (
+            after.packets(UnapprovedVpn) - before.packets(UnapprovedVpn),
+            after.packets(Allowed) - before.packets(Allowed),
+        ) {
+            (1, 0) => true,
+            (0, 1) => false,
+            moved => panic!("unexpected verdict for the flow's packet: {moved:?}"),
+        }
+    };
+
+    loaded.run(&reset);
+    assert_eq!(flag(&loaded), 1, "a remembered flow sets the flag");
+    let first = sweep(&mut loaded);
+    assert_eq!(
+        (first.kept, first.forgotten, first.flag_cleared),
+        (1, 0, false),
+        "the reset marked the flow active: kept"
+    );
+    // A packet in each period keeps the flow, in either direction.
+    for (round, frame) in [&next, &reply, &next].into_iter().enumerate() {
+        assert!(
+            openvpn_next(&loaded, frame),
+            "round {round}: the flow's packet is OpenVPN"
+        );
+        let kept = sweep(&mut loaded);
+        assert_eq!(
+            (kept.kept, kept.forgotten, kept.flag_cleared),
+            (1, 0, false),
+            "round {round}: a flow with a packet since the last sweep is kept"
+        );
+        assert_eq!(flag(&loaded), 1);
+    }
+    // A whole period without a packet: forgotten, and the flag cleared.
+    let silent = sweep(&mut loaded);
+    assert_eq!(
+        (silent.kept, silent.forgotten, silent.flag_cleared),
+        (0, 1, true),
+        "a flow silent for a whole period is forgotten and the flag cleared"
+    );
+    assert_eq!(flag(&loaded), 0);
+    assert!(
+        !openvpn_next(&loaded, &next),
+        "a forgotten flow's signature-less packet is ordinary traffic again (allowlisted source)"
+    );
+    let empty = sweep(&mut loaded);
+    assert_eq!(
+        (empty.kept, empty.forgotten, empty.flag_cleared),
+        (0, 0, false)
+    );
+
+    // Its next reset is remembered anew.
+    loaded.run(&reset);
+    assert_eq!(flag(&loaded), 1, "a new reset sets the flag again");
+    assert!(
+        openvpn_next(&loaded, &next),
+        "and the flow is OpenVPN again"
+    );
+}
+
 #[test]
 fn monitor_mode_lets_unapproved_vpn_through_and_counts_it() {
     let mut loaded = Loaded::new(REGISTRY);

@@ -77,12 +77,16 @@ fn ping_from(ns: &Netns, from: &str, to: &str, count: u32) -> u32 {
 }
 
 fn setup_with(registry_text: &str) -> Setup {
+    setup_with_args(registry_text, &[])
+}
+
+fn setup_with_args(registry_text: &str, args: &[&str]) -> Setup {
     require_root();
     let lab = Lab::new(&[APPROVED_VPN_GW, ROGUE_VPN_GW]).unwrap();
     let dir = TempDir::new("enf-vpn").unwrap();
     let registry: PathBuf = dir.0.join("registry.json");
     std::fs::write(&registry, registry_text).unwrap();
-    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, args).unwrap();
     Setup { lab, enforcer, dir }
 }
 
@@ -254,6 +258,60 @@ fn openvpn_unapproved(proto: &str) {
         stats.0["vpn"]
     );
     assert_eq!(stats.vpn_approved("openvpn"), 0);
+}
+
+/// Whether the running enforcer sends TCP/UDP packets to the VPN flow lookup (remembered
+/// `OpenVPN` flows), as `enforcer status` reports it.
+fn flow_lookup(s: &Setup) -> bool {
+    let status = s.enforcer.status().unwrap();
+    status["vpn_flow_lookup"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("status without vpn_flow_lookup: {status}"))
+}
+
+/// A real `OpenVPN` session leaves a remembered flow; the sweep (every second here) keeps it while
+/// the tunnel carries traffic, and once the tunnel is gone forgets it and turns the flow lookup
+/// off again, so that one session does not cost every later packet a lookup.
+#[test]
+fn a_finished_openvpn_session_is_forgotten_and_the_flow_lookup_turns_off() {
+    let s = setup_with_args(REGISTRY, &["--vpn-flow-idle", "1"]);
+    assert!(!flow_lookup(&s), "no flow is remembered before any VPN");
+    let (gw, client) = openvpn_tunnel(&s, APPROVED_VPN_GW.label, "udp");
+    assert!(
+        wait_connected(&client, Duration::from_secs(20)),
+        "OpenVPN to the approved gateway must connect:\n{}\n{}",
+        client.log_text(),
+        gw.log_text()
+    );
+    assert!(
+        flow_lookup(&s),
+        "the session's reset was remembered: {}",
+        s.enforcer.log_text()
+    );
+    // Three seconds of traffic (a ping every 0.2 s): three sweeps, and the tunnel keeps working.
+    let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 15).unwrap();
+    assert!(
+        replies >= 13,
+        "pings through the tunnel across sweeps: {replies}/15"
+    );
+    assert!(flow_lookup(&s), "an active session's flow is kept");
+
+    drop(client);
+    drop(gw);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flow_lookup(&s) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !flow_lookup(&s),
+        "within 10 s of the session's end (sweeps every 1 s) the flow is forgotten:\n{}",
+        s.enforcer.log_text()
+    );
+    assert!(
+        s.enforcer.log_text().contains("the flow lookup is off"),
+        "the controller logs it:\n{}",
+        s.enforcer.log_text()
+    );
 }
 
 #[test]

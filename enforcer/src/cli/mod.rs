@@ -62,6 +62,11 @@ pub enum Command {
         /// How often expired entries are removed (seconds).
         #[arg(long, default_value_t = 60, hide = true)]
         expiry_check_secs: u64,
+        /// Seconds between sweeps of the remembered VPN flows (`OpenVPN`, whose later packets
+        /// carry no signature): a flow is forgotten after one to two sweeps without a packet.
+        /// While any is remembered, every TCP/UDP packet also meets the flow lookup.
+        #[arg(long, value_name = "SECONDS", default_value_t = control::DEFAULT_FLOW_SWEEP.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        vpn_flow_idle: u64,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -166,6 +171,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             detach_on_exit,
             protect,
             expiry_check_secs,
+            vpn_flow_idle,
         } => run(
             &iface,
             &registry,
@@ -173,7 +179,10 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             xdp_mode,
             detach_on_exit,
             protect,
-            expiry_check_secs,
+            Timers {
+                expiry_check: std::time::Duration::from_secs(expiry_check_secs.max(1)),
+                flow_sweep: std::time::Duration::from_secs(vpn_flow_idle),
+            },
         ),
         Command::Detach { instance, iface } => detach(instance.as_deref(), iface.as_deref()),
         Command::Validate { file, json } => validate(&file, json),
@@ -337,6 +346,13 @@ fn check(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// The daemon's periodic work.
+#[derive(Clone, Copy)]
+struct Timers {
+    expiry_check: std::time::Duration,
+    flow_sweep: std::time::Duration,
+}
+
 fn run(
     iface: &str,
     registry_path: &Path,
@@ -344,7 +360,7 @@ fn run(
     xdp_mode: AttachMode,
     detach_on_exit: bool,
     protect: Vec<ipnet::IpNet>,
-    expiry_check_secs: u64,
+    timers: Timers,
 ) -> anyhow::Result<std::process::ExitCode> {
     let timer = std::time::Instant::now();
     let registry = Registry::load(registry_path)?;
@@ -522,7 +538,8 @@ fn run(
         xdp.to_string(),
     )?;
     live.protected = protect;
-    live.expiry_check = std::time::Duration::from_secs(expiry_check_secs.max(1));
+    live.expiry_check = timers.expiry_check;
+    live.flow_sweep = timers.flow_sweep;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

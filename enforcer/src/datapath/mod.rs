@@ -9,8 +9,8 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, Counter, FlowKey, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET, PROGRAM_NAME,
-    Reason, VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
+    Config, Counter, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET,
+    PROGRAM_NAME, Reason, VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
 };
 use ipnet::IpNet;
 
@@ -77,6 +77,17 @@ fn permission_hint(error: &Box<dyn std::error::Error + Send + Sync>) -> &'static
 }
 
 /// Wraps an aya error with the map it concerns.
+/// What one sweep of the remembered VPN flows did (`Datapath::sweep_vpn_flows`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSweep {
+    /// Flows that had a packet since the sweep before; marked idle for the next.
+    pub kept: usize,
+    /// Flows without a packet for a whole period: forgotten.
+    pub forgotten: usize,
+    /// No flow is left and the flag is cleared: the fast path runs again.
+    pub flag_cleared: bool,
+}
+
 fn map_error<E: std::error::Error + Send + Sync + 'static>(
     name: &'static str,
 ) -> impl FnOnce(E) -> DatapathError {
@@ -420,6 +431,59 @@ impl Datapath {
             None => Ok(false),
             Some(key) => key.map(|_| true).map_err(map_error(name)),
         }
+    }
+
+    /// One sweep of the remembered VPN flows (`VPN_FLOWS`), run by the controller every period:
+    /// a flow the program marked active since the last sweep is kept and its mark cleared; a
+    /// flow left unmarked had no packet for a whole period, and is forgotten. Once none is
+    /// left, the flag that sends every TCP/UDP packet to the flow lookup (and keeps the fast
+    /// path off) is cleared, so one `OpenVPN` session no longer costs the datapath for good.
+    ///
+    /// A forgotten flow's later packets, which carry no signature, are ordinary traffic again
+    /// (as for a flow the full LRU map evicted): its next reset is recognised and remembered
+    /// anew. Races with the program are benign but for one: a packet that arrives between this
+    /// sweep's read of an unmarked flow and its deletion is classified, and the flow still
+    /// forgotten; that takes a flow silent for a whole period to wake within microseconds.
+    pub fn sweep_vpn_flows(&mut self) -> Result<FlowSweep, DatapathError> {
+        const BPF_EXIST: u64 = 2;
+        let name = map_names::VPN_FLOWS;
+        let mut sweep = FlowSweep::default();
+        {
+            let mut flows: aya::maps::HashMap<&mut MapData, FlowKey, u8> =
+                aya::maps::HashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            // Keys first: deleting while walking would restart the kernel's walk.
+            let keys = flows
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_error(name))?;
+            for key in keys {
+                let value = match flows.get(&key, 0) {
+                    Ok(value) => value,
+                    // Evicted since (the map is an LRU): nothing to do.
+                    Err(aya::maps::MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(map_error(name)(e)),
+                };
+                let outcome = if value & FLOW_ACTIVE != 0 {
+                    sweep.kept += 1;
+                    flows.insert(key, value & !FLOW_ACTIVE, BPF_EXIST)
+                } else {
+                    sweep.forgotten += 1;
+                    flows.remove(&key)
+                };
+                match outcome {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(map_error(name)(e)),
+                }
+            }
+        }
+        if self.config()?.vpn_flows_seen != 0 && !self.vpn_flows_exist()? {
+            // `update_config` sets the flag again if the program remembers a flow meanwhile.
+            self.update_config(|c| c.vpn_flows_seen = 0)?;
+            sweep.flag_cleared = self.config()?.vpn_flows_seen == 0;
+        }
+        Ok(sweep)
     }
 
     /// Writes one approval group into its slot of `VPN_GROUPS`.
