@@ -21,6 +21,34 @@ use crate::{
     registry::{Date, Mode, Protocol, Registry, VpnProtocol},
 };
 
+mod edit;
+
+/// What identifies the registry file's content without reading it: device, inode, size and
+/// change time (which every write moves, and no one can set back). A file whose stamp is the one
+/// the daemon last read or wrote holds what the policy in force was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
 /// One request on the control socket (a JSON object on one line).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
@@ -134,6 +162,10 @@ pub struct Live {
     /// How often the remembered VPN flows are swept: a flow is forgotten after one to two
     /// periods without a packet.
     pub flow_sweep: std::time::Duration,
+    /// The registry file as the daemon last read or wrote it: while the file still has this
+    /// stamp, an added or removed entry is made in place (`edit`); otherwise (edited by hand
+    /// since, or not known) the change goes the whole way, which reads the file as it is.
+    pub file_stamp: Option<FileStamp>,
     /// The context of the request being served.
     caller: Option<Operator>,
     force: bool,
@@ -171,6 +203,7 @@ impl Live {
             protected: Vec::new(),
             expiry_check: std::time::Duration::from_secs(60),
             flow_sweep: DEFAULT_FLOW_SWEEP,
+            file_stamp: None,
             caller: None,
             force: false,
         })
@@ -213,7 +246,26 @@ impl Live {
                 };
                 let label = entry_label(&entry);
                 let approval = entry.get("approval").cloned().unwrap_or(Value::Null);
-                self.mutate(uid, &format!("{section} add"), &entry, &approval, |doc| {
+                let verb = format!("{section} add");
+                let today = Date::today();
+                if let Some(response) =
+                    self.edit_in_place(uid, &verb, &entry, &approval, |policy, text, serial| {
+                        edit::plan_add(policy, text, section, &entry, serial, today)
+                    })
+                {
+                    return response;
+                }
+                if let Some(response) =
+                    self.mutate_text(uid, &verb, &entry, &approval, |text, serial| {
+                        // (A non-object is refused by `mutate`, in its words.)
+                        entry.is_object().then_some(())?;
+                        let spliced = edit::splice_add(text, section, &entry, serial)?;
+                        Some(Ok((spliced, format!("added {section} entry {label}"))))
+                    })
+                {
+                    return response;
+                }
+                self.mutate(uid, &verb, &entry, &approval, |doc| {
                     if !entry.is_object() {
                         return Err("the entry must be a JSON object with the registry's fields"
                             .to_string());
@@ -228,32 +280,43 @@ impl Live {
                     Err(e) => return Response::error(e),
                 };
                 let entry = json!({"target": target});
-                self.mutate(
-                    uid,
-                    &format!("{section} remove"),
-                    &entry,
-                    &Value::Null,
-                    |doc| {
-                        let list = section_array(doc, section);
-                        let before = list.len();
-                        list.retain(|e| !matches_target(e, &target));
-                        if list.len() == before {
-                            return Err(format!(
-                                "no {section} entry named {target} or covering exactly {target}"
-                            ));
-                        }
-                        Ok(format!("removed {section} entry {target}"))
-                    },
-                )
+                let verb = format!("{section} remove");
+                if let Some(response) =
+                    self.edit_in_place(uid, &verb, &entry, &Value::Null, |policy, text, serial| {
+                        edit::plan_remove(policy, text, section, &target, serial)
+                    })
+                {
+                    return response;
+                }
+                if let Some(response) =
+                    self.mutate_text(uid, &verb, &entry, &Value::Null, |text, serial| {
+                        let spliced = edit::splice_remove(text, section, &target, serial)?;
+                        Some(spliced.map(|t| (t, format!("removed {section} entry {target}"))))
+                    })
+                {
+                    return response;
+                }
+                self.mutate(uid, &verb, &entry, &Value::Null, |doc| {
+                    let list = section_array(doc, section);
+                    let before = list.len();
+                    list.retain(|e| !matches_target(e, &target));
+                    if list.len() == before {
+                        return Err(edit::no_entry(section, &target));
+                    }
+                    Ok(format!("removed {section} entry {target}"))
+                })
             }
             Request::Mode { mode } => {
                 let entry = json!({"mode": mode});
                 // An explicit mode request ends `run --mode`'s override.
                 let saved = self.mode_override.take();
-                let response = self.mutate(uid, "mode", &entry, &Value::Null, |doc| {
-                    doc["mode"] = json!(mode.as_str());
-                    Ok(format!("mode {mode}"))
-                });
+                let response = match self.mode_in_place(uid, mode, &entry) {
+                    Some(response) => response,
+                    None => self.mutate(uid, "mode", &entry, &Value::Null, |doc| {
+                        doc["mode"] = json!(mode.as_str());
+                        Ok(format!("mode {mode}"))
+                    }),
+                };
                 if !response.ok {
                     self.mode_override = saved;
                 }
@@ -267,6 +330,175 @@ impl Live {
         self.registry_path
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+
+    /// An added or removed entry made in place (see `edit`): checked against the policy in
+    /// force, applied to it and to the kernel as a one-entry diff, spliced into the file,
+    /// audited; all or nothing, like `mutate`. `None`: the change must go the whole way.
+    fn edit_in_place(
+        &mut self,
+        uid: u32,
+        verb: &str,
+        entry: &Value,
+        approval: &Value,
+        plan: impl FnOnce(&Policy, &str, u64) -> edit::Plan,
+    ) -> Option<Response> {
+        let stamp = FileStamp::of(&self.registry_path)?;
+        if self.file_stamp != Some(stamp) {
+            return None;
+        }
+        let text = std::fs::read_to_string(&self.registry_path).ok()?;
+        // Read after the stamp: a write in between moves the stamp, and the next change sees it.
+        let serial = self.serial + 1;
+        let edit = match plan(&self.policy, &text, serial) {
+            edit::Plan::Full => return None,
+            edit::Plan::Refused(message) => return Some(Response::error(message)),
+            edit::Plan::Edit(edit) => edit,
+        };
+        drop(text);
+        tracing::debug!(mib = ?crate::memory_mib(), "in place: planned");
+        let before = self.reach(&self.policy);
+        let change = match self.policy.edit(edit.add, &edit.remove) {
+            Ok(change) => change,
+            Err(e) => return Some(Response::error(format!("refused, nothing changed: {e}"))),
+        };
+        if !self.force
+            && let Some(cut) = self.cut_off(&before, &self.reach(&self.policy))
+        {
+            self.policy.undo(change);
+            return Some(Response::error(format!(
+                "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
+            )));
+        }
+        let (policy, datapath, id) = (&self.policy, &mut self.datapath, &self.id);
+        let (applied, labels) = std::thread::scope(|scope| {
+            let labels = scope.spawn(|| State::prepare_rules(id, &crate::cli::rule_labels(policy)));
+            (datapath.apply_change(&change, policy), labels.join())
+        });
+        tracing::debug!(mib = ?crate::memory_mib(), "in place: applied");
+        let written = applied
+            .map_err(|e| format!("applying to the kernel failed: {e}"))
+            .and_then(|()| {
+                write_atomically(&self.registry_path, &edit.text)
+                    .map_err(|e| format!("writing {}: {e}", self.registry_path.display()))
+            });
+        if let Err(e) = written {
+            self.policy.undo(change.clone());
+            // Put back what was there; the maps hold the change only until this returns.
+            let _ = self.datapath.revert_change(&change, &self.policy);
+            return Some(Response::error(format!("refused, nothing changed: {e}")));
+        }
+        self.file_stamp = FileStamp::of(&self.registry_path);
+        self.serial = serial;
+        self.next_expiry = match (self.next_expiry, edit.expires) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.commit_state(labels);
+        self.audit(uid, verb, entry, approval, serial - 1, serial);
+        Some(Response::ok(
+            edit.what,
+            json!({"serial": serial, "applied": "in_place"}),
+        ))
+    }
+
+    /// A mode switch made in place: no entry changes, so the policy in force takes the mode and
+    /// the file's `mode` and `serial` are spliced (at a million entries the whole-registry path
+    /// would take seconds for the one word that matters most in a rollout). `None`: the whole
+    /// way.
+    fn mode_in_place(&mut self, uid: u32, mode: Mode, entry: &Value) -> Option<Response> {
+        if self.file_stamp != FileStamp::of(&self.registry_path) || self.file_stamp.is_none() {
+            return None;
+        }
+        let text = std::fs::read_to_string(&self.registry_path).ok()?;
+        let serial = self.serial + 1;
+        let spliced = edit::splice_mode(&text, mode, serial)?;
+        drop(text);
+        let old = self.policy.mode;
+        let before = self.reach(&self.policy);
+        self.policy.mode = mode;
+        let cut = if self.force {
+            None
+        } else {
+            self.cut_off(&before, &self.reach(&self.policy))
+        };
+        let done = match cut {
+            Some(cut) => Err(format!(
+                "the change would cut off {cut}; repeat with --force if that is intended"
+            )),
+            None => self
+                .datapath
+                .set_mode(mode)
+                .map_err(|e| format!("applying to the kernel failed: {e}"))
+                .and_then(|()| {
+                    write_atomically(&self.registry_path, &spliced)
+                        .map_err(|e| format!("writing {}: {e}", self.registry_path.display()))
+                }),
+        };
+        if let Err(e) = done {
+            self.policy.mode = old;
+            let _ = self.datapath.set_mode(old);
+            return Some(Response::error(format!("refused, nothing changed: {e}")));
+        }
+        self.file_stamp = FileStamp::of(&self.registry_path);
+        self.serial = serial;
+        self.state.mode = mode.to_string();
+        if let Err(e) = self.state.write(&self.id) {
+            tracing::warn!(error = %e, "cannot update the state file");
+        }
+        self.audit(uid, "mode", entry, &Value::Null, serial - 1, serial);
+        Some(Response::ok(
+            format!("mode {mode}"),
+            json!({"serial": serial, "applied": "in_place"}),
+        ))
+    }
+
+    /// Writes the state file and puts the prepared rule labels in place.
+    fn commit_state(
+        &mut self,
+        labels: std::thread::Result<
+            Result<crate::instance::PreparedRules, crate::instance::InstanceError>,
+        >,
+    ) {
+        self.state.mode = self.policy.mode.to_string();
+        let labels = labels.unwrap_or_else(|_| {
+            Err(crate::instance::InstanceError::Io {
+                path: "rules.json".into(),
+                source: std::io::Error::other("the thread writing the rule labels panicked"),
+            })
+        });
+        if let Err(e) = self
+            .state
+            .write(&self.id)
+            .and_then(|()| labels.and_then(crate::instance::PreparedRules::commit))
+        {
+            tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
+        }
+    }
+
+    /// The whole-registry path for a change the file's text takes as a splice (`change`: the
+    /// new text and what it did, or why it is refused; `None` if the text does not splice):
+    /// no document tree is built. `None`: the change must go through `mutate`.
+    fn mutate_text(
+        &mut self,
+        uid: u32,
+        verb: &str,
+        entry: &Value,
+        approval: &Value,
+        change: impl FnOnce(&str, u64) -> Option<Result<(String, String), String>>,
+    ) -> Option<Response> {
+        let text = std::fs::read_to_string(&self.registry_path).ok()?;
+        let serial = self.serial + 1;
+        let (spliced, what) = match change(&text, serial)? {
+            Ok(done) => done,
+            Err(e) => return Some(Response::error(e)),
+        };
+        drop(text);
+        let response = self.adopt(spliced, false, None, serial, what);
+        if response.ok {
+            self.audit(uid, verb, entry, approval, serial - 1, serial);
+        }
+        Some(response)
     }
 
     /// Validates, compiles, applies, persists and audits one change of the registry document.
@@ -292,7 +524,7 @@ impl Live {
         // The document tree is the largest thing here at a million entries (about a GiB with
         // the policy in force): not held while the new text is parsed, compiled and applied.
         drop(doc);
-        let response = self.adopt(text, false, serial, what);
+        let response = self.adopt(text, false, None, serial, what);
         if response.ok {
             self.audit(uid, verb, entry, approval, serial - 1, serial);
         }
@@ -309,20 +541,18 @@ impl Live {
     /// Makes `text` (a whole registry) the policy in force and the file on disk, or nothing.
     /// `written`: the text is the registry file as it is on disk already (a reload), so it is
     /// not written back, nor kept while the maps are filled.
-    fn adopt(&mut self, text: String, written: bool, serial: u64, what: String) -> Response {
+    /// `stamp`: for a reload, the file's stamp taken before it was read.
+    fn adopt(
+        &mut self,
+        text: String,
+        written: bool,
+        stamp: Option<FileStamp>,
+        serial: u64,
+        what: String,
+    ) -> Response {
         let registry = match Registry::parse_at(&text, &self.base_dir()) {
             Ok(r) => r,
-            Err(problems) => {
-                let list: Vec<String> = problems
-                    .iter()
-                    .map(|p| match &p.file {
-                        Some(file) => format!("{file}:{}: {}", p.line, p.message),
-                        None if p.place.is_empty() => p.message.clone(),
-                        None => format!("{}: {}", p.place, p.message),
-                    })
-                    .collect();
-                return Response::error(format!("refused, nothing changed: {}", list.join("; ")));
-            }
+            Err(problems) => return Response::error(edit::refusal(&problems)),
         };
         tracing::debug!(mib = ?crate::memory_mib(), "registry parsed");
         let mut policy = match Policy::compile_after(&registry, Date::today(), Some(&self.policy)) {
@@ -373,27 +603,26 @@ impl Live {
         self.policy = policy;
         self.next_expiry = expiry;
         self.serial = serial;
-        self.state.mode = self.policy.mode.to_string();
-        let labels = labels.unwrap_or_else(|_| {
-            Err(crate::instance::InstanceError::Io {
-                path: "rules.json".into(),
-                source: std::io::Error::other("the thread writing the rule labels panicked"),
-            })
-        });
-        if let Err(e) = self
-            .state
-            .write(&self.id)
-            .and_then(|()| labels.and_then(crate::instance::PreparedRules::commit))
-        {
-            tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
-        }
-        Response::ok(what, json!({"serial": serial}))
+        // A written file is ours now; a reloaded one was stamped before it was read.
+        self.file_stamp = if written {
+            stamp
+        } else {
+            FileStamp::of(&self.registry_path)
+        };
+        self.commit_state(labels);
+        Response::ok(what, json!({"serial": serial, "applied": "whole_registry"}))
     }
 
     /// What `new` would cut off that the policy in force lets in: the caller's SSH session (its
     /// address on its server port), or a protected management network (its first address no
     /// longer allowlisted at all).
     fn lockout(&self, new: &Policy) -> Option<String> {
+        self.cut_off(&self.reach(&self.policy), &self.reach(new))
+    }
+
+    /// Under `policy`: whether the caller's session passes, then whether each protected
+    /// network is allowlisted.
+    fn reach(&self, policy: &Policy) -> Vec<bool> {
         use enforcer_common::{Action, Reason};
         let passes = |p: &Policy, addr: IpAddr, port: u16| {
             p.mode == Mode::Monitor
@@ -406,22 +635,32 @@ impl Live {
                     Reason::Allowed | Reason::PortNotAllowed
                 )
         };
-        if let Some(op) = self.caller {
+        let session = self
+            .caller
+            .is_some_and(|op| passes(policy, op.addr, op.port.unwrap_or(22)));
+        std::iter::once(session)
+            .chain(
+                self.protected
+                    .iter()
+                    .map(|net| listed(policy, protected_probe(net))),
+            )
+            .collect()
+    }
+
+    /// What `reach` found reachable before and not after, worded for the refusal.
+    fn cut_off(&self, before: &[bool], after: &[bool]) -> Option<String> {
+        let lost = |i: usize| before.get(i) == Some(&true) && after.get(i) == Some(&false);
+        if let Some(op) = self.caller
+            && lost(0)
+        {
             let port = op.port.unwrap_or(22);
-            if passes(&self.policy, op.addr, port) && !passes(new, op.addr, port) {
-                return Some(format!("your own session from {} (tcp/{port})", op.addr));
-            }
+            return Some(format!("your own session from {} (tcp/{port})", op.addr));
         }
-        for net in &self.protected {
-            let probe = match net {
-                ipnet::IpNet::V4(n) => IpAddr::V4(n.hosts().next().unwrap_or(n.network())),
-                ipnet::IpNet::V6(n) => IpAddr::V6(n.hosts().next().unwrap_or(n.network())),
-            };
-            if listed(&self.policy, probe) && !listed(new, probe) {
-                return Some(format!("the protected management network {net}"));
-            }
-        }
-        None
+        self.protected
+            .iter()
+            .enumerate()
+            .find(|(i, _)| lost(i + 1))
+            .map(|(_, net)| format!("the protected management network {net}"))
     }
 
     /// One sweep of the remembered VPN flows (see `Datapath::sweep_vpn_flows`), logged when it
@@ -459,45 +698,80 @@ impl Live {
         if self.next_expiry.is_none_or(|d| !d.is_past(today)) {
             return None;
         }
-        let doc = match self.doc() {
-            Ok(doc) => doc,
-            Err(e) => return Some(Response::error(e)),
-        };
-        let mut gone = Vec::new();
-        for section in SECTIONS {
-            for e in doc
-                .get(section)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if expired(e) {
-                    gone.push(json!({"section": section, "entry": e}));
-                }
+        // The file's text, spliced (no document tree); the tree where the text does not splice.
+        let text = match std::fs::read_to_string(&self.registry_path) {
+            Ok(text) => text,
+            Err(e) => {
+                return Some(Response::error(format!(
+                    "cannot read {}: {e}",
+                    self.registry_path.display()
+                )));
             }
-        }
-        drop(doc);
+        };
+        let serial = self.serial + 1;
+        let spliced = edit::splice_expired(&text, today, serial);
+        drop(text);
+        let (spliced, gone) = match spliced {
+            Some(expiry) if expiry.gone.is_empty() => {
+                // Nothing past after all (the entry was removed meanwhile): the sweep reads the
+                // file again at the next date, not every minute.
+                self.next_expiry = expiry.next;
+                return None;
+            }
+            Some(expiry) => (Some(expiry.text), expiry.gone),
+            None => {
+                let doc = match self.doc() {
+                    Ok(doc) => doc,
+                    Err(e) => return Some(Response::error(e)),
+                };
+                let mut gone = Vec::new();
+                for section in SECTIONS {
+                    for e in doc
+                        .get(section)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if expired(e) {
+                            gone.push(json!({"section": section, "entry": e}));
+                        }
+                    }
+                }
+                (None, gone)
+            }
+        };
         if gone.is_empty() {
             return None;
         }
         let entry = json!(gone);
         let count = gone.len();
+        let what = format!("removed {count} expired entries");
         // The system removes what its owner set to expire: no lockout check applies.
         self.force = true;
-        let response = self.mutate(0, "expire", &entry, &Value::Null, |doc| {
-            for section in SECTIONS {
-                if let Some(list) = doc.get_mut(section).and_then(Value::as_array_mut) {
-                    list.retain(|e| !expired(e));
+        let response = match spliced {
+            Some(spliced) => {
+                let response = self.adopt(spliced, false, None, serial, what);
+                if response.ok {
+                    self.audit(0, "expire", &entry, &Value::Null, serial - 1, serial);
                 }
+                response
             }
-            Ok(format!("removed {count} expired entries"))
-        });
+            None => self.mutate(0, "expire", &entry, &Value::Null, |doc| {
+                for section in SECTIONS {
+                    if let Some(list) = doc.get_mut(section).and_then(Value::as_array_mut) {
+                        list.retain(|e| !expired(e));
+                    }
+                }
+                Ok(what)
+            }),
+        };
         self.force = false;
         crate::release_freed_memory();
         Some(response)
     }
 
     fn reload(&mut self, uid: u32) -> Response {
+        let stamp = FileStamp::of(&self.registry_path);
         let text = match std::fs::read_to_string(&self.registry_path) {
             Ok(t) => t,
             Err(e) => {
@@ -521,6 +795,7 @@ impl Live {
         let response = self.adopt(
             text,
             true,
+            stamp,
             serial,
             format!("reloaded {}", self.registry_path.display()),
         );
@@ -676,6 +951,14 @@ fn matches_target(entry: &Value, target: &str) -> bool {
     ["name", "cidr", "address"]
         .iter()
         .any(|k| entry.get(*k).and_then(Value::as_str) == Some(target))
+}
+
+/// The address that stands for a protected network: its first host.
+fn protected_probe(net: &ipnet::IpNet) -> IpAddr {
+    match net {
+        ipnet::IpNet::V4(n) => IpAddr::V4(n.hosts().next().unwrap_or(n.network())),
+        ipnet::IpNet::V6(n) => IpAddr::V6(n.hosts().next().unwrap_or(n.network())),
+    }
 }
 
 /// The earliest expiry date among a registry's entries.

@@ -13,6 +13,7 @@ use aya::maps::{Array, Map, MapData};
 use enforcer::{
     control::{self, Envelope, Request, Response},
     instance::InstanceId,
+    registry,
 };
 use enforcer_common::{RULE_IN_USE, Rule};
 use enforcer_tests::{
@@ -314,6 +315,113 @@ fn an_allowed_flow_loses_nothing_during_1000_updates() {
 
 /// Reads the IPv4 source prefixes (allow and deny) the kernel holds, from the pinned `RULES`
 /// records.
+/// An added or removed entry is made in place (the policy in force edited, the file spliced),
+/// but only while the file is what the daemon last wrote: after a hand edit the next change goes
+/// the whole way, reading the file as it is, so the hand edit comes into force with it as it
+/// always did, and nothing is written over it.
+#[test]
+fn changes_are_made_in_place_unless_the_file_was_edited_by_hand() {
+    let s = Setup::new();
+    let socket = s.socket();
+    let add = |name: &str, cidr: &str| {
+        send(
+            &socket,
+            Request::Add {
+                section: "networks".into(),
+                entry: json!({"name": name, "cidr": cidr}),
+            },
+        )
+    };
+    let applied = |r: &Response| r.data["applied"].as_str().unwrap_or_default().to_string();
+    // The demo file has no serial yet: the first change writes one, the whole way.
+    let first = add("first", "192.0.2.128/26");
+    assert!(first.ok, "{}", first.message);
+    let second = add("second", "192.0.2.192/26");
+    assert!(second.ok, "{}", second.message);
+    assert_eq!(applied(&second), "in_place", "{second:?}");
+    let removed = send(
+        &socket,
+        Request::Remove {
+            section: "networks".into(),
+            target: "first".into(),
+        },
+    );
+    assert!(removed.ok, "{}", removed.message);
+    assert_eq!(applied(&removed), "in_place");
+    assert_eq!(
+        names(&s.registry(), "networks"),
+        ["ministry-lan", "ministry-lan-v6", "second"]
+    );
+    assert!(kernel_allow_v4(&s.enforcer.instance).contains(&"192.0.2.192/26".to_string()));
+    assert!(!kernel_allow_v4(&s.enforcer.instance).contains(&"192.0.2.128/26".to_string()));
+    let duplicate = add("third", "192.0.2.192/26");
+    assert!(!duplicate.ok, "a repeated prefix is refused");
+    assert!(
+        duplicate.message.contains("already listed"),
+        "with the whole path's message: {}",
+        duplicate.message
+    );
+    let invalid = add("fourth", "192.0.2.1/24");
+    assert!(!invalid.ok);
+    assert!(
+        invalid.message.contains("networks[3]") && invalid.message.contains("cidr"),
+        "named by its place in the file: {}",
+        invalid.message
+    );
+
+    // A hand edit the daemon has not read: a network added in the file only.
+    let path = s.dir.0.join("registry.json");
+    let mut doc = s.registry();
+    doc["networks"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "by-hand", "cidr": "192.0.2.64/27"}));
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let after_edit = add("fifth", "192.0.2.96/27");
+    assert!(after_edit.ok, "{}", after_edit.message);
+    assert_eq!(applied(&after_edit), "whole_registry");
+    assert_eq!(
+        names(&s.registry(), "networks"),
+        [
+            "ministry-lan",
+            "ministry-lan-v6",
+            "second",
+            "by-hand",
+            "fifth"
+        ],
+        "the hand edit is kept"
+    );
+    let kernel = kernel_allow_v4(&s.enforcer.instance);
+    assert!(
+        kernel.contains(&"192.0.2.64/27".to_string())
+            && kernel.contains(&"192.0.2.96/27".to_string()),
+        "both in force: {kernel:?}"
+    );
+    // The file is the daemon's again: in place.
+    let next = add("sixth", "192.0.2.32/28");
+    assert_eq!(applied(&next), "in_place", "{next:?}");
+    for mode in [registry::Mode::Monitor, registry::Mode::Enforce] {
+        let switched = send(&socket, Request::Mode { mode });
+        assert!(switched.ok, "{}", switched.message);
+        assert_eq!(applied(&switched), "in_place", "{switched:?}");
+        assert_eq!(s.registry()["mode"], mode.as_str());
+        let status = send(&socket, Request::Status);
+        assert_eq!(status.data["mode"], mode.as_str());
+    }
+    // Serial and audit trail as for any change.
+    let serials: Vec<u64> = s
+        .audit_lines()
+        .iter()
+        .map(|l| l["serial_after"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        serials.windows(2).filter(|w| w[1] != w[0] + 1).count(),
+        0,
+        "{serials:?}"
+    );
+    assert_eq!(s.registry()["serial"].as_u64(), serials.last().copied());
+}
+
 fn kernel_allow_v4(instance: &str) -> Vec<String> {
     let path = InstanceId::parse(instance).unwrap().pin_dir().join("RULES");
     let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
@@ -576,24 +684,29 @@ fn changes_that_would_lock_the_operator_out_need_force() {
     let s = Setup::with_args(&["--protect", "198.51.100.0/24"]);
     let ssh_from_laptop = [("SSH_CLIENT", "192.0.2.17 50022 22")];
 
-    let (ok, out) = s.cli(&["allow", "remove", "ministry-lan"]);
-    assert!(
-        !ok && out.contains("protected management network 198.51.100.0/24"),
-        "{out}"
-    );
-    let (ok, out) = s.cli_env(&["device", "remove", "dcs-laptop"], &ssh_from_laptop);
-    assert!(
-        !ok && out.contains("your own session from 192.0.2.17 (tcp/22)"),
-        "{out}"
-    );
-    let (ok, out) = s.cli_env(
-        &["deny", "add", "192.0.2.16/28", "--name", "oops"],
-        &ssh_from_laptop,
-    );
-    assert!(
-        !ok && out.contains("your own session"),
-        "a deny covering the operator is refused too: {out}"
-    );
+    // Refused the whole way (the file has no serial yet), then in place.
+    let refusals = |serial: u64| {
+        let (ok, out) = s.cli(&["allow", "remove", "ministry-lan"]);
+        assert!(
+            !ok && out.contains("protected management network 198.51.100.0/24"),
+            "{out}"
+        );
+        let (ok, out) = s.cli_env(&["device", "remove", "dcs-laptop"], &ssh_from_laptop);
+        assert!(
+            !ok && out.contains("your own session from 192.0.2.17 (tcp/22)"),
+            "{out}"
+        );
+        let (ok, out) = s.cli_env(
+            &["deny", "add", "192.0.2.16/28", "--name", "oops"],
+            &ssh_from_laptop,
+        );
+        assert!(
+            !ok && out.contains("your own session"),
+            "a deny covering the operator is refused too: {out}"
+        );
+        assert_eq!(s.registry()["serial"].as_u64().unwrap_or(0), serial);
+    };
+    refusals(0);
     let (ok, out) = s.cli_env(
         &["allow", "add", "10.50.0.0/16", "--name", "harmless"],
         &ssh_from_laptop,
@@ -604,6 +717,7 @@ fn changes_that_would_lock_the_operator_out_need_force() {
         1,
         "only the harmless change was made"
     );
+    refusals(1);
 
     let (ok, out) = s.cli_env(
         &["device", "remove", "dcs-laptop", "--force"],

@@ -363,6 +363,8 @@ fn run(
     timers: Timers,
 ) -> anyhow::Result<std::process::ExitCode> {
     let timer = std::time::Instant::now();
+    // Before the read: a write in between moves the stamp, and live changes then read anew.
+    let stamp = control::FileStamp::of(registry_path);
     let registry = Registry::load(registry_path)?;
     tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "registry parsed");
     // SAFETY: geteuid has no preconditions.
@@ -538,6 +540,7 @@ fn run(
         xdp.to_string(),
     )?;
     live.protected = protect;
+    live.file_stamp = stamp;
     live.expiry_check = timers.expiry_check;
     live.flow_sweep = timers.flow_sweep;
     let runtime = tokio::runtime::Builder::new_current_thread()

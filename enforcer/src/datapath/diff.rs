@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
 use crate::{
-    policy::{CompiledRule, Policy, RuleKey, RuleKind},
+    policy::{CompiledRule, Policy, RuleChange, RuleKey, RuleKind},
     registry::Mode,
 };
 
@@ -23,6 +23,27 @@ const FEW: usize = 4096;
 
 /// Hash maps over a million rules: a fast hasher (the keys are our own data, not an attacker's).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// How the source prefixes change.
+enum Sources<'a> {
+    /// Compare the old policy's with the new one's, and rewrite the tables if they differ.
+    Compare(&'a Policy),
+    Changed,
+    Unchanged,
+}
+
+/// What moves the maps from one policy to the next.
+struct Diff<'a> {
+    /// Numbers of new rules (their hit counters start afresh).
+    fresh: Vec<u32>,
+    /// Rules to write: new ones, and those whose record changed.
+    flagged: Vec<(u32, Rule)>,
+    /// Numbers of rules gone.
+    gone: Vec<u32>,
+    ports_added: Vec<PortKey>,
+    ports_removed: Vec<PortKey>,
+    sources: Sources<'a>,
+}
 
 /// The LPM tries of approved VPN endpoints (prefix → approval group).
 const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
@@ -57,29 +78,6 @@ impl Datapath {
         drop(kept);
         let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
         let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
-        let port_endpoints = |p: &Policy| {
-            p.vpn_groups
-                .iter()
-                .flat_map(|(_, a)| a)
-                .any(|a| a.port_be != [0; 2])
-        };
-
-        // Widen first.
-        if new.mode == Mode::Monitor && old.mode != Mode::Monitor {
-            self.set_mode(Mode::Monitor)?;
-        }
-        if port_endpoints(new) {
-            self.update_config(|c| c.port_endpoints = 1)?;
-        }
-        // Ports before flags before prefixes: a rule is complete before anything points at it.
-        for key in new_ports.difference(&old_ports) {
-            self.port_rules()?
-                .insert(key, 1, 0)
-                .map_err(map_error(map_names::PORT_RULES))?;
-        }
-        // A number may have served a rule removed long ago: its count starts afresh.
-        let fresh: Vec<u32> = added.iter().map(|r| r.index).collect();
-        self.zero_hits_many(&fresh)?;
         let flagged: Vec<(u32, Rule)> = new
             .rules
             .iter()
@@ -90,33 +88,123 @@ impl Datapath {
             })
             .map(|rule| (rule.index, rule.record()))
             .collect();
-        self.set_rules(&flagged)?;
+        drop(before);
+        let diff = Diff {
+            fresh: added.iter().map(|r| r.index).collect(),
+            flagged,
+            gone: removed.iter().map(|r| r.index).collect(),
+            ports_added: new_ports.difference(&old_ports).copied().collect(),
+            ports_removed: old_ports.difference(&new_ports).copied().collect(),
+            sources: Sources::Compare(old),
+        };
+        self.apply_diff(&diff, old.mode, new)
+    }
+
+    /// Applies one in-place edit of the policy in force (`Policy::edit`): `new` is the policy
+    /// after it. When this returns, `new` is in force.
+    pub fn apply_change(&mut self, change: &RuleChange, new: &Policy) -> Result<(), DatapathError> {
+        let diff = Diff {
+            fresh: change.added.iter().map(|r| r.index).collect(),
+            flagged: change.added.iter().map(|r| (r.index, r.record())).collect(),
+            gone: change.removed.iter().map(|r| r.index).collect(),
+            ports_added: change.ports_added.clone(),
+            ports_removed: change.ports_removed.clone(),
+            sources: if change.touches_sources() {
+                Sources::Changed
+            } else {
+                Sources::Unchanged
+            },
+        };
+        self.apply_diff(&diff, new.mode, new)
+    }
+
+    /// Takes an applied `change` back: `old` is the policy before it (after `Policy::undo`).
+    pub fn revert_change(
+        &mut self,
+        change: &RuleChange,
+        old: &Policy,
+    ) -> Result<(), DatapathError> {
+        let diff = Diff {
+            fresh: change.removed.iter().map(|r| r.index).collect(),
+            flagged: change
+                .removed
+                .iter()
+                .map(|r| (r.index, r.record()))
+                .collect(),
+            gone: change.added.iter().map(|r| r.index).collect(),
+            ports_added: change.ports_removed.clone(),
+            ports_removed: change.ports_added.clone(),
+            sources: if change.touches_sources() {
+                Sources::Changed
+            } else {
+                Sources::Unchanged
+            },
+        };
+        self.apply_diff(&diff, old.mode, old)
+    }
+
+    /// Writes `diff` in the order that never drops what both policies allow: widen first, the
+    /// rules before the prefixes that point at them, narrow last.
+    fn apply_diff(
+        &mut self,
+        diff: &Diff<'_>,
+        old_mode: Mode,
+        new: &Policy,
+    ) -> Result<(), DatapathError> {
+        let port_endpoints = |p: &Policy| {
+            p.vpn_groups
+                .iter()
+                .flat_map(|(_, a)| a)
+                .any(|a| a.port_be != [0; 2])
+        };
+
+        // Widen first.
+        if new.mode == Mode::Monitor && old_mode != Mode::Monitor {
+            self.set_mode(Mode::Monitor)?;
+        }
+        if port_endpoints(new) {
+            self.update_config(|c| c.port_endpoints = 1)?;
+        }
+        // Ports before flags before prefixes: a rule is complete before anything points at it.
+        for key in &diff.ports_added {
+            self.port_rules()?
+                .insert(key, 1, 0)
+                .map_err(map_error(map_names::PORT_RULES))?;
+        }
+        // A number may have served a rule removed long ago: its count starts afresh.
+        self.zero_hits_many(&diff.fresh)?;
+        self.set_rules(&diff.flagged)?;
         tracing::debug!(mib = ?crate::memory_mib(), "rules written");
         // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
-        let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
-        let new_trie = new.trie_entries();
-        let unchanged = new_trie.len() == old_trie.len()
-            && new_trie.iter().all(|(p, i)| old_trie.get(p) == Some(i));
-        drop(old_trie);
+        let new_trie = match diff.sources {
+            Sources::Unchanged => None,
+            Sources::Changed => Some(new.trie_entries()),
+            Sources::Compare(old) => {
+                let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
+                let new_trie = new.trie_entries();
+                let unchanged = new_trie.len() == old_trie.len()
+                    && new_trie.iter().all(|(p, i)| old_trie.get(p) == Some(i));
+                (!unchanged).then_some(new_trie)
+            }
+        };
         self.update_vpn_groups(new)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
-        if !unchanged || self.source.is_none() {
+        if let Some(new_trie) = new_trie {
             self.write_source(&new_trie)?;
+        } else if self.source.is_none() {
+            self.write_source(&new.trie_entries())?;
         }
-        drop(new_trie);
-        for key in old_ports.difference(&new_ports) {
+        for key in &diff.ports_removed {
             // An absent key is already what we want.
             let _ = self.port_rules()?.remove(key);
         }
-        let cleared: Vec<(u32, Rule)> =
-            removed.iter().map(|r| (r.index, Rule::default())).collect();
+        let cleared: Vec<(u32, Rule)> = diff.gone.iter().map(|i| (*i, Rule::default())).collect();
         self.set_rules(&cleared)?;
-        let gone: Vec<u32> = removed.iter().map(|r| r.index).collect();
-        self.zero_hits_many(&gone)?;
+        self.zero_hits_many(&diff.gone)?;
         if !port_endpoints(new) {
             self.update_config(|c| c.port_endpoints = 0)?;
         }
-        if new.mode == Mode::Enforce && old.mode != Mode::Enforce {
+        if new.mode == Mode::Enforce && old_mode != Mode::Enforce {
             self.set_mode(Mode::Enforce)?;
         }
         self.unmap_large();
