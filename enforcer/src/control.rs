@@ -1,8 +1,10 @@
 //! The running enforcer's control plane: a root-only Unix socket taking one JSON request per
-//! connection, and the live state behind it. Every change is validated exactly like the
-//! registry file (it *is* the registry file, edited), compiled against the policy in force,
-//! applied to the kernel as a diff, written to the registry atomically with the next serial,
-//! and appended to the audit log — in that order, all or nothing.
+//! connection, and the live state behind it. Every change is validated like the registry file
+//! (it *is* the registry file, edited), applied to the kernel as a diff, written to the registry
+//! atomically with the next serial, and appended to the audit log — in that order, all or
+//! nothing. A single added or removed entry, or a mode switch, is checked and made in place
+//! against the policy in force (`edit`); anything else, or anything that path cannot decide
+//! exactly, re-reads and recompiles the whole registry against the policy in force.
 
 use std::{
     io::Write as _,
@@ -356,9 +358,27 @@ impl Live {
             edit::Plan::Edit(edit) => edit,
         };
         drop(text);
+        // Written aside now, so that the new text is not held while the kernel is changed (at a
+        // million entries it is 50 MB); renamed into place once the change is in force.
+        let staged = match StagedFile::write(&self.registry_path, &edit.text) {
+            Ok(staged) => staged,
+            Err(e) => {
+                return Some(Response::error(format!(
+                    "refused, nothing changed: writing {}: {e}",
+                    self.registry_path.display()
+                )));
+            }
+        };
+        let edit::Edit {
+            add,
+            remove,
+            expires,
+            what,
+            ..
+        } = edit;
         tracing::debug!(mib = ?crate::memory_mib(), "in place: planned");
         let before = self.reach(&self.policy);
-        let change = match self.policy.edit(edit.add, &edit.remove) {
+        let change = match self.policy.edit(add, &remove) {
             Ok(change) => change,
             Err(e) => return Some(Response::error(format!("refused, nothing changed: {e}"))),
         };
@@ -379,7 +399,8 @@ impl Live {
         let written = applied
             .map_err(|e| format!("applying to the kernel failed: {e}"))
             .and_then(|()| {
-                write_atomically(&self.registry_path, &edit.text)
+                staged
+                    .commit()
                     .map_err(|e| format!("writing {}: {e}", self.registry_path.display()))
             });
         if let Err(e) = written {
@@ -390,14 +411,14 @@ impl Live {
         }
         self.file_stamp = FileStamp::of(&self.registry_path);
         self.serial = serial;
-        self.next_expiry = match (self.next_expiry, edit.expires) {
+        self.next_expiry = match (self.next_expiry, expires) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         self.commit_state(labels);
         self.audit(uid, verb, entry, approval, serial - 1, serial);
         Some(Response::ok(
-            edit.what,
+            what,
             json!({"serial": serial, "applied": "in_place"}),
         ))
     }
@@ -977,21 +998,55 @@ pub fn next_expiry(registry: &Registry) -> Option<Date> {
 /// Replaces `path` with `text`: a new file beside it, fsync, rename over, fsync of the directory.
 /// A crash leaves the old file or the new one, never a torn one.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path
-        .parent()
+    StagedFile::write(path, text)?.commit()
+}
+
+/// A new text for a file, written and synced beside it (so that the text need not be held
+/// while other work is done); `commit` renames it over the file, and a dropped one is removed.
+pub struct StagedFile {
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+}
+
+impl StagedFile {
+    pub fn write(path: &Path, text: &str) -> std::io::Result<Self> {
+        let dir = parent_dir(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let staged = Self {
+            tmp: Some(tmp.clone()),
+            path: path.to_path_buf(),
+        };
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        Ok(staged)
+    }
+
+    /// Renames the new text over the file, and syncs the directory: a crash leaves the old
+    /// file or the new one.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        let tmp = self.tmp.take().expect("committed once");
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(parent_dir(&self.path))?.sync_all()
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+        .unwrap_or(Path::new("."))
 }
 
 /// `YYYY-MM-DDThh:mm:ssZ` for Unix seconds.

@@ -333,9 +333,11 @@ fn changes_are_made_in_place_unless_the_file_was_edited_by_hand() {
         )
     };
     let applied = |r: &Response| r.data["applied"].as_str().unwrap_or_default().to_string();
-    // The demo file has no serial yet: the first change writes one, the whole way.
+    // The demo file has no serial yet: the first change writes one after the mode.
     let first = add("first", "192.0.2.128/26");
     assert!(first.ok, "{}", first.message);
+    assert_eq!(applied(&first), "in_place", "{first:?}");
+    assert_eq!(s.registry()["serial"], 1);
     let second = add("second", "192.0.2.192/26");
     assert!(second.ok, "{}", second.message);
     assert_eq!(applied(&second), "in_place", "{second:?}");
@@ -684,7 +686,7 @@ fn changes_that_would_lock_the_operator_out_need_force() {
     let s = Setup::with_args(&["--protect", "198.51.100.0/24"]);
     let ssh_from_laptop = [("SSH_CLIENT", "192.0.2.17 50022 22")];
 
-    // Refused the whole way (the file has no serial yet), then in place.
+    // Refused before any change and after one.
     let refusals = |serial: u64| {
         let (ok, out) = s.cli(&["allow", "remove", "ministry-lan"]);
         assert!(

@@ -46,7 +46,7 @@ const ORDER: [&str; 4] = ["networks", "devices", "vpn_endpoints", "deny"];
 struct Layout<'a> {
     array: &'a RawValue,
     entries: Vec<&'a RawValue>,
-    serial: &'a RawValue,
+    serial: SerialAt<'a>,
     /// Every section's array, in `ORDER`.
     sections: [Option<&'a RawValue>; 4],
 }
@@ -57,6 +57,34 @@ struct Top<'a> {
     sections: [Option<&'a RawValue>; 4],
     serial: Option<&'a RawValue>,
     mode: Option<&'a RawValue>,
+}
+
+/// Where the serial goes: its value, or (a file that has none yet) after the mode's.
+#[derive(Clone, Copy)]
+enum SerialAt<'a> {
+    Value(&'a RawValue),
+    AfterMode(&'a RawValue),
+}
+
+impl<'a> Top<'a> {
+    fn serial_at(&self) -> Option<SerialAt<'a>> {
+        self.serial
+            .map(SerialAt::Value)
+            .or_else(|| self.mode.map(SerialAt::AfterMode))
+    }
+}
+
+impl SerialAt<'_> {
+    /// The span to replace and its new text, for `serial`.
+    fn set(self, text: &str, serial: u64) -> (std::ops::Range<usize>, String) {
+        match self {
+            Self::Value(raw) => (span(text, raw), serial.to_string()),
+            Self::AfterMode(mode) => {
+                let end = span(text, mode).end;
+                (end..end, format!(", \"serial\": {serial}"))
+            }
+        }
+    }
 }
 
 fn top(text: &str) -> Option<Top<'_>> {
@@ -99,7 +127,7 @@ fn layout<'a>(text: &'a str, section: &str) -> Option<Layout<'a>> {
     Some(Layout {
         array,
         entries: entries(array)?,
-        serial: top.serial?,
+        serial: top.serial_at()?,
         sections: top.sections,
     })
 }
@@ -183,21 +211,24 @@ fn splice(
         text,
         vec![
             (span(text, layout.array), array),
-            (span(text, layout.serial), serial.to_string()),
+            layout.serial.set(text, serial),
         ],
     ))
 }
 
-/// The text with the registry's `mode` and `serial` set; `None` if it lacks either.
+/// The text with the registry's `mode` and `serial` set; `None` if it has no mode.
 pub fn splice_mode(text: &str, mode: crate::registry::Mode, serial: u64) -> Option<String> {
     let top = top(text)?;
-    Some(replace_spans(
-        text,
-        vec![
-            (span(text, top.mode?), format!("\"{}\"", mode.as_str())),
-            (span(text, top.serial?), serial.to_string()),
-        ],
-    ))
+    let mode_span = (span(text, top.mode?), format!("\"{}\"", mode.as_str()));
+    let spans = match top.serial_at()? {
+        // Both at the mode's place: one replacement.
+        SerialAt::AfterMode(_) => vec![(
+            mode_span.0,
+            format!("{}, \"serial\": {serial}", mode_span.1),
+        )],
+        at @ SerialAt::Value(_) => vec![mode_span, at.set(text, serial)],
+    };
+    Some(replace_spans(text, spans))
 }
 
 /// What removing the entries whose expiry date is past makes of the file.
@@ -214,7 +245,7 @@ pub struct Expiry {
 /// if the text does not splice.
 pub fn splice_expired(text: &str, today: Date, serial: u64) -> Option<Expiry> {
     let top = top(text)?;
-    let mut spans = vec![(span(text, top.serial?), serial.to_string())];
+    let mut spans = vec![top.serial_at()?.set(text, serial)];
     let mut gone = Vec::new();
     let mut next: Option<Date> = None;
     for (n, array) in top.sections.iter().enumerate() {
@@ -713,7 +744,7 @@ mod tests {
                 }
             }
         }
-        doc["serial"] = json!(doc["serial"].as_u64().expect("serial") + 1);
+        doc["serial"] = json!(doc["serial"].as_u64().unwrap_or(0) + 1);
         let text = serde_json::to_string_pretty(&doc).expect("JSON") + "\n";
         let registry = Registry::parse(&text).map_err(|p| super::refusal(&p))?;
         let policy =
@@ -769,7 +800,12 @@ mod tests {
         let mut repeats = 0;
         for seed in 1..=40u64 {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed);
-            let mut text = serde_json::to_string_pretty(&start).expect("JSON") + "\n";
+            // Half the files have no serial yet (the first change writes one).
+            let mut first = start.clone();
+            if seed % 2 == 0 {
+                first.as_object_mut().expect("object").remove("serial");
+            }
+            let mut text = serde_json::to_string_pretty(&first).expect("JSON") + "\n";
             let mut policy =
                 Policy::compile(&Registry::parse(&text).expect("valid"), today).expect("compiles");
             for step in 0..30 {
@@ -928,8 +964,14 @@ mod tests {
                 "seed {seed}: the next date"
             );
         }
-        let no_serial = r#"{"schema": 1, "mode": "enforce", "networks": []}"#;
-        assert!(super::splice_mode(no_serial, Mode::Monitor, 1).is_none());
-        assert!(super::splice_expired(no_serial, today, 1).is_none());
+        // A file without a serial gets one after its mode; one without a mode does not splice.
+        let no_serial = r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "a", "cidr": "10.0.0.0/8", "expires": "2020-01-01"}]}"#;
+        let moded = super::splice_mode(no_serial, Mode::Monitor, 1).expect("splices");
+        let parsed = Registry::parse(&moded).expect("valid");
+        assert_eq!((parsed.mode, parsed.serial), (Mode::Monitor, 1));
+        let expired = super::splice_expired(no_serial, today, 1).expect("splices");
+        let parsed = Registry::parse(&expired.text).expect("valid");
+        assert_eq!((parsed.networks.len(), parsed.serial), (0, 1));
+        assert!(super::splice_mode(r#"{"schema": 1}"#, Mode::Monitor, 1).is_none());
     }
 }

@@ -13,6 +13,8 @@
 use enforcer_tests::rng::Rng;
 use std::{collections::HashSet, fmt::Write as _, time::Instant};
 
+use anyhow::Context as _;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{LpmTrie, lpm_trie::Key},
@@ -491,9 +493,95 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
             serde_json::json!({"networks": size, "seconds": took.as_secs_f64(), "peak_mib": peak}),
         );
     }
+    let live = live_changes_at_a_million(out, &enforcer)?;
     Ok(
-        serde_json::json!({"starts": starts, "allow_add_median_ms": median as f64 / 1000.0, "allow_add_p90_ms": p90 as f64 / 1000.0, "reloads": reloads}),
+        serde_json::json!({"starts": starts, "allow_add_median_ms": median as f64 / 1000.0, "allow_add_p90_ms": p90 as f64 / 1000.0, "reloads": reloads, "live_at_1m": live}),
     )
+}
+
+/// Resets the peak resident memory `VmHWM` of a process (`clear_refs` 5), so that the next
+/// reading is the peak of what comes after.
+fn reset_peak(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    Ok(())
+}
+
+/// Live changes on the million-entry registry the controller now holds (after the reload):
+/// the first change (the whole registry: the generated file has no serial yet, and the
+/// change writes it), then entries added and removed and the mode switched in place; time from
+/// CLI start to return and the controller's peak memory over each kind.
+fn live_changes_at_a_million(
+    out: &mut String,
+    enforcer: &enforcer_tests::daemon::Enforcer,
+) -> anyhow::Result<serde_json::Value> {
+    let pid = enforcer.pid().context("the controller runs")?;
+    let cli = |args: &[&str]| -> anyhow::Result<(f64, String)> {
+        let started = Instant::now();
+        let output = std::process::Command::new(enforcer_tests::daemon::enforcer_bin())
+            .args(args)
+            .args(["--instance", &enforcer.instance, "--json"])
+            .output()?;
+        let took = started.elapsed().as_secs_f64();
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("{args:?}: {}", String::from_utf8_lossy(&output.stderr)))?;
+        anyhow::ensure!(answer["ok"] == true, "{args:?}: {answer}");
+        Ok((
+            took,
+            answer["data"]["applied"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+        ))
+    };
+    let mut rows = Vec::new();
+    let mut measure = |label: &str, runs: Vec<Vec<String>>| -> anyhow::Result<()> {
+        reset_peak(pid)?;
+        let mut times = Vec::new();
+        let mut ways = std::collections::BTreeSet::new();
+        for args in &runs {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (took, way) = cli(&args)?;
+            times.push(took);
+            ways.insert(way);
+        }
+        let peak = peak_mib(pid);
+        let median = median_f64(times.clone());
+        let max = times.iter().copied().fold(0.0, f64::max);
+        let ways: Vec<String> = ways.into_iter().collect();
+        writeln!(
+            out,
+            "{label} at 1000000 networks: median {median:.2} s, max {max:.2} s over {} ({}), controller peak {peak:.0} MiB",
+            runs.len(),
+            ways.join(", ")
+        )?;
+        rows.push(serde_json::json!({"change": label, "runs": runs.len(), "median_s": median, "max_s": max, "applied": ways, "peak_mib": peak}));
+        Ok(())
+    };
+    let add = |i: usize| {
+        vec![
+            "allow".to_string(),
+            "add".into(),
+            format!("10.254.{i}.0/24"),
+            "--name".into(),
+            format!("live-{i}"),
+        ]
+    };
+    measure("first change (allow add)", vec![add(0)])?;
+    measure("allow add", (1..=5).map(add).collect())?;
+    measure(
+        "allow remove",
+        (1..=5)
+            .map(|i| vec!["allow".into(), "remove".into(), format!("live-{i}")])
+            .collect(),
+    )?;
+    measure(
+        "mode switch",
+        ["monitor", "enforce"]
+            .iter()
+            .map(|m| vec!["mode".into(), (*m).to_string()])
+            .collect(),
+    )?;
+    Ok(serde_json::json!(rows))
 }
 
 /// The VPN stage: the same packets with and without it (a load-time switch), at 10 prefixes.
