@@ -120,31 +120,26 @@ impl Enforcer {
 
     /// `enforcer stats --instance I --json`.
     pub fn stats(&self) -> anyhow::Result<Stats> {
-        let output = Command::new(enforcer_bin())
-            .args(["stats", "--json", "--instance", &self.instance])
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "enforcer stats failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(Stats(serde_json::from_slice(&output.stdout)?))
+        Ok(Stats(self.json_verb("stats")?))
     }
 
     /// The data of `enforcer status --instance I --json`.
     pub fn status(&self) -> anyhow::Result<Value> {
+        Ok(self.json_verb("status")?["data"].clone())
+    }
+
+    /// `enforcer VERB --json --instance I`, parsed.
+    fn json_verb(&self, verb: &str) -> anyhow::Result<Value> {
         let output = Command::new(enforcer_bin())
-            .args(["status", "--json", "--instance", &self.instance])
+            .args([verb, "--json", "--instance", &self.instance])
             .output()?;
         if !output.status.success() {
             bail!(
-                "enforcer status failed: {}",
+                "enforcer {verb} failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let response: Value = serde_json::from_slice(&output.stdout)?;
-        Ok(response["data"].clone())
+        Ok(serde_json::from_slice(&output.stdout)?)
     }
 
     /// Stops the enforcer (SIGTERM), waits for it, then `enforcer detach`es its program (which

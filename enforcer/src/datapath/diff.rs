@@ -45,6 +45,39 @@ struct Diff<'a> {
     sources: Sources<'a>,
 }
 
+impl Diff<'_> {
+    /// The diff of an in-place edit, or (`inverse`) of taking it back.
+    fn of_change(change: &RuleChange, inverse: bool) -> Self {
+        let (added, removed, ports_added, ports_removed) = if inverse {
+            (
+                &change.removed,
+                &change.added,
+                &change.ports_removed,
+                &change.ports_added,
+            )
+        } else {
+            (
+                &change.added,
+                &change.removed,
+                &change.ports_added,
+                &change.ports_removed,
+            )
+        };
+        Self {
+            fresh: added.iter().map(|r| r.index).collect(),
+            flagged: added.iter().map(|r| (r.index, r.record())).collect(),
+            gone: removed.iter().map(|r| r.index).collect(),
+            ports_added: ports_added.clone(),
+            ports_removed: ports_removed.clone(),
+            sources: if change.touches_sources() {
+                Sources::Changed
+            } else {
+                Sources::Unchanged
+            },
+        }
+    }
+}
+
 /// The LPM tries of approved VPN endpoints (prefix → approval group).
 const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
 
@@ -103,19 +136,7 @@ impl Datapath {
     /// Applies one in-place edit of the policy in force (`Policy::edit`): `new` is the policy
     /// after it. When this returns, `new` is in force.
     pub fn apply_change(&mut self, change: &RuleChange, new: &Policy) -> Result<(), DatapathError> {
-        let diff = Diff {
-            fresh: change.added.iter().map(|r| r.index).collect(),
-            flagged: change.added.iter().map(|r| (r.index, r.record())).collect(),
-            gone: change.removed.iter().map(|r| r.index).collect(),
-            ports_added: change.ports_added.clone(),
-            ports_removed: change.ports_removed.clone(),
-            sources: if change.touches_sources() {
-                Sources::Changed
-            } else {
-                Sources::Unchanged
-            },
-        };
-        self.apply_diff(&diff, new.mode, new)
+        self.apply_diff(&Diff::of_change(change, false), new.mode, new)
     }
 
     /// Takes an applied `change` back: `old` is the policy before it (after `Policy::undo`).
@@ -124,23 +145,7 @@ impl Datapath {
         change: &RuleChange,
         old: &Policy,
     ) -> Result<(), DatapathError> {
-        let diff = Diff {
-            fresh: change.removed.iter().map(|r| r.index).collect(),
-            flagged: change
-                .removed
-                .iter()
-                .map(|r| (r.index, r.record()))
-                .collect(),
-            gone: change.added.iter().map(|r| r.index).collect(),
-            ports_added: change.ports_removed.clone(),
-            ports_removed: change.ports_added.clone(),
-            sources: if change.touches_sources() {
-                Sources::Changed
-            } else {
-                Sources::Unchanged
-            },
-        };
-        self.apply_diff(&diff, old.mode, old)
+        self.apply_diff(&Diff::of_change(change, true), old.mode, old)
     }
 
     /// Writes `diff` in the order that never drops what both policies allow: widen first, the
