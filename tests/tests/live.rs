@@ -600,6 +600,28 @@ fn non_root_and_malformed_requests_change_nothing() {
 /// kill -9 of the controller during traffic: enforcement goes on unchanged; a new controller
 /// adopts the pinned program and maps, reconciles them with a registry edited meanwhile, and
 /// serves again; `enforcer detach` then removes everything.
+/// A controller that is gone, with its link gone too (its interface was deleted with its
+/// namespace, say), is no longer listed as running; `detach --instance` still removes what it
+/// left (state directory, pins), rather than saying nothing runs and leaving it.
+#[test]
+fn detach_removes_what_a_gone_instance_left() {
+    let mut s = Setup::new();
+    let id = InstanceId::parse(&s.enforcer.instance).unwrap();
+    s.enforcer.kill_hard().unwrap();
+    // What deleting the interface leaves once the link is released: no link pin.
+    let link = id.pin_dir().join("link");
+    let link = aya::programs::links::PinnedLink::from_pin(&link).unwrap();
+    drop(link.unpin().unwrap());
+    let (ok, out) = s.cli(&["status"]);
+    assert!(!ok, "not running any more: {out}");
+    assert!(id.state_file().exists(), "its state is still there");
+    let (ok, out) = s.cli(&["detach"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("state removed"), "{out}");
+    assert!(!id.state_file().exists(), "state removed");
+    assert!(!id.pin_dir().exists(), "pins removed");
+}
+
 #[test]
 fn a_killed_controller_leaves_enforcement_running_and_a_restart_adopts_it() {
     let mut s = Setup::new();

@@ -591,7 +591,18 @@ fn detach(
     instance_name: Option<&str>,
     iface: Option<&str>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let state = instance::select(instance_name, iface)?;
+    // A named instance whose controller is gone and whose link no longer exists (its interface
+    // was removed) is not running, but its pins and state are still there to remove.
+    let state = match instance::select(instance_name, iface) {
+        Ok(state) => state,
+        Err(e) => match instance_name
+            .and_then(InstanceId::parse)
+            .and_then(|id| instance::State::read(&id.state_file()).ok())
+        {
+            Some(state) => state,
+            None => return Err(e.into()),
+        },
+    };
     if instance::daemon_alive(&state) && state.pid != std::process::id() {
         bail!(
             "the controller of {} is running (pid {}): stop it first",
