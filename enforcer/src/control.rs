@@ -345,12 +345,7 @@ impl Live {
         approval: &Value,
         plan: impl FnOnce(&Policy, &str, u64) -> edit::Plan,
     ) -> Option<Response> {
-        let stamp = FileStamp::of(&self.registry_path)?;
-        if self.file_stamp != Some(stamp) {
-            return None;
-        }
-        let text = std::fs::read_to_string(&self.registry_path).ok()?;
-        // Read after the stamp: a write in between moves the stamp, and the next change sees it.
+        let text = self.own_text()?;
         let serial = self.serial + 1;
         let edit = match plan(&self.policy, &text, serial) {
             edit::Plan::Full => return None,
@@ -423,15 +418,24 @@ impl Live {
         ))
     }
 
+    /// The registry file's text if it is what the daemon last read or wrote (its stamp before
+    /// and after the read is the one the daemon holds); `None` otherwise, or if unreadable.
+    /// A write during the read moves the stamp, so a hand edit is never spliced over unseen.
+    fn own_text(&self) -> Option<String> {
+        let stamp = self.file_stamp?;
+        if FileStamp::of(&self.registry_path) != Some(stamp) {
+            return None;
+        }
+        let text = std::fs::read_to_string(&self.registry_path).ok()?;
+        (FileStamp::of(&self.registry_path) == Some(stamp)).then_some(text)
+    }
+
     /// A mode switch made in place: no entry changes, so the policy in force takes the mode and
     /// the file's `mode` and `serial` are spliced (at a million entries the whole-registry path
     /// would take seconds for the one word that matters most in a rollout). `None`: the whole
     /// way.
     fn mode_in_place(&mut self, uid: u32, mode: Mode, entry: &Value) -> Option<Response> {
-        if self.file_stamp != FileStamp::of(&self.registry_path) || self.file_stamp.is_none() {
-            return None;
-        }
-        let text = std::fs::read_to_string(&self.registry_path).ok()?;
+        let text = self.own_text()?;
         let serial = self.serial + 1;
         let spliced = edit::splice_mode(&text, mode, serial)?;
         drop(text);

@@ -579,14 +579,22 @@ impl Policy {
         let mut added = Vec::new();
         let mut ports_added = Vec::new();
         if let Some(mut rule) = add {
+            // One past the highest number in use; once that reaches the maps' end, the first
+            // number free below it (a removal made in place is complete when it returns, so its
+            // number may serve again; `apply_change` zeroes the count).
             let next = self.rules.last().map_or(0, |r| r.index + 1);
-            if next >= MAX_RULES {
-                return Err(PolicyError::NoFreeRuleNumbers {
-                    added: 1,
-                    in_use: self.rules.len(),
-                });
-            }
-            rule.index = next;
+            rule.index = if next < MAX_RULES {
+                next
+            } else {
+                (0..MAX_RULES)
+                    .zip(&self.rules)
+                    .find(|(n, r)| *n != r.index)
+                    .map(|(n, _)| n)
+                    .ok_or(PolicyError::NoFreeRuleNumbers {
+                        added: 1,
+                        in_use: self.rules.len(),
+                    })?
+            };
             ports_added = port_keys(std::slice::from_ref(&rule))?;
             let ports = self.port_keys.len() + ports_added.len();
             if ports > MAX_PORT_RULES as usize {
@@ -639,8 +647,13 @@ impl Policy {
             self.port_keys = kept;
             gone
         };
-        self.rules.extend(added.iter().cloned());
+        for rule in &added {
+            let at = self.rules.partition_point(|r| r.index < rule.index);
+            self.rules.insert(at, rule.clone());
+        }
         self.port_keys.extend(ports_added.iter().copied());
+        self.port_keys
+            .sort_unstable_by_key(|k| (k.rule, k.proto, u16::from_be_bytes(k.port_be)));
         let old_vpn_groups =
             new_groups.map(|groups| std::mem::replace(&mut self.vpn_groups, groups));
         self.vpn_endpoints = self.count(RuleKind::VpnEndpoint);

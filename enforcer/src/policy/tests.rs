@@ -1,4 +1,4 @@
-use enforcer_common::{PortKey, RULE_ANY_PORT, RULE_ICMP, Reason};
+use enforcer_common::{MAX_RULES, PortKey, RULE_ANY_PORT, RULE_ICMP, Reason};
 
 use super::{Policy, PolicyError, RuleKind};
 use crate::registry::{Date, Protocol, Registry};
@@ -451,4 +451,53 @@ fn more_ipv6_lengths_in_one_slash_32_than_the_lookup_probes_are_refused() {
         error.to_string().contains("inside 2001:db8::/32"),
         "{error}"
     );
+}
+
+/// `Policy::edit` numbers an added rule one past the highest in use, and once that would pass
+/// the maps' end, with the first free number; `undo` restores the policy exactly.
+#[test]
+fn an_edit_numbers_past_the_highest_then_into_gaps_and_undoes_exactly() {
+    let mut policy = compile(
+        r#"{"schema": 1, "mode": "enforce",
+            "networks": [{"name": "a", "cidr": "10.0.0.0/8", "ports": ["443/tcp"]},
+                         {"name": "b", "cidr": "10.1.0.0/16"}],
+            "devices": [{"name": "c", "address": "192.0.2.1", "ports": ["22/tcp"]}]}"#,
+    );
+    let spare = compile(
+        r#"{"schema": 1, "mode": "enforce",
+            "networks": [{"name": "d", "cidr": "198.51.100.0/24", "ports": ["53/udp"]}]}"#,
+    )
+    .rules
+    .remove(0);
+    let before = policy.clone();
+    let change = policy.edit(Some(spare.clone()), &[1]).expect("fits");
+    assert_eq!(change.added[0].index, 3, "one past the highest");
+    assert_eq!(change.removed.len(), 1);
+    assert_eq!(
+        policy.rules.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [0, 2, 3]
+    );
+    assert!(policy.port_keys.iter().any(|k| k.rule == 3));
+    policy.undo(change);
+    assert_eq!(policy, before, "undo restores the policy exactly");
+
+    // The highest number in use is the maps' last: the first gap (1) serves.
+    policy.rules.retain(|r| r.index != 1);
+    policy.port_keys.retain(|k| k.rule != 1);
+    let last = policy.rules.len() - 1;
+    policy.rules[last].index = MAX_RULES - 1;
+    for key in &mut policy.port_keys {
+        if key.rule == 2 {
+            key.rule = MAX_RULES - 1;
+        }
+    }
+    let change = policy.edit(Some(spare), &[]).expect("a gap is free");
+    assert_eq!(change.added[0].index, 1);
+    assert_eq!(
+        policy.rules.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [0, 1, MAX_RULES - 1],
+        "kept sorted by number"
+    );
+    let keys: Vec<u32> = policy.port_keys.iter().map(|k| k.rule).collect();
+    assert!(keys.is_sorted(), "port keys sorted: {keys:?}");
 }
