@@ -93,20 +93,23 @@ impl Verdict {
 #[xdp]
 pub fn enforcer(ctx: XdpContext) -> u32 {
     // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
+    let mut known = fast::NOT_LOOKED_UP;
     if unsafe { core::ptr::read_volatile(&raw const FAST_PATH) } != 0 {
-        let action = fast::decide(&ctx);
-        if action != fast::UNDECIDED {
-            return action;
+        let fast = fast::decide(&ctx);
+        if fast.action != fast::UNDECIDED {
+            return fast.action;
         }
+        known = fast.entry;
     }
-    let verdict = decide(&ctx);
+    let verdict = decide(&ctx, known);
     let mode = CONFIG.get(0).map_or(MODE_ENFORCE, |c| c.mode);
     record(&ctx, mode, verdict)
 }
 
-/// The policy, in order; the first step that decides wins.
+/// The policy, in order; the first step that decides wins. `known`: what the fast path's
+/// lookup of this packet's source found, or `fast::NOT_LOOKED_UP`.
 #[inline(always)]
-fn decide(ctx: &XdpContext) -> Verdict {
+fn decide(ctx: &XdpContext, known: u32) -> Verdict {
     // 1. Link-layer control the link needs (ARP, NDP, MLD) passes; 2. malformed or truncated
     //    headers drop; frames that are not IP drop.
     let packet = match parse::parse_frame(ctx) {
@@ -120,17 +123,20 @@ fn decide(ctx: &XdpContext) -> Verdict {
     //    every approved prefix that lies inside a deny range, so the deny list beats every
     //    allow. The tables in force are the generation `CONFIG` names, read once per packet.
     let generation = CONFIG.get(0).map_or(0, |c| c.generation);
-    let hit = match &packet.addrs {
+    // `rule + 1`, or 0 for no entry (a number, not an `Option`: see `source::v4`).
+    let entry = match &packet.addrs {
+        _ if known != fast::NOT_LOOKED_UP => known,
         Addrs::V4 { src, .. } => source::v4(*src, generation),
         Addrs::V6 { src, .. } => source::v6(src, generation),
     };
-    let flags = match hit {
-        Some(rule) => RULES.get(rule).map_or(0, |r| r.flags),
-        None => 0,
+    let listed = entry != 0;
+    let rule = entry.wrapping_sub(1);
+    let flags = if listed {
+        RULES.get(rule).map_or(0, |r| r.flags)
+    } else {
+        0
     };
-    if let Some(rule) = hit
-        && flags & RULE_DENY != 0
-    {
+    if listed && flags & RULE_DENY != 0 {
         let reason = if flags & RULE_FEED != 0 {
             Reason::DeniedFeed
         } else {
@@ -152,7 +158,7 @@ fn decide(ctx: &XdpContext) -> Verdict {
         // An OpenVPN reset is remembered only for a flow that could pass (an allowlisted
         // source, or an approval): the rest of any other flow drops as not allowlisted anyway,
         // and a reset from anywhere would otherwise turn the fast path off (`vpn_flows_seen`).
-        if found & vpn::STATEFUL != 0 && (hit.is_some() || approval.is_some()) {
+        if found & vpn::STATEFUL != 0 && (listed || approval.is_some()) {
             vpn::remember_flow(&packet, protocol, &CONFIG);
         }
         let (reason, rule) = match approval {
@@ -178,9 +184,9 @@ fn decide(ctx: &XdpContext) -> Verdict {
         };
     }
     // 5. The source allowlist (networks and devices; longest prefix wins) ...
-    let Some(rule) = hit else {
+    if !listed {
         return Verdict::without_rule(Reason::NotAllowlisted);
-    };
+    }
     // ... and the matched entry's ports; 6. otherwise drop.
     Verdict::new(check_ports(&packet, rule, flags), rule)
 }

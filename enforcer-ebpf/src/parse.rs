@@ -304,11 +304,62 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
         return None;
     }
     let src = read::<4>(ctx, L3 + 12)?;
-    let ip_payload_len = tot_len - IPV4_MIN_HDR_LEN;
-    let (src_port_be, dst_port_be) = (read::<2>(ctx, L4)?, read::<2>(ctx, L4 + 2)?);
+    let (src_port_be, dst_port_be, payload) =
+        plain_transport(ctx, L4, tot_len - IPV4_MIN_HDR_LEN, proto)?;
+    Some(PlainV4 {
+        src,
+        proto,
+        src_port_be,
+        dst_port_be,
+        payload,
+    })
+}
+
+/// The same for IPv6: untagged Ethernet, an IPv6 header whose next header is TCP or UDP (no
+/// extension headers, so no fragment; and no ICMPv6, so no link control). `None` for anything
+/// else and for anything `parse_frame` would call malformed.
+#[inline(always)]
+pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
+    const L3: usize = ETH_HDR_LEN;
+    const L4: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+    // Verifier: one bound check covers the Ethernet and IPv6 headers and a UDP header.
+    ptr_at::<[u8; L4 + UDP_HDR_LEN]>(ctx, 0).ok()?;
+    let [ether_type_hi, ether_type_lo] = read::<2>(ctx, 12)?;
+    let [version_class, ..] = read::<1>(ctx, L3)?;
+    let [len_hi, len_lo, proto] = read::<3>(ctx, L3 + 4)?;
+    let payload_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    // payload_len 0 would be a jumbogram, which `parse_frame` calls malformed.
+    if u16::from_be_bytes([ether_type_hi, ether_type_lo]) != ETH_P_IPV6
+        || version_class >> 4 != 6
+        || payload_len == 0
+        || ctx.data() + L3 + IPV6_HDR_LEN + payload_len > ctx.data_end()
+    {
+        return None;
+    }
+    let src = read::<16>(ctx, L3 + 8)?;
+    let (src_port_be, dst_port_be, payload) = plain_transport(ctx, L4, payload_len, proto)?;
+    Some(PlainV6 {
+        src,
+        proto,
+        src_port_be,
+        dst_port_be,
+        payload,
+    })
+}
+
+/// A TCP or UDP header at `l4` in an IP payload of `ip_payload_len` bytes, checked as
+/// `parse_l4` checks it: its ports and payload, or `None` (another protocol, or malformed).
+#[inline(always)]
+fn plain_transport(
+    ctx: &XdpContext,
+    l4: usize,
+    ip_payload_len: usize,
+    proto: u8,
+) -> Option<([u8; 2], [u8; 2], Payload)> {
+    let (src_port_be, dst_port_be) = (read::<2>(ctx, l4)?, read::<2>(ctx, l4 + 2)?);
     let payload = match proto {
         IPPROTO_TCP => {
-            let tcp = ptr_at::<TcpHdr>(ctx, L4).ok()?;
+            let tcp = ptr_at::<TcpHdr>(ctx, l4).ok()?;
             // SAFETY: ptr_at checked that the TCP header lies inside the frame.
             let data_offset = unsafe { (*tcp).data_offset };
             let header_len = usize::from(data_offset >> 4) * 4;
@@ -317,33 +368,37 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
             }
             let len = ip_payload_len - header_len;
             Payload {
-                offset: L4 + header_len,
+                offset: l4 + header_len,
                 len,
                 total: len,
             }
         }
         IPPROTO_UDP => {
-            let udp_len = usize::from(word(L4 + 4)?);
+            let [hi, lo] = read::<2>(ctx, l4 + 4)?;
+            let udp_len = usize::from(u16::from_be_bytes([hi, lo]));
             if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
                 return None;
             }
             let total = udp_len - UDP_HDR_LEN;
             let in_packet = ip_payload_len - UDP_HDR_LEN;
             Payload {
-                offset: L4 + UDP_HDR_LEN,
+                offset: l4 + UDP_HDR_LEN,
                 len: if total < in_packet { total } else { in_packet },
                 total,
             }
         }
         _ => return None,
     };
-    Some(PlainV4 {
-        src,
-        proto,
-        src_port_be,
-        dst_port_be,
-        payload,
-    })
+    Some((src_port_be, dst_port_be, payload))
+}
+
+/// What `plain_v6` reads.
+pub struct PlainV6 {
+    pub src: [u8; 16],
+    pub proto: u8,
+    pub src_port_be: [u8; 2],
+    pub dst_port_be: [u8; 2],
+    pub payload: Payload,
 }
 
 /// What `plain_v4` reads.

@@ -35,33 +35,46 @@ static NODE_V6: HashMap<[u8; 4], [NodeV6; 2]> =
 static LONG_V6: HashMap<LongKeyV6, LongValue> =
     HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
-/// The rule whose prefix is the longest holding `src`, in table generation `generation`. The
-/// two array reads that decide almost every address are inlined; only a /24 holding prefixes of
-/// /25 to /32 calls `long_v4` for its probes.
+/// `rule + 1` of the rule whose prefix is the longest holding `src`, in table generation
+/// `generation`, or 0 (none). The two array reads that decide almost every address are
+/// inlined; only a /24 holding prefixes of /25 to /32 calls `long_v4` for its probes.
+///
+/// Verifier: a plain number, not `Option<u32>`: where the lookup misses, LLVM leaves an
+/// `Option`'s payload undefined and may still copy its register, which the verifier refuses
+/// ("!read_ok").
 #[inline(always)]
-pub fn v4(src: [u8; 4], generation: u32) -> Option<u32> {
+pub fn v4(src: [u8; 4], generation: u32) -> u32 {
+    v4_found(src, generation)
+}
+
+#[inline(always)]
+fn v4_found(src: [u8; 4], generation: u32) -> u32 {
     let generation = generation & 1;
-    let root = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0]))?;
+    let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
+        return 0;
+    };
     let mut slot = root[usize::from(src[1])];
     if slot & V4_POINTER != 0 {
-        let block = SOURCE_V4.get(slot & !V4_POINTER)?;
+        let Some(block) = SOURCE_V4.get(slot & !V4_POINTER) else {
+            return 0;
+        };
         slot = block[usize::from(src[2])];
         if slot >> V4_LONG_SHIFT != 0 {
-            return long_v4(u32::from_be_bytes(src), generation, slot).checked_sub(1);
+            return long_v4(u32::from_be_bytes(src), generation, slot);
         }
     }
-    (slot & VALUE_MASK).checked_sub(1)
+    slot & VALUE_MASK
 }
 
 /// The same for IPv6.
 #[inline(always)]
-pub fn v6(src: &[u8; 16], generation: u32) -> Option<u32> {
+pub fn v6(src: &[u8; 16], generation: u32) -> u32 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&src[..8]);
     let hi = u64::from_be_bytes(bytes);
     bytes.copy_from_slice(&src[8..]);
     let lo = u64::from_be_bytes(bytes);
-    lookup_v6(hi, lo, generation).checked_sub(1)
+    lookup_v6(hi, lo, generation)
 }
 
 // Verifier: each probe loop is a function of its own (a BPF-to-BPF call) taking and returning

@@ -4,7 +4,8 @@
 //! must be equal. The frames are built to reach every way out of the fast path: sources with no
 //! entry in their /16, allowed and denied sources (at /16 or shorter, and longer), deny feeds,
 //! approved VPN endpoints, payloads that start like a VPN signature or carry one, the port gates,
-//! VLAN tags, IPv4 options, fragments, DF, IPv6, and headers cut or corrupted at random.
+//! VLAN tags, IPv4 options, fragments, DF, IPv6 (unlisted, allowed and denied sources, /48 and
+//! /128), and headers cut or corrupted at random.
 
 use enforcer::registry::Mode;
 use enforcer_tests::{
@@ -26,14 +27,16 @@ fn registry(feed: &std::path::Path, endpoint_port: &str) -> String {
     {{"name": "wan", "cidr": "10.0.0.0/8"}},
     {{"name": "lan6", "cidr": "2001:db8:100::/64"}}
   ],
-  "devices": [{{"name": "laptop", "address": "192.0.2.17"}}],
+  "devices": [{{"name": "laptop", "address": "192.0.2.17"}}, {{"name": "laptop6", "address": "2001:db8:7::7"}}],
   "vpn_endpoints": [
     {{"name": "wg-gw", "address": "192.0.2.7", "protocol": "wireguard"{endpoint_port}, "approval": "NITB-1"}},
     {{"name": "ovpn-gw", "address": "192.0.2.8", "protocol": "openvpn", "approval": "NITB-2"}}
   ],
   "deny": [
     {{"name": "provider", "cidr": "203.0.113.0/24"}},
-    {{"name": "private", "cidr": "172.16.0.0/12"}}
+    {{"name": "private", "cidr": "172.16.0.0/12"}},
+    {{"name": "provider6", "cidr": "2001:db8:dead::/48"}},
+    {{"name": "host6", "cidr": "2001:db8:7::66/128"}}
   ],
   "deny_files": ["{}"]
 }}"#,
@@ -99,6 +102,8 @@ fn random_frame(rng: &mut Rng, resets: bool) -> Vec<u8> {
         format!("172.{}.0.9", 12 + rng.next_u64() % 8),
         format!("100.{}.0.1", 60 + rng.next_u64() % 8),
         format!("2001:db8:{:x}::1", rng.next_u64() % 0x200),
+        format!("2001:db8:dead:{:x}::1", rng.next_u64() % 0x10000),
+        format!("2001:db8:7::{:x}", 0x60 + rng.next_u64() % 0x20),
     ];
     let src = pick(rng, &sources).clone();
     let v6 = src.contains(':');
@@ -153,6 +158,12 @@ fn random_frame(rng: &mut Rng, resets: bool) -> Vec<u8> {
             if at < bytes.len() {
                 bytes[at] = rng.next_u64() as u8;
             }
+        }
+        // An IPv6 header's version, payload length or next header corrupted (what the IPv6 fast
+        // path checks).
+        4 if v6 && bytes.len() > 20 => {
+            let at = *pick(rng, &[14, 18, 19, 20]);
+            bytes[at] = rng.next_u64() as u8;
         }
         // Cut short, or padded as short frames arrive.
         2 => bytes.truncate(usize::try_from(rng.next_u64() % 80).unwrap().max(14)),
