@@ -774,8 +774,8 @@ struct Receiver {
 
 /// The flood: drop rate and receiver CPU per packet of every filter, at 10 and 100,000 entries,
 /// all in one run. Every receiver is set up first, then the rounds go through all of them in
-/// turn (one flood each), so drifts of this shared machine spread over all receivers alike;
-/// the figures are medians over the rounds.
+/// turn (one flood each, in an order shuffled per round), so drifts of this shared machine
+/// spread over all receivers alike; the figures are medians over the rounds.
 fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     use enforcer_tests::{daemon::Enforcer, vpn::TempDir};
 
@@ -838,8 +838,17 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     for r in &receivers {
         r.lab.flood(FLOOD_FRAMES / 4, FLOOD_CPU)?;
     }
+    // Each round in its own order: floods run back to back, and a receiver's place in the
+    // round moves its rate by a few percent (the one right after bare XDP_DROP gained 1–3 % in
+    // a scratch harness), so no receiver keeps the same place.
+    let mut rng = Rng(0x00F1_00D5);
     for round in 0..FLOOD_ROUNDS {
-        for r in &mut receivers {
+        let mut order: Vec<usize> = (0..receivers.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, usize::try_from(rng.next_u64() % (i as u64 + 1))?);
+        }
+        for i in order {
+            let r = &mut receivers[i];
             let sample = r.lab.flood(FLOOD_FRAMES, FLOOD_CPU)?;
             r.rates.push(sample.mpps());
             r.softirq.push(sample.softirq_ns);
@@ -885,7 +894,7 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     };
     writeln!(
         out,
-        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
+        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved in an order shuffled per round; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
         flood::SOURCES
     )?;
     writeln!(
