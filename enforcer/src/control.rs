@@ -565,7 +565,7 @@ impl Live {
 
     /// Makes `text` (a whole registry) the policy in force and the file on disk, or nothing.
     /// `written`: the text is the registry file as it is on disk already (a reload), so it is
-    /// not written back, nor kept while the maps are filled.
+    /// not written back.
     /// `stamp`: for a reload, the file's stamp taken before it was read.
     fn adopt(
         &mut self,
@@ -580,6 +580,22 @@ impl Live {
             Err(problems) => return Response::error(edit::refusal(&problems)),
         };
         tracing::debug!(mib = ?crate::memory_mib(), "registry parsed");
+        // A new text is written aside now and renamed into place once the policy is in force
+        // (so that its tens of MB are not held meanwhile); a reload's text is the file already.
+        let staged = if written {
+            None
+        } else {
+            match StagedFile::write(&self.registry_path, &text) {
+                Ok(staged) => Some(staged),
+                Err(e) => {
+                    return Response::error(format!(
+                        "refused, nothing changed: writing {}: {e}",
+                        self.registry_path.display()
+                    ));
+                }
+            }
+        };
+        drop(text);
         let mut policy = match Policy::compile_after(&registry, Date::today(), Some(&self.policy)) {
             Ok(p) => p,
             Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
@@ -588,7 +604,6 @@ impl Live {
         // largest thing held while the maps are filled.
         let expiry = next_expiry(&registry);
         drop(registry);
-        let text = (!written).then_some(text);
         tracing::debug!(mib = ?crate::memory_mib(), "policy compiled");
         if let Some(mode) = self.mode_override {
             policy.mode = mode;
@@ -616,8 +631,8 @@ impl Live {
                 "refused, nothing changed: applying to the kernel failed: {e}"
             ));
         }
-        if let Some(text) = &text
-            && let Err(e) = write_atomically(&self.registry_path, text)
+        if let Some(staged) = staged
+            && let Err(e) = staged.commit()
         {
             let _ = self.datapath.apply(&policy, &self.policy);
             return Response::error(format!(

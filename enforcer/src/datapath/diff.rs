@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
 use crate::{
-    policy::{CompiledRule, Policy, RuleChange, RuleKey, RuleKind},
+    policy::{CompiledRule, Policy, RuleChange, RuleKind},
     registry::Mode,
 };
 
@@ -78,6 +78,15 @@ impl Diff<'_> {
     }
 }
 
+/// A policy's rules in number order (as compiled; sorted here if not).
+fn by_number(policy: &Policy) -> Vec<&CompiledRule> {
+    let mut rules: Vec<&CompiledRule> = policy.rules.iter().collect();
+    if !rules.is_sorted_by_key(|r| r.index) {
+        rules.sort_by_key(|r| r.index);
+    }
+    rules
+}
+
 /// The LPM tries of approved VPN endpoints (prefix → approval group).
 const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
 
@@ -86,46 +95,49 @@ impl Datapath {
     /// `new` is in force.
     pub fn apply(&mut self, old: &Policy, new: &Policy) -> Result<(), DatapathError> {
         // A rule is its entry and its number: a changed entry comes with a fresh number (see
-        // `Policy::compile_after`), so it is written beside the old one, not over it.
-        let id = |r: &CompiledRule| (r.key(), r.index);
-        // Maps are built over the old policy only (often the small side: a first fill, or a
-        // reload to a much larger registry); the new one is streamed through.
-        let before: FastMap<(RuleKey, u32), &CompiledRule> =
-            old.rules.iter().map(|r| (id(r), r)).collect();
-        let mut kept: std::collections::HashSet<(RuleKey, u32), foldhash::fast::RandomState> =
-            std::collections::HashSet::default();
-        let mut added: Vec<&CompiledRule> = Vec::new();
-        for rule in &new.rules {
-            let rule_id = id(rule);
-            if before.contains_key(&rule_id) {
-                kept.insert(rule_id);
-            } else {
-                added.push(rule);
+        // `Policy::compile_after`), so it is written beside the old one, not over it. Both lists
+        // are walked once in number order (no maps: at a million rules those cost 100 MB and a
+        // second); a number both have is the same rule if its key is the same.
+        let (olds, news) = (by_number(old), by_number(new));
+        let (mut fresh, mut flagged, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (olds.get(i), news.get(j)) {
+                (Some(o), Some(n)) if o.index == n.index && o.key() == n.key() => {
+                    if o.record() != n.record() {
+                        flagged.push((n.index, n.record()));
+                    }
+                    (i, j) = (i + 1, j + 1);
+                }
+                (Some(o), Some(n)) if o.index == n.index => {
+                    gone.push(o.index);
+                    fresh.push(n.index);
+                    flagged.push((n.index, n.record()));
+                    (i, j) = (i + 1, j + 1);
+                }
+                (Some(o), Some(n)) if o.index < n.index => {
+                    gone.push(o.index);
+                    i += 1;
+                }
+                (Some(o), None) => {
+                    gone.push(o.index);
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    fresh.push(n.index);
+                    flagged.push((n.index, n.record()));
+                    j += 1;
+                }
+                (None, None) => break,
             }
         }
-        let removed: Vec<&CompiledRule> = old
-            .rules
-            .iter()
-            .filter(|r| !kept.contains(&id(r)))
-            .collect();
-        drop(kept);
+        drop((olds, news));
         let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
         let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
-        let flagged: Vec<(u32, Rule)> = new
-            .rules
-            .iter()
-            .filter(|rule| {
-                before
-                    .get(&id(rule))
-                    .is_none_or(|old_rule| old_rule.record() != rule.record())
-            })
-            .map(|rule| (rule.index, rule.record()))
-            .collect();
-        drop(before);
         let diff = Diff {
-            fresh: added.iter().map(|r| r.index).collect(),
+            fresh,
             flagged,
-            gone: removed.iter().map(|r| r.index).collect(),
+            gone,
             ports_added: new_ports.difference(&old_ports).copied().collect(),
             ports_removed: old_ports.difference(&new_ports).copied().collect(),
             sources: Sources::Compare(old),
