@@ -59,43 +59,23 @@ pub fn decide(ctx: &XdpContext) -> Fast {
         return undecided(NOT_LOOKED_UP);
     };
     if let Some(p) = parse::plain_v4(ctx) {
-        let entry = source::v4(p.src, generation);
-        return finish(
-            ctx,
-            mode,
-            entry,
-            p.proto,
-            p.src_port_be,
-            p.dst_port_be,
-            p.payload,
-        );
+        return finish(ctx, mode, source::v4(p.src, generation), &p.transport);
     }
     if let Some(p) = parse::plain_v6(ctx) {
-        let entry = source::v6(&p.src, generation);
-        return finish(
-            ctx,
-            mode,
-            entry,
-            p.proto,
-            p.src_port_be,
-            p.dst_port_be,
-            p.payload,
-        );
+        return finish(ctx, mode, source::v6(&p.src, generation), &p.transport);
     }
     undecided(NOT_LOOKED_UP)
 }
 
 /// The verdict on a plain TCP/UDP packet whose source lookup found `entry` (`rule + 1`, or 0).
 #[inline(always)]
-fn finish(
-    ctx: &XdpContext,
-    mode: u32,
-    entry: u32,
-    proto: u8,
-    src_port_be: [u8; 2],
-    dst_port_be: [u8; 2],
-    payload: parse::Payload,
-) -> Fast {
+fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport) -> Fast {
+    let parse::Transport {
+        proto,
+        src_port_be,
+        dst_port_be,
+        payload,
+    } = *transport;
     if entry != 0 {
         let rule = entry - 1;
         // Only a deny range decides before the VPN stage; an allowed source goes the full way.

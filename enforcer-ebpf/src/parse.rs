@@ -304,15 +304,8 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
         return None;
     }
     let src = read::<4>(ctx, L3 + 12)?;
-    let (src_port_be, dst_port_be, payload) =
-        plain_transport(ctx, L4, tot_len - IPV4_MIN_HDR_LEN, proto)?;
-    Some(PlainV4 {
-        src,
-        proto,
-        src_port_be,
-        dst_port_be,
-        payload,
-    })
+    let transport = plain_transport(ctx, L4, tot_len - IPV4_MIN_HDR_LEN, proto)?;
+    Some(PlainV4 { src, transport })
 }
 
 /// The same for IPv6: untagged Ethernet, an IPv6 header whose next header is TCP or UDP (no
@@ -337,14 +330,8 @@ pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
         return None;
     }
     let src = read::<16>(ctx, L3 + 8)?;
-    let (src_port_be, dst_port_be, payload) = plain_transport(ctx, L4, payload_len, proto)?;
-    Some(PlainV6 {
-        src,
-        proto,
-        src_port_be,
-        dst_port_be,
-        payload,
-    })
+    let transport = plain_transport(ctx, L4, payload_len, proto)?;
+    Some(PlainV6 { src, transport })
 }
 
 /// A TCP or UDP header at `l4` in an IP payload of `ip_payload_len` bytes, checked as
@@ -355,7 +342,7 @@ fn plain_transport(
     l4: usize,
     ip_payload_len: usize,
     proto: u8,
-) -> Option<([u8; 2], [u8; 2], Payload)> {
+) -> Option<Transport> {
     let (src_port_be, dst_port_be) = (read::<2>(ctx, l4)?, read::<2>(ctx, l4 + 2)?);
     let payload = match proto {
         IPPROTO_TCP => {
@@ -389,12 +376,23 @@ fn plain_transport(
         }
         _ => return None,
     };
-    Some((src_port_be, dst_port_be, payload))
+    Some(Transport {
+        proto,
+        src_port_be,
+        dst_port_be,
+        payload,
+    })
 }
 
 /// What `plain_v6` reads.
 pub struct PlainV6 {
     pub src: [u8; 16],
+    pub transport: Transport,
+}
+
+/// The TCP or UDP part of a plain packet.
+#[derive(Clone, Copy)]
+pub struct Transport {
     pub proto: u8,
     pub src_port_be: [u8; 2],
     pub dst_port_be: [u8; 2],
@@ -404,10 +402,7 @@ pub struct PlainV6 {
 /// What `plain_v4` reads.
 pub struct PlainV4 {
     pub src: [u8; 4],
-    pub proto: u8,
-    pub src_port_be: [u8; 2],
-    pub dst_port_be: [u8; 2],
-    pub payload: Payload,
+    pub transport: Transport,
 }
 
 #[inline(always)]
