@@ -44,11 +44,6 @@ static LONG_V6: HashMap<LongKeyV6, LongValue> =
 /// ("!read_ok").
 #[inline(always)]
 pub fn v4(src: [u8; 4], generation: u32) -> u32 {
-    v4_found(src, generation)
-}
-
-#[inline(always)]
-fn v4_found(src: [u8; 4], generation: u32) -> u32 {
     let generation = generation & 1;
     let Some(root) = SOURCE_V4.get(generation * V4_ROOT_BLOCKS + u32::from(src[0])) else {
         return 0;

@@ -381,9 +381,7 @@ impl Live {
             && let Some(cut) = self.cut_off(&before, &self.reach(&self.policy))
         {
             self.policy.undo(change);
-            return Some(Response::error(format!(
-                "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
-            )));
+            return Some(cut_off_refusal(&cut));
         }
         let (policy, datapath, id) = (&self.policy, &mut self.datapath, &self.id);
         let (applied, labels) = std::thread::scope(|scope| {
@@ -442,24 +440,20 @@ impl Live {
         let old = self.policy.mode;
         let before = self.reach(&self.policy);
         self.policy.mode = mode;
-        let cut = if self.force {
-            None
-        } else {
-            self.cut_off(&before, &self.reach(&self.policy))
-        };
-        let done = match cut {
-            Some(cut) => Err(format!(
-                "the change would cut off {cut}; repeat with --force if that is intended"
-            )),
-            None => self
-                .datapath
-                .set_mode(mode)
-                .map_err(|e| format!("applying to the kernel failed: {e}"))
-                .and_then(|()| {
-                    write_atomically(&self.registry_path, &spliced)
-                        .map_err(|e| format!("writing {}: {e}", self.registry_path.display()))
-                }),
-        };
+        if !self.force
+            && let Some(cut) = self.cut_off(&before, &self.reach(&self.policy))
+        {
+            self.policy.mode = old;
+            return Some(cut_off_refusal(&cut));
+        }
+        let done = self
+            .datapath
+            .set_mode(mode)
+            .map_err(|e| format!("applying to the kernel failed: {e}"))
+            .and_then(|()| {
+                write_atomically(&self.registry_path, &spliced)
+                    .map_err(|e| format!("writing {}: {e}", self.registry_path.display()))
+            });
         if let Err(e) = done {
             self.policy.mode = old;
             let _ = self.datapath.set_mode(old);
@@ -611,9 +605,7 @@ impl Live {
         if !self.force
             && let Some(cut) = self.lockout(&policy)
         {
-            return Response::error(format!(
-                "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
-            ));
+            return cut_off_refusal(&cut);
         }
         // The new rule labels (a million take most of a second) are written aside meanwhile,
         // and put in place only if the policy is.
@@ -991,6 +983,13 @@ fn matches_target(entry: &Value, target: &str) -> bool {
     ["name", "cidr", "address"]
         .iter()
         .any(|k| entry.get(*k).and_then(Value::as_str) == Some(target))
+}
+
+/// The refusal of a change that would cut off the operator or a protected network.
+fn cut_off_refusal(cut: &str) -> Response {
+    Response::error(format!(
+        "refused, nothing changed: the change would cut off {cut}; repeat with --force if that is intended"
+    ))
 }
 
 /// The address that stands for a protected network: its first host.
