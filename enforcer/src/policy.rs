@@ -434,8 +434,18 @@ impl Policy {
     /// prefix that does not lie inside (or equal) a deny range — those can never decide, and
     /// leaving them out lets one longest-prefix lookup give the deny-beats-allow verdict.
     pub fn trie_entries(&self) -> Vec<(IpNet, u32)> {
-        let denied: std::collections::HashSet<IpNet> =
-            self.deny_rules().map(|r| r.prefix).collect();
+        self.trie_entries_where(|_| true)
+    }
+
+    /// The same, for the prefixes `keep` accepts only. `keep` must accept a deny range wherever
+    /// it accepts a prefix inside it (as "overlaps these /16s" does), so that what is left out
+    /// of the result is the same as in `trie_entries`.
+    pub fn trie_entries_where(&self, keep: impl Fn(&IpNet) -> bool) -> Vec<(IpNet, u32)> {
+        let denied: std::collections::HashSet<IpNet> = self
+            .deny_rules()
+            .map(|r| r.prefix)
+            .filter(|p| keep(p))
+            .collect();
         let shadowed = |prefix: IpNet| {
             (0..=prefix.prefix_len()).rev().any(|len| {
                 let wider = match prefix {
@@ -449,11 +459,14 @@ impl Policy {
                 wider.is_ok_and(|w| denied.contains(&w))
             })
         };
-        let mut entries: Vec<(IpNet, u32)> =
-            self.deny_rules().map(|r| (r.prefix, r.index)).collect();
+        let mut entries: Vec<(IpNet, u32)> = self
+            .deny_rules()
+            .filter(|r| keep(&r.prefix))
+            .map(|r| (r.prefix, r.index))
+            .collect();
         entries.extend(
             self.allow_rules()
-                .filter(|r| denied.is_empty() || !shadowed(r.prefix))
+                .filter(|r| keep(&r.prefix) && (denied.is_empty() || !shadowed(r.prefix)))
                 .map(|r| (r.prefix, r.index)),
         );
         entries
@@ -561,6 +574,17 @@ impl RuleChange {
             .iter()
             .chain(&self.removed)
             .any(|r| r.kind != RuleKind::VpnEndpoint)
+    }
+
+    /// The prefixes of the source rules it adds or removes: the source tables change only
+    /// inside them.
+    pub fn source_prefixes(&self) -> Vec<IpNet> {
+        self.added
+            .iter()
+            .chain(&self.removed)
+            .filter(|r| r.kind != RuleKind::VpnEndpoint)
+            .map(|r| r.prefix)
+            .collect()
     }
 }
 

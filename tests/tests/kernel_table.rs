@@ -733,66 +733,135 @@ fn monitor_mode_passes_everything_and_counts_would_drops() {
 
 /// The kernel's verdict equals the controller's reference evaluation (`Policy::check`) for random
 /// registries of overlapping prefixes and random addresses near them.
-#[test]
-fn kernel_agrees_with_the_reference_on_random_registries() {
-    // Prefixes nest and overlap (clustered in 10.0.0.0/8 and 2001:db8::/32, every length), and
-    // half the addresses are drawn next to an entry, so every level of the lookup tables and
-    // every length list is walked. Each round after the first replaces the whole registry live
-    // (the tables of the other generation are built, then switched to), as a reload does.
-    let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    // Rounds alternate: the /16's lengths over /32 are many (each /32 has a node listing its
-    // own) or two (the /16's slot lists them and there are no nodes).
+/// A random registry whose prefixes nest and overlap (clustered in `10.0.0.0/8` and
+/// `2001:db8::/32`, every length), and its prefixes. The IPv6 lengths alternate with `round`: a /16's
+/// lengths over /32 are many (each /32 has a node listing its own) or two (the /16's slot lists
+/// them and there are no nodes).
+fn random_registry(rng: &mut Rng, round: usize) -> (String, Vec<ipnet::IpNet>) {
+    let mut networks = Vec::new();
+    let mut deny = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut prefixes: Vec<ipnet::IpNet> = Vec::new();
+    for i in 0..160 {
+        let net = random_prefix(rng, round);
+        let is_deny = rng.next_u64().is_multiple_of(6);
+        if !seen.insert(net) {
+            continue;
+        }
+        prefixes.push(net);
+        let entry = random_entry(rng, &format!("{i}"), net, is_deny);
+        if is_deny {
+            deny.push(entry);
+        } else {
+            networks.push(entry);
+        }
+    }
+    let text = format!(
+        r#"{{"schema": 1, "mode": "enforce", "networks": [{}], "deny": [{}]}}"#,
+        networks.join(","),
+        deny.join(",")
+    );
+    (text, prefixes)
+}
+
+fn random_prefix(rng: &mut Rng, round: usize) -> ipnet::IpNet {
     let v6_lengths = [
         [12, 16, 20, 24, 32, 40, 48, 56, 64, 127, 128],
         [12, 16, 20, 24, 32, 48, 48, 48, 128, 128, 128],
     ];
+    if rng.next_u64().is_multiple_of(3) {
+        // At most 8 lengths longer than /32 per /32: draw from 6 of them here.
+        let len = v6_lengths[round % 2][usize::try_from(rng.next_u64() % 11).unwrap()];
+        let addr = (0x2001_0db8_u128 << 96)
+            | u128::from(rng.next_u64() % 4) << 80
+            | u128::from(rng.next_u64() % 4) << 64
+            | u128::from(rng.next_u64() % 4);
+        ipnet::Ipv6Net::new(addr.into(), len)
+            .unwrap()
+            .trunc()
+            .into()
+    } else {
+        let len = 8 + rng.next_u64() % 25; // /8 .. /32
+        let addr = u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap();
+        ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
+            .unwrap()
+            .trunc()
+            .into()
+    }
+}
+
+/// One registry entry (a deny range or a network, half the networks with ports), as JSON.
+fn random_entry(rng: &mut Rng, name: &str, net: ipnet::IpNet, is_deny: bool) -> String {
+    let ports = if rng.next_u64().is_multiple_of(2) {
+        String::new()
+    } else {
+        format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next_u64() % 4)
+    };
+    if is_deny {
+        format!(r#"{{"name": "d{name}", "cidr": "{net}"}}"#)
+    } else {
+        format!(r#"{{"name": "n{name}", "cidr": "{net}"{ports}}}"#)
+    }
+}
+
+/// `count` addresses (half of them next to one of `prefixes`, half anywhere in the clusters)
+/// through the program: where its verdict differs from the policy's own (`Policy::check`).
+fn mismatches(
+    loaded: &Loaded,
+    prefixes: &[ipnet::IpNet],
+    rng: &mut Rng,
+    count: usize,
+) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    for _ in 0..count {
+        let near = &prefixes[usize::try_from(rng.next_u64()).unwrap() % prefixes.len()];
+        let addr: std::net::IpAddr = match near {
+            ipnet::IpNet::V4(net) if rng.next_u64().is_multiple_of(2) => {
+                let bits = u32::from(net.network())
+                    ^ (u32::try_from(rng.next_u64() >> 32).unwrap()
+                        >> (rng.next_u64() % 33).min(31));
+                std::net::Ipv4Addr::from(bits).into()
+            }
+            ipnet::IpNet::V4(_) => std::net::Ipv4Addr::from(
+                u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
+            )
+            .into(),
+            ipnet::IpNet::V6(net) => {
+                let bits = u128::from(net.network())
+                    ^ (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
+                        >> (rng.next_u64() % 128).max(20);
+                std::net::Ipv6Addr::from(bits).into()
+            }
+        };
+        let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
+        let expected = loaded.policy.check(addr, Protocol::Tcp, Some(port));
+        let server = if addr.is_ipv4() { SERVER } else { SERVER6 };
+        let frame = Frame::tcp(&addr.to_string(), server, port).build();
+        let before = loaded.counts();
+        loaded.run(&frame);
+        let after = loaded.counts();
+        let moved: Vec<_> = enforcer_common::Reason::ALL
+            .into_iter()
+            .filter(|r| after.packets(*r) != before.packets(*r))
+            .collect();
+        if moved != [expected.reason] {
+            mismatches.push(format!(
+                "{addr} tcp/{port}: kernel {moved:?}, reference {expected}"
+            ));
+        }
+    }
+    mismatches
+}
+
+#[test]
+fn kernel_agrees_with_the_reference_on_random_registries() {
+    // Half the addresses are drawn next to an entry, so every level of the lookup tables and
+    // every length list is walked. Each round after the first replaces the whole registry live
+    // (the tables of the other generation are built, then switched to), as a reload does.
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut loaded: Option<Loaded> = None;
     for round in 0..5 {
-        let mut networks = Vec::new();
-        let mut deny = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut prefixes: Vec<ipnet::IpNet> = Vec::new();
-        for i in 0..160 {
-            let net: ipnet::IpNet = if rng.next_u64().is_multiple_of(3) {
-                // At most 8 lengths longer than /32 per /32: draw from 6 of them here.
-                let len = v6_lengths[round % 2][usize::try_from(rng.next_u64() % 11).unwrap()];
-                let addr = (0x2001_0db8_u128 << 96)
-                    | u128::from(rng.next_u64() % 4) << 80
-                    | u128::from(rng.next_u64() % 4) << 64
-                    | u128::from(rng.next_u64() % 4);
-                ipnet::Ipv6Net::new(addr.into(), len)
-                    .unwrap()
-                    .trunc()
-                    .into()
-            } else {
-                let len = 8 + rng.next_u64() % 25; // /8 .. /32
-                let addr = u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap();
-                ipnet::Ipv4Net::new(addr.into(), u8::try_from(len).unwrap())
-                    .unwrap()
-                    .trunc()
-                    .into()
-            };
-            let is_deny = rng.next_u64().is_multiple_of(6);
-            if !seen.insert(net) {
-                continue;
-            }
-            prefixes.push(net);
-            let ports = if rng.next_u64().is_multiple_of(2) {
-                String::new()
-            } else {
-                format!(r#", "ports": ["{}/tcp", "icmp"]"#, 1 + rng.next_u64() % 4)
-            };
-            if is_deny {
-                deny.push(format!(r#"{{"name": "d{i}", "cidr": "{net}"}}"#));
-            } else {
-                networks.push(format!(r#"{{"name": "n{i}", "cidr": "{net}"{ports}}}"#));
-            }
-        }
-        let text = format!(
-            r#"{{"schema": 1, "mode": "enforce", "networks": [{}], "deny": [{}]}}"#,
-            networks.join(","),
-            deny.join(",")
-        );
+        let (text, prefixes) = random_registry(&mut rng, round);
         let loaded = match &mut loaded {
             None => loaded.insert(Loaded::new(&text)),
             Some(current) => {
@@ -800,44 +869,7 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
                 current
             }
         };
-        let mut mismatches = Vec::new();
-        for _ in 0..600 {
-            let near = &prefixes[usize::try_from(rng.next_u64()).unwrap() % prefixes.len()];
-            let addr: std::net::IpAddr = match near {
-                ipnet::IpNet::V4(net) if rng.next_u64().is_multiple_of(2) => {
-                    let bits = u32::from(net.network())
-                        ^ (u32::try_from(rng.next_u64() >> 32).unwrap()
-                            >> (rng.next_u64() % 33).min(31));
-                    std::net::Ipv4Addr::from(bits).into()
-                }
-                ipnet::IpNet::V4(_) => std::net::Ipv4Addr::from(
-                    u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
-                )
-                .into(),
-                ipnet::IpNet::V6(net) => {
-                    let bits = u128::from(net.network())
-                        ^ (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
-                            >> (rng.next_u64() % 128).max(20);
-                    std::net::Ipv6Addr::from(bits).into()
-                }
-            };
-            let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
-            let expected = loaded.policy.check(addr, Protocol::Tcp, Some(port));
-            let server = if addr.is_ipv4() { SERVER } else { SERVER6 };
-            let frame = Frame::tcp(&addr.to_string(), server, port).build();
-            let before = loaded.counts();
-            loaded.run(&frame);
-            let after = loaded.counts();
-            let moved: Vec<_> = enforcer_common::Reason::ALL
-                .into_iter()
-                .filter(|r| after.packets(*r) != before.packets(*r))
-                .collect();
-            if moved != [expected.reason] {
-                mismatches.push(format!(
-                    "{addr} tcp/{port}: kernel {moved:?}, reference {expected}"
-                ));
-            }
-        }
+        let mismatches = mismatches(loaded, &prefixes, &mut rng, 600);
         assert!(
             mismatches.is_empty(),
             "round {round}: {} mismatches:\n{}",
@@ -845,4 +877,81 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
             mismatches.join("\n")
         );
     }
+}
+
+#[test]
+fn in_place_edits_agree_with_the_reference_after_each_one() {
+    // An in-place edit rebuilds only the /16s its prefix overlaps (`lookup::Regions`) and copies
+    // the rest of the generation it writes from the one in force. After each edit, addresses
+    // across the whole registry are checked: a /16 left as it was two generations back, or a
+    // copy that missed a table, shows. Halfway, the whole registry is replaced (a rebuild of the
+    // whole, after which the two generations' hash values differ almost everywhere).
+    let mut rng = Rng(0x005E_ED0F_2E61_0002);
+    let (text, mut prefixes) = random_registry(&mut rng, 0);
+    let mut loaded = Loaded::new(&text);
+    let today = enforcer::registry::Date::parse("2026-11-27").unwrap();
+    let (mut added, mut removed, mut refused) = (0, 0, 0);
+    for step in 0..60 {
+        if step == 30 {
+            let (text, fresh) = random_registry(&mut rng, 1);
+            loaded.replace(&text);
+            prefixes = fresh;
+        }
+        let sources: Vec<(u32, ipnet::IpNet)> = loaded
+            .policy
+            .allow_rules()
+            .chain(loaded.policy.deny_rules())
+            .map(|r| (r.index, r.prefix))
+            .collect();
+        let (what, change) = if rng.next_u64().is_multiple_of(3) {
+            let (index, prefix) = sources[usize::try_from(rng.next_u64()).unwrap() % sources.len()];
+            (
+                format!("remove {prefix}"),
+                loaded.policy.edit(None, &[index]),
+            )
+        } else {
+            let net = random_prefix(&mut rng, step / 30);
+            if sources.iter().any(|(_, p)| *p == net) {
+                continue;
+            }
+            let is_deny = rng.next_u64().is_multiple_of(5);
+            let entry = random_entry(&mut rng, &format!("e{step}"), net, is_deny);
+            let section = if is_deny { "deny" } else { "networks" };
+            let one = enforcer::registry::Registry::parse(&format!(
+                r#"{{"schema": 1, "mode": "enforce", "{section}": [{entry}]}}"#
+            ))
+            .expect("a valid entry");
+            let rule = enforcer::policy::Policy::compile(&one, today)
+                .expect("compiles")
+                .rules
+                .remove(0);
+            prefixes.push(net);
+            (format!("add {entry}"), loaded.policy.edit(Some(rule), &[]))
+        };
+        let Ok(change) = change else {
+            // More IPv6 lengths in one /32 than the lookup probes.
+            refused += 1;
+            continue;
+        };
+        if change.added.is_empty() {
+            removed += 1;
+        } else {
+            added += 1;
+        }
+        loaded
+            .datapath
+            .apply_change(&change, &loaded.policy)
+            .expect("the maps take the edit");
+        let mismatches = mismatches(&loaded, &prefixes, &mut rng, 300);
+        assert!(
+            mismatches.is_empty(),
+            "step {step} ({what}): {} mismatches:\n{}",
+            mismatches.len(),
+            mismatches.join("\n")
+        );
+    }
+    assert!(
+        added >= 25 && removed >= 12 && refused <= 10,
+        "{added} added, {removed} removed, {refused} refused"
+    );
 }

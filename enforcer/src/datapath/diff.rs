@@ -13,6 +13,7 @@ use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
 use crate::{
+    lookup,
     policy::{CompiledRule, Policy, RuleChange, RuleKind},
     registry::Mode,
 };
@@ -28,7 +29,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 enum Sources<'a> {
     /// Compare the old policy's with the new one's, and rewrite the tables if they differ.
     Compare(&'a Policy),
-    Changed,
+    /// Those inside these prefixes changed (an in-place edit's).
+    Changed(Vec<IpNet>),
     Unchanged,
 }
 
@@ -70,7 +72,7 @@ impl Diff<'_> {
             ports_added: ports_added.clone(),
             ports_removed: ports_removed.clone(),
             sources: if change.touches_sources() {
-                Sources::Changed
+                Sources::Changed(change.source_prefixes())
             } else {
                 Sources::Unchanged
             },
@@ -193,9 +195,18 @@ impl Datapath {
         self.set_rules(&diff.flagged)?;
         tracing::debug!(mib = ?crate::memory_mib(), "rules written");
         // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
-        let new_trie = match diff.sources {
+        let mut regions = None;
+        let new_trie = match &diff.sources {
             Sources::Unchanged => None,
-            Sources::Changed => Some(new.trie_entries()),
+            Sources::Changed(prefixes) => {
+                // Only the /16s the edit touched are rebuilt: at a million entries a rebuild of
+                // the whole costs 0.3-0.4 s and a second IPv4 table's memory.
+                regions = lookup::Regions::of(prefixes);
+                match &regions {
+                    Some(regions) => Some(new.trie_entries_where(|p| regions.overlaps(p))),
+                    None => Some(new.trie_entries()),
+                }
+            }
             Sources::Compare(old) => {
                 let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
                 let new_trie = new.trie_entries();
@@ -207,7 +218,10 @@ impl Datapath {
         self.update_vpn_groups(new)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
         if let Some(new_trie) = new_trie {
-            self.write_source(&new_trie)?;
+            match &regions {
+                Some(regions) => self.write_source_in(&new_trie, regions)?,
+                None => self.write_source(&new_trie)?,
+            }
         } else if self.source.is_none() {
             self.write_source(&new.trie_entries())?;
         }

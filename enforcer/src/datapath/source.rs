@@ -3,7 +3,9 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use std::collections::HashSet;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use enforcer_common::{
     DirV6, LongKeyV4, LongKeyV6, LongValue, NodeV6,
     lookup::{
@@ -14,7 +16,7 @@ use enforcer_common::{
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
-use crate::lookup::{self, Block, FastMap};
+use crate::lookup::{self, Block, FastMap, Regions};
 
 /// What the controller knows of the tables in the kernel (read from the maps once, then kept).
 #[derive(Debug, Default)]
@@ -27,6 +29,13 @@ pub(super) struct SourceState {
     nodes_v6: FastMap<[u8; 4], [NodeV6; 2]>,
     long_v6: FastMap<LongKeyV6, LongValue>,
 }
+
+/// The hashes of one policy's tables: `LONG_V4`'s, `NODE_V6`'s and `LONG_V6`'s entries.
+type LongTables = (
+    FastMap<(u32, u8), u32>,
+    FastMap<u32, NodeV6>,
+    FastMap<(u128, u8), u32>,
+);
 
 /// Mappings up to this size stay mapped between changes.
 const KEEP_MAPPED: usize = 8 << 20;
@@ -97,6 +106,18 @@ impl Drop for Mapped {
     }
 }
 
+/// The error when `SOURCE_V4` (`capacity` blocks, roots included) has no free block left.
+fn table_full(needed: usize, in_use: usize, capacity: u32) -> DatapathError {
+    DatapathError::Map {
+        name: map_names::SOURCE_V4,
+        source: format!(
+            "the IPv4 lookup table is full: this policy needs {needed} blocks beside the {in_use} in force, the table holds {}; restart the controller after `enforcer detach` to size it anew",
+            capacity - 2 * V4_ROOT_BLOCKS
+        )
+        .into(),
+    }
+}
+
 fn block_range(block: u32) -> std::ops::Range<usize> {
     let start = block as usize * BLOCK_SLOTS;
     start..start + BLOCK_SLOTS
@@ -108,11 +129,14 @@ pub(super) fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((&raw const *value).cast::<u8>(), size_of::<T>()) }
 }
 
-/// New per-generation values for one hash: keep the generation in force, set `next`.
+/// New per-generation values for one hash: keep the generation in force, set `next` to
+/// `wanted`, except for the keys `kept` names (outside the part of the tables being rewritten),
+/// whose `next` value becomes the one in force.
 fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
     shadow: &FastMap<K, [V; 2]>,
     wanted: impl Iterator<Item = (K, V)>,
     next: usize,
+    kept: impl Fn(&K) -> bool,
 ) -> (Vec<(K, [V; 2])>, Vec<K>) {
     let pair = |value: V| {
         let mut new = [V::default(); 2];
@@ -120,15 +144,21 @@ fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
         new
     };
     if shadow.is_empty() {
-        // A first fill: every entry is new, and no map of them is needed.
-        return (wanted.map(|(k, v)| (k, pair(v))).collect(), Vec::new());
+        // A first fill: every entry is new, and no map of them is needed. Both generations get
+        // the value: the one in force cannot reach these keys (its tables list no lengths for
+        // a hash that holds nothing), and a later change need not copy them across.
+        return (wanted.map(|(k, v)| (k, [v, v])).collect(), Vec::new());
     }
     let wanted: FastMap<K, V> = wanted.collect();
     let mut writes = Vec::new();
     let mut deletes = Vec::new();
     for (key, pair) in shadow {
         let mut new = *pair;
-        new[next] = wanted.get(key).copied().unwrap_or_default();
+        new[next] = if kept(key) {
+            pair[1 - next]
+        } else {
+            wanted.get(key).copied().unwrap_or_default()
+        };
         if new == [V::default(); 2] {
             deletes.push(*key);
         } else if new != *pair {
@@ -331,7 +361,7 @@ impl Datapath {
         let memory = self.mapped(name, 1024)?;
         let slots = memory.u32s();
         let capacity = u32::try_from(slots.len() / BLOCK_SLOTS).unwrap_or(u32::MAX);
-        let in_use: std::collections::HashSet<u32, foldhash::fast::RandomState> =
+        let in_use: HashSet<u32, foldhash::fast::RandomState> =
             state.blocks[active].values().copied().collect();
         let mut free = (2 * V4_ROOT_BLOCKS..capacity).filter(|b| !in_use.contains(b));
         let mut root = v4_root;
@@ -344,16 +374,9 @@ impl Datapath {
             let index = match unchanged {
                 Some(index) => *index,
                 None => {
-                    let index = free.next().ok_or_else(|| DatapathError::Map {
-                        name,
-                        source: format!(
-                            "the IPv4 lookup table is full: this policy needs {} blocks beside the {} in force, the table holds {}; restart the controller after `enforcer detach` to size it anew",
-                            v4_blocks.len(),
-                            in_use.len(),
-                            capacity - 2 * V4_ROOT_BLOCKS
-                        )
-                        .into(),
-                    })?;
+                    let index = free
+                        .next()
+                        .ok_or_else(|| table_full(v4_blocks.len(), in_use.len(), capacity))?;
                     slots[block_range(index)].copy_from_slice(&block[..]);
                     index
                 }
@@ -383,19 +406,137 @@ impl Datapath {
         }
         drop(v6_dir);
 
-        // The hashes: each key holds a value per generation; only `next`'s values are written
-        // now (the packets in flight read the other). One hash at a time.
+        self.write_hashes_and_switch(state, placed, (v4_long, v6_nodes, v6_long), None)
+    }
+
+    /// Rewrites only `regions` of the tables (see `lookup::Regions`), for the policy whose
+    /// trie entries overlapping them are `entries`; the rest of the generation not in force is
+    /// copied from the one in force (the IPv4 blocks outside are shared); then switches to it.
+    /// The IPv4 table is read and written a block at a time through system calls, not mapped:
+    /// mapping it puts all of its pages in this process (64 MiB at a million entries).
+    pub(super) fn write_source_in(
+        &mut self,
+        entries: &[(IpNet, u32)],
+        regions: &Regions,
+    ) -> Result<(), DatapathError> {
+        let mut state = match self.source.take() {
+            Some(state) => state,
+            None => self.source_state()?,
+        };
+        self.unmap_large();
+        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
+            name: map_names::LONG_V6,
+            source: e.into(),
+        })?;
+        self.make_v4_room(&state, v4.blocks.len())?;
+        let result = self.write_regions(&mut state, regions, v4, v6);
+        if result.is_ok() {
+            self.source = Some(state);
+        }
+        result
+    }
+
+    fn write_regions(
+        &mut self,
+        state: &mut SourceState,
+        regions: &Regions,
+        v4: lookup::V4Tables,
+        v6: lookup::V6Tables,
+    ) -> Result<(), DatapathError> {
+        let active = state.generation as usize;
+        let next = 1 - active;
+
+        // IPv4: the root in force, with the regions' slots rewritten; a region's block is the
+        // one in force if unchanged, else a block the generation in force does not use.
+        let name = map_names::SOURCE_V4;
+        let capacity = self.v4_capacity()? + 2 * V4_ROOT_BLOCKS;
+        let mut table: Array<&mut MapData, Block> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut root = vec![0u32; V4_ROOT_BLOCKS as usize * BLOCK_SLOTS];
+        for (first, slots) in (0..V4_ROOT_BLOCKS).zip(root.chunks_exact_mut(BLOCK_SLOTS)) {
+            let block = table
+                .get(&(active as u32 * V4_ROOT_BLOCKS + first), 0)
+                .map_err(map_error(name))?;
+            slots.copy_from_slice(&block);
+        }
+        let in_use: HashSet<u32, foldhash::fast::RandomState> =
+            state.blocks[active].values().copied().collect();
+        let mut free = (2 * V4_ROOT_BLOCKS..capacity).filter(|b| !in_use.contains(b));
+        let mut placed = state.blocks[active].clone();
+        for &slot in regions.v4_slots() {
+            placed.remove(&slot);
+            let Some(block) = v4.blocks.get(&slot) else {
+                root[usize::from(slot)] = v4.root[usize::from(slot)];
+                continue;
+            };
+            let unchanged = match state.blocks[active].get(&slot) {
+                Some(index) => {
+                    (table.get(index, 0).map_err(map_error(name))? == **block).then_some(*index)
+                }
+                None => None,
+            };
+            let index = match unchanged {
+                Some(index) => index,
+                None => {
+                    let index = free
+                        .next()
+                        .ok_or_else(|| table_full(v4.blocks.len(), in_use.len(), capacity))?;
+                    table.set(index, **block, 0).map_err(map_error(name))?;
+                    index
+                }
+            };
+            placed.insert(slot, index);
+            root[usize::from(slot)] = V4_POINTER | index;
+        }
+        for (first, slots) in (0..V4_ROOT_BLOCKS).zip(root.chunks_exact(BLOCK_SLOTS)) {
+            let block: Block = slots.try_into().expect("256 slots");
+            table
+                .set(next as u32 * V4_ROOT_BLOCKS + first, block, 0)
+                .map_err(map_error(name))?;
+        }
+
+        // IPv6 direct table: the one in force, with the regions' slots rewritten.
+        let size = size_of::<DirV6>();
+        let memory = self.mapped(map_names::DIR_V6, size)?;
+        let dir = memory.bytes();
+        let half = V6_DIR_SLOTS as usize * size;
+        dir.copy_within(active * half..(active + 1) * half, next * half);
+        for &slot in regions.v6_slots() {
+            let at = next * half + usize::from(slot) * size;
+            dir[at..at + size].copy_from_slice(bytes(&v6.dir[usize::from(slot)]));
+        }
+
+        self.write_hashes_and_switch(state, placed, (v4.long, v6.nodes, v6.long), Some(regions))
+    }
+
+    /// The hashes, then the switch to the generation not in force. In each hash a key holds a
+    /// value per generation; only `next`'s values are written now (the packets in flight read
+    /// the other): `long`'s, or, with `regions`, `long`'s inside them and the values in force
+    /// outside.
+    fn write_hashes_and_switch(
+        &mut self,
+        state: &mut SourceState,
+        placed: FastMap<u16, u32>,
+        long: LongTables,
+        regions: Option<&Regions>,
+    ) -> Result<(), DatapathError> {
+        let (v4_long, v6_nodes, v6_long) = long;
+        let next = 1 - state.generation as usize;
+        let outside_v4 = |slot: u16| regions.is_some_and(|r| !r.has_v4(slot));
+        let outside_v6 = |slot: u16| regions.is_some_and(|r| !r.has_v6(slot));
         let long_v4 = pair_updates(
             &state.long_v4,
             v4_long
                 .into_iter()
                 .map(|((addr, len), v)| (LongKeyV4::new(addr, len), v)),
             next,
+            |k| outside_v4(u16::from_be_bytes([k.addr[0], k.addr[1]])),
         );
         let nodes_v6 = pair_updates(
             &state.nodes_v6,
             v6_nodes.into_iter().map(|(k, n)| (k.to_be_bytes(), n)),
             next,
+            |k| outside_v6(u16::from_be_bytes([k[0], k[1]])),
         );
         let long_v6 = pair_updates(
             &state.long_v6,
@@ -403,6 +544,7 @@ impl Datapath {
                 .into_iter()
                 .map(|((addr, len), v)| (LongKeyV6::new(addr, len), v)),
             next,
+            |k| outside_v6(u16::from_be_bytes([k.addr[0], k.addr[1]])),
         );
         // The kernel inserts into a hash at about a microsecond an entry: the IPv4 hash is
         // written on a second thread beside the IPv6 ones. Where batches are refused (before
