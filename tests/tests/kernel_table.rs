@@ -733,35 +733,47 @@ fn monitor_mode_passes_everything_and_counts_would_drops() {
 
 /// The kernel's verdict equals the controller's reference evaluation (`Policy::check`) for random
 /// registries of overlapping prefixes and random addresses near them.
+/// One registry entry: its JSON, its prefix, and whether it is a deny range.
+#[derive(Clone)]
+struct Entry {
+    json: String,
+    net: ipnet::IpNet,
+    deny: bool,
+}
+
 /// A random registry whose prefixes nest and overlap (clustered in `10.0.0.0/8` and
-/// `2001:db8::/32`, every length), and its prefixes. The IPv6 lengths alternate with `round`: a /16's
-/// lengths over /32 are many (each /32 has a node listing its own) or two (the /16's slot lists
-/// them and there are no nodes).
-fn random_registry(rng: &mut Rng, round: usize) -> (String, Vec<ipnet::IpNet>) {
-    let mut networks = Vec::new();
-    let mut deny = Vec::new();
+/// `2001:db8::/32`, every length). The IPv6 lengths alternate with `round`: a /16's lengths
+/// over /32 are many (each /32 has a node listing its own) or two (the /16's slot lists them and
+/// there are no nodes).
+fn random_registry(rng: &mut Rng, round: usize) -> Vec<Entry> {
     let mut seen = std::collections::HashSet::new();
-    let mut prefixes: Vec<ipnet::IpNet> = Vec::new();
+    let mut entries = Vec::new();
     for i in 0..160 {
         let net = random_prefix(rng, round);
-        let is_deny = rng.next_u64().is_multiple_of(6);
+        let deny = rng.next_u64().is_multiple_of(6);
         if !seen.insert(net) {
             continue;
         }
-        prefixes.push(net);
-        let entry = random_entry(rng, &format!("{i}"), net, is_deny);
-        if is_deny {
-            deny.push(entry);
-        } else {
-            networks.push(entry);
-        }
+        let json = random_entry(rng, &format!("{i}"), net, deny);
+        entries.push(Entry { json, net, deny });
     }
-    let text = format!(
+    entries
+}
+
+fn registry_text(entries: &[Entry]) -> String {
+    let section = |deny: bool| {
+        entries
+            .iter()
+            .filter(|e| e.deny == deny)
+            .map(|e| e.json.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
         r#"{{"schema": 1, "mode": "enforce", "networks": [{}], "deny": [{}]}}"#,
-        networks.join(","),
-        deny.join(",")
-    );
-    (text, prefixes)
+        section(false),
+        section(true)
+    )
 }
 
 fn random_prefix(rng: &mut Rng, round: usize) -> ipnet::IpNet {
@@ -861,7 +873,9 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut loaded: Option<Loaded> = None;
     for round in 0..5 {
-        let (text, prefixes) = random_registry(&mut rng, round);
+        let entries = random_registry(&mut rng, round);
+        let text = registry_text(&entries);
+        let prefixes: Vec<ipnet::IpNet> = entries.iter().map(|e| e.net).collect();
         let loaded = match &mut loaded {
             None => loaded.insert(Loaded::new(&text)),
             Some(current) => {
@@ -880,78 +894,118 @@ fn kernel_agrees_with_the_reference_on_random_registries() {
 }
 
 #[test]
-fn in_place_edits_agree_with_the_reference_after_each_one() {
-    // An in-place edit rebuilds only the /16s its prefix overlaps (`lookup::Regions`) and copies
-    // the rest of the generation it writes from the one in force. After each edit, addresses
-    // across the whole registry are checked: a /16 left as it was two generations back, or a
-    // copy that missed a table, shows. Halfway, the whole registry is replaced (a rebuild of the
-    // whole, after which the two generations' hash values differ almost everywhere).
+fn small_changes_agree_with_the_reference_after_each_one() {
+    // A change of a few entries rebuilds only the /16s their prefixes overlap
+    // (`lookup::Regions`) and copies the rest of the generation it writes from the one in
+    // force, whether made in place (`Policy::edit`, one entry) or by a reload (`Datapath::apply`
+    // of two policies, one to three entries). After each change, addresses across the whole
+    // registry are checked: a /16 left as it was two generations back, or a copy that missed a
+    // table, shows. Halfway, the whole registry is replaced (a rebuild of the whole, after which
+    // the two generations' hash values differ almost everywhere).
+    use enforcer::{
+        policy::{Policy, RuleKind},
+        registry::{Date, Registry},
+    };
     let mut rng = Rng(0x005E_ED0F_2E61_0002);
-    let (text, mut prefixes) = random_registry(&mut rng, 0);
-    let mut loaded = Loaded::new(&text);
-    let today = enforcer::registry::Date::parse("2026-11-27").unwrap();
-    let (mut added, mut removed, mut refused) = (0, 0, 0);
-    for step in 0..60 {
-        if step == 30 {
-            let (text, fresh) = random_registry(&mut rng, 1);
-            loaded.replace(&text);
-            prefixes = fresh;
+    let mut entries = random_registry(&mut rng, 0);
+    let mut loaded = Loaded::new(&registry_text(&entries));
+    let today = Date::parse("2026-11-27").unwrap();
+    let compile = |text: &str| Policy::compile(&Registry::parse(text).expect("valid"), today);
+    let (mut added, mut removed, mut reloads, mut refused) = (0, 0, 0, 0);
+    for step in 0..90 {
+        let round = step / 45;
+        if step == 45 {
+            entries = random_registry(&mut rng, round);
+            loaded.replace(&registry_text(&entries));
         }
-        let sources: Vec<(u32, ipnet::IpNet)> = loaded
-            .policy
-            .allow_rules()
-            .chain(loaded.policy.deny_rules())
-            .map(|r| (r.index, r.prefix))
-            .collect();
-        let (what, change) = if rng.next_u64().is_multiple_of(3) {
-            let (index, prefix) = sources[usize::try_from(rng.next_u64()).unwrap() % sources.len()];
-            (
-                format!("remove {prefix}"),
-                loaded.policy.edit(None, &[index]),
-            )
-        } else {
-            let net = random_prefix(&mut rng, step / 30);
-            if sources.iter().any(|(_, p)| *p == net) {
+        let reload = step % 3 == 2;
+        let mut next = entries.clone();
+        let mut what = Vec::new();
+        for k in 0..if reload { 1 + rng.next_u64() % 3 } else { 1 } {
+            if rng.next_u64().is_multiple_of(3) {
+                let gone = next.remove(usize::try_from(rng.next_u64()).unwrap() % next.len());
+                what.push(format!("remove {}", gone.json));
+            } else {
+                let net = random_prefix(&mut rng, round);
+                if next.iter().any(|e| e.net == net) {
+                    continue;
+                }
+                let deny = rng.next_u64().is_multiple_of(5);
+                let json = random_entry(&mut rng, &format!("e{step}_{k}"), net, deny);
+                what.push(format!("add {json}"));
+                next.push(Entry { json, net, deny });
+            }
+        }
+        let text = registry_text(&next);
+        if reload {
+            if compile(&text).is_err() {
+                // More IPv6 lengths in one /32 than the lookup probes.
+                refused += 1;
                 continue;
             }
-            let is_deny = rng.next_u64().is_multiple_of(5);
-            let entry = random_entry(&mut rng, &format!("e{step}"), net, is_deny);
-            let section = if is_deny { "deny" } else { "networks" };
-            let one = enforcer::registry::Registry::parse(&format!(
-                r#"{{"schema": 1, "mode": "enforce", "{section}": [{entry}]}}"#
-            ))
-            .expect("a valid entry");
-            let rule = enforcer::policy::Policy::compile(&one, today)
-                .expect("compiles")
-                .rules
-                .remove(0);
-            prefixes.push(net);
-            (format!("add {entry}"), loaded.policy.edit(Some(rule), &[]))
-        };
-        let Ok(change) = change else {
-            // More IPv6 lengths in one /32 than the lookup probes.
-            refused += 1;
-            continue;
-        };
-        if change.added.is_empty() {
-            removed += 1;
+            loaded.replace(&text);
+            reloads += 1;
         } else {
-            added += 1;
+            let change = match (next.len() > entries.len(), what.is_empty()) {
+                (_, true) => continue,
+                (true, false) => {
+                    let entry = next.last().expect("just added");
+                    let section = if entry.deny { "deny" } else { "networks" };
+                    let one = format!(
+                        r#"{{"schema": 1, "mode": "enforce", "{section}": [{}]}}"#,
+                        entry.json
+                    );
+                    let rule = compile(&one).expect("compiles").rules.remove(0);
+                    loaded.policy.edit(Some(rule), &[])
+                }
+                (false, false) => {
+                    let gone = entries
+                        .iter()
+                        .find(|e| !next.iter().any(|n| n.json == e.json))
+                        .expect("one removed");
+                    let rule = loaded
+                        .policy
+                        .rules
+                        .iter()
+                        .find(|r| {
+                            r.prefix == gone.net
+                                && matches!(r.kind, RuleKind::Deny | RuleKind::DenyFeed)
+                                    == gone.deny
+                        })
+                        .expect("the removed entry's rule");
+                    let index = rule.index;
+                    loaded.policy.edit(None, &[index])
+                }
+            };
+            let Ok(change) = change else {
+                refused += 1;
+                continue;
+            };
+            if change.added.is_empty() {
+                removed += 1;
+            } else {
+                added += 1;
+            }
+            loaded
+                .datapath
+                .apply_change(&change, &loaded.policy)
+                .expect("the maps take the edit");
         }
-        loaded
-            .datapath
-            .apply_change(&change, &loaded.policy)
-            .expect("the maps take the edit");
+        // Addresses near removed entries too: those must no longer match them.
+        let mut prefixes: Vec<ipnet::IpNet> = entries.iter().map(|e| e.net).collect();
+        entries = next;
+        prefixes.extend(entries.iter().map(|e| e.net));
         let mismatches = mismatches(&loaded, &prefixes, &mut rng, 300);
         assert!(
             mismatches.is_empty(),
-            "step {step} ({what}): {} mismatches:\n{}",
+            "step {step} ({}): {} mismatches:\n{}",
+            what.join("; "),
             mismatches.len(),
             mismatches.join("\n")
         );
     }
     assert!(
-        added >= 25 && removed >= 12 && refused <= 10,
-        "{added} added, {removed} removed, {refused} refused"
+        added >= 15 && removed >= 15 && reloads >= 25 && refused <= 12,
+        "{added} added, {removed} removed in place, {reloads} reloads, {refused} refused"
     );
 }

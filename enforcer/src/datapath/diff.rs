@@ -22,20 +22,15 @@ use crate::{
 /// mapping of `RULES` (mapping it inserts all of its 24 MiB of pages: worth it only for many).
 const FEW: usize = 4096;
 
-/// Hash maps over a million rules: a fast hasher (the keys are our own data, not an attacker's).
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 /// How the source prefixes change.
-enum Sources<'a> {
-    /// Compare the old policy's with the new one's, and rewrite the tables if they differ.
-    Compare(&'a Policy),
-    /// Those inside these prefixes changed (an in-place edit's).
+enum Sources {
+    /// Those inside these prefixes (of the rules added and removed) changed.
     Changed(Vec<IpNet>),
     Unchanged,
 }
 
 /// What moves the maps from one policy to the next.
-struct Diff<'a> {
+struct Diff {
     /// Numbers of new rules (their hit counters start afresh).
     fresh: Vec<u32>,
     /// Rules to write: new ones, and those whose record changed.
@@ -44,10 +39,10 @@ struct Diff<'a> {
     gone: Vec<u32>,
     ports_added: Vec<PortKey>,
     ports_removed: Vec<PortKey>,
-    sources: Sources<'a>,
+    sources: Sources,
 }
 
-impl Diff<'_> {
+impl Diff {
     /// The diff of an in-place edit, or (`inverse`) of taking it back.
     fn of_change(change: &RuleChange, inverse: bool) -> Self {
         let (added, removed, ports_added, ports_removed) = if inverse {
@@ -100,8 +95,15 @@ impl Datapath {
         // `Policy::compile_after`), so it is written beside the old one, not over it. Both lists
         // are walked once in number order (no maps: at a million rules those cost 100 MB and a
         // second); a number both have is the same rule if its key is the same.
+        // The source tables change only inside the prefixes of rules gone or new.
         let (olds, news) = (by_number(old), by_number(new));
         let (mut fresh, mut flagged, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        let mut moved = Vec::new();
+        let mut source = |rule: &CompiledRule| {
+            if rule.kind != RuleKind::VpnEndpoint {
+                moved.push(rule.prefix);
+            }
+        };
         let (mut i, mut j) = (0, 0);
         loop {
             match (olds.get(i), news.get(j)) {
@@ -115,19 +117,24 @@ impl Datapath {
                     gone.push(o.index);
                     fresh.push(n.index);
                     flagged.push((n.index, n.record()));
+                    source(o);
+                    source(n);
                     (i, j) = (i + 1, j + 1);
                 }
                 (Some(o), Some(n)) if o.index < n.index => {
                     gone.push(o.index);
+                    source(o);
                     i += 1;
                 }
                 (Some(o), None) => {
                     gone.push(o.index);
+                    source(o);
                     i += 1;
                 }
                 (_, Some(n)) => {
                     fresh.push(n.index);
                     flagged.push((n.index, n.record()));
+                    source(n);
                     j += 1;
                 }
                 (None, None) => break,
@@ -142,7 +149,11 @@ impl Datapath {
             gone,
             ports_added: new_ports.difference(&old_ports).copied().collect(),
             ports_removed: old_ports.difference(&new_ports).copied().collect(),
-            sources: Sources::Compare(old),
+            sources: if moved.is_empty() {
+                Sources::Unchanged
+            } else {
+                Sources::Changed(moved)
+            },
         };
         self.apply_diff(&diff, old.mode, new)
     }
@@ -166,7 +177,7 @@ impl Datapath {
     /// rules before the prefixes that point at them, narrow last.
     fn apply_diff(
         &mut self,
-        diff: &Diff<'_>,
+        diff: &Diff,
         old_mode: Mode,
         new: &Policy,
     ) -> Result<(), DatapathError> {
@@ -195,25 +206,19 @@ impl Datapath {
         self.set_rules(&diff.flagged)?;
         tracing::debug!(mib = ?crate::memory_mib(), "rules written");
         // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
-        let mut regions = None;
-        let new_trie = match &diff.sources {
+        // Only the /16s the change touched are rebuilt (`lookup::Regions`): at a million entries a
+        // rebuild of the whole costs 0.3-0.5 s and a second IPv4 table's memory. A change that
+        // touches too many rebuilds the whole.
+        let regions = match &diff.sources {
+            Sources::Changed(prefixes) => lookup::Regions::of(prefixes),
             Sources::Unchanged => None,
-            Sources::Changed(prefixes) => {
-                // Only the /16s the edit touched are rebuilt: at a million entries a rebuild of
-                // the whole costs 0.3-0.4 s and a second IPv4 table's memory.
-                regions = lookup::Regions::of(prefixes);
-                match &regions {
-                    Some(regions) => Some(new.trie_entries_where(|p| regions.overlaps(p))),
-                    None => Some(new.trie_entries()),
-                }
+        };
+        let new_trie = match (&diff.sources, &regions) {
+            (Sources::Unchanged, _) => None,
+            (Sources::Changed(_), Some(regions)) => {
+                Some(new.trie_entries_where(|p| regions.overlaps(p)))
             }
-            Sources::Compare(old) => {
-                let old_trie: FastMap<IpNet, u32> = old.trie_entries().into_iter().collect();
-                let new_trie = new.trie_entries();
-                let unchanged = new_trie.len() == old_trie.len()
-                    && new_trie.iter().all(|(p, i)| old_trie.get(p) == Some(i));
-                (!unchanged).then_some(new_trie)
-            }
+            (Sources::Changed(_), None) => Some(new.trie_entries()),
         };
         self.update_vpn_groups(new)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
