@@ -590,14 +590,13 @@ impl Live {
             }
         };
         drop(text);
-        let mut policy = match Policy::compile_after(&registry, Date::today(), Some(&self.policy)) {
+        let expiry = next_expiry(&registry);
+        // The registry goes into the policy (its names move, not copied); at a million entries it
+        // is the largest thing held while the policy is compiled.
+        let mut policy = match Policy::from_registry(registry, Date::today(), Some(&self.policy)) {
             Ok(p) => p,
             Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
         };
-        // The parsed registry is not needed past this point; at a million entries it is the
-        // largest thing held while the maps are filled.
-        let expiry = next_expiry(&registry);
-        drop(registry);
         tracing::debug!(mib = ?crate::memory_mib(), "policy compiled");
         if let Some(mode) = self.mode_override {
             policy.mode = mode;

@@ -119,7 +119,7 @@ impl Loaded {
         self.policy
             .rules
             .iter()
-            .position(|r| r.name == name)
+            .position(|r| &*r.name == name)
             .unwrap_or_else(|| panic!("no rule named {name} in the test registry"))
     }
 }
@@ -189,7 +189,7 @@ pub fn check_table(loaded: &Loaded, monitor: bool, cases: &[Case]) {
         if credited != want {
             let names: Vec<&str> = credited
                 .iter()
-                .map(|&i| loaded.policy.rules[i].name.as_str())
+                .map(|&i| &*loaded.policy.rules[i].name)
                 .collect();
             problems.push(format!(
                 "rules credited {names:?}, expected {:?}",

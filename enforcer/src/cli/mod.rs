@@ -222,11 +222,11 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
 fn validate(file: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
     match Registry::load(file) {
         Ok(registry) => {
-            let policy = Policy::compile(&registry, Date::today())?;
+            let policy = Policy::from_registry(registry, Date::today(), None)?;
             if json {
                 let out = serde_json::json!({
                     "valid": true,
-                    "mode": registry.mode,
+                    "mode": policy.mode,
                     "networks": policy.count(RuleKind::Network),
                     "devices": policy.count(RuleKind::Device),
                     "deny": policy.count(RuleKind::Deny),
@@ -235,7 +235,7 @@ fn validate(file: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
                 });
                 println!("{out:#}");
             } else {
-                println!("{}: valid (mode {})", file.display(), registry.mode);
+                println!("{}: valid (mode {})", file.display(), policy.mode);
                 println!("{}", summary(&policy));
                 for e in &policy.expired {
                     println!(
@@ -294,8 +294,7 @@ fn check(
     registry: &Path,
     json: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let registry = Registry::load(registry)?;
-    let policy = Policy::compile(&registry, Date::today())?;
+    let policy = Policy::from_registry(Registry::load(registry)?, Date::today(), None)?;
     // The kernel's order: the deny list first, then the VPN stage, then the allowlist.
     let deny = policy.check(addr, proto, port);
     let decision = match vpn {
@@ -432,11 +431,10 @@ fn run(
             // Entries the maps hold (an earlier run's) keep their rule numbers.
             let previous =
                 (!current.rules.is_empty() || !current.vpn_groups.is_empty()).then_some(&current);
-            let mut policy = Policy::compile_after(&registry, Date::today(), previous)?;
+            let mut policy = Policy::from_registry(registry, Date::today(), previous)?;
             if let Some(mode) = mode {
                 policy.mode = mode;
             }
-            drop(registry);
             tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "policy compiled");
             // The rule labels (`rules.json`, for `stats`) are written beside the fill: a million
             // take most of a second.

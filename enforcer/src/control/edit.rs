@@ -417,7 +417,7 @@ pub fn plan_add(
     // named by its prefix here, so this errs on the side of the whole way.)
     let name = match section {
         "deny" => registry.deny.first().and_then(|d| d.name.clone()),
-        _ => Some(rule.name.clone()),
+        _ => Some(rule.name.to_string()),
     };
     let allow = |k: RuleKind| matches!(k, RuleKind::Network | RuleKind::Device);
     let deny = |k: RuleKind| matches!(k, RuleKind::Deny | RuleKind::DenyFeed);
@@ -425,7 +425,7 @@ pub fn plan_add(
         policy
             .rules
             .iter()
-            .any(|r| r.kind != RuleKind::DenyFeed && r.name == name)
+            .any(|r| r.kind != RuleKind::DenyFeed && &*r.name == name)
     });
     let prefix_repeats = rule.kind != RuleKind::VpnEndpoint
         && policy.rules.iter().any(|r| {
@@ -597,7 +597,7 @@ pub fn plan_remove(
         match policy
             .rules
             .iter()
-            .find(|r| r.kind == kind && r.prefix == prefix && r.name == name)
+            .find(|r| r.kind == kind && r.prefix == prefix && *r.name == *name)
         {
             Some(rule) => remove.push(rule.index),
             None => return Plan::Full,
@@ -748,7 +748,7 @@ mod tests {
         let text = serde_json::to_string_pretty(&doc).expect("JSON") + "\n";
         let registry = Registry::parse(&text).map_err(|p| super::refusal(&p))?;
         let policy =
-            Policy::compile_after(&registry, today, Some(policy)).map_err(|e| e.to_string())?;
+            Policy::from_registry(registry, today, Some(policy)).map_err(|e| e.to_string())?;
         Ok((text, policy))
     }
 

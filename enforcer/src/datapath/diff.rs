@@ -426,9 +426,9 @@ impl Datapath {
             rules.push(CompiledRule {
                 index,
                 kind,
-                name: String::new(),
+                name: Box::default(),
                 prefix,
-                ports,
+                ports: ports.map(Vec::into_boxed_slice),
                 vpn: None,
             });
         }

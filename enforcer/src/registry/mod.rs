@@ -61,11 +61,11 @@ impl std::str::FromStr for Mode {
 pub struct Network {
     pub name: String,
     pub cidr: IpNet,
-    pub ministry: Option<String>,
+    pub ministry: Option<Box<str>>,
     /// `None`: every port and protocol.
-    pub ports: Option<Vec<PortSpec>>,
+    pub ports: Option<Box<[PortSpec]>>,
     pub expires: Option<Date>,
-    pub note: Option<String>,
+    pub note: Option<Box<str>>,
 }
 
 /// A pre-approved single device (a /32 or /128).
@@ -73,10 +73,10 @@ pub struct Network {
 pub struct Device {
     pub name: String,
     pub address: IpAddr,
-    pub owner: Option<String>,
-    pub ports: Option<Vec<PortSpec>>,
+    pub owner: Option<Box<str>>,
+    pub ports: Option<Box<[PortSpec]>>,
     pub expires: Option<Date>,
-    pub note: Option<String>,
+    pub note: Option<Box<str>>,
 }
 
 /// An approved VPN endpoint (enforced by the VPN stage; validated and kept here).
@@ -95,14 +95,14 @@ pub struct VpnEndpoint {
 pub struct DenyEntry {
     pub name: Option<String>,
     pub cidr: IpNet,
-    pub note: Option<String>,
+    pub note: Option<Box<str>>,
     pub expires: Option<Date>,
 }
 
 impl DenyEntry {
     /// How the entry is named in output: its name, or its CIDR.
-    pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.cidr.to_string())
+    pub fn into_label(self) -> String {
+        self.name.unwrap_or_else(|| self.cidr.to_string())
     }
 }
 

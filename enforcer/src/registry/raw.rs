@@ -262,7 +262,7 @@ impl<'t> EntryCheck<'t> {
         }
     }
 
-    fn ports(&mut self, specs: Option<&[String]>) -> Option<Option<Vec<PortSpec>>> {
+    fn ports(&mut self, specs: Option<&[String]>) -> Option<Option<Box<[PortSpec]>>> {
         let Some(specs) = specs else {
             return Some(None);
         };
@@ -284,7 +284,7 @@ impl<'t> EntryCheck<'t> {
                 }
             }
         }
-        ok.then_some(Some(parsed))
+        ok.then_some(Some(parsed.into_boxed_slice()))
     }
 
     fn name(&mut self, name: &str) -> bool {
@@ -306,10 +306,10 @@ fn network(check: &mut EntryCheck<'_>) -> Option<Network> {
     Some(Network {
         name: named.then_some(raw.name)?,
         cidr: cidr?,
-        ministry: raw.ministry,
+        ministry: raw.ministry.map(String::into_boxed_str),
         ports: ports?,
         expires: expires?,
-        note: raw.note,
+        note: raw.note.map(String::into_boxed_str),
     })
 }
 
@@ -323,10 +323,10 @@ fn device(check: &mut EntryCheck<'_>) -> Option<Device> {
     Some(Device {
         name: named.then_some(raw.name)?,
         address: address?,
-        owner: raw.owner,
+        owner: raw.owner.map(String::into_boxed_str),
         ports: ports?,
         expires: expires?,
-        note: raw.note,
+        note: raw.note.map(String::into_boxed_str),
     })
 }
 
@@ -379,7 +379,7 @@ fn deny(check: &mut EntryCheck<'_>) -> Option<DenyEntry> {
     Some(DenyEntry {
         name: raw.name,
         cidr: cidr?,
-        note: raw.note,
+        note: raw.note.map(String::into_boxed_str),
         expires: expires?,
     })
     .filter(|_| named)
