@@ -493,7 +493,7 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
             serde_json::json!({"networks": size, "seconds": took.as_secs_f64(), "peak_mib": peak}),
         );
     }
-    let live = live_changes_at_a_million(out, &enforcer)?;
+    let live = live_changes_at_a_million(out, &enforcer, &registry)?;
     Ok(
         serde_json::json!({"starts": starts, "allow_add_median_ms": median as f64 / 1000.0, "allow_add_p90_ms": p90 as f64 / 1000.0, "reloads": reloads, "live_at_1m": live}),
     )
@@ -506,13 +506,15 @@ fn reset_peak(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Live changes on the million-entry registry the controller now holds (after the reload):
-/// the first change (the whole registry: the generated file has no serial yet, and the
-/// change writes it), then entries added and removed and the mode switched in place; time from
-/// CLI start to return and the controller's peak memory over each kind.
+/// Live changes on the million-entry registry (`path`) the controller now holds (after the
+/// reload): the first change (the generated file has no serial yet, and the change writes it),
+/// then entries added and removed and the mode switched in place, then the whole-registry
+/// path: a change after a hand edit of the file, and a reload of a file with one entry added by
+/// hand. Time from CLI start to return and the controller's peak memory over each kind.
 fn live_changes_at_a_million(
     out: &mut String,
     enforcer: &enforcer_tests::daemon::Enforcer,
+    path: &std::path::Path,
 ) -> anyhow::Result<serde_json::Value> {
     let pid = enforcer.pid().context("the controller runs")?;
     let cli = |args: &[&str]| -> anyhow::Result<(f64, String)> {
@@ -534,11 +536,27 @@ fn live_changes_at_a_million(
         ))
     };
     let mut rows = Vec::new();
-    let mut measure = |label: &str, runs: Vec<Vec<String>>| -> anyhow::Result<()> {
+    // An entry added to the file by hand (as an administrator's editor would), before a run.
+    let edits = std::cell::Cell::new(0);
+    let hand_edit = || -> anyhow::Result<()> {
+        let i = edits.replace(edits.get() + 1);
+        let text = std::fs::read_to_string(path)?;
+        let entry = format!(r#"{{"name": "hand-{i}", "cidr": "10.253.{i}.0/24"}}, "#);
+        let at = text
+            .find(r#""networks": ["#)
+            .context("no networks section")?
+            + 13;
+        std::fs::write(path, format!("{}{entry}{}", &text[..at], &text[at..]))?;
+        Ok(())
+    };
+    let mut measure = |label: &str, runs: Vec<Vec<String>>, by_hand: bool| -> anyhow::Result<()> {
         reset_peak(pid)?;
         let mut times = Vec::new();
         let mut ways = std::collections::BTreeSet::new();
         for args in &runs {
+            if by_hand {
+                hand_edit()?;
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let (took, way) = cli(&args)?;
             times.push(took);
@@ -566,13 +584,14 @@ fn live_changes_at_a_million(
             format!("live-{i}"),
         ]
     };
-    measure("first change (allow add)", vec![add(0)])?;
-    measure("allow add", (1..=5).map(add).collect())?;
+    measure("first change (allow add)", vec![add(0)], false)?;
+    measure("allow add", (1..=5).map(add).collect(), false)?;
     measure(
         "allow remove",
         (1..=5)
             .map(|i| vec!["allow".into(), "remove".into(), format!("live-{i}")])
             .collect(),
+        false,
     )?;
     measure(
         "mode switch",
@@ -580,6 +599,17 @@ fn live_changes_at_a_million(
             .iter()
             .map(|m| vec!["mode".into(), (*m).to_string()])
             .collect(),
+        false,
+    )?;
+    measure(
+        "allow add after a hand edit of the file",
+        (6..=8).map(add).collect(),
+        true,
+    )?;
+    measure(
+        "reload with one entry added by hand",
+        vec![vec!["reload".to_string()]; 3],
+        true,
     )?;
     Ok(serde_json::json!(rows))
 }
