@@ -383,11 +383,7 @@ impl Live {
             self.policy.undo(change);
             return Some(cut_off_refusal(&cut));
         }
-        let (policy, datapath, id) = (&self.policy, &mut self.datapath, &self.id);
-        let (applied, labels) = std::thread::scope(|scope| {
-            let labels = scope.spawn(|| State::prepare_rules(id, &crate::cli::rule_labels(policy)));
-            (datapath.apply_change(&change, policy), labels.join())
-        });
+        let applied = self.datapath.apply_change(&change, &self.policy);
         tracing::debug!(mib = ?crate::memory_mib(), "in place: applied");
         let written = applied
             .map_err(|e| format!("applying to the kernel failed: {e}"))
@@ -408,7 +404,7 @@ impl Live {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.commit_state(labels);
+        self.commit_state_in_place(&change);
         self.audit(uid, verb, entry, approval, serial - 1, serial);
         Some(Response::ok(
             what,
@@ -470,6 +466,24 @@ impl Live {
             format!("mode {mode}"),
             json!({"serial": serial, "applied": "in_place"}),
         ))
+    }
+
+    /// Writes the state file and records an in-place change's rule labels in the journal
+    /// beside `rules.json` (or, when the journal is full, writes them whole).
+    fn commit_state_in_place(&mut self, change: &crate::policy::RuleChange) {
+        let gone: Vec<u32> = change.removed.iter().map(|r| r.index).collect();
+        let added: Vec<crate::instance::RuleLabel> =
+            change.added.iter().map(crate::cli::rule_label).collect();
+        let written = self.state.write(&self.id).and_then(|()| {
+            if State::journal_rules(&self.id.state_file(), &gone, &added)? {
+                Ok(())
+            } else {
+                State::write_rules(&self.id, &crate::cli::rule_labels(&self.policy))
+            }
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot update the state file (stats may show old rule names)");
+        }
     }
 
     /// Writes the state file and puts the prepared rule labels in place.

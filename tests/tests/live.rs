@@ -333,6 +333,28 @@ fn changes_are_made_in_place_unless_the_file_was_edited_by_hand() {
         )
     };
     let applied = |r: &Response| r.data["applied"].as_str().unwrap_or_default().to_string();
+    // What `stats` names (`rules.json` and, after in-place changes, its journal), each rule
+    // number once.
+    let stats_names = || -> Vec<String> {
+        let stats = s.enforcer.stats().unwrap();
+        let rules = stats.0["rules"].as_array().unwrap().clone();
+        let mut indices: Vec<u64> = rules.iter().map(|r| r["index"].as_u64().unwrap()).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        assert_eq!(
+            indices.len(),
+            rules.len(),
+            "each rule number once: {rules:?}"
+        );
+        rules
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let journal = InstanceId::parse(&s.enforcer.instance)
+        .unwrap()
+        .state_file()
+        .with_file_name("rules.journal");
     // The demo file has no serial yet: the first change writes one after the mode.
     let first = add("first", "192.0.2.128/26");
     assert!(first.ok, "{}", first.message);
@@ -356,6 +378,15 @@ fn changes_are_made_in_place_unless_the_file_was_edited_by_hand() {
     );
     assert!(kernel_allow_v4(&s.enforcer.instance).contains(&"192.0.2.192/26".to_string()));
     assert!(!kernel_allow_v4(&s.enforcer.instance).contains(&"192.0.2.128/26".to_string()));
+    let named = stats_names();
+    assert!(
+        named.contains(&"second".to_string()) && !named.contains(&"first".to_string()),
+        "stats names the rules in force: {named:?}"
+    );
+    assert!(
+        journal.exists(),
+        "in-place changes are journalled, not written whole"
+    );
     let duplicate = add("third", "192.0.2.192/26");
     assert!(!duplicate.ok, "a repeated prefix is refused");
     assert!(
@@ -399,9 +430,22 @@ fn changes_are_made_in_place_unless_the_file_was_edited_by_hand() {
             && kernel.contains(&"192.0.2.96/27".to_string()),
         "both in force: {kernel:?}"
     );
+    assert!(
+        !journal.exists(),
+        "a whole-registry change writes the labels whole"
+    );
+    let named = stats_names();
+    for name in ["second", "by-hand", "fifth"] {
+        assert!(named.contains(&name.to_string()), "{name} in {named:?}");
+    }
     // The file is the daemon's again: in place.
     let next = add("sixth", "192.0.2.32/28");
     assert_eq!(applied(&next), "in_place", "{next:?}");
+    let named = stats_names();
+    assert!(
+        named.contains(&"sixth".to_string()) && named.contains(&"fifth".to_string()),
+        "{named:?}"
+    );
     for mode in [registry::Mode::Monitor, registry::Mode::Enforce] {
         let switched = send(&socket, Request::Mode { mode });
         assert!(switched.ok, "{}", switched.message);

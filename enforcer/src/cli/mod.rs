@@ -718,6 +718,16 @@ fn stats(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// One rule's label, as `rule_labels` writes it.
+pub fn rule_label(rule: &crate::policy::CompiledRule) -> crate::instance::RuleLabel {
+    crate::instance::RuleLabel {
+        index: rule.index,
+        kind: rule.kind.as_str().to_string(),
+        name: rule.name.to_string(),
+        prefix: rule.prefix.to_string(),
+    }
+}
+
 /// Rule labels for `stats`, from a compiled policy.
 pub fn rule_labels(policy: &Policy) -> impl serde::Serialize + '_ {
     /// `RuleLabel`'s fields, borrowed from the rule.
