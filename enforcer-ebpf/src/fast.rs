@@ -1,14 +1,14 @@
-//! The fast path: the verdict on the commonest packet of a flood, an untagged IPv4 or IPv6
-//! TCP/UDP datagram from a source the registry does not list (or denies), in a few reads, before
-//! the full parse. It decides only where `decide` would decide the same, and counts the same;
-//! anything else (an allowed source, VLAN tags, IPv4 options, IPv6 extension headers,
-//! fragments, other protocols, a payload that could carry a VPN signature, or a VPN state that
-//! needs the full stage) goes the full way.
+//! The fast path: the verdict on the commonest packets, an untagged IPv4 or IPv6 TCP/UDP
+//! datagram (from a source the registry does not list, denies or allows: a flood, or the
+//! e-Office's own traffic), in a few reads, before the full parse. It decides only where
+//! `decide` would decide the same, and counts the same; anything else (VLAN tags, IPv4 options,
+//! IPv6 extension headers, fragments, other protocols, a payload that could carry a VPN
+//! signature, or a VPN state that needs the full stage) goes the full way.
 
 use aya_ebpf::programs::XdpContext;
-use enforcer_common::{Config, RULE_DENY, RULE_FEED, Reason};
+use enforcer_common::{Config, PortKey, RULE_ANY_PORT, RULE_DENY, RULE_FEED, Reason};
 
-use crate::{CONFIG, RULES, Verdict, parse, record, source, vpn};
+use crate::{CONFIG, PORT_RULES, RULES, Verdict, parse, record, source, vpn};
 
 /// Returned when the full path must decide (no XDP action has this number).
 pub const UNDECIDED: u32 = u32::MAX;
@@ -76,13 +76,14 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
         dst_port_be,
         payload,
     } = *transport;
-    if entry != 0 {
-        let rule = entry - 1;
-        // Only a deny range decides before the VPN stage; an allowed source goes the full way.
-        let flags = RULES.get(rule).map_or(0, |r| r.flags);
-        if flags & RULE_DENY == 0 {
-            return undecided(entry);
-        }
+    let rule = entry.wrapping_sub(1);
+    let flags = if entry != 0 {
+        RULES.get(rule).map_or(0, |r| r.flags)
+    } else {
+        0
+    };
+    // 3. A deny range decides before the VPN stage.
+    if entry != 0 && flags & RULE_DENY != 0 {
         let reason = if flags & RULE_FEED != 0 {
             Reason::DeniedFeed
         } else {
@@ -90,7 +91,7 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
         };
         return decided(record(ctx, mode, Verdict::new(reason, rule)));
     }
-    // No entry at all: the VPN stage decides if the payload could carry a signature.
+    // 4. The VPN stage decides if the payload could carry a signature (whatever the source).
     let (src_port, dst_port) = (
         u16::from_be_bytes(src_port_be),
         u16::from_be_bytes(dst_port_be),
@@ -102,6 +103,21 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
     };
     if may_be_vpn {
         return undecided(entry);
+    }
+    // 5. An allowed source's ports, as `check_ports` decides them for a whole datagram.
+    if entry != 0 {
+        let key = PortKey {
+            rule,
+            port_be: dst_port_be,
+            proto,
+            _pad: 0,
+        };
+        let reason = if flags & RULE_ANY_PORT != 0 || PORT_RULES.get_ptr(key).is_some() {
+            Reason::Allowed
+        } else {
+            Reason::PortNotAllowed
+        };
+        return decided(record(ctx, mode, Verdict::new(reason, rule)));
     }
     // A constant verdict: the compiler folds the accounting to one counter slot.
     decided(record(
