@@ -6,9 +6,9 @@
 //! signature, or a VPN state that needs the full stage) goes the full way.
 
 use aya_ebpf::programs::XdpContext;
-use enforcer_common::{Config, PortKey, RULE_ANY_PORT, RULE_DENY, RULE_FEED, Reason};
+use enforcer_common::{Config, RULE_ANY_PORT, RULE_DENY, Reason};
 
-use crate::{CONFIG, PORT_RULES, RULES, Verdict, parse, record, source, vpn};
+use crate::{CONFIG, Verdict, deny_reason, entry_flags, parse, port_listed, record, source, vpn};
 
 /// Returned when the full path must decide (no XDP action has this number).
 pub const UNDECIDED: u32 = u32::MAX;
@@ -77,19 +77,10 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
         payload,
     } = *transport;
     let rule = entry.wrapping_sub(1);
-    let flags = if entry != 0 {
-        RULES.get(rule).map_or(0, |r| r.flags)
-    } else {
-        0
-    };
+    let flags = entry_flags(entry);
     // 3. A deny range decides before the VPN stage.
     if entry != 0 && flags & RULE_DENY != 0 {
-        let reason = if flags & RULE_FEED != 0 {
-            Reason::DeniedFeed
-        } else {
-            Reason::Denied
-        };
-        return decided(record(ctx, mode, Verdict::new(reason, rule)));
+        return decided(record(ctx, mode, Verdict::new(deny_reason(flags), rule)));
     }
     // 4. The VPN stage decides if the payload could carry a signature (whatever the source).
     let (src_port, dst_port) = (
@@ -106,13 +97,7 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
     }
     // 5. An allowed source's ports, as `check_ports` decides them for a whole datagram.
     if entry != 0 {
-        let key = PortKey {
-            rule,
-            port_be: dst_port_be,
-            proto,
-            _pad: 0,
-        };
-        let reason = if flags & RULE_ANY_PORT != 0 || PORT_RULES.get_ptr(key).is_some() {
+        let reason = if flags & RULE_ANY_PORT != 0 || port_listed(rule, proto, dst_port_be) {
             Reason::Allowed
         } else {
             Reason::PortNotAllowed

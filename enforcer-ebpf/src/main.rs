@@ -131,18 +131,9 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
     };
     let listed = entry != 0;
     let rule = entry.wrapping_sub(1);
-    let flags = if listed {
-        RULES.get(rule).map_or(0, |r| r.flags)
-    } else {
-        0
-    };
+    let flags = entry_flags(entry);
     if listed && flags & RULE_DENY != 0 {
-        let reason = if flags & RULE_FEED != 0 {
-            Reason::DeniedFeed
-        } else {
-            Reason::Denied
-        };
-        return Verdict::new(reason, rule);
+        return Verdict::new(deny_reason(flags), rule);
     }
     // 4. A VPN packet passes only to or from an endpoint approved for its protocol, whatever
     //    its source: an allowlisted network may not open an unapproved VPN either.
@@ -201,15 +192,7 @@ fn check_ports(packet: &IpPacket, rule: u32, flags: u32) -> Reason {
         return Reason::Allowed;
     }
     let allowed = match packet.l4 {
-        L4::Ports { dst_port_be, .. } => {
-            let key = PortKey {
-                rule,
-                port_be: dst_port_be,
-                proto: packet.proto,
-                _pad: 0,
-            };
-            PORT_RULES.get_ptr(key).is_some()
-        }
+        L4::Ports { dst_port_be, .. } => port_listed(rule, packet.proto, dst_port_be),
         L4::Icmp => flags & RULE_ICMP != 0,
         L4::Other { .. } => false,
         L4::Unknown => {
@@ -228,6 +211,37 @@ fn check_ports(packet: &IpPacket, rule: u32, flags: u32) -> Reason {
         let _ = FRAGMENTS.insert(fragment_key(packet), 1, 0);
     }
     Reason::Allowed
+}
+
+/// The `RULE_*` flags of the entry the source lookup found (`rule + 1`), or 0 for none.
+#[inline(always)]
+fn entry_flags(entry: u32) -> u32 {
+    if entry == 0 {
+        return 0;
+    }
+    RULES.get(entry - 1).map_or(0, |r| r.flags)
+}
+
+/// Why a deny range with these flags drops: a registry entry or a deny feed.
+#[inline(always)]
+const fn deny_reason(flags: u32) -> Reason {
+    if flags & RULE_FEED != 0 {
+        Reason::DeniedFeed
+    } else {
+        Reason::Denied
+    }
+}
+
+/// Whether a port-restricted rule lists (protocol, destination port).
+#[inline(always)]
+fn port_listed(rule: u32, proto: u8, port_be: [u8; 2]) -> bool {
+    let key = PortKey {
+        rule,
+        port_be,
+        proto,
+        _pad: 0,
+    };
+    PORT_RULES.get_ptr(key).is_some()
 }
 
 #[inline(always)]
