@@ -5,6 +5,7 @@
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
 // LLVM lowers this intrinsic to BPF's atomic add.
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![expect(
     internal_features,
     reason = "atomic_xadd is the only atomic add on this target"

@@ -1,6 +1,8 @@
 //! Frame parsing: the only module that touches packet memory. Every read goes through `ptr_at`,
-//! which checks the read against `data_end` first; lengths come from the headers (IPv4 `tot_len`,
-//! IPv6 `payload_len`), never from the frame end, because short frames arrive padded.
+//! which checks the read against `data_end` first, except the fast path's word loads in
+//! `plain_v4` and `plain_v6`, which follow one bound check of their own; lengths come from the
+//! headers (IPv4 `tot_len`, IPv6 `payload_len`), never from the frame end, because short frames
+//! arrive padded.
 
 use core::mem::size_of;
 
@@ -270,42 +272,72 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
 /// `parse_frame` would call malformed, link control or a fragment: those take the full parse.
 /// Where this returns a packet, `parse_frame` returns the same source, protocol, ports and
 /// payload (the fast path in `fast.rs` depends on it).
+///
+/// The header fields arrive in six word loads written as BPF assembly. LLVM's BPF backend
+/// compiles a read it cannot prove aligned (a frame pointer has none it knows of) into byte
+/// loads, shifts and ORs, and its option for misaligned loads applies to the whole program,
+/// where it also emits misaligned stack stores the verifier refuses. The kernel allows a
+/// misaligned packet load where the CPU handles one (x86-64, arm64: no strict alignment there)
+/// and checks its bounds like any other load. The verifier walks 65,900 instructions of the
+/// whole program instead of 80,100.
 #[inline(always)]
 pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     const L3: usize = ETH_HDR_LEN;
     const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
-    // 16-bit fields as numbers. LLVM's BPF backend compiles a misaligned read to byte loads; its
-    // feature for misaligned loads (`allows-misaligned-mem-access`) applies to the whole program
-    // only (the backend ignores it on one function), where it also emits misaligned stack
-    // stores the verifier refuses.
-    let word = |offset: usize| -> Option<u16> {
-        let ptr = ptr_at::<[u8; 2]>(ctx, offset).ok()?;
-        // SAFETY: ptr_at checked that the two bytes lie inside the frame.
-        Some(u16::from_be(unsafe {
-            core::ptr::read_unaligned(ptr.cast::<u16>())
-        }))
-    };
+    let data = ctx.data();
     // Verifier: one bound check covers the Ethernet and IPv4 headers and the UDP header (the
     // shorter of the two transport headers); TCP's is checked below.
-    ptr_at::<[u8; L4 + UDP_HDR_LEN]>(ctx, 0).ok()?;
-    let (ether_type, version_ihl_tos, tot_len, frag_off, ttl_proto) = (
-        word(12)?,
-        word(L3)?,
-        usize::from(word(L3 + 2)?),
-        word(L3 + 6)?,
-        word(L3 + 8)?,
-    );
-    let proto = ttl_proto as u8;
+    if data + L4 + UDP_HDR_LEN > ctx.data_end() {
+        return None;
+    }
+    let (w12, w16, w20, src, ports, udp_len): (u64, u64, u64, u64, u64, u64);
+    // SAFETY: six 4-byte loads inside the bytes checked above, at their offsets from the frame
+    // start: EtherType and version, total length, fragment bits and protocol, source address,
+    // ports, UDP length (meaningless for TCP, and then unused).
+    unsafe {
+        core::arch::asm!(
+            "{w12} = *(u32 *)({data} + 12)",
+            "{w16} = *(u32 *)({data} + 16)",
+            "{w20} = *(u32 *)({data} + 20)",
+            "{src} = *(u32 *)({data} + 26)",
+            "{ports} = *(u32 *)({data} + 34)",
+            "{udp_len} = *(u32 *)({data} + 38)",
+            data = in(reg) data,
+            w12 = lateout(reg) w12,
+            w16 = lateout(reg) w16,
+            w20 = lateout(reg) w20,
+            src = lateout(reg) src,
+            ports = lateout(reg) ports,
+            udp_len = lateout(reg) udp_len,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    let [type_hi, type_lo, version_ihl, _] = bytes(w12);
+    let [len_hi, len_lo, ..] = bytes(w16);
+    let [frag_hi, frag_lo, _, proto] = bytes(w20);
     // 0x45: version 4, no options. Only DF may be set among the fragment bits.
-    if ether_type != ETH_P_IPV4 || version_ihl_tos >> 8 != 0x45 || frag_off & !IPV4_DF != 0 {
+    if u16::from_be_bytes([type_hi, type_lo]) != ETH_P_IPV4
+        || version_ihl != 0x45
+        || u16::from_be_bytes([frag_hi, frag_lo]) & !IPV4_DF != 0
+    {
         return None;
     }
-    if tot_len < IPV4_MIN_HDR_LEN || ctx.data() + L3 + tot_len > ctx.data_end() {
+    let tot_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    if tot_len < IPV4_MIN_HDR_LEN || data + L3 + tot_len > ctx.data_end() {
         return None;
     }
-    let src = read::<4>(ctx, L3 + 12)?;
-    let transport = plain_transport(ctx, L4, tot_len - IPV4_MIN_HDR_LEN, proto)?;
-    Some(PlainV4 { src, transport })
+    let transport = plain_transport(
+        ctx,
+        L4,
+        tot_len - IPV4_MIN_HDR_LEN,
+        proto,
+        bytes(ports),
+        bytes(udp_len),
+    )?;
+    Some(PlainV4 {
+        src: bytes(src),
+        transport,
+    })
 }
 
 /// The same for IPv6: untagged Ethernet, an IPv6 header whose next header is TCP or UDP (no
@@ -315,35 +347,69 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
 pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
     const L3: usize = ETH_HDR_LEN;
     const L4: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+    let data = ctx.data();
     // Verifier: one bound check covers the Ethernet and IPv6 headers and a UDP header.
-    ptr_at::<[u8; L4 + UDP_HDR_LEN]>(ctx, 0).ok()?;
-    let [ether_type_hi, ether_type_lo] = read::<2>(ctx, 12)?;
-    let [version_class, ..] = read::<1>(ctx, L3)?;
-    let [len_hi, len_lo, proto] = read::<3>(ctx, L3 + 4)?;
+    if data + L4 + UDP_HDR_LEN > ctx.data_end() {
+        return None;
+    }
+    let (w12, w18, src_hi, src_lo, ports, udp_len): (u64, u64, u64, u64, u64, u64);
+    // SAFETY: loads inside the bytes checked above (EtherType and version, payload length and
+    // next header, the source address's two halves, ports, UDP length), as in `plain_v4`.
+    unsafe {
+        core::arch::asm!(
+            "{w12} = *(u32 *)({data} + 12)",
+            "{w18} = *(u32 *)({data} + 18)",
+            "{src_hi} = *(u64 *)({data} + 22)",
+            "{src_lo} = *(u64 *)({data} + 30)",
+            "{ports} = *(u32 *)({data} + 54)",
+            "{udp_len} = *(u32 *)({data} + 58)",
+            data = in(reg) data,
+            w12 = lateout(reg) w12,
+            w18 = lateout(reg) w18,
+            src_hi = lateout(reg) src_hi,
+            src_lo = lateout(reg) src_lo,
+            ports = lateout(reg) ports,
+            udp_len = lateout(reg) udp_len,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    let [type_hi, type_lo, version_class, _] = bytes(w12);
+    let [len_hi, len_lo, proto, _] = bytes(w18);
     let payload_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
     // payload_len 0 would be a jumbogram, which `parse_frame` calls malformed.
-    if u16::from_be_bytes([ether_type_hi, ether_type_lo]) != ETH_P_IPV6
+    if u16::from_be_bytes([type_hi, type_lo]) != ETH_P_IPV6
         || version_class >> 4 != 6
         || payload_len == 0
-        || ctx.data() + L3 + IPV6_HDR_LEN + payload_len > ctx.data_end()
+        || data + L3 + IPV6_HDR_LEN + payload_len > ctx.data_end()
     {
         return None;
     }
-    let src = read::<16>(ctx, L3 + 8)?;
-    let transport = plain_transport(ctx, L4, payload_len, proto)?;
+    let transport = plain_transport(ctx, L4, payload_len, proto, bytes(ports), bytes(udp_len))?;
+    let mut src = [0u8; 16];
+    src[..8].copy_from_slice(&src_hi.to_ne_bytes());
+    src[8..].copy_from_slice(&src_lo.to_ne_bytes());
     Some(PlainV6 { src, transport })
+}
+
+/// The 4 frame bytes a 32-bit load put in the low half of `word`, in frame order.
+#[inline(always)]
+fn bytes(word: u64) -> [u8; 4] {
+    (word as u32).to_ne_bytes()
 }
 
 /// A TCP or UDP header at `l4` in an IP payload of `ip_payload_len` bytes, checked as
 /// `parse_l4` checks it: its ports and payload, or `None` (another protocol, or malformed).
+/// `ports` and `udp_len` are the header's first two words, read by the caller.
 #[inline(always)]
 fn plain_transport(
     ctx: &XdpContext,
     l4: usize,
     ip_payload_len: usize,
     proto: u8,
+    ports: [u8; 4],
+    udp_len: [u8; 4],
 ) -> Option<Transport> {
-    let (src_port_be, dst_port_be) = (read::<2>(ctx, l4)?, read::<2>(ctx, l4 + 2)?);
+    let [src_hi, src_lo, dst_hi, dst_lo] = ports;
     let payload = match proto {
         IPPROTO_TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, l4).ok()?;
@@ -361,8 +427,7 @@ fn plain_transport(
             }
         }
         IPPROTO_UDP => {
-            let [hi, lo] = read::<2>(ctx, l4 + 4)?;
-            let udp_len = usize::from(u16::from_be_bytes([hi, lo]));
+            let udp_len = usize::from(u16::from_be_bytes([udp_len[0], udp_len[1]]));
             if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
                 return None;
             }
@@ -378,8 +443,8 @@ fn plain_transport(
     };
     Some(Transport {
         proto,
-        src_port_be,
-        dst_port_be,
+        src_port_be: [src_hi, src_lo],
+        dst_port_be: [dst_hi, dst_lo],
         payload,
     })
 }
