@@ -93,6 +93,35 @@ pub fn baseline_lpm(ctx: XdpContext) -> u32 {
     }
 }
 
+#[map]
+static BASELINE_COUNT: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// What any enforcer must do for a flood's packet, and nothing more: read the EtherType (the
+/// frame's first cache line) and the IPv4 source (its second), count the drop in packets and
+/// bytes per CPU, drop. A floor for the flood: the enforcer does this plus the policy.
+#[xdp]
+pub fn baseline_read_count(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let at = start + ETH_HDR_LEN + IPV4_SRC_OFFSET;
+    if at + 4 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: both reads lie before `at + 4`, checked against data_end just above.
+    let (ether_type, src) = unsafe { (*((start + 12) as *const [u8; 2]), *(at as *const [u8; 4])) };
+    if ether_type != [0x08, 0x00] || src == [0; 4] {
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(count) = BASELINE_COUNT.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe {
+            (*count)[0] += 1;
+            (*count)[1] += (end - start) as u64;
+        }
+    }
+    xdp_action::XDP_DROP
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -850,6 +850,13 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let lab = FloodLab::new()?;
     let floor = attach_floor(&lab, "baseline_drop", &[])?;
     add("bare XDP_DROP".into(), lab, Filter::Program(floor));
+    let lab = FloodLab::new()?;
+    let floor = attach_floor(&lab, "baseline_read_count", &[])?;
+    add(
+        "read EtherType + source, count (floor)".into(),
+        lab,
+        Filter::Program(floor),
+    );
     for size in [10usize, 100_000] {
         let text = Distribution::Realistic.registry(size);
         let prefixes = v4_prefixes(&text);
