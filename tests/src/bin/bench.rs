@@ -814,80 +814,122 @@ struct Receiver {
     label: String,
     lab: FloodLab,
     filter: Filter,
+    setup: Setup,
     rates: Vec<f64>,
     softirq: Vec<f64>,
     program_ns: Option<f64>,
 }
 
+/// How a receiver is set up. The XDP receivers are set up anew on a fresh lab (namespaces and
+/// veth pair) every round: two labs running the same program differ by 2–5 % in rate, a lab's
+/// bias that would otherwise follow its receiver through the whole run (within one lab, two
+/// loads of one program differ by 1–2 %; scratch harness, 2026-11-28).
+enum Setup {
+    Floor {
+        program: &'static str,
+        prefixes: Vec<Ipv4Net>,
+    },
+    Enforcer {
+        registry: std::path::PathBuf,
+    },
+    /// nftables and iptables receivers keep their lab: loading a 100,000-entry set takes
+    /// seconds, and they are far from the XDP receivers' rates anyway.
+    Kept,
+}
+
+impl Setup {
+    fn lab(&self) -> anyhow::Result<(FloodLab, Filter)> {
+        let lab = FloodLab::new()?;
+        let filter = match self {
+            Setup::Floor { program, prefixes } => {
+                Filter::Program(attach_floor(&lab, program, prefixes)?)
+            }
+            Setup::Enforcer { registry } => Filter::Enforcer(
+                enforcer_tests::daemon::Enforcer::start(&lab.rx, flood::IFACE, registry, &[])?,
+            ),
+            Setup::Kept => anyhow::bail!("a kept receiver is not set up again"),
+        };
+        Ok((lab, filter))
+    }
+}
+
+/// Stops what a receiver runs (an enforcer daemon, and its attachment) before its lab goes.
+fn retire(filter: Filter) -> anyhow::Result<()> {
+    if let Filter::Enforcer(mut enforcer) = filter {
+        enforcer.stop()?;
+        enforcer.detach()?;
+    }
+    Ok(())
+}
+
 /// The flood: drop rate and receiver CPU per packet of every filter, at 10 and 100,000 entries,
 /// all in one run. Every receiver is set up first, then the rounds go through all of them in
 /// turn (one flood each, in an order shuffled per round), so drifts of this shared machine
-/// spread over all receivers alike; the figures are medians over the rounds.
+/// spread over all receivers alike; the XDP receivers get a fresh lab each round (`Setup`). The
+/// figures are medians over the rounds.
 fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
-    use enforcer_tests::{daemon::Enforcer, vpn::TempDir};
+    use enforcer_tests::vpn::TempDir;
 
     let dir = TempDir::new("enf-flood")?;
     let mut receivers: Vec<Receiver> = Vec::new();
-    let mut add = |label: String, lab: FloodLab, filter: Filter| {
+    let mut add = |label: String, setup: Setup| -> anyhow::Result<()> {
+        let (lab, filter) = setup.lab()?;
         receivers.push(Receiver {
             label,
             lab,
             filter,
+            setup,
             rates: Vec::new(),
             softirq: Vec::new(),
             program_ns: None,
         });
+        Ok(())
+    };
+    let floor = |program: &'static str, prefixes: &[Ipv4Net]| Setup::Floor {
+        program,
+        prefixes: prefixes.to_vec(),
     };
     // The stack's receivers sit behind a pass-through XDP program: a veth takes XDP frames only
     // when its peer runs XDP (about 10 ns of the figures below, the bare XDP_PASS cost).
-    let lab = FloodLab::new()?;
-    let pass = attach_floor(&lab, "baseline_pass", &[])?;
     add(
         "XDP_PASS, then the stack drops it".into(),
-        lab,
-        Filter::Program(pass),
-    );
-    let lab = FloodLab::new()?;
-    let floor = attach_floor(&lab, "baseline_drop", &[])?;
-    add("bare XDP_DROP".into(), lab, Filter::Program(floor));
-    let lab = FloodLab::new()?;
-    let floor = attach_floor(&lab, "baseline_read_count", &[])?;
+        floor("baseline_pass", &[]),
+    )?;
+    add("bare XDP_DROP".into(), floor("baseline_drop", &[]))?;
     add(
         "read EtherType + source, count (floor)".into(),
-        lab,
-        Filter::Program(floor),
-    );
+        floor("baseline_read_count", &[]),
+    )?;
+    let mut kept = Vec::new();
     for size in [10usize, 100_000] {
         let text = Distribution::Realistic.registry(size);
         let prefixes = v4_prefixes(&text);
-        let lab = FloodLab::new()?;
-        let floor = attach_floor(&lab, "baseline_lpm", &prefixes)?;
         add(
             format!("one LPM-trie lookup (floor), {size}"),
-            lab,
-            Filter::Program(floor),
-        );
-        let lab = FloodLab::new()?;
+            floor("baseline_lpm", &prefixes),
+        )?;
         let registry = dir.0.join(format!("registry-{size}.json"));
         std::fs::write(&registry, &text)?;
-        let enforcer = Enforcer::start(&lab.rx, flood::IFACE, &registry, &[])?;
-        add(format!("enforcer, {size}"), lab, Filter::Enforcer(enforcer));
+        add(format!("enforcer, {size}"), Setup::Enforcer { registry })?;
         let lab = FloodLab::new()?;
         nft_allowlist(&lab, &prefixes, &dir.0)?;
         let pass = attach_floor(&lab, "baseline_pass", &[])?;
-        add(
-            format!("nftables set (netdev ingress), {size}"),
-            lab,
-            Filter::Rules(pass),
-        );
+        kept.push((format!("nftables set (netdev ingress), {size}"), lab, pass));
         let lab = FloodLab::new()?;
         ipset_allowlist(&lab, &prefixes, &dir.0)?;
         let pass = attach_floor(&lab, "baseline_pass", &[])?;
-        add(
-            format!("iptables + ipset hash:net, {size}"),
+        kept.push((format!("iptables + ipset hash:net, {size}"), lab, pass));
+    }
+    for (label, lab, pass) in kept {
+        receivers.push(Receiver {
+            label,
             lab,
-            Filter::Rules(pass),
-        );
+            filter: Filter::Rules(pass),
+            setup: Setup::Kept,
+            rates: Vec::new(),
+            softirq: Vec::new(),
+            program_ns: None,
+        });
     }
     for r in &receivers {
         r.lab.flood(FLOOD_FRAMES / 4, FLOOD_CPU)?;
@@ -897,6 +939,17 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     // a scratch harness), so no receiver keeps the same place.
     let mut rng = Rng(0x00F1_00D5);
     for round in 0..FLOOD_ROUNDS {
+        if round > 0 {
+            for r in &mut receivers {
+                if matches!(r.setup, Setup::Kept) {
+                    continue;
+                }
+                let (lab, filter) = r.setup.lab()?;
+                retire(std::mem::replace(&mut r.filter, filter))?;
+                r.lab = lab;
+                r.lab.flood(FLOOD_FRAMES / 4, FLOOD_CPU)?;
+            }
+        }
         let mut order: Vec<usize> = (0..receivers.len()).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, usize::try_from(rng.next_u64() % (i as u64 + 1))?);
@@ -948,7 +1001,7 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     };
     writeln!(
         out,
-        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved in an order shuffled per round; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
+        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved in an order shuffled per round, the XDP receivers on a fresh veth lab each round; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
         flood::SOURCES
     )?;
     writeln!(
@@ -976,10 +1029,7 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
         }));
     }
     for r in receivers {
-        if let Filter::Enforcer(mut enforcer) = r.filter {
-            enforcer.stop()?;
-            enforcer.detach()?;
-        }
+        retire(r.filter)?;
     }
     Ok(serde_json::json!(rows))
 }
