@@ -267,6 +267,26 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
     }
 }
 
+/// Frame fields in one block of BPF loads, `name = size @ offset` from the frame start `data`
+/// (see `plain_v4` for why assembly), as a tuple of 64-bit registers in the order given.
+///
+/// # Safety
+/// Every load must lie inside the frame; the caller has checked it against `data_end` (the
+/// verifier checks it again).
+macro_rules! frame_loads {
+    ($data:expr; $($name:ident = $size:ident @ $offset:literal),+ $(,)?) => {{
+        $(let $name: u64;)+
+        core::arch::asm!(
+            $(concat!("{", stringify!($name), "} = *(", stringify!($size), " *)({data} + ",
+                stringify!($offset), ")"),)+
+            data = in(reg) $data,
+            $($name = lateout(reg) $name,)+
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        ($($name),+)
+    }};
+}
+
 /// The commonest frame in a few reads: untagged Ethernet, an IPv4 header without options, a
 /// whole datagram (no fragment), TCP or UDP. `None` for anything else, and for anything
 /// `parse_frame` would call malformed, link control or a fragment: those take the full parse.
@@ -290,28 +310,14 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     if data + L4 + UDP_HDR_LEN > ctx.data_end() {
         return None;
     }
-    let (w12, w16, w20, src, ports, udp_len): (u64, u64, u64, u64, u64, u64);
-    // SAFETY: six 4-byte loads inside the bytes checked above, at their offsets from the frame
-    // start: EtherType and version, total length, fragment bits and protocol, source address,
-    // ports, UDP length (meaningless for TCP, and then unused).
-    unsafe {
-        core::arch::asm!(
-            "{w12} = *(u32 *)({data} + 12)",
-            "{w16} = *(u32 *)({data} + 16)",
-            "{w20} = *(u32 *)({data} + 20)",
-            "{src} = *(u32 *)({data} + 26)",
-            "{ports} = *(u32 *)({data} + 34)",
-            "{udp_len} = *(u32 *)({data} + 38)",
-            data = in(reg) data,
-            w12 = lateout(reg) w12,
-            w16 = lateout(reg) w16,
-            w20 = lateout(reg) w20,
-            src = lateout(reg) src,
-            ports = lateout(reg) ports,
-            udp_len = lateout(reg) udp_len,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
+    // SAFETY: inside the bytes checked above, at their offsets from the frame start: EtherType
+    // and version, total length, fragment bits and protocol, source address, ports, UDP length
+    // (meaningless for TCP, and then unused).
+    let (w12, w16, w20, src, ports, udp_len) = unsafe {
+        frame_loads!(data;
+            w12 = u32 @ 12, w16 = u32 @ 16, w20 = u32 @ 20,
+            src = u32 @ 26, ports = u32 @ 34, udp_len = u32 @ 38)
+    };
     let [type_hi, type_lo, version_ihl, _] = bytes(w12);
     let [len_hi, len_lo, ..] = bytes(w16);
     let [frag_hi, frag_lo, _, proto] = bytes(w20);
@@ -352,27 +358,13 @@ pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
     if data + L4 + UDP_HDR_LEN > ctx.data_end() {
         return None;
     }
-    let (w12, w18, src_hi, src_lo, ports, udp_len): (u64, u64, u64, u64, u64, u64);
-    // SAFETY: loads inside the bytes checked above (EtherType and version, payload length and
-    // next header, the source address's two halves, ports, UDP length), as in `plain_v4`.
-    unsafe {
-        core::arch::asm!(
-            "{w12} = *(u32 *)({data} + 12)",
-            "{w18} = *(u32 *)({data} + 18)",
-            "{src_hi} = *(u64 *)({data} + 22)",
-            "{src_lo} = *(u64 *)({data} + 30)",
-            "{ports} = *(u32 *)({data} + 54)",
-            "{udp_len} = *(u32 *)({data} + 58)",
-            data = in(reg) data,
-            w12 = lateout(reg) w12,
-            w18 = lateout(reg) w18,
-            src_hi = lateout(reg) src_hi,
-            src_lo = lateout(reg) src_lo,
-            ports = lateout(reg) ports,
-            udp_len = lateout(reg) udp_len,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
+    // SAFETY: inside the bytes checked above: EtherType and version, payload length and next
+    // header, the source address's two halves, ports, UDP length.
+    let (w12, w18, src_hi, src_lo, ports, udp_len) = unsafe {
+        frame_loads!(data;
+            w12 = u32 @ 12, w18 = u32 @ 18, src_hi = u64 @ 22,
+            src_lo = u64 @ 30, ports = u32 @ 54, udp_len = u32 @ 58)
+    };
     let [type_hi, type_lo, version_class, _] = bytes(w12);
     let [len_hi, len_lo, proto, _] = bytes(w18);
     let payload_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
