@@ -298,8 +298,7 @@ macro_rules! frame_loads {
 /// loads, shifts and ORs, and its option for misaligned loads applies to the whole program,
 /// where it also emits misaligned stack stores the verifier refuses. The kernel allows a
 /// misaligned packet load where the CPU handles one (x86-64, arm64: no strict alignment there)
-/// and checks its bounds like any other load. The verifier walks 65,900 instructions of the
-/// whole program instead of 80,100.
+/// and checks its bounds like any other load.
 #[inline(always)]
 pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     const L3: usize = ETH_HDR_LEN;

@@ -48,7 +48,10 @@ fn main() -> anyhow::Result<()> {
     let mut progs: Vec<Ebpf> = Vec::new();
     {
         let mut bare = EbpfLoader::new().load(enforcer::datapath::BASELINE_OBJECT)?;
-        let p: &mut Xdp = bare.program_mut("baseline_drop").context("baseline_drop")?.try_into()?;
+        let p: &mut Xdp = bare
+            .program_mut("baseline_drop")
+            .context("baseline_drop")?
+            .try_into()?;
         p.load()?;
         progs.push(bare);
     }
@@ -58,21 +61,31 @@ fn main() -> anyhow::Result<()> {
             .override_global("VPN_STAGE", &1u8, true)
             .override_global("FAST_PATH", &1u8, true)
             .load(&object)?;
-        let p: &mut Xdp = ebpf.program_mut("enforcer").context("no enforcer program")?.try_into()?;
+        let p: &mut Xdp = ebpf
+            .program_mut("enforcer")
+            .context("no enforcer program")?
+            .try_into()?;
         p.load()?;
         progs.push(ebpf);
     }
-    let name = |i: usize| if i == 0 { "bare".to_string() } else { bins[i - 1].clone() };
+    let name = |i: usize| {
+        if i == 0 {
+            "bare".to_string()
+        } else {
+            bins[i - 1].clone()
+        }
+    };
     let n = progs.len();
     let mut rates = vec![Vec::new(); n];
     for round in 0..rounds {
         for k in 0..n {
             let i = (k + round) % n;
             let prog_name = if i == 0 { "baseline_drop" } else { "enforcer" };
-            let p: &mut Xdp = progs[i].program_mut(prog_name).context(prog_name)?.try_into()?;
-            let link = lab
-                .rx
-                .enter(|| p.attach(flood::IFACE, XdpMode::Driver))??;
+            let p: &mut Xdp = progs[i]
+                .program_mut(prog_name)
+                .context(prog_name)?
+                .try_into()?;
+            let link = lab.rx.enter(|| p.attach(flood::IFACE, XdpMode::Driver))??;
             let rate = lab.flood(4_000_000, 1)?.mpps();
             p.detach(link)?;
             rates[i].push(rate);

@@ -109,6 +109,7 @@ pub fn baseline_read_count(ctx: XdpContext) -> u32 {
     }
     // SAFETY: both reads lie before `at + 4`, checked against data_end just above.
     let (ether_type, src) = unsafe { (*((start + 12) as *const [u8; 2]), *(at as *const [u8; 4])) };
+    // IPv4 only; the source test keeps its read (a 0.0.0.0 source passes, which no flood has).
     if ether_type != [0x08, 0x00] || src == [0; 4] {
         return xdp_action::XDP_PASS;
     }

@@ -853,6 +853,26 @@ impl Setup {
     }
 }
 
+impl Receiver {
+    fn new(label: String, lab: FloodLab, filter: Filter, setup: Setup) -> Self {
+        Self {
+            label,
+            lab,
+            filter,
+            setup,
+            rates: Vec::new(),
+            softirq: Vec::new(),
+            program_ns: None,
+        }
+    }
+
+    /// A receiver set up on a lab of its own, as `setup` says.
+    fn set_up(label: String, setup: Setup) -> anyhow::Result<Self> {
+        let (lab, filter) = setup.lab()?;
+        Ok(Self::new(label, lab, filter, setup))
+    }
+}
+
 /// Stops what a receiver runs (an enforcer daemon, and its attachment) before its lab goes.
 fn retire(filter: Filter) -> anyhow::Result<()> {
     if let Filter::Enforcer(mut enforcer) = filter {
@@ -872,64 +892,55 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
 
     let dir = TempDir::new("enf-flood")?;
     let mut receivers: Vec<Receiver> = Vec::new();
-    let mut add = |label: String, setup: Setup| -> anyhow::Result<()> {
-        let (lab, filter) = setup.lab()?;
-        receivers.push(Receiver {
-            label,
-            lab,
-            filter,
-            setup,
-            rates: Vec::new(),
-            softirq: Vec::new(),
-            program_ns: None,
-        });
-        Ok(())
-    };
     let floor = |program: &'static str, prefixes: &[Ipv4Net]| Setup::Floor {
         program,
         prefixes: prefixes.to_vec(),
     };
     // The stack's receivers sit behind a pass-through XDP program: a veth takes XDP frames only
     // when its peer runs XDP (about 10 ns of the figures below, the bare XDP_PASS cost).
-    add(
+    receivers.push(Receiver::set_up(
         "XDP_PASS, then the stack drops it".into(),
         floor("baseline_pass", &[]),
-    )?;
-    add("bare XDP_DROP".into(), floor("baseline_drop", &[]))?;
-    add(
+    )?);
+    receivers.push(Receiver::set_up(
+        "bare XDP_DROP".into(),
+        floor("baseline_drop", &[]),
+    )?);
+    receivers.push(Receiver::set_up(
         "read EtherType + source, count (floor)".into(),
         floor("baseline_read_count", &[]),
-    )?;
-    let mut kept = Vec::new();
+    )?);
     for size in [10usize, 100_000] {
         let text = Distribution::Realistic.registry(size);
         let prefixes = v4_prefixes(&text);
-        add(
+        receivers.push(Receiver::set_up(
             format!("one LPM-trie lookup (floor), {size}"),
             floor("baseline_lpm", &prefixes),
-        )?;
+        )?);
         let registry = dir.0.join(format!("registry-{size}.json"));
         std::fs::write(&registry, &text)?;
-        add(format!("enforcer, {size}"), Setup::Enforcer { registry })?;
+        receivers.push(Receiver::set_up(
+            format!("enforcer, {size}"),
+            Setup::Enforcer { registry },
+        )?);
         let lab = FloodLab::new()?;
         nft_allowlist(&lab, &prefixes, &dir.0)?;
         let pass = attach_floor(&lab, "baseline_pass", &[])?;
-        kept.push((format!("nftables set (netdev ingress), {size}"), lab, pass));
+        receivers.push(Receiver::new(
+            format!("nftables set (netdev ingress), {size}"),
+            lab,
+            Filter::Rules(pass),
+            Setup::Kept,
+        ));
         let lab = FloodLab::new()?;
         ipset_allowlist(&lab, &prefixes, &dir.0)?;
         let pass = attach_floor(&lab, "baseline_pass", &[])?;
-        kept.push((format!("iptables + ipset hash:net, {size}"), lab, pass));
-    }
-    for (label, lab, pass) in kept {
-        receivers.push(Receiver {
-            label,
+        receivers.push(Receiver::new(
+            format!("iptables + ipset hash:net, {size}"),
             lab,
-            filter: Filter::Rules(pass),
-            setup: Setup::Kept,
-            rates: Vec::new(),
-            softirq: Vec::new(),
-            program_ns: None,
-        });
+            Filter::Rules(pass),
+            Setup::Kept,
+        ));
     }
     for r in &receivers {
         r.lab.flood(FLOOD_FRAMES / 4, FLOOD_CPU)?;
