@@ -1,9 +1,9 @@
-//! Live updates: moving the kernel maps from one compiled policy to the next as a diff, in an
+//! Live updates: writing a `PolicyDiff` (computed by the policy compiler) into the kernel maps, in an
 //! order that never drops what both policies allow — additions and widenings first, narrowings
 //! and removals last — and never lets a packet see a half-written rule (a rule is written before
 //! any prefix points at it, and a prefix is unlinked before its rule is cleared).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
@@ -13,76 +13,13 @@ use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
 use crate::{
-    lookup,
-    policy::{CompiledRule, Policy, RuleChange, RuleKind},
+    policy::{CompiledRule, Policy, PolicyDiff, RuleChange, RuleKind, SourceChange, tables},
     registry::Mode,
 };
 
 /// Up to this many rules are written with one batch system call; more through the memory
 /// mapping of `RULES` (mapping it inserts all of its 24 MiB of pages: worth it only for many).
 const FEW: usize = 4096;
-
-/// How the source prefixes change.
-enum Sources {
-    /// Those inside these prefixes (of the rules added and removed) changed.
-    Changed(Vec<IpNet>),
-    Unchanged,
-}
-
-/// What moves the maps from one policy to the next.
-struct Diff {
-    /// Numbers of new rules (their hit counters start afresh).
-    fresh: Vec<u32>,
-    /// Rules to write: new ones, and those whose record changed.
-    flagged: Vec<(u32, Rule)>,
-    /// Numbers of rules gone.
-    gone: Vec<u32>,
-    ports_added: Vec<PortKey>,
-    ports_removed: Vec<PortKey>,
-    sources: Sources,
-}
-
-impl Diff {
-    /// The diff of an in-place edit, or (`inverse`) of taking it back.
-    fn of_change(change: &RuleChange, inverse: bool) -> Self {
-        let (added, removed, ports_added, ports_removed) = if inverse {
-            (
-                &change.removed,
-                &change.added,
-                &change.ports_removed,
-                &change.ports_added,
-            )
-        } else {
-            (
-                &change.added,
-                &change.removed,
-                &change.ports_added,
-                &change.ports_removed,
-            )
-        };
-        Self {
-            fresh: added.iter().map(|r| r.index).collect(),
-            flagged: added.iter().map(|r| (r.index, r.record())).collect(),
-            gone: removed.iter().map(|r| r.index).collect(),
-            ports_added: ports_added.clone(),
-            ports_removed: ports_removed.clone(),
-            sources: if change.touches_sources() {
-                Sources::Changed(change.source_prefixes())
-            } else {
-                Sources::Unchanged
-            },
-        }
-    }
-}
-
-/// A policy's rules in number order (as compiled; sorted here if not).
-fn by_number(policy: &Policy) -> Vec<&CompiledRule> {
-    let mut rules: Vec<&CompiledRule> = policy.rules.iter().collect();
-    if !rules.is_sorted_by_key(|r| r.index) {
-        rules.sort_by_key(|r| r.index);
-    }
-    rules
-}
 
 /// The LPM tries of approved VPN endpoints (prefix → approval group).
 const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
@@ -91,77 +28,13 @@ impl Datapath {
     /// Applies the difference between `old` (what the maps hold) and `new`. When this returns,
     /// `new` is in force.
     pub fn apply(&mut self, old: &Policy, new: &Policy) -> Result<(), DatapathError> {
-        // A rule is its entry and its number: a changed entry comes with a fresh number (see
-        // `Policy::compile_after`), so it is written beside the old one, not over it. Both lists
-        // are walked once in number order (no maps: at a million rules those cost 100 MB and a
-        // second); a number both have is the same rule if its key is the same.
-        // The source tables change only inside the prefixes of rules gone or new.
-        let (olds, news) = (by_number(old), by_number(new));
-        let (mut fresh, mut flagged, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-        let mut moved = Vec::new();
-        let mut source = |rule: &CompiledRule| {
-            if rule.kind != RuleKind::VpnEndpoint {
-                moved.push(rule.prefix);
-            }
-        };
-        let (mut i, mut j) = (0, 0);
-        loop {
-            match (olds.get(i), news.get(j)) {
-                (Some(o), Some(n)) if o.index == n.index && o.key() == n.key() => {
-                    if o.record() != n.record() {
-                        flagged.push((n.index, n.record()));
-                    }
-                    (i, j) = (i + 1, j + 1);
-                }
-                (Some(o), Some(n)) if o.index == n.index => {
-                    gone.push(o.index);
-                    fresh.push(n.index);
-                    flagged.push((n.index, n.record()));
-                    source(o);
-                    source(n);
-                    (i, j) = (i + 1, j + 1);
-                }
-                (Some(o), Some(n)) if o.index < n.index => {
-                    gone.push(o.index);
-                    source(o);
-                    i += 1;
-                }
-                (Some(o), None) => {
-                    gone.push(o.index);
-                    source(o);
-                    i += 1;
-                }
-                (_, Some(n)) => {
-                    fresh.push(n.index);
-                    flagged.push((n.index, n.record()));
-                    source(n);
-                    j += 1;
-                }
-                (None, None) => break,
-            }
-        }
-        drop((olds, news));
-        let old_ports: HashSet<PortKey> = old.port_keys.iter().copied().collect();
-        let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
-        let diff = Diff {
-            fresh,
-            flagged,
-            gone,
-            ports_added: new_ports.difference(&old_ports).copied().collect(),
-            ports_removed: old_ports.difference(&new_ports).copied().collect(),
-            sources: if moved.is_empty() {
-                Sources::Unchanged
-            } else {
-                Sources::Changed(moved)
-            },
-        };
-        self.apply_diff(&diff, old.mode, new)
+        self.apply_diff(&PolicyDiff::between(old, new), new)
     }
 
     /// Applies one in-place edit of the policy in force (`Policy::edit`): `new` is the policy
     /// after it. When this returns, `new` is in force.
     pub fn apply_change(&mut self, change: &RuleChange, new: &Policy) -> Result<(), DatapathError> {
-        self.apply_diff(&Diff::of_change(change, false), new.mode, new)
+        self.apply_diff(&PolicyDiff::of_change(change, new.mode), new)
     }
 
     /// Takes an applied `change` back: `old` is the policy before it (after `Policy::undo`).
@@ -170,17 +43,13 @@ impl Datapath {
         change: &RuleChange,
         old: &Policy,
     ) -> Result<(), DatapathError> {
-        self.apply_diff(&Diff::of_change(change, true), old.mode, old)
+        self.apply_diff(&PolicyDiff::of_undo(change, old.mode), old)
     }
 
     /// Writes `diff` in the order that never drops what both policies allow: widen first, the
     /// rules before the prefixes that point at them, narrow last.
-    fn apply_diff(
-        &mut self,
-        diff: &Diff,
-        old_mode: Mode,
-        new: &Policy,
-    ) -> Result<(), DatapathError> {
+    fn apply_diff(&mut self, diff: &PolicyDiff, new: &Policy) -> Result<(), DatapathError> {
+        let old_mode = diff.old_mode;
         let port_endpoints = |p: &Policy| {
             p.vpn_groups
                 .iter()
@@ -206,19 +75,19 @@ impl Datapath {
         self.set_rules(&diff.flagged)?;
         tracing::debug!(mib = ?crate::memory_mib(), "rules written");
         // The source prefixes (prefix → rule, allow and deny; see `Policy::trie_entries`).
-        // Only the /16s the change touched are rebuilt (`lookup::Regions`): at a million entries a
+        // Only the /16s the change touched are rebuilt (`tables::Regions`): at a million entries a
         // rebuild of the whole costs 0.3-0.5 s and a second IPv4 table's memory. A change that
         // touches too many rebuilds the whole.
         let regions = match &diff.sources {
-            Sources::Changed(prefixes) => lookup::Regions::of(prefixes),
-            Sources::Unchanged => None,
+            SourceChange::Within(prefixes) => tables::Regions::of(prefixes),
+            SourceChange::Unchanged => None,
         };
         let new_trie = match (&diff.sources, &regions) {
-            (Sources::Unchanged, _) => None,
-            (Sources::Changed(_), Some(regions)) => {
+            (SourceChange::Unchanged, _) => None,
+            (SourceChange::Within(_), Some(regions)) => {
                 Some(new.trie_entries_where(|p| regions.overlaps(p)))
             }
-            (Sources::Changed(_), None) => Some(new.trie_entries()),
+            (SourceChange::Within(_), None) => Some(new.trie_entries()),
         };
         self.update_vpn_groups(new)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.

@@ -184,7 +184,7 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
 /// quarter more for changes (blocks whose content does not change are shared by both
 /// generations; a change that needs more grows the table), at least the default.
 fn v4_blocks_for<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> u32 {
-    let needed = crate::lookup::v4_blocks_needed(prefixes);
+    let needed = crate::policy::tables::v4_blocks_needed(prefixes);
     needed
         .saturating_add(needed / 4)
         .saturating_add(256)

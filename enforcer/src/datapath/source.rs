@@ -1,4 +1,4 @@
-//! Writes the source lookup tables (`crate::lookup`) into the kernel: the generation not in
+//! Writes the source lookup tables (`crate::policy::tables`) into the kernel: the generation not in
 //! force is rebuilt aside, then one word of `CONFIG` switches every packet to it.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -16,7 +16,7 @@ use enforcer_common::{
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};
-use crate::lookup::{self, Block, FastMap, Regions};
+use crate::policy::tables::{self, Block, FastMap, Regions};
 
 /// What the controller knows of the tables in the kernel (read from the maps once, then kept).
 #[derive(Debug, Default)]
@@ -230,12 +230,12 @@ impl Datapath {
         // Grow first, while the new policy's tables do not exist yet: growing copies the table
         // in force, and at a million entries the copies and the tables together are hundreds
         // of MiB.
-        let needed = lookup::v4_blocks_needed(entries.iter().map(|(prefix, _)| prefix));
+        let needed = tables::v4_blocks_needed(entries.iter().map(|(prefix, _)| prefix));
         self.make_v4_room(&state, needed as usize)?;
         // Reading the state maps the IPv4 table (all of its pages): not kept while the new
         // tables are built.
         self.unmap_large();
-        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
+        let (v4, v6) = tables::build(entries).map_err(|e| DatapathError::Map {
             name: map_names::LONG_V6,
             source: e.into(),
         })?;
@@ -339,15 +339,15 @@ impl Datapath {
     fn write_source_with(
         &mut self,
         state: &mut SourceState,
-        v4: lookup::V4Tables,
-        v6: lookup::V6Tables,
+        v4: tables::V4Tables,
+        v6: tables::V6Tables,
     ) -> Result<(), DatapathError> {
-        let lookup::V4Tables {
+        let tables::V4Tables {
             root: v4_root,
             blocks: v4_blocks,
             long: v4_long,
         } = v4;
-        let lookup::V6Tables {
+        let tables::V6Tables {
             dir: v6_dir,
             nodes: v6_nodes,
             long: v6_long,
@@ -409,7 +409,7 @@ impl Datapath {
         self.write_hashes_and_switch(state, placed, (v4_long, v6_nodes, v6_long), None)
     }
 
-    /// Rewrites only `regions` of the tables (see `lookup::Regions`), for the policy whose
+    /// Rewrites only `regions` of the tables (see `tables::Regions`), for the policy whose
     /// trie entries overlapping them are `entries`; the rest of the generation not in force is
     /// copied from the one in force (the IPv4 blocks outside are shared); then switches to it.
     /// The IPv4 table is read and written a block at a time through system calls, not mapped:
@@ -424,7 +424,7 @@ impl Datapath {
             None => self.source_state()?,
         };
         self.unmap_large();
-        let (v4, v6) = lookup::build(entries).map_err(|e| DatapathError::Map {
+        let (v4, v6) = tables::build(entries).map_err(|e| DatapathError::Map {
             name: map_names::LONG_V6,
             source: e.into(),
         })?;
@@ -440,8 +440,8 @@ impl Datapath {
         &mut self,
         state: &mut SourceState,
         regions: &Regions,
-        v4: lookup::V4Tables,
-        v6: lookup::V6Tables,
+        v4: tables::V4Tables,
+        v6: tables::V6Tables,
     ) -> Result<(), DatapathError> {
         let active = state.generation as usize;
         let next = 1 - active;
