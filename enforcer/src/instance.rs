@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod labels;
 
-pub use labels::{PreparedRules, RuleLabel};
+pub use labels::{PreparedRules, RuleLabel, rule_label, rule_labels};
 
 /// Where bpffs is (or gets) mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";

@@ -1,18 +1,27 @@
 //! The enforcer's controller: registry → policy → kernel maps, and the CLI around it.
 //!
-//! - `registry`: the JSON file, parsed and validated, every problem with its place.
-//! - `policy`: the compiler from registry to map entries (pure, host-testable).
+//! - `registry`: the JSON file, parsed and validated, every problem with its place; edits of
+//!   its text.
+//! - `policy`: the compiler from registry to map entries, the diff between two policies, the
+//!   verdict a packet gets (pure, host-testable).
 //! - `datapath`: the one module that talks to aya (load, fill, attach, pin, counters).
 //! - `instance`: pin and state directories of a running enforcer.
-//! - `control`: the running enforcer's socket, live changes, persistence and audit.
-//! - `cli`: the verbs.
+//! - `source`: where the running enforcer reads its registry and writes changes back.
+//! - `control`: the live state behind the control socket: one write path for every change,
+//!   the lockout guard, expiry, the audit log.
+//! - `daemon`: `enforcer run` — start-up, adoption, the socket's loop and the timers.
+//! - `cli`: arguments, the call of each verb, and what it prints.
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod datapath;
 pub mod instance;
 pub mod policy;
 pub mod registry;
+pub mod source;
+#[cfg(test)]
+mod test_rng;
 
 /// This process's resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM`), for the
 /// debug log of the phases that handle a whole registry.

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
 
-use super::source::bytes;
+use super::mapped::bytes;
 use ipnet::IpNet;
 
 use super::{Datapath, DatapathError, map_error};

@@ -1,23 +1,39 @@
 //! The one module that talks to aya: loads the embedded XDP program, fills its maps from a
-//! compiled policy, attaches it, pins its maps, and reads its counters back.
+//! compiled policy, attaches it, pins its maps, and reads its counters back. It writes what it
+//! is told (a policy, or a `PolicyDiff` between two); the policy compiler decides what that is.
+//!
+//! - `diff`: a diff written in the order that never drops what both policies allow.
+//! - `source`: the source lookup tables, rebuilt aside and switched in one word.
+//! - `attach`: attach, pin, adopt, take over, detach.
+//! - `counters`: the verdict counters read back.
+//! - `syscall`: the raw kernel calls aya has no API for.
 
 use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{Array, Map, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, Map, MapData},
+    programs::{Xdp, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, Counter, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, MONITOR_SLOT_OFFSET,
-    PROGRAM_NAME, Reason, VpnApproval, VpnGroup, VpnProtocol, lookup, map_names,
+    Config, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, PROGRAM_NAME, VpnApproval, VpnGroup,
+    lookup, map_names,
 };
 use ipnet::IpNet;
 
 use crate::{policy::Policy, registry::Mode};
 
+mod attach;
+mod counters;
 mod diff;
+mod mapped;
 mod source;
+mod syscall;
+
+pub use attach::{LINK_PIN, PROGRAM_PIN, detach_pinned};
+pub use counters::{InstanceCounters, VerdictCounts, VpnCounts, open_pinned, read_rule_hits};
+use syscall::update_batch_fd;
+pub use syscall::{bpf_call, ifindex, interface_exists, pinned_link_ifindex};
 
 /// The compiled `enforcer-ebpf` object, embedded at build time.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -151,33 +167,7 @@ pub struct Datapath {
     pin_dir: Option<std::path::PathBuf>,
     stages: Stages,
     /// Array maps mapped into this process, by name (see `mapped`).
-    mapped: std::collections::HashMap<&'static str, source::Mapped>,
-}
-
-/// File names of the pinned link and program inside an instance's pin directory.
-pub const LINK_PIN: &str = "link";
-pub const PROGRAM_PIN: &str = "program";
-
-/// Removes an instance's program from its interface and every pin: the explicit way out.
-/// Returns whether a link was pinned.
-pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
-    let link_path = dir.join(LINK_PIN);
-    let had_link = link_path.exists();
-    if had_link {
-        let link = aya::programs::links::PinnedLink::from_pin(&link_path).map_err(|e| {
-            DatapathError::Attach {
-                iface: link_path.display().to_string(),
-                source: boxed(e),
-            }
-        })?;
-        // Unpinned and dropped: the last reference goes, the kernel detaches the program.
-        drop(link.unpin().map_err(|e| DatapathError::Attach {
-            iface: link_path.display().to_string(),
-            source: boxed(e),
-        })?);
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    Ok(had_link)
+    mapped: std::collections::HashMap<&'static str, mapped::Mapped>,
 }
 
 /// Blocks beyond the roots for a registry with these source prefixes: what it needs and a
@@ -533,440 +523,4 @@ impl Datapath {
         };
         self.update_config(|c| c.mode = mode)
     }
-
-    /// Attaches to `iface`; returns the XDP mode in use.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
-        if !interface_exists(iface) {
-            return Err(DatapathError::NoSuchInterface(iface.to_string()));
-        }
-        let program = self.program_mut();
-        let attach_error = |source| DatapathError::Attach {
-            iface: iface.to_string(),
-            source: boxed(source),
-        };
-        let (link, used) = match mode {
-            AttachMode::Skb => (
-                program.attach(iface, XdpMode::Skb).map_err(attach_error)?,
-                "skb",
-            ),
-            AttachMode::Native => {
-                let link = program.attach(iface, XdpMode::Driver).map_err(|source| {
-                    DatapathError::NativeUnsupported {
-                        iface: iface.to_string(),
-                        source: boxed(source),
-                    }
-                })?;
-                (link, "native")
-            }
-            AttachMode::Auto => match program.attach(iface, XdpMode::Driver) {
-                Ok(link) => (link, "native"),
-                Err(native) => {
-                    tracing::warn!(%iface, error = %native, "native XDP unavailable, falling back to skb mode");
-                    (
-                        program.attach(iface, XdpMode::Skb).map_err(attach_error)?,
-                        "skb",
-                    )
-                }
-            },
-        };
-        self.link = Some(link);
-        Ok(used)
-    }
-
-    /// Attaches the program and pins it and its link under `dir`, so that enforcement outlives
-    /// this process (a killed controller leaves the program running).
-    pub fn attach_pinned(
-        &mut self,
-        iface: &str,
-        mode: AttachMode,
-        dir: &Path,
-    ) -> Result<&'static str, DatapathError> {
-        let used = self.attach(iface, mode)?;
-        let link_id = self.link.take().expect("attach stored the link");
-        let pin_error = |name: &'static str, path: &Path| {
-            let path = path.display().to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Pin {
-                name,
-                path,
-                source: e,
-            }
-        };
-        let link_path = dir.join(LINK_PIN);
-        let program = self.program_mut();
-        let link = program
-            .take_link(link_id)
-            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
-        let fd_link = aya::programs::links::FdLink::try_from(link)
-            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
-        fd_link
-            .pin(&link_path)
-            .map_err(|e| pin_error("link", &link_path)(boxed(e)))?;
-        let program_path = dir.join(PROGRAM_PIN);
-        let _ = std::fs::remove_file(&program_path);
-        self.program_mut()
-            .pin(&program_path)
-            .map_err(|e| pin_error("program", &program_path)(boxed(e)))?;
-        Ok(used)
-    }
-
-    /// Takes over an attached program pinned under `dir` by an earlier run. If it is the
-    /// program this build carries (same tag), it stays; otherwise the link is switched to this
-    /// build's program in one kernel call (no moment without a program). Returns what happened.
-    pub fn adopt(&mut self, dir: &Path) -> Result<&'static str, DatapathError> {
-        let link_path = dir.join(LINK_PIN);
-        let program_path = dir.join(PROGRAM_PIN);
-        let adopt_error = |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-            iface: format!("pinned link {}", link_path.display()),
-            source: e,
-        };
-        let pinned_tag = aya::programs::ProgramInfo::from_pin(&program_path)
-            .map(|i| i.tag())
-            .ok();
-        let our_tag = self
-            .program()
-            .info()
-            .map_err(|e| adopt_error(boxed(e)))?
-            .tag();
-        if pinned_tag == Some(our_tag) {
-            self.adopted_program_id = aya::programs::ProgramInfo::from_pin(&program_path)
-                .ok()
-                .map(|i| i.id());
-            return Ok("adopted the running program");
-        }
-        self.take_over_link(dir)?;
-        Ok("replaced the running program with this build's (one link update)")
-    }
-
-    /// Takes over the link an earlier build pinned under `old_dir` (another pin layout): the
-    /// link switches to this program in one kernel call and is pinned under `dir`; `old_dir`
-    /// (the earlier build's program and maps) is removed.
-    pub fn take_over_legacy(&mut self, old_dir: &Path, dir: &Path) -> Result<(), DatapathError> {
-        self.take_over_link_from(&old_dir.join(LINK_PIN), dir)?;
-        let _ = std::fs::remove_dir_all(old_dir);
-        Ok(())
-    }
-
-    /// Switches the link pinned under `dir` to this program in one kernel call (no moment
-    /// without a program) and pins this program in place of the one it replaced.
-    fn take_over_link(&mut self, dir: &Path) -> Result<(), DatapathError> {
-        self.take_over_link_from(&dir.join(LINK_PIN), dir)
-    }
-
-    /// The same, for the link pinned at `link_from`; link and program end up pinned in `dir`.
-    fn take_over_link_from(&mut self, link_from: &Path, dir: &Path) -> Result<(), DatapathError> {
-        let link_path = dir.join(LINK_PIN);
-        let program_path = dir.join(PROGRAM_PIN);
-        let adopt_error = |e: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-            iface: format!("pinned link {}", link_path.display()),
-            source: e,
-        };
-        let link = aya::programs::links::PinnedLink::from_pin(link_from)
-            .map_err(|e| adopt_error(boxed(e)))?;
-        let fd_link = link.unpin().map_err(|e| adopt_error(boxed(e)))?;
-        let xdp_link =
-            aya::programs::xdp::XdpLink::try_from(fd_link).map_err(|e| adopt_error(boxed(e)))?;
-        let id = self
-            .program_mut()
-            .attach_to_link(xdp_link)
-            .map_err(|e| adopt_error(boxed(e)))?;
-        let link = self
-            .program_mut()
-            .take_link(id)
-            .map_err(|e| adopt_error(boxed(e)))?;
-        let fd_link =
-            aya::programs::links::FdLink::try_from(link).map_err(|e| adopt_error(boxed(e)))?;
-        fd_link.pin(&link_path).map_err(|e| adopt_error(boxed(e)))?;
-        let _ = std::fs::remove_file(&program_path);
-        self.program_mut()
-            .pin(&program_path)
-            .map_err(|e| adopt_error(boxed(e)))?;
-        self.adopted_program_id = None;
-        Ok(())
-    }
-
-    fn program_mut(&mut self) -> &mut Xdp {
-        self.ebpf
-            .as_mut()
-            .expect("the program is back from the verifier's thread")
-            .program_mut(PROGRAM_NAME)
-            .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .expect("load() checked that the program exists and is XDP")
-    }
-
-    /// The kernel's id of the program enforcing (an adopted one, or the one loaded here).
-    pub fn program_id(&self) -> Option<u32> {
-        self.adopted_program_id
-            .or_else(|| self.program().info().ok().map(|info| info.id()))
-    }
-
-    pub fn verdicts(&self) -> Result<VerdictCounts, DatapathError> {
-        VerdictCounts::read(self.map(map_names::VERDICTS)?)
-    }
-
-    pub fn rule_hits(&self, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
-        read_rule_hits(self.map(map_names::RULE_HITS)?, indices)
-    }
-}
-
-/// The index of `iface` in this network namespace.
-pub fn ifindex(iface: &str) -> Option<u32> {
-    let c_iface = std::ffi::CString::new(iface).ok()?;
-    // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
-    (index != 0).then_some(index)
-}
-
-/// The bpf(2) system call for the commands aya 0.14 has no API for: `attr` is the command's
-/// part of `union bpf_attr` (the kernel zero-fills the rest, since the size passed is ours).
-/// Returns what the call returns (a new descriptor for some commands).
-///
-/// # Safety
-/// `attr` must be laid out as the start of `union bpf_attr` for `cmd`, and every address in it
-/// valid for what the kernel reads or writes during the call.
-pub unsafe fn bpf_call<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
-    // SAFETY: the caller's promise, above; `attr` lives for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr).cast::<libc::c_void>(),
-            std::mem::size_of::<A>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
-/// The interface index a pinned XDP link is attached to: 0 once its interface is gone (the
-/// kernel keeps the link but it no longer enforces anything). aya 0.14 does not expose it, so
-/// this is `BPF_OBJ_GET` and `BPF_OBJ_GET_INFO_BY_FD` on `struct bpf_link_info`, whose union
-/// (here `xdp.ifindex`) starts at byte 16.
-pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
-    use std::os::fd::FromRawFd as _;
-
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_XDP: u32 = 6;
-
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut get = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives the call.
-    let fd = unsafe { bpf_call(BPF_OBJ_GET, &mut get)? };
-    // SAFETY: the kernel just returned this descriptor to us; it is closed on drop.
-    let fd = unsafe {
-        std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?)
-    };
-    let mut info = [0u32; 6];
-    let mut attr = InfoAttr {
-        bpf_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(std::io::Error::other)?,
-        info_len: u32::try_from(std::mem::size_of_val(&info)).expect("24"),
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at
-    // most `info_len` bytes into `info`, which outlives the call.
-    unsafe { bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
-    if info[0] != BPF_LINK_TYPE_XDP {
-        return Err(std::io::Error::other(format!(
-            "{} is not an XDP link",
-            path.display()
-        )));
-    }
-    Ok(info[4])
-}
-
-/// Whether `iface` names an interface in this network namespace.
-pub fn interface_exists(iface: &str) -> bool {
-    let Ok(c_iface) = std::ffi::CString::new(iface) else {
-        return false;
-    };
-    // SAFETY: c_iface is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(c_iface.as_ptr()) != 0 }
-}
-
-/// Opens a map pinned at `path` (by another process, e.g. a running `enforcer run`).
-pub fn open_pinned(path: &Path, name: &'static str) -> Result<Map, DatapathError> {
-    let data = MapData::from_pin(path).map_err(|e| DatapathError::Map {
-        name,
-        source: boxed(e),
-    })?;
-    Map::from_map_data(data).map_err(|e| DatapathError::Map {
-        name,
-        source: boxed(e),
-    })
-}
-
-/// Verdict counters summed over CPUs: carried out, and (monitor mode) drops let through.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VerdictCounts {
-    pub enforced: Vec<(Reason, Counter)>,
-    pub monitored: Vec<(Reason, Counter)>,
-}
-
-impl VerdictCounts {
-    pub fn read(map: &Map) -> Result<Self, DatapathError> {
-        let name = map_names::VERDICTS;
-        let array: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(map).map_err(|e| DatapathError::Map {
-                name,
-                source: boxed(e),
-            })?;
-        let sum = |slot: u32| -> Result<Counter, DatapathError> {
-            let values = array.get(&slot, 0).map_err(|e| DatapathError::Map {
-                name,
-                source: boxed(e),
-            })?;
-            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
-        };
-        let mut counts = Self::default();
-        for reason in Reason::ALL {
-            counts.enforced.push((reason, sum(reason as u32)?));
-            counts
-                .monitored
-                .push((reason, sum(MONITOR_SLOT_OFFSET + reason as u32)?));
-        }
-        Ok(counts)
-    }
-
-    /// Packets carried out with `reason`.
-    pub fn packets(&self, reason: Reason) -> u64 {
-        self.enforced
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, c)| c.packets)
-    }
-
-    /// Packets monitor mode let through that enforce mode would have dropped with `reason`.
-    pub fn would_drop(&self, reason: Reason) -> u64 {
-        self.monitored
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, c)| c.packets)
-    }
-}
-
-/// The hit counters of the rules with these numbers.
-pub fn read_rule_hits(map: &Map, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
-    let name = map_names::RULE_HITS;
-    let array: Array<&MapData, u64> = Array::try_from(map).map_err(map_error(name))?;
-    indices
-        .iter()
-        .map(|i| array.get(i, 0).map_err(map_error(name)))
-        .collect()
-}
-
-/// VPN verdicts by protocol, summed over CPUs: (protocol, unapproved, approved).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VpnCounts(pub Vec<(VpnProtocol, Counter, Counter)>);
-
-impl VpnCounts {
-    pub fn read(map: &Map) -> Result<Self, DatapathError> {
-        let name = map_names::VPN_VERDICTS;
-        let array: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(map).map_err(map_error(name))?;
-        let sum = |slot: u32| -> Result<Counter, DatapathError> {
-            let values = array.get(&slot, 0).map_err(map_error(name))?;
-            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
-        };
-        let mut counts = Vec::new();
-        for protocol in VpnProtocol::ALL {
-            let slot = u32::from(protocol as u8) * 2;
-            counts.push((protocol, sum(slot)?, sum(slot + 1)?));
-        }
-        Ok(Self(counts))
-    }
-
-    /// Packets of `protocol` whose endpoints were not approved.
-    pub fn unapproved(&self, protocol: VpnProtocol) -> u64 {
-        self.0
-            .iter()
-            .find(|(p, ..)| *p == protocol)
-            .map_or(0, |(_, u, _)| u.packets)
-    }
-
-    /// Packets of `protocol` to or from an approved endpoint.
-    pub fn approved(&self, protocol: VpnProtocol) -> u64 {
-        self.0
-            .iter()
-            .find(|(p, ..)| *p == protocol)
-            .map_or(0, |(_, _, a)| a.packets)
-    }
-}
-
-impl Datapath {
-    pub fn vpn_verdicts(&self) -> Result<VpnCounts, DatapathError> {
-        VpnCounts::read(self.map(map_names::VPN_VERDICTS)?)
-    }
-}
-
-/// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+) into the map behind `fd`: aya 0.14 has no batch API, so
-/// the one raw system call of the controller lives here. `keys`/`values` are packed arrays of
-/// the map's key and value layout. Takes a descriptor, not the map, so that several maps can be
-/// written from several threads.
-pub(super) fn update_batch_fd(
-    fd: std::os::fd::RawFd,
-    keys: &[u8],
-    values: &[u8],
-    key_size: usize,
-    value_size: usize,
-) -> std::io::Result<()> {
-    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const CHUNK: usize = 65_536;
-
-    for (keys, values) in keys
-        .chunks(CHUNK * key_size)
-        .zip(values.chunks(CHUNK * value_size))
-    {
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: u32::try_from(keys.len() / key_size).expect("chunk fits u32"),
-            map_fd: u32::try_from(fd)
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` is a valid `bpf_attr.batch` prefix; the kernel reads `count` keys and
-        // values from the two slices, which outlive the call.
-        unsafe { bpf_call(BPF_MAP_UPDATE_BATCH, &mut attr)? };
-    }
-    Ok(())
 }

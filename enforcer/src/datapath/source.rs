@@ -1,8 +1,6 @@
 //! Writes the source lookup tables (`crate::policy::tables`) into the kernel: the generation not in
 //! force is rebuilt aside, then one word of `CONFIG` switches every packet to it.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
-
 use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
@@ -15,7 +13,10 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 
-use super::{Datapath, DatapathError, map_error};
+use super::{
+    Datapath, DatapathError, map_error,
+    mapped::{Mapped, bytes},
+};
 use crate::policy::tables::{self, Block, FastMap, Regions};
 
 /// What the controller knows of the tables in the kernel (read from the maps once, then kept).
@@ -40,72 +41,6 @@ type LongTables = (
 /// Mappings up to this size stay mapped between changes.
 const KEEP_MAPPED: usize = 8 << 20;
 
-/// A map's values, mapped into this process (`BPF_F_MMAPABLE` arrays).
-pub(super) struct Mapped {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapped {
-    pub(super) fn new(
-        map: &Map,
-        name: &'static str,
-        value_size: usize,
-    ) -> Result<Self, DatapathError> {
-        let Map::Array(data) = map else {
-            return Err(DatapathError::Map {
-                name,
-                source: "not an array".into(),
-            });
-        };
-        let entries = data.info().map_err(map_error(name))?.max_entries() as usize;
-        let len = entries * value_size;
-        // SAFETY: maps `len` bytes of the array's values, shared with the kernel; the mapping
-        // is only used through the bounds-checked accessors below and unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DatapathError::Map {
-                name,
-                source: Box::new(std::io::Error::last_os_error()),
-            });
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    pub(super) fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: as in `u32s`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    fn u32s(&mut self) -> &mut [u32] {
-        // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u32>(), self.len / 4) }
-    }
-}
-
-// SAFETY: the mapping is plain shared memory of this process, valid until `drop`; moving the
-// owner to another thread changes nothing about it.
-unsafe impl Send for Mapped {}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// The error when `SOURCE_V4` (`capacity` blocks, roots included) has no free block left.
 fn table_full(needed: usize, in_use: usize, capacity: u32) -> DatapathError {
     DatapathError::Map {
@@ -121,12 +56,6 @@ fn table_full(needed: usize, in_use: usize, capacity: u32) -> DatapathError {
 fn block_range(block: u32) -> std::ops::Range<usize> {
     let start = block as usize * BLOCK_SLOTS;
     start..start + BLOCK_SLOTS
-}
-
-/// The bytes of a plain map key or value.
-pub(super) fn bytes<T: aya::Pod>(value: &T) -> &[u8] {
-    // SAFETY: `Pod` types are plain bytes without padding.
-    unsafe { std::slice::from_raw_parts((&raw const *value).cast::<u8>(), size_of::<T>()) }
 }
 
 /// New per-generation values for one hash: keep the generation in force, set `next` to

@@ -21,6 +21,49 @@ pub struct RuleLabel {
     pub prefix: String,
 }
 
+/// One rule's label, as `rule_labels` writes it.
+pub fn rule_label(rule: &crate::policy::CompiledRule) -> RuleLabel {
+    RuleLabel {
+        index: rule.index,
+        kind: rule.kind.as_str().to_string(),
+        name: rule.name.to_string(),
+        prefix: rule.prefix.to_string(),
+    }
+}
+
+/// Rule labels for `stats`, from a compiled policy: written straight into the output, one at a
+/// time, without a `String` per label (a million labels are tens of MiB).
+pub fn rule_labels(policy: &crate::policy::Policy) -> impl Serialize + '_ {
+    /// `RuleLabel`'s fields, borrowed from the rule.
+    #[derive(Serialize)]
+    struct Label<'a> {
+        index: u32,
+        kind: &'a str,
+        name: &'a str,
+        #[serde(serialize_with = "serialize_display")]
+        prefix: &'a ipnet::IpNet,
+    }
+    fn serialize_display<S: serde::Serializer>(
+        value: &&ipnet::IpNet,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+    /// The labels as a JSON array, made one at a time while it is written.
+    struct Labels<'a>(&'a crate::policy::Policy);
+    impl Serialize for Labels<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.rules.iter().map(|r| Label {
+                index: r.index,
+                kind: r.kind.as_str(),
+                name: &r.name,
+                prefix: &r.prefix,
+            }))
+        }
+    }
+    Labels(policy)
+}
+
 /// The file beside `state.json` that holds the rule labels.
 const RULES_FILE: &str = "rules.json";
 /// Beside it: the in-place changes made since it was written, one JSON line each.

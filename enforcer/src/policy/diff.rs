@@ -169,6 +169,7 @@ mod tests {
     use crate::{
         policy::Policy,
         registry::{Date, Registry},
+        test_rng::Rng,
     };
 
     /// A port key as a comparable tuple: (rule, protocol, port in wire order).
@@ -223,13 +224,8 @@ mod tests {
             "203.0.113.0/25",
         ];
         let ports = ["", "443/tcp", "53/udp", "icmp"];
-        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let mut next = |n: usize| rng.below(n);
         let mut old = Policy::compile(&registry(&[], &[]), today).expect("compiles");
         let mut changed_sources = 0;
         for step in 0..200 {

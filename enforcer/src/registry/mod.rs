@@ -6,6 +6,7 @@ mod date;
 mod feed;
 mod ports;
 mod raw;
+pub mod text;
 
 use std::{fmt, hash::BuildHasher, net::IpAddr, path::Path};
 
@@ -161,6 +162,19 @@ pub enum RegistryError {
     },
 }
 
+/// The message of a refused registry: every problem, with its place.
+pub fn refusal(problems: &[Problem]) -> String {
+    let list: Vec<String> = problems
+        .iter()
+        .map(|p| match &p.file {
+            Some(file) => format!("{file}:{}: {}", p.line, p.message),
+            None if p.place.is_empty() => p.message.clone(),
+            None => format!("{}: {}", p.place, p.message),
+        })
+        .collect();
+    format!("refused, nothing changed: {}", list.join("; "))
+}
+
 impl RegistryError {
     pub fn problems(&self) -> &[Problem] {
         match self {
@@ -171,6 +185,18 @@ impl RegistryError {
 }
 
 impl Registry {
+    /// The earliest expiry date among the entries.
+    pub fn next_expiry(&self) -> Option<Date> {
+        self.networks
+            .iter()
+            .map(|n| n.expires)
+            .chain(self.devices.iter().map(|d| d.expires))
+            .chain(self.vpn_endpoints.iter().map(|v| v.expires))
+            .chain(self.deny.iter().map(|d| d.expires))
+            .flatten()
+            .min()
+    }
+
     /// Every source prefix the registry names (networks, devices, deny entries and feeds),
     /// expired or not: what sizes the lookup tables before the policy is compiled.
     pub fn source_prefixes(&self) -> Vec<IpNet> {

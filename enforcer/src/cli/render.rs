@@ -1,0 +1,259 @@
+//! What the verbs that need no running controller print (`validate`, `check --registry`,
+//! `stats`, `detach`), and what `run` prints when it starts and stops.
+
+use std::{net::IpAddr, path::Path, process::ExitCode};
+
+use anyhow::Context as _;
+use enforcer_common::{Action, Reason, VpnProtocol};
+
+use crate::{
+    daemon::{self, DaemonConfig},
+    datapath::{InstanceCounters, VerdictCounts},
+    instance::{self, InstanceId, State},
+    policy::{Policy, RuleKind},
+    registry::{Date, Mode, Protocol, Registry},
+};
+
+pub fn run(config: &DaemonConfig) -> anyhow::Result<ExitCode> {
+    let stopped = daemon::run(config)?;
+    println!("{}", render_verdicts(&stopped.counts));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn detach(instance: Option<&str>, iface: Option<&str>) -> anyhow::Result<ExitCode> {
+    let detached = daemon::detach(instance, iface)?;
+    println!(
+        "{}: {}",
+        detached.instance,
+        if detached.had_link {
+            "program detached, pins and state removed; traffic is unfiltered"
+        } else {
+            "no program was attached; pins and state removed"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn validate(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    match Registry::load(file) {
+        Ok(registry) => {
+            let policy = Policy::from_registry(registry, Date::today(), None)?;
+            if json {
+                let out = serde_json::json!({
+                    "valid": true,
+                    "mode": policy.mode,
+                    "networks": policy.count(RuleKind::Network),
+                    "devices": policy.count(RuleKind::Device),
+                    "deny": policy.count(RuleKind::Deny),
+                    "vpn_endpoints": policy.vpn_endpoints,
+                    "expired": policy.expired,
+                });
+                println!("{out:#}");
+            } else {
+                println!("{}: valid (mode {})", file.display(), policy.mode);
+                println!("{}", summary(&policy));
+                for e in &policy.expired {
+                    println!(
+                        "  expired, not loaded: {} \"{}\" (expired {})",
+                        e.section, e.name, e.expired
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            if json {
+                let problems: Vec<_> = error
+                    .problems()
+                    .iter()
+                    .map(|p| serde_json::json!({"line": p.line, "column": p.column, "place": p.place, "message": p.message}))
+                    .collect();
+                println!(
+                    "{:#}",
+                    serde_json::json!({"valid": false, "error": error.to_string(), "problems": problems})
+                );
+            } else {
+                eprintln!("{error}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn summary(policy: &Policy) -> String {
+    format!(
+        "  {} networks, {} devices, {} deny ranges, {} deny-feed ranges, {} approved VPN endpoints in force; {} expired entries skipped",
+        policy.count(RuleKind::Network),
+        policy.count(RuleKind::Device),
+        policy.count(RuleKind::Deny),
+        policy.count(RuleKind::DenyFeed),
+        policy.vpn_endpoints,
+        policy.expired.len()
+    )
+}
+
+pub fn check(
+    addr: IpAddr,
+    port: Option<u16>,
+    proto: Protocol,
+    vpn: Option<VpnProtocol>,
+    registry: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let policy = Policy::from_registry(Registry::load(registry)?, Date::today(), None)?;
+    let decision = policy.decide(addr, proto, port, vpn);
+    if json {
+        let out = serde_json::json!({
+            "address": addr,
+            "vpn": vpn.map(VpnProtocol::name),
+            "protocol": proto,
+            "port": port,
+            "verdict": if decision.reason.action() == Action::Pass { "pass" } else { "drop" },
+            "reason": decision.reason.label(),
+            "rule": decision.rule,
+            "mode": policy.mode,
+        });
+        println!("{out:#}");
+    } else {
+        let what = match vpn {
+            Some(vpn) => format!("{} VPN packet to/from {addr}", vpn.name()),
+            None => format!("{addr} {proto}"),
+        };
+        println!(
+            "{what}{}: {decision}",
+            port.map(|p| format!("/{p}")).unwrap_or_default()
+        );
+        if let Some(info) = decision.rule.and_then(|r| r.vpn.as_ref()) {
+            let expires = info
+                .expires
+                .map_or_else(|| "no expiry".to_string(), |d| format!("expires {d}"));
+            println!("  approval {} ({expires})", info.approval);
+        }
+        if policy.mode == Mode::Monitor && decision.reason.action() == Action::Drop {
+            println!(
+                "  (registry mode is monitor: the packet would pass and be counted as a would-be drop)"
+            );
+        }
+        if port.is_none()
+            && matches!(proto, Protocol::Tcp | Protocol::Udp)
+            && decision.reason == Reason::PortNotAllowed
+        {
+            println!("  (no --port given; the rule allows only the ports listed)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stats(
+    instance_name: Option<&str>,
+    iface: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let state = instance::select(instance_name, iface)?;
+    let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
+    let rules = State::read_rules(&id.state_file());
+    let indices: Vec<u32> = rules.iter().map(|r| r.index).collect();
+    let InstanceCounters {
+        verdicts: counts,
+        hits,
+        vpn,
+    } = InstanceCounters::read_pinned(&id.pin_dir(), &indices)?;
+    if json {
+        let by_vpn: Vec<_> = vpn
+            .0
+            .iter()
+            .map(|(p, u, a)| {
+                serde_json::json!({"protocol": p.name(), "unapproved_packets": u.packets, "unapproved_bytes": u.bytes,
+                    "approved_packets": a.packets, "approved_bytes": a.bytes})
+            })
+            .collect();
+        let by_reason: Vec<_> = counts
+            .enforced
+            .iter()
+            .zip(&counts.monitored)
+            .map(|((reason, c), (_, m))| {
+                serde_json::json!({
+                    "reason": reason.label(), "code": *reason as u32,
+                    "action": if reason.action() == Action::Pass { "pass" } else { "drop" },
+                    "packets": c.packets, "bytes": c.bytes,
+                    "would_drop_packets": m.packets, "would_drop_bytes": m.bytes,
+                })
+            })
+            .collect();
+        let by_rule: Vec<_> = rules
+            .iter()
+            .zip(&hits)
+            .map(|(r, h)| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix, "packets": h}))
+            .collect();
+        let out = serde_json::json!({
+            "instance": state.instance, "iface": state.iface, "mode": state.mode, "xdp_mode": state.xdp_mode,
+            "program_id": state.program_id, "pid": state.pid, "registry": state.registry,
+            "reasons": by_reason, "rules": by_rule, "vpn": by_vpn,
+        });
+        println!("{out:#}");
+    } else {
+        println!(
+            "instance {} on {} ({} mode, {} XDP, pid {})",
+            state.instance, state.iface, state.mode, state.xdp_mode, state.pid
+        );
+        println!("{}", render_verdicts(&counts));
+        println!(
+            "{:<20} {:>12} {:>12}",
+            "vpn protocol", "unapproved", "approved"
+        );
+        for (p, u, a) in &vpn.0 {
+            println!("{:<20} {:>12} {:>12}", p.name(), u.packets, a.packets);
+        }
+        println!(
+            "{:>8}  {:<8} {:<28} {:<22} {:>12}",
+            "rule", "kind", "name", "prefix", "packets"
+        );
+        let mut quiet_feed_ranges = 0;
+        for (r, h) in rules.iter().zip(&hits) {
+            // A feed may hold a million ranges: list only those that matched something.
+            if r.kind == RuleKind::DenyFeed.as_str() && *h == 0 {
+                quiet_feed_ranges += 1;
+                continue;
+            }
+            println!(
+                "{:>8}  {:<8} {:<28} {:<22} {:>12}",
+                format!("#{}", r.index),
+                r.kind,
+                r.name,
+                r.prefix,
+                h
+            );
+        }
+        if quiet_feed_ranges > 0 {
+            println!(
+                "  ({quiet_feed_ranges} deny-feed ranges without hits not listed; --json lists all)"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The counters by reason as a table.
+pub fn render_verdicts(counts: &VerdictCounts) -> String {
+    let mut out = format!(
+        "{:<20} {:<6} {:>12} {:>14} {:>18}\n",
+        "reason", "action", "packets", "bytes", "would-drop (mon)"
+    );
+    for ((reason, c), (_, m)) in counts.enforced.iter().zip(&counts.monitored) {
+        let action = if reason.action() == Action::Pass {
+            "pass"
+        } else {
+            "drop"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<6} {:>12} {:>14} {:>18}\n",
+            reason.label(),
+            action,
+            c.packets,
+            c.bytes,
+            m.packets
+        ));
+    }
+    out.pop();
+    out
+}

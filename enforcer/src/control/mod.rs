@@ -1,0 +1,26 @@
+//! The running enforcer's control plane: the live state behind the root-only control socket.
+//! Every change is validated like the registry (it *is* the registry, edited), applied to the
+//! kernel as a diff, written back to the registry source with the next serial, and appended to
+//! the audit log — in that order, all or nothing.
+//!
+//! - `protocol`: the socket's requests and answers, and the client side.
+//! - `live`: the state.
+//! - `requests`: the requests it serves.
+//! - `change`: the one write path every change takes, and its rollback.
+//! - `plan`: single entries added or removed in place, without re-reading the whole registry.
+//! - `guard`: the lockout guard (the operator's session, protected networks).
+//! - `expiry`: entries removed when their date has passed.
+//! - `audit`: the audit log.
+
+mod audit;
+mod change;
+mod expiry;
+mod guard;
+mod live;
+mod plan;
+mod protocol;
+mod requests;
+
+pub use audit::{AuditEntry, AuditLog};
+pub use live::{InForce, Live, LiveConfig};
+pub use protocol::{Envelope, Operator, Request, Response, SendError, send};

@@ -1,0 +1,293 @@
+//! The requests a running enforcer serves: each change request is turned into one `Change` (its
+//! new registry text and what it does to the policy in force) and made by the one write path
+//! (`change`); reads (`status`, `list`, `check`) answer from the policy in force and the
+//! registry source.
+
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+use super::{
+    AuditEntry, Envelope, Request, Response,
+    change::{Change, Effect},
+    live::{Caller, Live},
+    plan::{self, Plan},
+};
+use crate::{
+    policy::RuleKind,
+    registry::{
+        Date, Mode, Protocol, VpnProtocol,
+        text::{self, TextError},
+    },
+};
+
+impl Live {
+    /// Serves one request (with its caller's context) from a peer with this uid.
+    pub fn handle_envelope(&mut self, envelope: Envelope, uid: u32) -> Response {
+        let caller = Caller {
+            uid,
+            operator: envelope.operator,
+            force: envelope.force,
+        };
+        let response = self.handle(caller, envelope.request);
+        crate::release_freed_memory();
+        response
+    }
+
+    fn handle(&mut self, caller: Caller, request: Request) -> Response {
+        match request {
+            Request::Status => self.status(),
+            Request::List { section } => match text::section_name(&section) {
+                Ok(section) => self.list(section),
+                Err(e) => Response::error(e),
+            },
+            Request::Check {
+                addr,
+                port,
+                proto,
+                vpn,
+            } => self.check(addr, port, proto, vpn.as_deref()),
+            Request::Add { section, entry } => match text::section_name(&section) {
+                Ok(section) => self.add(caller, section, &entry),
+                Err(e) => Response::error(e),
+            },
+            Request::Remove { section, target } => match text::section_name(&section) {
+                Ok(section) => self.remove(caller, section, &target),
+                Err(e) => Response::error(e),
+            },
+            Request::Mode { mode } => {
+                // An explicit mode request ends `run --mode`'s override.
+                let saved = self.mode_override.take();
+                let response = self.mode(caller, mode);
+                if !response.ok {
+                    self.mode_override = saved;
+                }
+                response
+            }
+            Request::Reload => self.reload(caller),
+        }
+    }
+
+    /// The registry's text if the source still holds what the policy in force was made from.
+    fn own_text(&self) -> Option<String> {
+        self.source.read_if(self.version?)
+    }
+
+    /// The registry's text as the source holds it now.
+    fn read_text(&self) -> Result<String, Response> {
+        self.source
+            .read()
+            .map(|snapshot| snapshot.text)
+            .map_err(|e| Response::error(format!("refused, nothing changed: {e}")))
+    }
+
+    /// The answer to a change of the text that failed.
+    fn text_refusal(&self, error: TextError) -> Response {
+        match error {
+            TextError::Refused(message) => Response::error(message),
+            other => Response::error(format!(
+                "refused, nothing changed: {}: {other}",
+                self.source.location()
+            )),
+        }
+    }
+
+    /// A change of the whole registry's text: `edit` makes the new text from the current one.
+    fn whole(
+        &mut self,
+        caller: Caller,
+        what: String,
+        audit: AuditEntry,
+        edit: impl FnOnce(&str, u64) -> Result<String, TextError>,
+    ) -> Response {
+        let text = match self.read_text() {
+            Ok(text) => text,
+            Err(response) => return response,
+        };
+        let serial = self.serial + 1;
+        let new = edit(&text, serial);
+        drop(text);
+        match new {
+            Ok(new) => self.make(caller, Change::whole(new, serial, what, audit)),
+            Err(e) => self.text_refusal(e),
+        }
+    }
+
+    fn add(&mut self, caller: Caller, section: &'static str, entry: &Value) -> Response {
+        let audit = AuditEntry {
+            uid: caller.uid,
+            verb: format!("{section} add"),
+            entry: entry.clone(),
+            approval: entry.get("approval").cloned().unwrap_or(Value::Null),
+        };
+        let serial = self.serial + 1;
+        if let Some(text) = self.own_text() {
+            let today = Date::today();
+            match plan::plan_add(&self.policy, &text, section, entry, serial, today) {
+                Plan::Refused(message) => return Response::error(message),
+                Plan::Edit(edit) => {
+                    return self.make(caller, Change::in_place(edit, serial, audit));
+                }
+                Plan::Full => {}
+            }
+        }
+        let what = format!("added {section} entry {}", text::entry_label(entry));
+        self.whole(caller, what, audit, |text, serial| {
+            text::with_entry(text, section, entry, serial)
+        })
+    }
+
+    fn remove(&mut self, caller: Caller, section: &'static str, target: &str) -> Response {
+        let audit = AuditEntry {
+            uid: caller.uid,
+            verb: format!("{section} remove"),
+            entry: json!({"target": target}),
+            approval: Value::Null,
+        };
+        let serial = self.serial + 1;
+        if let Some(text) = self.own_text() {
+            match plan::plan_remove(&self.policy, &text, section, target, serial) {
+                Plan::Refused(message) => return Response::error(message),
+                Plan::Edit(edit) => {
+                    return self.make(caller, Change::in_place(edit, serial, audit));
+                }
+                Plan::Full => {}
+            }
+        }
+        let what = format!("removed {section} entry {target}");
+        self.whole(caller, what, audit, |text, serial| {
+            text::without_entry(text, section, target, serial)
+        })
+    }
+
+    /// A mode switch: no entry changes, so it is made in place whenever the text splices (at a
+    /// million entries the whole-registry path would take seconds for the one word that matters
+    /// most in a rollout).
+    fn mode(&mut self, caller: Caller, mode: Mode) -> Response {
+        let audit = AuditEntry {
+            uid: caller.uid,
+            verb: "mode".into(),
+            entry: json!({"mode": mode}),
+            approval: Value::Null,
+        };
+        let serial = self.serial + 1;
+        let spliced = self
+            .own_text()
+            .and_then(|text| text::splice_mode(&text, mode, serial));
+        match spliced {
+            Some(text) => self.make(
+                caller,
+                Change::new(
+                    text,
+                    serial,
+                    Effect::Mode(mode),
+                    format!("mode {mode}"),
+                    audit,
+                ),
+            ),
+            None => self.whole(caller, format!("mode {mode}"), audit, |text, serial| {
+                text::with_mode(text, mode, serial)
+            }),
+        }
+    }
+
+    fn reload(&mut self, caller: Caller) -> Response {
+        let snapshot = match self.source.read() {
+            Ok(snapshot) => snapshot,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        /// Only the serial: the whole document as a JSON tree would be hundreds of MiB.
+        #[derive(serde::Deserialize)]
+        struct Serial {
+            #[serde(default)]
+            serial: u64,
+        }
+        let serial = match serde_json::from_str::<Serial>(&snapshot.text) {
+            Ok(d) => d.serial,
+            Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
+        };
+        let location = self.source.location();
+        let audit = AuditEntry {
+            uid: caller.uid,
+            verb: "reload".into(),
+            entry: json!({"file": location}),
+            approval: Value::Null,
+        };
+        self.make(
+            caller,
+            Change::reloaded(snapshot, serial, format!("reloaded {location}"), audit),
+        )
+    }
+
+    fn status(&self) -> Response {
+        let uptime = self.started.elapsed().map_or(0, |d| d.as_secs());
+        // Whether remembered VPN flows send every TCP/UDP packet to the flow lookup (and keep
+        // the fast path off) until the sweep forgets them.
+        let flow_lookup = self.datapath.config().is_ok_and(|c| c.vpn_flows_seen != 0);
+        let data = json!({
+            "instance": self.state.instance,
+            "mode": self.policy.mode,
+            "xdp_mode": self.state.xdp_mode,
+            "program_id": self.datapath.program_id(),
+            "registry": self.source.location(),
+            "serial": self.serial,
+            "uptime_s": uptime,
+            "networks": self.policy.count(RuleKind::Network),
+            "devices": self.policy.count(RuleKind::Device),
+            "deny": self.policy.count(RuleKind::Deny),
+            "deny_feed": self.policy.count(RuleKind::DenyFeed),
+            "vpn_endpoints": self.policy.vpn_endpoints,
+            "vpn_flow_lookup": flow_lookup,
+        });
+        let flows = if flow_lookup {
+            ", VPN flows remembered (flow lookup on)"
+        } else {
+            ""
+        };
+        let message = format!(
+            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, up {uptime} s",
+            self.state.instance,
+            self.policy.mode,
+            self.state.xdp_mode,
+            self.serial,
+            data["networks"],
+            data["devices"],
+            data["deny"],
+            data["deny_feed"],
+            data["vpn_endpoints"]
+        );
+        Response::ok(message, data)
+    }
+
+    fn list(&self, section: &'static str) -> Response {
+        let text = match self.source.read() {
+            Ok(snapshot) => snapshot.text,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let doc: Value = match serde_json::from_str(&text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                return Response::error(format!("{}: {e}", self.source.location()));
+            }
+        };
+        let entries = doc.get(section).cloned().unwrap_or_else(|| json!([]));
+        let count = entries.as_array().map_or(0, Vec::len);
+        Response::ok(format!("{count} {section} entries"), entries)
+    }
+
+    fn check(
+        &self,
+        addr: IpAddr,
+        port: Option<u16>,
+        proto: Protocol,
+        vpn: Option<&str>,
+    ) -> Response {
+        let vpn = match vpn.map(|v| VpnProtocol::from_name(v).ok_or(v)).transpose() {
+            Ok(vpn) => vpn,
+            Err(v) => return Response::error(format!("unknown VPN protocol {v}")),
+        };
+        let decision = self.policy.decide(addr, proto, port, vpn);
+        let data = json!({"reason": decision.reason.label(), "rule": decision.rule});
+        Response::ok(decision.to_string(), data)
+    }
+}

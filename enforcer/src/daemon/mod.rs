@@ -1,0 +1,170 @@
+//! The enforcer as a running process (`enforcer run`): start-up (`startup`), the control socket
+//! and the timers (`serve`), and the way out (`detach`). The control plane it serves is
+//! `control`; what it enforces is `datapath`.
+
+mod detach;
+mod serve;
+mod startup;
+
+use std::{path::PathBuf, time::Duration};
+
+pub use detach::{Detached, detach};
+
+use crate::{
+    control::{AuditLog, Live, LiveConfig},
+    datapath::{self, AttachMode, DatapathError, VerdictCounts},
+    instance::{self, InstanceError, InstanceId},
+    policy::PolicyError,
+    registry::{Mode, RegistryError},
+    source::FileSource,
+};
+
+/// The default period of the VPN flow sweep (`run --vpn-flow-idle`): an `OpenVPN` flow is
+/// forgotten after 5 to 10 minutes without a packet. `OpenVPN`'s usual keepalive (a ping every
+/// 10 s) keeps a quiet tunnel's flow; NAT bindings of a UDP flow silent that long are gone too.
+pub const DEFAULT_FLOW_SWEEP: Duration = Duration::from_secs(300);
+
+/// The daemon's periodic work.
+#[derive(Clone, Copy, Debug)]
+pub struct Timers {
+    /// How often expired entries are removed.
+    pub expiry_check: Duration,
+    /// How often the remembered VPN flows are swept: a flow is forgotten after one to two
+    /// periods without a packet.
+    pub flow_sweep: Duration,
+}
+
+/// What `enforcer run` was told.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The interface to protect.
+    pub iface: String,
+    /// The registry file.
+    pub registry: PathBuf,
+    /// Overrides the registry's mode until a `mode` request changes it.
+    pub mode: Option<Mode>,
+    pub xdp_mode: AttachMode,
+    /// On a signal, also detach the program (otherwise it keeps enforcing).
+    pub detach_on_exit: bool,
+    /// Management networks no live change may cut off without `--force`.
+    pub protect: Vec<ipnet::IpNet>,
+    pub timers: Timers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error("the thread {0} panicked")]
+    Thread(&'static str),
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("accepting a control connection: {0}")]
+    Accept(std::io::Error),
+    #[error("waiting for signals: {0}")]
+    Signal(std::io::Error),
+    #[error("starting the event loop: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// How the daemon stopped.
+pub struct Stopped {
+    pub signal: &'static str,
+    /// The counters by reason when it stopped.
+    pub counts: VerdictCounts,
+}
+
+/// Runs the enforcer on `config.iface` until SIGINT or SIGTERM.
+pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
+    instance::ensure_bpffs()?;
+    let id = InstanceId {
+        iface: config.iface.clone(),
+        netns: instance::current_netns()?,
+    };
+    let source = FileSource::new(&config.registry);
+    let started = startup::start(config, &id, &source)?;
+    let policy = &started.in_force.policy;
+    let xdp_mode = started.state.xdp_mode.clone();
+    tracing::info!(
+        instance = %id.name(),
+        mode = %policy.mode,
+        xdp_mode,
+        networks = policy.count(crate::policy::RuleKind::Network),
+        devices = policy.count(crate::policy::RuleKind::Device),
+        deny = policy.count(crate::policy::RuleKind::Deny),
+        deny_feed = policy.count(crate::policy::RuleKind::DenyFeed),
+        vpn_endpoints = policy.vpn_endpoints,
+        expired_skipped = policy.expired.len(),
+        "enforcer attached to {}", config.iface
+    );
+    for e in &policy.expired {
+        tracing::warn!(section = e.section, name = %e.name, expired = %e.expired, "expired entry not loaded");
+    }
+    println!(
+        "enforcer running on {} (instance {}, {} mode, {xdp_mode} XDP); Ctrl-C to stop",
+        config.iface,
+        id.name(),
+        policy.mode
+    );
+
+    let socket = id.control_socket();
+    let _ = std::fs::remove_file(&socket);
+    let live_config = LiveConfig {
+        id: id.clone(),
+        state: started.state,
+        mode_override: config.mode,
+        protected: config.protect.clone(),
+        audit: AuditLog::new(AuditLog::beside(&config.registry), id.name()),
+    };
+    let mut live = Live::new(live_config, started.in_force, Box::new(source));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let socket_error = |source| DaemonError::Socket {
+        path: socket.display().to_string(),
+        source,
+    };
+    // On an error the program stays attached and pinned: enforcement continues without us.
+    let signal = runtime.block_on(async {
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(socket_error)?;
+        // Root only: the file mode keeps others from connecting, peer credentials are checked too.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(socket_error)?;
+        tracing::info!(socket = %socket.display(), "control socket ready");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
+                _ = term.recv() => Ok("SIGTERM"),
+            }
+        };
+        serve::serve(listener, &mut live, config.timers, shutdown).await
+    })?;
+    let datapath = live.into_datapath();
+    let counts = datapath.verdicts()?;
+    drop(datapath);
+    if config.detach_on_exit {
+        datapath::detach_pinned(&id.pin_dir())?;
+        instance::release(&id);
+        tracing::info!(signal, "detached from {}", config.iface);
+    } else {
+        tracing::info!(
+            signal,
+            "controller stopping; the program stays attached to {} and keeps enforcing (`enforcer detach --instance {}` removes it)",
+            config.iface,
+            id.name()
+        );
+    }
+    Ok(Stopped { signal, counts })
+}

@@ -1,0 +1,157 @@
+//! The verdict counters the program keeps (by reason, by rule, by VPN protocol), read back and
+//! summed over CPUs: from a loaded program, or from the maps a running enforcer pinned.
+
+use std::path::Path;
+
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use enforcer_common::{Counter, MONITOR_SLOT_OFFSET, Reason, VpnProtocol, map_names};
+
+use super::{Datapath, DatapathError, boxed, map_error};
+
+/// Opens a map pinned at `path` (by another process, e.g. a running `enforcer run`).
+pub fn open_pinned(path: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(path).map_err(|e| DatapathError::Map {
+        name,
+        source: boxed(e),
+    })?;
+    Map::from_map_data(data).map_err(|e| DatapathError::Map {
+        name,
+        source: boxed(e),
+    })
+}
+
+/// Verdict counters summed over CPUs: carried out, and (monitor mode) drops let through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCounts {
+    pub enforced: Vec<(Reason, Counter)>,
+    pub monitored: Vec<(Reason, Counter)>,
+}
+
+impl VerdictCounts {
+    pub fn read(map: &Map) -> Result<Self, DatapathError> {
+        let name = map_names::VERDICTS;
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })?;
+        let sum = |slot: u32| -> Result<Counter, DatapathError> {
+            let values = array.get(&slot, 0).map_err(|e| DatapathError::Map {
+                name,
+                source: boxed(e),
+            })?;
+            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
+        let mut counts = Self::default();
+        for reason in Reason::ALL {
+            counts.enforced.push((reason, sum(reason as u32)?));
+            counts
+                .monitored
+                .push((reason, sum(MONITOR_SLOT_OFFSET + reason as u32)?));
+        }
+        Ok(counts)
+    }
+
+    /// Packets carried out with `reason`.
+    pub fn packets(&self, reason: Reason) -> u64 {
+        self.enforced
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets)
+    }
+
+    /// Packets monitor mode let through that enforce mode would have dropped with `reason`.
+    pub fn would_drop(&self, reason: Reason) -> u64 {
+        self.monitored
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets)
+    }
+}
+
+/// The hit counters of the rules with these numbers.
+pub fn read_rule_hits(map: &Map, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
+    let name = map_names::RULE_HITS;
+    let array: Array<&MapData, u64> = Array::try_from(map).map_err(map_error(name))?;
+    indices
+        .iter()
+        .map(|i| array.get(i, 0).map_err(map_error(name)))
+        .collect()
+}
+
+/// VPN verdicts by protocol, summed over CPUs: (protocol, unapproved, approved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VpnCounts(pub Vec<(VpnProtocol, Counter, Counter)>);
+
+impl VpnCounts {
+    pub fn read(map: &Map) -> Result<Self, DatapathError> {
+        let name = map_names::VPN_VERDICTS;
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(map_error(name))?;
+        let sum = |slot: u32| -> Result<Counter, DatapathError> {
+            let values = array.get(&slot, 0).map_err(map_error(name))?;
+            Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
+        let mut counts = Vec::new();
+        for protocol in VpnProtocol::ALL {
+            let slot = u32::from(protocol as u8) * 2;
+            counts.push((protocol, sum(slot)?, sum(slot + 1)?));
+        }
+        Ok(Self(counts))
+    }
+
+    /// Packets of `protocol` whose endpoints were not approved.
+    pub fn unapproved(&self, protocol: VpnProtocol) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, ..)| *p == protocol)
+            .map_or(0, |(_, u, _)| u.packets)
+    }
+
+    /// Packets of `protocol` to or from an approved endpoint.
+    pub fn approved(&self, protocol: VpnProtocol) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, ..)| *p == protocol)
+            .map_or(0, |(_, _, a)| a.packets)
+    }
+}
+
+impl Datapath {
+    pub fn verdicts(&self) -> Result<VerdictCounts, DatapathError> {
+        VerdictCounts::read(self.map(map_names::VERDICTS)?)
+    }
+
+    pub fn rule_hits(&self, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
+        read_rule_hits(self.map(map_names::RULE_HITS)?, indices)
+    }
+
+    pub fn vpn_verdicts(&self) -> Result<VpnCounts, DatapathError> {
+        VpnCounts::read(self.map(map_names::VPN_VERDICTS)?)
+    }
+}
+
+/// Every counter of an instance whose maps are pinned in `dir`; `rules`: the rule numbers whose
+/// hits to read.
+pub struct InstanceCounters {
+    pub verdicts: VerdictCounts,
+    pub hits: Vec<u64>,
+    pub vpn: VpnCounts,
+}
+
+impl InstanceCounters {
+    pub fn read_pinned(dir: &Path, rules: &[u32]) -> Result<Self, DatapathError> {
+        let open = |name| open_pinned(&dir.join(name), name);
+        Ok(Self {
+            verdicts: VerdictCounts::read(&open(map_names::VERDICTS)?)?,
+            hits: read_rule_hits(&open(map_names::RULE_HITS)?, rules)?,
+            vpn: VpnCounts::read(&open(map_names::VPN_VERDICTS)?)?,
+        })
+    }
+}

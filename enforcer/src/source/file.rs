@@ -1,0 +1,160 @@
+//! The registry as a JSON file on this host: read whole, versioned by the file's stamp, written by
+//! a new file beside it that is renamed over it (fsync of the file, then of the directory).
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use super::{RegistrySource, Snapshot, SourceError, Staged, Version};
+use crate::registry::{Registry, RegistryError};
+
+/// What identifies the registry file's content without reading it: device, inode, size and
+/// change time (which every write moves, and no one can set back). A file whose stamp is the one
+/// the daemon last read or wrote holds what the policy in force was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+/// The registry file.
+pub struct FileSource {
+    path: PathBuf,
+}
+
+impl FileSource {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn version(&self) -> Option<Version> {
+        FileStamp::of(&self.path).map(Version::File)
+    }
+}
+
+impl RegistrySource for FileSource {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        parent_dir(&self.path).to_path_buf()
+    }
+
+    fn load(&self) -> Result<(Registry, Option<Version>), RegistryError> {
+        // Before the read: a write in between moves the stamp, and live changes then read anew.
+        let version = self.version();
+        Ok((Registry::load(&self.path)?, version))
+    }
+
+    fn read(&self) -> Result<Snapshot, SourceError> {
+        let version = self.version();
+        let text = std::fs::read_to_string(&self.path).map_err(|source| SourceError::Read {
+            location: self.location(),
+            source,
+        })?;
+        Ok(Snapshot { text, version })
+    }
+
+    fn read_if(&self, version: Version) -> Option<String> {
+        // The stamp before and after the read: a write during the read moves it, so a hand edit
+        // is never spliced over unseen.
+        if self.version() != Some(version) {
+            return None;
+        }
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        (self.version() == Some(version)).then_some(text)
+    }
+
+    fn stage(&self, text: &str) -> Result<Box<dyn Staged>, SourceError> {
+        StagedFile::write(&self.path, text)
+            .map(|staged| Box::new(staged) as Box<dyn Staged>)
+            .map_err(|source| SourceError::Write {
+                location: self.location(),
+                source,
+            })
+    }
+}
+
+/// A new text for a file, written and synced beside it (so that the text need not be held
+/// while other work is done); `commit` renames it over the file, and a dropped one is removed.
+struct StagedFile {
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+}
+
+impl StagedFile {
+    fn write(path: &Path, text: &str) -> std::io::Result<Self> {
+        let dir = parent_dir(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let staged = Self {
+            tmp: Some(tmp.clone()),
+            path: path.to_path_buf(),
+        };
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        Ok(staged)
+    }
+
+    /// Renames the new text over the file, and syncs the directory: a crash leaves the old
+    /// file or the new one.
+    fn commit_file(mut self) -> std::io::Result<()> {
+        let tmp = self.tmp.take().expect("committed once");
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(parent_dir(&self.path))?.sync_all()
+    }
+}
+
+impl Staged for StagedFile {
+    fn commit(self: Box<Self>) -> Result<Option<Version>, SourceError> {
+        let path = self.path.clone();
+        self.commit_file().map_err(|source| SourceError::Write {
+            location: path.display().to_string(),
+            source,
+        })?;
+        Ok(FileStamp::of(&path).map(Version::File))
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
