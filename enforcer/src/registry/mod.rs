@@ -7,6 +7,7 @@ mod feed;
 mod ports;
 mod raw;
 pub mod text;
+mod top;
 
 use std::{fmt, hash::BuildHasher, net::IpAddr, path::Path};
 

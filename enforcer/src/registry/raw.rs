@@ -14,26 +14,6 @@ use super::{
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRegistry<'a> {
-    schema: u32,
-    mode: String,
-    #[serde(borrow, default)]
-    networks: Vec<&'a RawValue>,
-    #[serde(borrow, default)]
-    devices: Vec<&'a RawValue>,
-    #[serde(borrow, default)]
-    vpn_endpoints: Vec<&'a RawValue>,
-    #[serde(borrow, default)]
-    deny: Vec<&'a RawValue>,
-    #[serde(default)]
-    deny_files: Vec<String>,
-    /// Increases by one with every change applied through the control socket.
-    #[serde(default)]
-    serial: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawNetwork {
     name: String,
     cidr: String,
@@ -96,7 +76,7 @@ impl Lines {
 }
 
 /// `serde_json`'s message without its " at line L column C" suffix (we give the place ourselves).
-fn message_of(error: &serde_json::Error) -> String {
+pub(super) fn message_of(error: &serde_json::Error) -> String {
     let text = error.to_string();
     match text.rfind(" at line ") {
         Some(cut) => text[..cut].to_string(),
@@ -386,10 +366,10 @@ fn deny(check: &mut EntryCheck<'_>) -> Option<DenyEntry> {
 }
 
 /// Parses every section and entry, collecting all problems; the registry only if there are none.
-/// Only a file that is not JSON of the right overall shape fails here; the problems of entries
-/// are returned in `Located::problems`.
+/// Only a file that is not a JSON object fails here; the problems of the top level's fields and
+/// of entries are returned in `Located::problems`.
 pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
-    let top: RawRegistry<'_> = serde_json::from_str(text).map_err(|error| {
+    let (top, top_problems) = super::top::read(text).map_err(|error| {
         vec![Problem {
             file: None,
             line: error.line().max(1),
@@ -399,35 +379,45 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         }]
     })?;
     let lines = std::sync::OnceLock::new();
-    let mut problems = Vec::new();
-    let top_problem = |field: &str, message: String| {
-        let key = format!("\"{field}\"");
-        let (line, column) = text.find(&key).map_or((1, 1), |at| {
-            lines.get_or_init(|| Lines::new(text)).position(at)
-        });
-        Problem {
-            file: None,
-            line,
-            column,
-            place: format!("field \"{field}\""),
-            message,
-        }
+    let position = |at: usize| lines.get_or_init(|| Lines::new(text)).position(at);
+    let problem_at = |field: &str, (line, column): (usize, usize), message: String| Problem {
+        file: None,
+        line,
+        column,
+        place: format!("field \"{field}\""),
+        message,
     };
-    if top.schema != SCHEMA_VERSION {
+    let mut problems: Vec<Problem> = top_problems
+        .into_iter()
+        .map(|p| {
+            let at = if p.offset == 0 {
+                (1, 1)
+            } else {
+                position(p.offset)
+            };
+            problem_at(&p.field, at, p.message)
+        })
+        .collect();
+    // Placed at the field's key (a registry has one of each).
+    let top_problem = |field: &str, message: String| {
+        let at = text.find(&format!("\"{field}\"")).map_or((1, 1), &position);
+        problem_at(field, at, message)
+    };
+    if let Some(schema) = top.schema
+        && schema != SCHEMA_VERSION
+    {
         problems.push(top_problem(
             "schema",
-            format!(
-                "unsupported schema {} (this enforcer reads schema {SCHEMA_VERSION})",
-                top.schema
-            ),
+            format!("unsupported schema {schema} (this enforcer reads schema {SCHEMA_VERSION})"),
         ));
     }
-    let mode = match top.mode.parse::<Mode>() {
-        Ok(mode) => Some(mode),
-        Err(message) => {
+    let mode = match top.mode.as_deref().map(str::parse::<Mode>) {
+        Some(Ok(mode)) => Some(mode),
+        Some(Err(message)) => {
             problems.push(top_problem("mode", message));
             None
         }
+        None => None,
     };
 
     let mut places = Places::default();

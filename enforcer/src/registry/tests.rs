@@ -325,3 +325,51 @@ fn large_sections_parsed_in_parallel_keep_file_order_and_places() {
     assert_eq!(registry.networks.len(), 19_998);
     assert_eq!(registry.networks[12_000].name, "n12001");
 }
+
+#[test]
+fn missing_and_mistyped_top_level_fields_are_reported_with_the_entries_problems() {
+    // No mode, and a network whose CIDR is invalid: both at once.
+    let all = problems(
+        r#"{"schema": 1,
+ "networks": [{"name": "lan", "cidr": "192.0.2.300/24"}]}"#,
+    );
+    let messages: Vec<&str> = all.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert!(messages[0].contains("missing field `mode`"), "{all:#?}");
+    assert_eq!(all[0].place, "field \"mode\"");
+    assert!(
+        messages[1].contains("invalid CIDR \"192.0.2.300/24\""),
+        "{all:#?}"
+    );
+    assert_eq!(
+        (all[1].line, all[1].place.as_str()),
+        (2, "networks[0] \"lan\" field \"cidr\"")
+    );
+
+    // No schema, a misspelt section, a section of the wrong type, a bad entry elsewhere.
+    let all = problems(
+        r#"{"mode": "enforce",
+ "netwroks": [],
+ "devices": {"name": "d"},
+ "deny": [{"cidr": "10.0.0.0/33"}]}"#,
+    );
+    let found = |needle: &str, line: usize| {
+        assert!(
+            all.iter()
+                .any(|p| p.message.contains(needle) && p.line == line),
+            "{needle} on line {line}: {all:#?}"
+        );
+    };
+    found("missing field `schema`", 1);
+    found("unknown field `netwroks`", 2);
+    found("invalid type: map, expected a sequence", 3);
+    found("invalid CIDR", 4);
+    assert_eq!(all.len(), 4, "{all:#?}");
+
+    // A repeated field is a problem, not a silent choice of one.
+    let p = only_problem(r#"{"schema": 1, "mode": "enforce", "mode": "monitor"}"#);
+    assert!(p.message.contains("duplicate field `mode`"), "{p}");
+    // Text that is not an object still stops at once, located.
+    let p = only_problem("[1, 2]");
+    assert!(p.message.contains("a JSON object"), "{p}");
+}
