@@ -39,7 +39,7 @@ impl Live {
             Request::Status => self.status(),
             Request::List { section } => match text::section_name(&section) {
                 Ok(section) => self.list(section),
-                Err(e) => Response::error(e),
+                Err(e) => Response::error(e.to_string()),
             },
             Request::Check {
                 addr,
@@ -49,11 +49,11 @@ impl Live {
             } => self.check(addr, port, proto, vpn.as_deref()),
             Request::Add { section, entry } => match text::section_name(&section) {
                 Ok(section) => self.add(caller, section, &entry),
-                Err(e) => Response::error(e),
+                Err(e) => Response::error(e.to_string()),
             },
             Request::Remove { section, target } => match text::section_name(&section) {
                 Ok(section) => self.remove(caller, section, &target),
-                Err(e) => Response::error(e),
+                Err(e) => Response::error(e.to_string()),
             },
             Request::Mode { mode } => {
                 // An explicit mode request ends `run --mode`'s override.

@@ -155,7 +155,7 @@ impl Datapath {
 
     fn port_rules(&mut self) -> Result<BpfHashMap<&mut MapData, PortKey, u8>, DatapathError> {
         let name = map_names::PORT_RULES;
-        BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))
+        self.typed_mut(name)
     }
 
     /// Writes rules into `RULES` (through its memory mapping).
@@ -211,14 +211,12 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         match prefix {
             IpNet::V4(net) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
-                    LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> = self.typed_mut(v4)?;
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 trie.insert(&key, value, 0).map_err(map_error(v4))
             }
             IpNet::V6(net) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
-                    LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> = self.typed_mut(v6)?;
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 trie.insert(&key, value, 0).map_err(map_error(v6))
             }
@@ -233,16 +231,14 @@ impl Datapath {
         // An absent key is already what we want.
         match prefix {
             IpNet::V4(net) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
-                    LpmTrie::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> = self.typed_mut(v4)?;
                 let _ = trie.remove(&Key::new(
                     u32::from(net.prefix_len()),
                     net.network().octets(),
                 ));
             }
             IpNet::V6(net) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
-                    LpmTrie::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> = self.typed_mut(v6)?;
                 let _ = trie.remove(&Key::new(
                     u32::from(net.prefix_len()),
                     net.network().octets(),
@@ -310,8 +306,7 @@ impl Datapath {
         let mut vpn_groups = Vec::new();
         for (prefix, slot) in self.lpm_entries(VPN_TRIES)? {
             let name = map_names::VPN_GROUPS;
-            let groups: Array<&MapData, VpnGroup> =
-                Array::try_from(self.map(name)?).map_err(map_error(name))?;
+            let groups: Array<&MapData, VpnGroup> = self.typed(name)?;
             let group = groups.get(&slot, 0).map_err(map_error(name))?;
             let count = (group.count as usize).min(group.approvals.len());
             let approvals = group.approvals[..count].to_vec();
@@ -341,8 +336,7 @@ impl Datapath {
         (v4, v6): (&'static str, &'static str),
     ) -> Result<Vec<(IpNet, u32)>, DatapathError> {
         let mut out = Vec::new();
-        let trie: LpmTrie<&MapData, [u8; 4], u32> =
-            LpmTrie::try_from(self.map(v4)?).map_err(map_error(v4))?;
+        let trie: LpmTrie<&MapData, [u8; 4], u32> = self.typed(v4)?;
         for entry in &trie {
             let (key, value) = entry.map_err(map_error(v4))?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(32);
@@ -350,8 +344,7 @@ impl Datapath {
                 out.push((IpNet::V4(net), value));
             }
         }
-        let trie: LpmTrie<&MapData, [u8; 16], u32> =
-            LpmTrie::try_from(self.map(v6)?).map_err(map_error(v6))?;
+        let trie: LpmTrie<&MapData, [u8; 16], u32> = self.typed(v6)?;
         for entry in &trie {
             let (key, value) = entry.map_err(map_error(v6))?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(128);

@@ -346,6 +346,22 @@ impl Datapath {
     }
 
     /// The single place that looks maps up by name.
+    /// The map `name` through aya's typed view of it (`Array`, `HashMap`, `LpmTrie`, ...).
+    fn typed<'a, T>(&'a self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a Map, Error = aya::maps::MapError>,
+    {
+        T::try_from(self.map(name)?).map_err(map_error(name))
+    }
+
+    /// The same, writable.
+    fn typed_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
+    {
+        T::try_from(self.map_mut(name)?).map_err(map_error(name))
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
         self.maps.get_mut(name).ok_or_else(|| DatapathError::Map {
             name,
@@ -378,8 +394,7 @@ impl Datapath {
     /// The program's settings as the kernel holds them.
     pub fn config(&self) -> Result<Config, DatapathError> {
         let name = map_names::CONFIG;
-        let config: Array<&MapData, Config> =
-            Array::try_from(self.map(name)?).map_err(map_error(name))?;
+        let config: Array<&MapData, Config> = self.typed(name)?;
         config.get(&0, 0).map_err(map_error(name))
     }
 
@@ -396,8 +411,7 @@ impl Datapath {
     fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
         let name = map_names::CONFIG;
         let mut current = {
-            let mut config: Array<&mut MapData, Config> =
-                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            let mut config: Array<&mut MapData, Config> = self.typed_mut(name)?;
             let mut current = config.get(&0, 0).map_err(map_error(name))?;
             change(&mut current);
             config.set(0, current, 0).map_err(map_error(name))?;
@@ -405,8 +419,7 @@ impl Datapath {
         };
         if current.vpn_flows_seen == 0 && self.vpn_flows_exist()? {
             current.vpn_flows_seen = 1;
-            let mut config: Array<&mut MapData, Config> =
-                Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            let mut config: Array<&mut MapData, Config> = self.typed_mut(name)?;
             config.set(0, current, 0).map_err(map_error(name))?;
         }
         Ok(())
@@ -415,8 +428,7 @@ impl Datapath {
     /// Whether the program has remembered any VPN flow (one `BPF_MAP_GET_NEXT_KEY`).
     fn vpn_flows_exist(&self) -> Result<bool, DatapathError> {
         let name = map_names::VPN_FLOWS;
-        let flows: aya::maps::HashMap<&MapData, FlowKey, u8> =
-            aya::maps::HashMap::try_from(self.map(name)?).map_err(map_error(name))?;
+        let flows: aya::maps::HashMap<&MapData, FlowKey, u8> = self.typed(name)?;
         match flows.keys().next() {
             None => Ok(false),
             Some(key) => key.map(|_| true).map_err(map_error(name)),
@@ -439,8 +451,7 @@ impl Datapath {
         let name = map_names::VPN_FLOWS;
         let mut sweep = FlowSweep::default();
         {
-            let mut flows: aya::maps::HashMap<&mut MapData, FlowKey, u8> =
-                aya::maps::HashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+            let mut flows: aya::maps::HashMap<&mut MapData, FlowKey, u8> = self.typed_mut(name)?;
             // Keys first: deleting while walking would restart the kernel's walk.
             let keys = flows
                 .keys()
@@ -479,8 +490,7 @@ impl Datapath {
     /// Writes one approval group into its slot of `VPN_GROUPS`.
     fn write_group(&mut self, slot: u32, approvals: &[VpnApproval]) -> Result<(), DatapathError> {
         let name = map_names::VPN_GROUPS;
-        let mut groups: Array<&mut MapData, VpnGroup> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut groups: Array<&mut MapData, VpnGroup> = self.typed_mut(name)?;
         let mut group = VpnGroup {
             count: u32::try_from(approvals.len()).unwrap_or(0),
             ..VpnGroup::default()

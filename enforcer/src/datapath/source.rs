@@ -379,8 +379,7 @@ impl Datapath {
         // one in force if unchanged, else a block the generation in force does not use.
         let name = map_names::SOURCE_V4;
         let capacity = self.v4_capacity()? + 2 * V4_ROOT_BLOCKS;
-        let mut table: Array<&mut MapData, Block> =
-            Array::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut table: Array<&mut MapData, Block> = self.typed_mut(name)?;
         let mut root = vec![0u32; V4_ROOT_BLOCKS as usize * BLOCK_SLOTS];
         for (first, slots) in (0..V4_ROOT_BLOCKS).zip(root.chunks_exact_mut(BLOCK_SLOTS)) {
             let block = table
@@ -527,8 +526,7 @@ impl Datapath {
         {
             return Ok(());
         }
-        let mut map: BpfHashMap<&mut MapData, K, V> =
-            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut map: BpfHashMap<&mut MapData, K, V> = self.typed_mut(name)?;
         for (key, value) in pairs {
             map.insert(key, value, 0).map_err(map_error(name))?;
         }
@@ -544,8 +542,7 @@ impl Datapath {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut map: BpfHashMap<&mut MapData, K, V> =
-            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut map: BpfHashMap<&mut MapData, K, V> = self.typed_mut(name)?;
         for key in keys {
             let _ = map.remove(key);
         }

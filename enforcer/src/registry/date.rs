@@ -3,6 +3,8 @@
 
 use std::{fmt, time::SystemTime};
 
+use super::ValueError;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Date {
     pub year: i32,
@@ -12,13 +14,13 @@ pub struct Date {
 
 impl Date {
     /// Parses `YYYY-MM-DD`, checking that the day exists.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("invalid date \"{text}\" (expected YYYY-MM-DD, e.g. 2027-06-30)");
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        let bad = || ValueError::DateFormat(text.to_string());
         let bytes = text.as_bytes();
         if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
             return Err(bad());
         }
-        let digits = |range: std::ops::Range<usize>| -> Result<u32, String> {
+        let digits = |range: std::ops::Range<usize>| -> Result<u32, ValueError> {
             let part = &text[range];
             if part.bytes().all(|b| b.is_ascii_digit()) {
                 part.parse().map_err(|_| bad())
@@ -30,7 +32,7 @@ impl Date {
         let month = digits(5..7)?;
         let day = digits(8..10)?;
         if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-            return Err(format!("invalid date \"{text}\": no such day"));
+            return Err(ValueError::NoSuchDay(text.to_string()));
         }
         Ok(Self { year, month, day })
     }

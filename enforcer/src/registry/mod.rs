@@ -45,17 +45,33 @@ impl fmt::Display for Mode {
 }
 
 impl std::str::FromStr for Mode {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "enforce" => Ok(Self::Enforce),
             "monitor" => Ok(Self::Monitor),
-            other => Err(format!(
-                "unknown mode \"{other}\" (expected \"enforce\" or \"monitor\")"
-            )),
+            other => Err(ValueError::Mode(other.to_string())),
         }
     }
+}
+
+/// Why a value in the registry (or given for one on the command line) is invalid; the message
+/// says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("invalid date \"{0}\" (expected YYYY-MM-DD, e.g. 2027-06-30)")]
+    DateFormat(String),
+    #[error("invalid date \"{0}\": no such day")]
+    NoSuchDay(String),
+    #[error("unknown protocol \"{0}\" (expected tcp, udp or icmp)")]
+    Protocol(String),
+    #[error("unknown mode \"{0}\" (expected \"enforce\" or \"monitor\")")]
+    Mode(String),
+    #[error(
+        "invalid port spec \"{spec}\": {why} (expected e.g. \"443/tcp\", \"8000-8080/udp\" or \"icmp\")"
+    )]
+    PortSpec { spec: String, why: &'static str },
 }
 
 /// An approved network: a prefix, optionally limited to some ports, optionally time-limited.

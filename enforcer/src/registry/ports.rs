@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::ValueError;
+
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -32,16 +34,14 @@ impl Protocol {
 }
 
 impl std::str::FromStr for Protocol {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
             "icmp" => Ok(Self::Icmp),
-            other => Err(format!(
-                "unknown protocol \"{other}\" (expected tcp, udp or icmp)"
-            )),
+            other => Err(ValueError::Protocol(other.to_string())),
         }
     }
 }
@@ -66,14 +66,13 @@ pub enum PortSpec {
 }
 
 impl PortSpec {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
         if text == "icmp" {
             return Ok(Self::Icmp);
         }
-        let bad = |why: &str| {
-            format!(
-                "invalid port spec \"{text}\": {why} (expected e.g. \"443/tcp\", \"8000-8080/udp\" or \"icmp\")"
-            )
+        let bad = |why: &'static str| ValueError::PortSpec {
+            spec: text.to_string(),
+            why,
         };
         let (ports, protocol) = text.split_once('/').ok_or_else(|| bad("no /protocol"))?;
         let protocol = match protocol {
@@ -81,7 +80,7 @@ impl PortSpec {
             "udp" => Protocol::Udp,
             _ => return Err(bad("protocol must be tcp or udp")),
         };
-        let port = |s: &str| -> Result<u16, String> {
+        let port = |s: &str| -> Result<u16, ValueError> {
             match s.parse::<u16>() {
                 Ok(0) => Err(bad("port 0 is not a port")),
                 Ok(port) if s.bytes().all(|b| b.is_ascii_digit()) => Ok(port),

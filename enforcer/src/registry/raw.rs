@@ -236,7 +236,7 @@ impl<'t> EntryCheck<'t> {
             None => Some(None),
             Some(Ok(date)) => Some(Some(date)),
             Some(Err(message)) => {
-                self.problem(field, message);
+                self.problem(field, message.to_string());
                 None
             }
         }
@@ -259,7 +259,7 @@ impl<'t> EntryCheck<'t> {
             match PortSpec::parse(spec) {
                 Ok(spec) => parsed.push(spec),
                 Err(message) => {
-                    self.problem("ports", message);
+                    self.problem("ports", message.to_string());
                     ok = false;
                 }
             }
@@ -414,7 +414,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
     let mode = match top.mode.as_deref().map(str::parse::<Mode>) {
         Some(Ok(mode)) => Some(mode),
         Some(Err(message)) => {
-            problems.push(top_problem("mode", message));
+            problems.push(top_problem("mode", message.to_string()));
             None
         }
         None => None,

@@ -311,11 +311,11 @@ pub fn splice_remove(
     section: &str,
     target: &str,
     serial: u64,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, TextError>> {
     let layout = layout(text, section)?;
     let matched = matching(&layout, target)?;
     if matched.is_empty() {
-        return Some(Err(no_entry(section, target)));
+        return Some(Err(TextError::Refused(no_entry(section, target))));
     }
     without(text, &layout, &matched, serial).map(Ok)
 }
@@ -324,13 +324,11 @@ pub fn splice_remove(
 pub const SECTIONS: [&str; 4] = ["networks", "devices", "deny", "vpn_endpoints"];
 
 /// The section named `section`, or why there is none.
-pub fn section_name(section: &str) -> Result<&'static str, String> {
-    SECTIONS.into_iter().find(|s| *s == section).ok_or_else(|| {
-        format!(
-            "unknown section {section} (expected one of {})",
-            SECTIONS.join(", ")
-        )
-    })
+pub fn section_name(section: &str) -> Result<&'static str, TextError> {
+    SECTIONS
+        .into_iter()
+        .find(|s| *s == section)
+        .ok_or_else(|| TextError::UnknownSection(section.to_string()))
 }
 
 /// What names an entry in messages: its name, CIDR or address.
@@ -357,6 +355,8 @@ pub enum TextError {
     Refused(String),
     #[error("the registry is not a JSON object")]
     NotObject,
+    #[error("unknown section {0} (expected one of networks, devices, deny, vpn_endpoints)")]
+    UnknownSection(String),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
@@ -413,7 +413,7 @@ pub fn without_entry(
     serial: u64,
 ) -> Result<String, TextError> {
     if let Some(spliced) = splice_remove(text, section, target, serial) {
-        return spliced.map_err(TextError::Refused);
+        return spliced;
     }
     edit_tree(text, serial, |doc| {
         let entries = list(doc, section);
