@@ -1,0 +1,35 @@
+//! The verifier's budget: the program, as the enforcer loads it, verifies within a fixed number
+//! of instructions. The kernel walks every path of a program, up to a million instructions;
+//! a change that makes the verifier walk more (a constant carried through a branch, an inlined
+//! call) shows here before it shows as a slow start or a refused program. A change that needs
+//! more for a reason raises the budget here, saying why.
+
+use enforcer_tests::kernel::Loaded;
+
+/// The instructions the verifier may walk for the whole program (a 10-network registry).
+const BUDGET: u32 = 65_903;
+
+#[test]
+fn the_program_verifies_within_its_instruction_budget() {
+    let networks: Vec<String> = (0..10)
+        .map(|i| format!(r#"{{"name": "n{i}", "cidr": "10.{i}.0.0/16"}}"#))
+        .collect();
+    let registry = format!(
+        r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
+        networks.join(", ")
+    );
+    let loaded = Loaded::new(&registry);
+    let info = loaded
+        .datapath
+        .program()
+        .info()
+        .expect("the kernel describes the loaded program");
+    let verified = info
+        .verified_instruction_count()
+        .expect("the kernel reports the verified instruction count (Linux 5.16 or later)");
+    println!("verified instructions: {verified} (budget {BUDGET})");
+    assert!(
+        verified <= BUDGET,
+        "the program verified in {verified} instructions, over its budget of {BUDGET}"
+    );
+}
