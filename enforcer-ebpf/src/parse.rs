@@ -4,7 +4,7 @@
 //! headers (IPv4 `tot_len`, IPv6 `payload_len`), never from the frame end, because short frames
 //! arrive padded.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 use aya_ebpf::programs::XdpContext;
 
@@ -139,6 +139,39 @@ const TCP_MIN_HDR_LEN: usize = size_of::<TcpHdr>();
 const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
 const ICMP_HDR_LEN: usize = size_of::<IcmpHdr>();
 
+// Where the fast path's word loads read, from the frame start, for an untagged frame. Each
+// 32-bit word covers the field named and those after it.
+/// EtherType, then (IPv4) version/IHL and TOS, or (IPv6) version and traffic class.
+const ETHER_TYPE_AT: usize = offset_of!(EthHdr, ether_type);
+/// IPv4 total length, identification.
+const V4_TOT_LEN_AT: usize = ETH_HDR_LEN + offset_of!(Ipv4Hdr, tot_len);
+/// IPv4 fragment bits and offset, TTL, protocol.
+const V4_FRAG_AT: usize = ETH_HDR_LEN + offset_of!(Ipv4Hdr, frag_off);
+const V4_SRC_AT: usize = ETH_HDR_LEN + offset_of!(Ipv4Hdr, src);
+/// The transport header after an IPv4 header without options: the ports.
+const V4_L4_AT: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+const V4_UDP_LEN_AT: usize = V4_L4_AT + offset_of!(UdpHdr, len);
+/// IPv6 payload length, next header, hop limit.
+const V6_PAYLOAD_LEN_AT: usize = ETH_HDR_LEN + offset_of!(Ipv6Hdr, payload_len);
+/// The IPv6 source address's two 64-bit halves.
+const V6_SRC_HI_AT: usize = ETH_HDR_LEN + offset_of!(Ipv6Hdr, src);
+const V6_SRC_LO_AT: usize = V6_SRC_HI_AT + 8;
+/// The transport header after an IPv6 header without extension headers: the ports.
+const V6_L4_AT: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+const V6_UDP_LEN_AT: usize = V6_L4_AT + offset_of!(UdpHdr, len);
+const _: () = assert!(
+    ETHER_TYPE_AT == 12
+        && V4_TOT_LEN_AT == 16
+        && V4_FRAG_AT == 20
+        && V4_SRC_AT == 26
+        && V4_L4_AT == 34
+        && V4_UDP_LEN_AT == 38
+        && V6_PAYLOAD_LEN_AT == 18
+        && V6_SRC_HI_AT == 22
+        && V6_L4_AT == 54
+        && V6_UDP_LEN_AT == 58
+);
+
 /// A frame the policy cannot be applied to because its headers are truncated or inconsistent.
 pub struct Malformed;
 
@@ -235,8 +268,9 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
     Ok((start + offset) as *const T)
 }
 
+/// A 16-bit field in network byte order.
 #[inline(always)]
-fn be16(bytes: [u8; 2]) -> u16 {
+pub fn be16(bytes: [u8; 2]) -> u16 {
     u16::from_be_bytes(bytes)
 }
 
@@ -267,20 +301,22 @@ pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
     }
 }
 
-/// Frame fields in one block of BPF loads, `name = size @ offset` from the frame start `data`
-/// (see `plain_v4` for why assembly), as a tuple of 64-bit registers in the order given.
+/// Frame fields in one block of BPF loads, `name = size @ OFFSET` (a named offset constant)
+/// from the frame start `data` (see `plain_v4` for why assembly), as a tuple of 64-bit
+/// registers in the order given.
 ///
 /// # Safety
 /// Every load must lie inside the frame; the caller has checked it against `data_end` (the
 /// verifier checks it again).
 macro_rules! frame_loads {
-    ($data:expr; $($name:ident = $size:ident @ $offset:literal),+ $(,)?) => {{
+    ($data:expr; $($name:ident = $size:ident @ $offset:ident),+ $(,)?) => {{
         $(let $name: u64;)+
         core::arch::asm!(
-            $(concat!("{", stringify!($name), "} = *(", stringify!($size), " *)({data} + ",
-                stringify!($offset), ")"),)+
+            $(concat!("{", stringify!($name), "} = *(", stringify!($size), " *)({data} + {",
+                stringify!($offset), "})"),)+
             data = in(reg) $data,
             $($name = lateout(reg) $name,)+
+            $($offset = const $offset,)+
             options(pure, readonly, nostack, preserves_flags),
         );
         ($($name),+)
@@ -302,11 +338,10 @@ macro_rules! frame_loads {
 #[inline(always)]
 pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     const L3: usize = ETH_HDR_LEN;
-    const L4: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
     let data = ctx.data();
     // Verifier: one bound check covers the Ethernet and IPv4 headers and the UDP header (the
     // shorter of the two transport headers); TCP's is checked below.
-    if data + L4 + UDP_HDR_LEN > ctx.data_end() {
+    if data + V4_L4_AT + UDP_HDR_LEN > ctx.data_end() {
         return None;
     }
     // SAFETY: inside the bytes checked above, at their offsets from the frame start: EtherType
@@ -314,8 +349,8 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     // (meaningless for TCP, and then unused).
     let (w12, w16, w20, src, ports, udp_len) = unsafe {
         frame_loads!(data;
-            w12 = u32 @ 12, w16 = u32 @ 16, w20 = u32 @ 20,
-            src = u32 @ 26, ports = u32 @ 34, udp_len = u32 @ 38)
+            w12 = u32 @ ETHER_TYPE_AT, w16 = u32 @ V4_TOT_LEN_AT, w20 = u32 @ V4_FRAG_AT,
+            src = u32 @ V4_SRC_AT, ports = u32 @ V4_L4_AT, udp_len = u32 @ V4_UDP_LEN_AT)
     };
     let [type_hi, type_lo, version_ihl, _] = bytes(w12);
     let [len_hi, len_lo, ..] = bytes(w16);
@@ -333,7 +368,7 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
     }
     let transport = plain_transport(
         ctx,
-        L4,
+        V4_L4_AT,
         tot_len - IPV4_MIN_HDR_LEN,
         proto,
         bytes(ports),
@@ -351,18 +386,17 @@ pub fn plain_v4(ctx: &XdpContext) -> Option<PlainV4> {
 #[inline(always)]
 pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
     const L3: usize = ETH_HDR_LEN;
-    const L4: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
     let data = ctx.data();
     // Verifier: one bound check covers the Ethernet and IPv6 headers and a UDP header.
-    if data + L4 + UDP_HDR_LEN > ctx.data_end() {
+    if data + V6_L4_AT + UDP_HDR_LEN > ctx.data_end() {
         return None;
     }
     // SAFETY: inside the bytes checked above: EtherType and version, payload length and next
     // header, the source address's two halves, ports, UDP length.
     let (w12, w18, src_hi, src_lo, ports, udp_len) = unsafe {
         frame_loads!(data;
-            w12 = u32 @ 12, w18 = u32 @ 18, src_hi = u64 @ 22,
-            src_lo = u64 @ 30, ports = u32 @ 54, udp_len = u32 @ 58)
+            w12 = u32 @ ETHER_TYPE_AT, w18 = u32 @ V6_PAYLOAD_LEN_AT, src_hi = u64 @ V6_SRC_HI_AT,
+            src_lo = u64 @ V6_SRC_LO_AT, ports = u32 @ V6_L4_AT, udp_len = u32 @ V6_UDP_LEN_AT)
     };
     let [type_hi, type_lo, version_class, _] = bytes(w12);
     let [len_hi, len_lo, proto, _] = bytes(w18);
@@ -375,7 +409,14 @@ pub fn plain_v6(ctx: &XdpContext) -> Option<PlainV6> {
     {
         return None;
     }
-    let transport = plain_transport(ctx, L4, payload_len, proto, bytes(ports), bytes(udp_len))?;
+    let transport = plain_transport(
+        ctx,
+        V6_L4_AT,
+        payload_len,
+        proto,
+        bytes(ports),
+        bytes(udp_len),
+    )?;
     let mut src = [0u8; 16];
     src[..8].copy_from_slice(&src_hi.to_ne_bytes());
     src[8..].copy_from_slice(&src_lo.to_ne_bytes());
@@ -388,9 +429,10 @@ fn bytes(word: u64) -> [u8; 4] {
     (word as u32).to_ne_bytes()
 }
 
-/// A TCP or UDP header at `l4` in an IP payload of `ip_payload_len` bytes, checked as
-/// `parse_l4` checks it: its ports and payload, or `None` (another protocol, or malformed).
-/// `ports` and `udp_len` are the header's first two words, read by the caller.
+/// A TCP or UDP header at `l4` in an IP payload of `ip_payload_len` bytes, checked by the
+/// checks `parse_l4` makes (`tcp_payload`, `udp_payload`): its ports and payload, or `None`
+/// (another protocol, or malformed). `ports` and `udp_len` are the header's first two words,
+/// read by the caller.
 #[inline(always)]
 fn plain_transport(
     ctx: &XdpContext,
@@ -405,31 +447,13 @@ fn plain_transport(
         IPPROTO_TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, l4).ok()?;
             // SAFETY: ptr_at checked that the TCP header lies inside the frame.
-            let data_offset = unsafe { (*tcp).data_offset };
-            let header_len = usize::from(data_offset >> 4) * 4;
-            if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
-                return None;
-            }
-            let len = ip_payload_len - header_len;
-            Payload {
-                offset: l4 + header_len,
-                len,
-                total: len,
-            }
+            tcp_payload(l4, ip_payload_len, unsafe { (*tcp).data_offset })?
         }
-        IPPROTO_UDP => {
-            let udp_len = usize::from(u16::from_be_bytes([udp_len[0], udp_len[1]]));
-            if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
-                return None;
-            }
-            let total = udp_len - UDP_HDR_LEN;
-            let in_packet = ip_payload_len - UDP_HDR_LEN;
-            Payload {
-                offset: l4 + UDP_HDR_LEN,
-                len: if total < in_packet { total } else { in_packet },
-                total,
-            }
-        }
+        IPPROTO_UDP => udp_payload(
+            l4,
+            ip_payload_len,
+            usize::from(be16([udp_len[0], udp_len[1]])),
+        )?,
         _ => return None,
     };
     Some(Transport {
@@ -633,6 +657,40 @@ fn is_link_control_icmpv6(kind: u8, hop_limit: u8, src: &[u8; 16]) -> bool {
     }
 }
 
+/// The payload of a TCP segment at `l4` whose header is `data_offset >> 4` 32-bit words long, in
+/// an IP payload of `ip_payload_len` bytes; `None` if the header is too short or does not fit.
+#[inline(always)]
+fn tcp_payload(l4: usize, ip_payload_len: usize, data_offset: u8) -> Option<Payload> {
+    let header_len = usize::from(data_offset >> 4) * 4;
+    if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
+        return None;
+    }
+    let len = ip_payload_len - header_len;
+    Some(Payload {
+        offset: l4 + header_len,
+        len,
+        total: len,
+    })
+}
+
+/// The payload of a UDP datagram at `l4` whose length field says `udp_len`, in an IP payload of
+/// `ip_payload_len` bytes: the datagram's payload (`total`, which a first fragment carries too),
+/// of which `len` bytes are in this packet; `None` if the header does not fit or its length is
+/// shorter than a header.
+#[inline(always)]
+fn udp_payload(l4: usize, ip_payload_len: usize, udp_len: usize) -> Option<Payload> {
+    if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
+        return None;
+    }
+    let total = udp_len - UDP_HDR_LEN;
+    let in_packet = ip_payload_len - UDP_HDR_LEN;
+    Some(Payload {
+        offset: l4 + UDP_HDR_LEN,
+        len: if total < in_packet { total } else { in_packet },
+        total,
+    })
+}
+
 /// The L4 header of a whole datagram or first fragment. `ip_payload_len` comes from the IP
 /// header; a header that does not fit in it is malformed (RFC 1858's tiny-fragment attack).
 #[inline(always)]
@@ -648,20 +706,10 @@ fn parse_l4(
             // SAFETY: ptr_at checked that TCP_MIN_HDR_LEN bytes at `offset` lie inside the frame.
             let (src_port_be, dst_port_be, data_offset) =
                 unsafe { ((*tcp).src_port, (*tcp).dst_port, (*tcp).data_offset) };
-            let header_len = usize::from(data_offset >> 4) * 4;
-            if header_len < TCP_MIN_HDR_LEN || header_len > ip_payload_len {
-                return Err(Malformed);
-            }
-            let len = ip_payload_len - header_len;
-            let payload = Payload {
-                offset: offset + header_len,
-                len,
-                total: len,
-            };
             Ok(L4::Ports {
                 src_port_be,
                 dst_port_be,
-                payload,
+                payload: tcp_payload(offset, ip_payload_len, data_offset).ok_or(Malformed)?,
             })
         }
         IPPROTO_UDP => {
@@ -674,21 +722,10 @@ fn parse_l4(
                     usize::from(be16((*udp).len)),
                 )
             };
-            if UDP_HDR_LEN > ip_payload_len || udp_len < UDP_HDR_LEN {
-                return Err(Malformed);
-            }
-            let total = udp_len - UDP_HDR_LEN;
-            let in_packet = ip_payload_len - UDP_HDR_LEN;
-            let len = if total < in_packet { total } else { in_packet };
-            let payload = Payload {
-                offset: offset + UDP_HDR_LEN,
-                len,
-                total,
-            };
             Ok(L4::Ports {
                 src_port_be,
                 dst_port_be,
-                payload,
+                payload: udp_payload(offset, ip_payload_len, udp_len).ok_or(Malformed)?,
             })
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {

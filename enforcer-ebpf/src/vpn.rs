@@ -9,12 +9,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use enforcer_common::{
-    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, VpnGroup, VpnProtocol,
+    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, VpnGroup, VpnProtocol,
 };
 
 use crate::parse::{
     Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_TCP, IPPROTO_UDP,
-    IpPacket, L4, Payload, masked, read,
+    IpPacket, L4, Payload, be16, masked, read,
 };
 
 const IPSEC_NAT_T_PORT: u16 = 4500;
@@ -72,11 +72,6 @@ pub static VPN_GROUPS: Array<VpnGroup> =
 #[aya_ebpf::macros::map]
 pub static VPN_FLOWS: LruHashMap<FlowKey, u8> =
     LruHashMap::with_max_entries(enforcer_common::MAX_VPN_FLOWS, 0);
-
-#[inline(always)]
-fn be16(bytes: [u8; 2]) -> u16 {
-    u16::from_be_bytes(bytes)
-}
 
 /// No VPN protocol: a number past `VpnProtocol`'s.
 pub const NO_VPN: u32 = u32::MAX;
@@ -718,8 +713,9 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> (u32, u3
     (0, NO_VPN)
 }
 
-/// No approved endpoint covers the address: an index past `VPN_GROUPS`, which holds nothing.
-const NO_GROUP: u32 = u32::MAX;
+/// No approved endpoint covers the address: the first index past `VPN_GROUPS`, which holds
+/// nothing.
+const NO_GROUP: u32 = MAX_VPN_GROUPS;
 
 #[inline(always)]
 fn match_group(group: u32, protocol: u32, port: [u8; 2]) -> Option<u32> {
