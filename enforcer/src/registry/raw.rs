@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Date, DenyEntry, Device, Located, Mode, Network, PortSpec, Problem, Registry, SCHEMA_VERSION,
-    VpnEndpoint, VpnProtocol,
+    VpnEndpoint, VpnProtocol, top::message_of,
 };
 
 #[derive(Deserialize)]
@@ -72,15 +72,6 @@ impl Lines {
     pub(super) fn position(&self, offset: usize) -> (usize, usize) {
         let line = self.starts.partition_point(|&start| start <= offset);
         (line, offset - self.starts[line - 1] + 1)
-    }
-}
-
-/// `serde_json`'s message without its " at line L column C" suffix (we give the place ourselves).
-pub(super) fn message_of(error: &serde_json::Error) -> String {
-    let text = error.to_string();
-    match text.rfind(" at line ") {
-        Some(cut) => text[..cut].to_string(),
-        None => text,
     }
 }
 

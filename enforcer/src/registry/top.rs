@@ -67,6 +67,15 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
     }
 }
 
+/// `serde_json`'s message without its " at line L column C" suffix (we give the place ourselves).
+pub(super) fn message_of(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" at line ") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
 /// Byte offset of `raw` (a slice of `text`) in `text`.
 fn offset(text: &str, raw: &RawValue) -> usize {
     raw.get().as_ptr() as usize - text.as_ptr() as usize
@@ -93,7 +102,7 @@ pub(super) fn read(text: &str) -> Result<(Top<'_>, Vec<TopProblem>), serde_json:
         }
         /// The field's value as `T`, or its problem.
         fn value<'a, T: serde::Deserialize<'a>>(raw: &'a RawValue) -> Result<T, String> {
-            serde_json::from_str(raw.get()).map_err(|e| super::raw::message_of(&e))
+            serde_json::from_str(raw.get()).map_err(|e| message_of(&e))
         }
         let read: Result<(), String> = match key.as_str() {
             "schema" => value(raw).map(|v| top.schema = Some(v)),
