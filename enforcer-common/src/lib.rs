@@ -26,9 +26,12 @@ pub mod map_names {
     pub const DIR_V6: &str = "DIR_V6";
     pub const NODE_V6: &str = "NODE_V6";
     pub const LONG_V6: &str = "LONG_V6";
+    pub const CONNS: &str = "CONNS";
+    pub const PEERS: &str = "PEERS";
+    pub const CONN_TIMEOUTS: &str = "CONN_TIMEOUTS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -45,11 +48,16 @@ pub mod map_names {
         DIR_V6,
         NODE_V6,
         LONG_V6,
+        CONNS,
+        PEERS,
+        CONN_TIMEOUTS,
     ];
 }
 
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "enforcer";
+/// The egress (TC) program's name in the object file.
+pub const EGRESS_PROGRAM_NAME: &str = "enforcer_egress";
 
 /// Registry entries (networks, devices, deny ranges) the maps can hold. Rule indices run from 0
 /// to `MAX_RULES - 1`; each LPM trie holds at most this many prefixes.
@@ -169,6 +177,109 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Connections the server opened, whose replies ingress lets in (LRU: when the server opens more
+/// than this, the least recently used entry is forgotten and its replies drop).
+pub const MAX_CONNS: u32 = 65_536;
+/// Slots of `PEERS`: one byte per slot, set when some connection's remote address hashes there
+/// (`peer_slot`), so that a packet from a peer the server has no connection with pays one array
+/// read, not a hash lookup.
+pub const PEER_SLOTS: u32 = 1 << 16;
+
+/// Key of `CONNS`: a connection the server opened, as its replies show it (remote side first).
+/// IPv4 addresses use the first 4 bytes. ICMP echo keeps its identifier in `local_port`.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 16 | remote address |
+/// | 16 | 16 | local address (the server's) |
+/// | 32 | 2 | remote port (network order) |
+/// | 34 | 2 | local port (network order) |
+/// | 36 | 1 | IP protocol |
+/// | 37 | 1 | family (4 or 6) |
+/// | 38 | 2 | padding, 0 |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port: [u8; 2],
+    pub local_port: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
+
+/// Value of `CONNS`: until when replies are let in, and the TCP state.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | expiry, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`) |
+/// | 8 | 4 | state: `CONN_OPEN`, or `CONN_CLOSING` once the server sent FIN or RST |
+/// | 12 | 4 | padding, 0 |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub expires_ns: u64,
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 16);
+
+pub const CONN_OPEN: u32 = 0;
+pub const CONN_CLOSING: u32 = 1;
+
+/// How long a connection admits replies after the server's last packet on it (index 0 of
+/// `CONN_TIMEOUTS`, written by the controller; all zero means the defaults below).
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | TCP, open (ns) |
+/// | 8 | 8 | TCP after the server's FIN or RST (ns) |
+/// | 16 | 8 | UDP (ns) |
+/// | 24 | 8 | ICMP echo (ns) |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnTimeouts {
+    pub tcp_open_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+    pub icmp_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnTimeouts>() == 32);
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+impl ConnTimeouts {
+    /// An open TCP connection idle for an hour, a closing one 10 s after the server's FIN or
+    /// RST, a UDP exchange 60 s after the server's last datagram, an ICMP echo 30 s.
+    pub const DEFAULT: Self = Self {
+        tcp_open_ns: 3600 * SECOND_NS,
+        tcp_closing_ns: 10 * SECOND_NS,
+        udp_ns: 60 * SECOND_NS,
+        icmp_ns: 30 * SECOND_NS,
+    };
+}
+
+/// The `PEERS` slot of a remote address (IPv4 in the first 4 bytes): its 32-bit words folded,
+/// multiplied by a 32-bit golden-ratio constant, top 16 bits.
+#[inline(always)]
+pub const fn peer_slot(addr: &[u8; 16], family: u8) -> u32 {
+    let folded = if family == 4 {
+        word(addr, 0)
+    } else {
+        word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12)
+    };
+    folded.wrapping_mul(0x9E37_79B9) >> 16
+}
+
+/// The 32-bit word at `at` of an address, in host order.
+#[inline(always)]
+const fn word(addr: &[u8; 16], at: usize) -> u32 {
+    u32::from_ne_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]])
+}
+const _: () = assert!(PEER_SLOTS == 1 << 16);
 
 /// Key of `PORT_RULES`: this rule allows this destination port for this protocol.
 ///
@@ -373,4 +484,7 @@ mod pod {
     unsafe impl aya::Pod for super::LongKeyV6 {}
     unsafe impl aya::Pod for super::DirV6 {}
     unsafe impl aya::Pod for super::NodeV6 {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::ConnTimeouts {}
 }

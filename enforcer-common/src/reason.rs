@@ -34,11 +34,13 @@ pub enum Reason {
     UnapprovedVpn = 9,
     /// Source in a deny feed (a plain list of ranges named by the registry).
     DeniedFeed = 10,
+    /// A reply to a connection the server opened (its source need not be allowlisted).
+    EstablishedReply = 11,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Allowed,
         Self::LinkControl,
         Self::Malformed,
@@ -50,11 +52,14 @@ impl Reason {
         Self::ApprovedVpn,
         Self::UnapprovedVpn,
         Self::DeniedFeed,
+        Self::EstablishedReply,
     ];
 
     pub const fn action(self) -> Action {
         match self {
-            Self::Allowed | Self::LinkControl | Self::ApprovedVpn => Action::Pass,
+            Self::Allowed | Self::LinkControl | Self::ApprovedVpn | Self::EstablishedReply => {
+                Action::Pass
+            }
             Self::Malformed
             | Self::Denied
             | Self::NotAllowlisted
@@ -80,6 +85,7 @@ impl Reason {
             Self::ApprovedVpn => "approved_vpn",
             Self::UnapprovedVpn => "unapproved_vpn",
             Self::DeniedFeed => "denied_feed",
+            Self::EstablishedReply => "established_reply",
         }
     }
 
@@ -101,6 +107,7 @@ impl Reason {
             Self::ApprovedVpn => "VPN packet to/from an endpoint approved for its protocol",
             Self::UnapprovedVpn => "VPN packet whose endpoints are not approved for its protocol",
             Self::DeniedFeed => "source in a deny feed file",
+            Self::EstablishedReply => "reply to a connection this server opened",
         }
     }
 }

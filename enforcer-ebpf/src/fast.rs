@@ -8,7 +8,9 @@
 use aya_ebpf::programs::XdpContext;
 use enforcer_common::{Config, RULE_ANY_PORT, RULE_DENY, Reason};
 
-use crate::{CONFIG, Verdict, deny_reason, entry_flags, parse, port_listed, record, source, vpn};
+use crate::{
+    CONFIG, Verdict, conn, deny_reason, entry_flags, parse, port_listed, record, source, vpn,
+};
 
 /// Returned when the full path must decide (no XDP action has this number).
 pub const UNDECIDED: u32 = u32::MAX;
@@ -59,17 +61,37 @@ pub fn decide(ctx: &XdpContext) -> Fast {
         return undecided(NOT_LOOKED_UP);
     };
     if let Some(p) = parse::plain_v4(ctx) {
-        return finish(ctx, mode, source::v4(p.src, generation), &p.transport);
+        let peer = || {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&p.src);
+            conn::peer_may_have_conn(4, &addr)
+        };
+        return finish(ctx, mode, source::v4(p.src, generation), &p.transport, peer);
     }
     if let Some(p) = parse::plain_v6(ctx) {
-        return finish(ctx, mode, source::v6(&p.src, generation), &p.transport);
+        let peer = || conn::peer_may_have_conn(6, &p.src);
+        return finish(
+            ctx,
+            mode,
+            source::v6(&p.src, generation),
+            &p.transport,
+            peer,
+        );
     }
     undecided(NOT_LOOKED_UP)
 }
 
 /// The verdict on a plain TCP/UDP packet whose source lookup found `entry` (`rule + 1`, or 0).
+/// `peer`: whether the server may have a connection with the source (then a packet that would
+/// drop may be a reply, which the full path decides).
 #[inline(always)]
-fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport) -> Fast {
+fn finish(
+    ctx: &XdpContext,
+    mode: u32,
+    entry: u32,
+    transport: &parse::Transport,
+    peer: impl Fn() -> bool,
+) -> Fast {
     let parse::Transport {
         proto,
         src_port_be,
@@ -96,13 +118,20 @@ fn finish(ctx: &XdpContext, mode: u32, entry: u32, transport: &parse::Transport)
         return undecided(entry);
     }
     // 5. An allowed source's ports, as `check_ports` decides them for a whole datagram.
+    if entry != 0 && (flags & RULE_ANY_PORT != 0 || port_listed(rule, proto, dst_port_be)) {
+        return decided(record(ctx, mode, Verdict::new(Reason::Allowed, rule)));
+    }
+    // 6. A packet that would drop may answer a connection the server opened: one array read
+    //    says whether the server has any with this source.
+    if peer() {
+        return undecided(entry);
+    }
     if entry != 0 {
-        let reason = if flags & RULE_ANY_PORT != 0 || port_listed(rule, proto, dst_port_be) {
-            Reason::Allowed
-        } else {
-            Reason::PortNotAllowed
-        };
-        return decided(record(ctx, mode, Verdict::new(reason, rule)));
+        return decided(record(
+            ctx,
+            mode,
+            Verdict::new(Reason::PortNotAllowed, rule),
+        ));
     }
     // A constant verdict: the compiler folds the accounting to one counter slot.
     decided(record(

@@ -1,5 +1,6 @@
 //! The enforcer's XDP program: one entry, a `decide` core that returns which rule decided, and
 //! one exit that counts the verdict and carries it out (or, in monitor mode, only counts it).
+//! Beside it, the egress (TC) program that records the connections the server opens (`conn`).
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
@@ -11,6 +12,7 @@
     reason = "atomic_xadd is the only atomic add on this target"
 )]
 
+mod conn;
 mod fast;
 mod parse;
 mod source;
@@ -19,10 +21,10 @@ mod vpn;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
     Action, Config, Counter, FragmentKey, MAX_PORT_RULES, MAX_RULES, MAX_TRACKED_FRAGMENTS,
@@ -107,6 +109,14 @@ pub fn enforcer(ctx: XdpContext) -> u32 {
     record(&ctx, mode, verdict)
 }
 
+/// The server's outgoing traffic: records the connections it opens (`conn`), so that their
+/// replies pass ingress. Never drops; returns "next" so that other TC programs still run.
+#[classifier]
+pub fn enforcer_egress(ctx: TcContext) -> i32 {
+    conn::track(&ctx);
+    TC_ACT_UNSPEC
+}
+
 /// The policy, in order; the first step that decides wins. `known`: what the fast path's
 /// lookup of this packet's source found, or `fast::NOT_LOOKED_UP`.
 #[inline(always)]
@@ -175,12 +185,43 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
             vpn: protocol,
         };
     }
-    // 5. The source allowlist (networks and devices; longest prefix wins) ...
-    if !listed {
-        return Verdict::without_rule(Reason::NotAllowlisted);
+    // 5. The source allowlist (networks and devices; longest prefix wins) and the matched
+    //    entry's ports; 6. a reply to a connection the server opened passes whatever its
+    //    source and ports (but not past the deny list or the VPN stage above); 7. otherwise
+    //    drop.
+    let reason = if listed {
+        check_ports(&packet, rule, flags)
+    } else {
+        Reason::NotAllowlisted
+    };
+    if matches!(reason, Reason::NotAllowlisted | Reason::PortNotAllowed) && is_reply(&packet) {
+        return Verdict::without_rule(Reason::EstablishedReply);
     }
-    // ... and the matched entry's ports; 6. otherwise drop.
-    Verdict::new(check_ports(&packet, rule, flags), rule)
+    if listed {
+        Verdict::new(reason, rule)
+    } else {
+        Verdict::without_rule(reason)
+    }
+}
+
+/// Whether a packet answers a connection the server opened (`conn`). A later fragment carries
+/// no ports: it passes if its first fragment passed as a reply (remembered in `FRAGMENTS`).
+#[inline(always)]
+fn is_reply(packet: &IpPacket) -> bool {
+    if !conn::peer_of(packet) {
+        return false;
+    }
+    if let L4::Unknown = packet.l4 {
+        return FRAGMENTS.get_ptr(fragment_key(packet)).is_some();
+    }
+    if !conn::is_reply(packet) {
+        return false;
+    }
+    if let Fragment::First { .. } = packet.fragment {
+        // If the LRU map cannot take it, the later fragments drop: fail closed.
+        let _ = FRAGMENTS.insert(fragment_key(packet), 1, 0);
+    }
+    true
 }
 
 /// The port/protocol part of an allowlist entry. Fragments: the first fragment carries the ports
@@ -194,7 +235,7 @@ fn check_ports(packet: &IpPacket, rule: u32, flags: u32) -> Reason {
     }
     let allowed = match packet.l4 {
         L4::Ports { dst_port_be, .. } => port_listed(rule, packet.proto, dst_port_be),
-        L4::Icmp => flags & RULE_ICMP != 0,
+        L4::Icmp { .. } => flags & RULE_ICMP != 0,
         L4::Other { .. } => false,
         L4::Unknown => {
             return if FRAGMENTS.get_ptr(fragment_key(packet)).is_some() {

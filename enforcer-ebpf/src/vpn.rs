@@ -93,12 +93,13 @@ pub fn classify(ctx: &XdpContext, packet: &IpPacket, config: &Array<Config>) -> 
             src_port_be,
             dst_port_be,
             payload,
+            ..
         } => (
             u64::from(be16(src_port_be)) << 16 | u64::from(be16(dst_port_be)),
             payload,
         ),
         L4::Other { payload } => (0, payload),
-        L4::Icmp | L4::Unknown => (
+        L4::Icmp { .. } | L4::Unknown => (
             0,
             Payload {
                 offset: 0,

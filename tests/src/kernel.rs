@@ -91,6 +91,20 @@ impl Loaded {
         Ok(self.datapath.program().test_run(opts)?.return_value)
     }
 
+    /// Runs one outgoing frame through the egress program; returns its TC action.
+    pub fn run_egress(&self, frame: &[u8]) -> i32 {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        let result = self
+            .datapath
+            .egress_program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN of the egress program");
+        result.return_value.cast_signed()
+    }
+
     /// Runs one frame `repeat` times in the kernel; returns the mean ns per run.
     pub fn time(&self, frame: &[u8], repeat: u32) -> u64 {
         let opts = TestRunOptions {

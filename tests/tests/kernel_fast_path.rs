@@ -253,3 +253,70 @@ fn with_a_port_endpoint() {
         false,
     );
 }
+
+/// Connections the server opened (recorded by the egress program) to addresses and ports the
+/// random frames use, so that some frames are replies and many come from peers with a
+/// connection on other ports: the fast path must step aside for exactly those that could be
+/// replies.
+#[test]
+fn with_connections_the_server_opened() {
+    let dir = TempDir::new("enf-fast").unwrap();
+    let text = registry(&feed_file(&dir), "");
+    let with = Loaded::new(&text);
+    let without = Loaded::without_fast_path(&text);
+    let ports = [53, 443, 5353, 40_000];
+    let mut peers: Vec<(String, &str)> = (0..16)
+        .flat_map(|i| {
+            [
+                (format!("192.0.2.{i}"), "198.51.100.1"),
+                (format!("192.0.2.{i}"), "192.0.2.7"),
+            ]
+        })
+        .collect();
+    peers.extend((0x60..0x80).map(|i| (format!("2001:db8:7::{i:x}"), "2001:db8:100::1")));
+    peers.push(("198.51.100.20".into(), "198.51.100.1"));
+    for (peer, local) in &peers {
+        for remote_port in ports {
+            for local_port in ports {
+                let frames = [
+                    Frame::udp_data(local, local_port, peer, remote_port, vec![1; 8]).build(),
+                    {
+                        let mut syn = Frame::new(
+                            local.parse().unwrap(),
+                            peer.parse().unwrap(),
+                            L4::TcpData {
+                                src_port: local_port,
+                                dst_port: remote_port,
+                                data: Vec::new(),
+                            },
+                        )
+                        .build();
+                        // ACK|PSH made a SYN (offset 13 of the TCP header).
+                        let tcp = syn.len() - 20;
+                        syn[tcp + 13] = 0x02;
+                        syn
+                    },
+                ];
+                for frame in &frames {
+                    assert_eq!(with.run_egress(frame), -1);
+                    assert_eq!(without.run_egress(frame), -1);
+                }
+            }
+        }
+    }
+    assert!(with.datapath.conn_count().unwrap() > 1000);
+    compare(
+        &with,
+        &without,
+        &mut Rng(0xFA57_0003_2026_1205),
+        3000,
+        false,
+    );
+    let replies = with
+        .counts()
+        .packets(enforcer_common::Reason::EstablishedReply);
+    assert!(
+        replies > 10,
+        "the random frames should include replies: {replies}"
+    );
+}

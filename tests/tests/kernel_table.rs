@@ -846,7 +846,7 @@ fn mismatches(
             }
         };
         let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
-        let expected = loaded.policy.check(addr, Protocol::Tcp, Some(port));
+        let expected = loaded.policy.decide(addr, Protocol::Tcp, Some(port), None);
         let server = if addr.is_ipv4() { SERVER } else { SERVER6 };
         let frame = Frame::tcp(&addr.to_string(), server, port).build();
         let before = loaded.counts();

@@ -8,10 +8,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, and the real
+/// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, the real
 /// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
-/// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins).
-const APT_PACKAGES: [&str; 12] = [
+/// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), and a DNS
+/// server and client for the connection-state tests (dnsmasq, dig).
+const APT_PACKAGES: [&str; 14] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -24,6 +25,8 @@ const APT_PACKAGES: [&str; 12] = [
     "strongswan-swanctl",
     "libcharon-extra-plugins",
     "libstrongswan-extra-plugins",
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

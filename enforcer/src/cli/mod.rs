@@ -62,6 +62,9 @@ pub enum Command {
         /// While any is remembered, every TCP/UDP packet also meets the flow lookup.
         #[arg(long, value_name = "SECONDS", default_value_t = daemon::DEFAULT_FLOW_SWEEP.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         vpn_flow_idle: u64,
+        /// How often expired connections are removed from the connection table (seconds).
+        #[arg(long, default_value_t = daemon::DEFAULT_CONN_SWEEP.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400), hide = true)]
+        conn_sweep_secs: u64,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -167,6 +170,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             protect,
             expiry_check_secs,
             vpn_flow_idle,
+            conn_sweep_secs,
         } => render::run(&daemon::DaemonConfig {
             iface,
             registry,
@@ -177,6 +181,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             timers: daemon::Timers {
                 expiry_check: Duration::from_secs(expiry_check_secs.max(1)),
                 flow_sweep: Duration::from_secs(vpn_flow_idle),
+                conn_sweep: Duration::from_secs(conn_sweep_secs),
             },
         }),
         Command::Detach { instance, iface } => {

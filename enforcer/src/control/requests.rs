@@ -224,6 +224,7 @@ impl Live {
         // Whether remembered VPN flows send every TCP/UDP packet to the flow lookup (and keep
         // the fast path off) until the sweep forgets them.
         let flow_lookup = self.datapath.config().is_ok_and(|c| c.vpn_flows_seen != 0);
+        let connections = self.datapath.conn_count().unwrap_or(0);
         let data = json!({
             "instance": self.state.instance,
             "mode": self.policy.mode,
@@ -238,6 +239,8 @@ impl Live {
             "deny_feed": self.policy.count(RuleKind::DenyFeed),
             "vpn_endpoints": self.policy.vpn_endpoints,
             "vpn_flow_lookup": flow_lookup,
+            "connections": connections,
+            "connections_max": enforcer_common::MAX_CONNS,
         });
         let flows = if flow_lookup {
             ", VPN flows remembered (flow lookup on)"
@@ -245,7 +248,7 @@ impl Live {
             ""
         };
         let message = format!(
-            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, up {uptime} s",
+            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, {connections} of {} connections tracked, up {uptime} s",
             self.state.instance,
             self.policy.mode,
             self.state.xdp_mode,
@@ -254,7 +257,8 @@ impl Live {
             data["devices"],
             data["deny"],
             data["deny_feed"],
-            data["vpn_endpoints"]
+            data["vpn_endpoints"],
+            enforcer_common::MAX_CONNS
         );
         Response::ok(message, data)
     }

@@ -24,6 +24,10 @@ use crate::{
 /// 10 s) keeps a quiet tunnel's flow; NAT bindings of a UDP flow silent that long are gone too.
 pub const DEFAULT_FLOW_SWEEP: Duration = Duration::from_secs(300);
 
+/// The default period of the connection sweep: expired connections admit no replies whether or
+/// not they are swept (the program checks their expiry); the sweep frees their entries.
+pub const DEFAULT_CONN_SWEEP: Duration = Duration::from_secs(30);
+
 /// The daemon's periodic work.
 #[derive(Clone, Copy, Debug)]
 pub struct Timers {
@@ -32,6 +36,8 @@ pub struct Timers {
     /// How often the remembered VPN flows are swept: a flow is forgotten after one to two
     /// periods without a packet.
     pub flow_sweep: Duration,
+    /// How often expired connections are removed from the connection table.
+    pub conn_sweep: Duration,
 }
 
 /// What `enforcer run` was told.

@@ -25,6 +25,7 @@ pub async fn serve(
         tokio::time::Instant::now() + timers.flow_sweep,
         timers.flow_sweep,
     );
+    let mut conns = tokio::time::interval(timers.conn_sweep);
     loop {
         let (stream, _) = tokio::select! {
             signal = &mut shutdown => return signal.map_err(DaemonError::Signal),
@@ -36,6 +37,18 @@ pub async fn serve(
             }
             _ = flows.tick() => {
                 sweep_flows(live);
+                continue;
+            }
+            _ = conns.tick() => {
+                match live.datapath_mut().sweep_conns() {
+                    Ok(sweep) if sweep.expired > 0 => tracing::debug!(
+                        expired = sweep.expired,
+                        kept = sweep.kept,
+                        "removed expired connections"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("connection sweep failed (expired entries admit no replies anyway): {e}"),
+                }
                 continue;
             }
             accepted = listener.accept() => accepted.map_err(DaemonError::Accept)?,

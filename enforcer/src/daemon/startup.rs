@@ -118,15 +118,21 @@ pub fn start(
                 .as_ref()
                 .map_or_else(|| "adopted".to_string(), |p| p.xdp_mode.clone())
         };
+        // The egress program goes first: connections the server opens from now on are
+        // recorded before ingress enforces, so their replies are never dropped as unlisted.
         let xdp_mode = if adopting {
+            let how = datapath.adopt_egress(iface, &pin_dir)?;
+            tracing::info!(instance = %id.name(), "{how}");
             let how = datapath.adopt(&pin_dir)?;
             tracing::info!(instance = %id.name(), "{how}; maps reconciled with {}", source.location());
             adopted_mode()
         } else if let Some(old) = &legacy {
+            datapath.attach_egress_pinned(iface, &pin_dir)?;
             datapath.take_over_legacy(old, &pin_dir)?;
             tracing::info!(instance = %id.name(), from = %old.display(), "took over an earlier build's enforcer (one link update; its counters start afresh)");
             adopted_mode()
         } else {
+            datapath.attach_egress_pinned(iface, &pin_dir)?;
             datapath
                 .attach_pinned(iface, config.xdp_mode, &pin_dir)?
                 .to_string()

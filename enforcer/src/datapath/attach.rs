@@ -31,6 +31,7 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, DatapathError> {
             source: boxed(e),
         })?);
     }
+    super::egress::unpin_egress(dir);
     let _ = std::fs::remove_dir_all(dir);
     Ok(had_link)
 }

@@ -5,6 +5,7 @@
 //! - `diff`: a diff written in the order that never drops what both policies allow.
 //! - `source`: the source lookup tables, rebuilt aside and switched in one word.
 //! - `attach`: attach, pin, adopt, take over, detach.
+//! - `egress`: the egress program that records the server's connections, and their sweep.
 //! - `counters`: the verdict counters read back.
 //! - `syscall`: the raw kernel calls aya has no API for.
 
@@ -16,8 +17,8 @@ use aya::{
     programs::{Xdp, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, PROGRAM_NAME, VpnApproval, VpnGroup,
-    lookup, map_names,
+    Config, EGRESS_PROGRAM_NAME, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, PROGRAM_NAME,
+    VpnApproval, VpnGroup, lookup, map_names,
 };
 use ipnet::IpNet;
 
@@ -26,12 +27,14 @@ use crate::{policy::Policy, registry::Mode};
 mod attach;
 mod counters;
 mod diff;
+mod egress;
 mod mapped;
 mod source;
 mod syscall;
 
 pub use attach::{LINK_PIN, PROGRAM_PIN, detach_pinned};
 pub use counters::{InstanceCounters, VerdictCounts, VpnCounts, open_pinned, read_rule_hits};
+pub use egress::{ConnSweep, EGRESS_LINK_PIN, EGRESS_PROGRAM_PIN, monotonic_ns};
 use syscall::update_batch_fd;
 pub use syscall::{bpf_call, ifindex, interface_exists, pinned_link_ifindex};
 
@@ -258,20 +261,25 @@ impl Datapath {
         })
     }
 
-    /// Loads the relocated program into the kernel: the verifier runs here.
+    /// Loads the relocated programs into the kernel (XDP, then egress): the verifier runs here.
     fn verify(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         let timer = std::time::Instant::now();
+        let missing = |name: &str| {
+            DatapathError::Load(format!("program {name} missing from the object").into())
+        };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| {
-                DatapathError::Load(
-                    format!("program {PROGRAM_NAME} missing from the object").into(),
-                )
-            })?
+            .ok_or_else(|| missing(PROGRAM_NAME))?
             .try_into()
             .map_err(|e| DatapathError::Load(boxed(e)))?;
         program.load().map_err(|e| DatapathError::Load(boxed(e)))?;
-        tracing::debug!(ms = timer.elapsed().as_millis(), "program verified");
+        let egress: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .ok_or_else(|| missing(EGRESS_PROGRAM_NAME))?
+            .try_into()
+            .map_err(|e| DatapathError::Load(boxed(e)))?;
+        egress.load().map_err(|e| DatapathError::Load(boxed(e)))?;
+        tracing::debug!(ms = timer.elapsed().as_millis(), "programs verified");
         Ok(())
     }
 
