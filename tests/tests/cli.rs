@@ -174,3 +174,21 @@ fn stats_without_a_running_instance_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `enforcer validate FILE | head -0`: the reader is gone before anything is written.
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = Command::new(enforcer_bin())
+        .args(["validate", "--json", example("registry.json").to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .expect("run enforcer");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("panicked") && output.status.code() != Some(101),
+        "a closed output pipe must end the command quietly: {:?} {stderr}",
+        output.status
+    );
+}

@@ -1,7 +1,7 @@
 //! What the verbs that need no running controller print (`validate`, `check --registry`,
 //! `stats`, `detach`), and what `run` prints when it starts and stops.
 
-use std::{net::IpAddr, path::Path, process::ExitCode};
+use std::{io::Write as _, net::IpAddr, path::Path, process::ExitCode};
 
 use anyhow::Context as _;
 use enforcer_common::{Action, Reason, VpnProtocol};
@@ -16,7 +16,8 @@ use crate::{
 
 pub fn run(config: &DaemonConfig) -> anyhow::Result<ExitCode> {
     let stopped = daemon::run(config)?;
-    println!("{}", render_verdicts(&stopped.counts));
+    // Not `println!`: the daemon ignores SIGPIPE, and a closed output is no error of the run.
+    let _ = writeln!(std::io::stdout(), "{}", render_verdicts(&stopped.counts));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,7 +6,7 @@ mod detach;
 mod serve;
 mod startup;
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 pub use detach::{Detached, detach};
 
@@ -91,6 +91,9 @@ pub struct Stopped {
 
 /// Runs the enforcer on `config.iface` until SIGINT or SIGTERM.
 pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
+    // A client that closes its end early must not end the daemon: writes fail instead.
+    // SAFETY: setting a signal's disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     instance::ensure_bpffs()?;
     let id = InstanceId {
         iface: config.iface.clone(),
@@ -115,7 +118,9 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
     for e in &policy.expired {
         tracing::warn!(section = e.section, name = %e.name, expired = %e.expired, "expired entry not loaded");
     }
-    println!(
+    // Not `println!`: a closed standard output must not stop the daemon.
+    let _ = writeln!(
+        std::io::stdout(),
         "enforcer running on {} (instance {}, {} mode, {xdp_mode} XDP); Ctrl-C to stop",
         config.iface,
         id.name(),
