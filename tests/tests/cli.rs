@@ -181,7 +181,11 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let (reader, writer) = std::io::pipe().expect("a pipe");
     drop(reader);
     let output = Command::new(enforcer_bin())
-        .args(["validate", "--json", example("registry.json").to_str().unwrap()])
+        .args([
+            "validate",
+            "--json",
+            example("registry.json").to_str().unwrap(),
+        ])
         .stdout(writer)
         .output()
         .expect("run enforcer");
@@ -191,4 +195,88 @@ fn output_into_a_closed_pipe_ends_quietly() {
         "a closed output pipe must end the command quietly: {:?} {stderr}",
         output.status
     );
+}
+
+/// Hardening of what `validate` reads and prints: special files are refused at once (no hang, no
+/// unbounded read), a huge value is quoted short, names that would forge output are refused,
+/// and IPv4-mapped prefixes are refused with their IPv4 form.
+#[test]
+fn validate_refuses_special_files_forging_names_and_huge_values() {
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
+    // A deny feed that is a device, and a registry that is a symlink to one.
+    let zero_feed = temp_file(
+        "zero-feed.json",
+        r#"{"schema": 1, "mode": "enforce", "deny_files": ["/dev/zero"]}"#,
+    );
+    let (code, _, err) = enforcer(&["validate", zero_feed.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/dev/zero") && err.contains("a device"),
+        "{err}"
+    );
+    let link = std::env::temp_dir().join(format!("enforcer-cli-{}-zero-link", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let (code, _, err) = enforcer(&["validate", link.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("a device"), "{err}");
+    // A FIFO as the registry and as a feed: refused, not waited on.
+    let fifo = std::env::temp_dir().join(format!("enforcer-cli-{}-fifo", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, _, err) = enforcer(&["validate", fifo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("a FIFO"), "{err}");
+    let fifo_feed = temp_file(
+        "fifo-feed.json",
+        &format!(
+            r#"{{"schema": 1, "mode": "enforce", "deny_files": ["{}"]}}"#,
+            fifo.display()
+        ),
+    );
+    let (code, _, err) = enforcer(&["validate", fifo_feed.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("a FIFO"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "special files are refused at once"
+    );
+
+    // A 10 MB value is quoted short; a name with ESC and a line break is refused, escaped.
+    let huge = "9".repeat(10 << 20);
+    let text = format!(
+        r#"{{"schema": 1, "mode": "enforce", "networks": [{{"name": "a", "cidr": "{huge}"}}, {{"name": "b\u001b[2J\r\nforged", "cidr": "10.0.0.0/8"}}]}}"#
+    );
+    let bad = temp_file("huge.json", &text);
+    let (code, _, err) = enforcer(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.len() < 2_000,
+        "the error quotes a short prefix: {} bytes",
+        err.len()
+    );
+    assert!(err.contains("(10485760 bytes)"), "{err}");
+    assert!(
+        err.contains("control or text-direction characters") && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
+    assert_eq!(err.lines().count(), 3, "no forged line: {err:?}");
+
+    // IPv4-mapped prefixes match no IPv4 packet: refused with the IPv4 form.
+    let mapped = temp_file(
+        "mapped.json",
+        r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "m", "cidr": "::ffff:10.0.0.0/104"}], "deny": [{"cidr": "::ffff:192.0.2.0/120"}]}"#,
+    );
+    let (code, _, err) = enforcer(&["validate", mapped.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("write 10.0.0.0/8") && err.contains("write 192.0.2.0/24"),
+        "{err}"
+    );
+    for path in [zero_feed, link, fifo, fifo_feed, bad, mapped] {
+        let _ = std::fs::remove_file(path);
+    }
 }

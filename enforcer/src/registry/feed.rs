@@ -21,40 +21,62 @@ pub struct Feed {
     pub entries: Vec<FeedEntry>,
 }
 
+/// Bad lines reported per feed; the rest are counted.
+const MAX_FEED_PROBLEMS: usize = 20;
+/// A file whose first content lines are all bad is not taken for a feed, and none of its lines
+/// is quoted: a registry pointed at a file that is not a feed (`/etc/shadow`, say) must not
+/// print it.
+const FEED_PROBE_LINES: usize = 3;
+
 /// Parses a feed's text; every bad line is a problem naming `display` and its line.
 pub fn parse(display: &str, text: &str) -> (Vec<FeedEntry>, Vec<Problem>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
+    let mut bad = 0;
+    let mut content_lines = 0;
+    let problem = |line: usize, column: usize, message: String| Problem {
+        file: Some(display.to_string()),
+        line,
+        column,
+        place: "deny feed".to_string(),
+        message,
+    };
     for (index, raw_line) in text.lines().enumerate() {
         let line = index + 1;
         let content = raw_line.split(['#', ';']).next().unwrap_or("").trim();
         if content.is_empty() {
             continue;
         }
-        let parsed = content
-            .parse::<IpNet>()
-            .or_else(|_| content.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| format!("invalid CIDR \"{content}\""))
-            .and_then(|net| {
-                if net.trunc() == net {
-                    Ok(net)
-                } else {
-                    Err(format!(
-                        "host bits set in \"{content}\": the network is {}",
-                        net.trunc()
-                    ))
-                }
-            });
-        match parsed {
+        content_lines += 1;
+        match super::value::prefix(content) {
             Ok(cidr) => entries.push(FeedEntry { line, cidr }),
-            Err(message) => problems.push(Problem {
-                file: Some(display.to_string()),
-                line,
-                column: 1 + raw_line.len() - raw_line.trim_start().len(),
-                place: "deny feed".to_string(),
-                message,
-            }),
+            Err(message) => {
+                bad += 1;
+                if content_lines == FEED_PROBE_LINES && entries.is_empty() {
+                    return (
+                        Vec::new(),
+                        vec![problem(
+                            1,
+                            1,
+                            format!(
+                                "not a deny feed: its first {FEED_PROBE_LINES} lines are not addresses or CIDRs (its lines are not shown)"
+                            ),
+                        )],
+                    );
+                }
+                if problems.len() < MAX_FEED_PROBLEMS {
+                    let column = 1 + raw_line.len() - raw_line.trim_start().len();
+                    problems.push(problem(line, column, message));
+                }
+            }
         }
+    }
+    if bad > problems.len() {
+        problems.push(problem(
+            1,
+            1,
+            format!("{} more bad lines not listed", bad - problems.len()),
+        ));
     }
     (entries, problems)
 }
@@ -66,7 +88,7 @@ pub fn load_all(names: &[String], base: &Path, registry_text: &str) -> (Vec<Feed
     let mut problems = Vec::new();
     for name in names {
         let path = base.join(name);
-        match std::fs::read_to_string(&path) {
+        match super::read::read_regular(&path, super::read::FEED_MAX_BYTES) {
             Ok(text) => {
                 let (entries, mut bad) = parse(&path.display().to_string(), &text);
                 problems.append(&mut bad);
@@ -98,6 +120,28 @@ mod tests {
     use super::parse;
 
     #[test]
+    fn a_file_that_is_not_a_feed_is_not_quoted() {
+        let shadow = "root:$6$abcdefgh$secret:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nbin:*:19000:0:99999:7:::\n";
+        let (entries, problems) = parse("/etc/shadow", shadow);
+        assert!(entries.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("not a deny feed"));
+        assert!(!problems[0].message.contains("root"), "{problems:?}");
+        // A real feed with many bad lines lists at most 20 and counts the rest.
+        let mut feed = String::from("192.0.2.0/24\n");
+        for i in 0..50 {
+            feed.push_str(&format!("bad-{i}\n"));
+        }
+        let (entries, problems) = parse("feed.txt", &feed);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(problems.len(), 21);
+        assert!(
+            problems[20].message.contains("30 more bad lines"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn comments_blank_lines_and_bad_lines() {
         let text = "# VPN providers\n\n198.51.100.0/24   # provider A\n203.0.113.7\n2001:db8:66::/48 ; B\nnot-a-cidr\n10.1.2.3/8\n";
         let (entries, problems) = parse("feeds/x.txt", text);
@@ -116,7 +160,10 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:#?}");
         assert_eq!(
             (problems[0].line, problems[0].message.as_str()),
-            (6, "invalid CIDR \"not-a-cidr\"")
+            (
+                6,
+                "invalid CIDR \"not-a-cidr\" (expected e.g. 10.20.0.0/16 or 2001:db8::/48)"
+            )
         );
         assert_eq!(problems[0].file.as_deref(), Some("feeds/x.txt"));
         assert_eq!(problems[1].line, 7);

@@ -6,8 +6,10 @@ mod date;
 mod feed;
 mod ports;
 mod raw;
+pub mod read;
 pub mod text;
 mod top;
+pub mod value;
 
 use std::{fmt, hash::BuildHasher, net::IpAddr, path::Path};
 
@@ -231,9 +233,11 @@ impl Registry {
     /// Reads and validates a registry file, and the deny feeds it names.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-            path: display.clone(),
-            source,
+        let text = read::read_regular(path, read::REGISTRY_MAX_BYTES).map_err(|source| {
+            RegistryError::Read {
+                path: display.clone(),
+                source,
+            }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse_at(&text, base).map_err(|problems| RegistryError::Invalid {

@@ -111,7 +111,12 @@ impl<'t> EntryCheck<'t> {
     /// `section[index] "name"`, for messages.
     fn place(&self) -> String {
         match &self.name {
-            Some(name) => format!("{}[{}] \"{name}\"", self.section, self.index),
+            Some(name) => format!(
+                "{}[{}] {}",
+                self.section,
+                self.index,
+                super::value::quoted(name)
+            ),
             None => format!("{}[{}]", self.section, self.index),
         }
     }
@@ -186,37 +191,32 @@ impl<'t> EntryCheck<'t> {
     }
 
     fn cidr(&mut self, field: &str, text: &str) -> Option<IpNet> {
-        let net = match text.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => {
-                match text.parse::<IpAddr>() {
-                    // A bare address is its own /32 or /128.
-                    Ok(addr) => IpNet::from(addr),
-                    Err(_) => {
-                        self.problem(field, format!("invalid CIDR \"{text}\" (expected e.g. 10.20.0.0/16 or 2001:db8::/48)"));
-                        return None;
-                    }
-                }
+        match super::value::prefix(text) {
+            Ok(net) => Some(net),
+            Err(message) => {
+                self.problem(field, message);
+                None
             }
-        };
-        if net.trunc() != net {
-            self.problem(
-                field,
-                format!(
-                    "host bits set in \"{text}\": the network is {}",
-                    net.trunc()
-                ),
-            );
-            return None;
         }
-        Some(net)
     }
 
     fn address(&mut self, field: &str, text: &str) -> Option<IpAddr> {
         match text.parse::<IpAddr>() {
-            Ok(addr) => Some(addr),
+            Ok(addr) => match super::value::prefix(text) {
+                Ok(_) => Some(addr),
+                Err(message) => {
+                    self.problem(field, message);
+                    None
+                }
+            },
             Err(_) => {
-                self.problem(field, format!("invalid address \"{text}\" (a device is one IPv4 or IPv6 address, e.g. 10.30.5.17)"));
+                self.problem(
+                    field,
+                    format!(
+                        "invalid address {} (a device is one IPv4 or IPv6 address, e.g. 10.30.5.17)",
+                        super::value::quoted(text)
+                    ),
+                );
                 None
             }
         }
@@ -261,6 +261,16 @@ impl<'t> EntryCheck<'t> {
     fn name(&mut self, name: &str) -> bool {
         if name.trim().is_empty() {
             self.problem("name", "empty name".to_string());
+            return false;
+        }
+        if name.chars().any(super::value::unsafe_char) {
+            self.problem(
+                "name",
+                format!(
+                    "the name {} holds control or text-direction characters, which would forge output and logs",
+                    super::value::quoted(name)
+                ),
+            );
             return false;
         }
         true

@@ -7,7 +7,10 @@ use std::{
 };
 
 use super::{RegistrySource, Snapshot, SourceError, Staged, Version};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{
+    Registry, RegistryError,
+    read::{REGISTRY_MAX_BYTES, read_regular},
+};
 
 /// What identifies the registry file's content without reading it: device, inode, size and
 /// change time (which every write moves, and no one can set back). A file whose stamp is the one
@@ -73,10 +76,11 @@ impl RegistrySource for FileSource {
 
     fn read(&self) -> Result<Snapshot, SourceError> {
         let version = self.version();
-        let text = std::fs::read_to_string(&self.path).map_err(|source| SourceError::Read {
-            location: self.location(),
-            source,
-        })?;
+        let text =
+            read_regular(&self.path, REGISTRY_MAX_BYTES).map_err(|source| SourceError::Read {
+                location: self.location(),
+                source,
+            })?;
         Ok(Snapshot { text, version })
     }
 
@@ -86,7 +90,7 @@ impl RegistrySource for FileSource {
         if self.version() != Some(version) {
             return None;
         }
-        let text = std::fs::read_to_string(&self.path).ok()?;
+        let text = read_regular(&self.path, REGISTRY_MAX_BYTES).ok()?;
         (self.version() == Some(version)).then_some(text)
     }
 
