@@ -1,15 +1,35 @@
-//! The daemon's loop: the control socket, one request at a time (so concurrent clients never
-//! interleave their changes), and the timers (expiry, the VPN flow sweep), until a signal.
+//! The daemon's loop: the control socket and the timers (expiry, the VPN flow sweep, the
+//! connection sweep), until a signal. Each client gets a task of its own that reads one request
+//! line (at most `MAX_REQUEST_BYTES`, within `REQUEST_TIMEOUT`) and writes the answer (within
+//! `ANSWER_TIMEOUT`), so an idle, slow or huge client delays no other client and no timer. The
+//! requests themselves are served one at a time, here, so concurrent clients never interleave
+//! their changes.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    sync::{mpsc, oneshot},
+};
 
 use super::{DaemonError, Timers};
 use crate::control::{Envelope, Live, Response};
 
 /// How long a client has to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to take its answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request line: a request names one entry, far below this.
+const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// Requests read and waiting for their turn.
+const QUEUE: usize = 64;
+
+/// A request read by a client's task, with the channel for its answer.
+struct Job {
+    envelope: Envelope,
+    uid: u32,
+    answer: oneshot::Sender<Response>,
+}
 
 /// Serves `listener` until `shutdown` resolves with the signal's name.
 pub async fn serve(
@@ -26,58 +46,70 @@ pub async fn serve(
         timers.flow_sweep,
     );
     let mut conns = tokio::time::interval(timers.conn_sweep);
+    let (jobs_in, mut jobs) = mpsc::channel::<Job>(QUEUE);
     loop {
-        let (stream, _) = tokio::select! {
+        tokio::select! {
             signal = &mut shutdown => return signal.map_err(DaemonError::Signal),
             _ = expiry.tick() => {
                 if let Some(response) = live.expire() {
                     tracing::info!(ok = response.ok, "expiry: {}", response.message);
                 }
-                continue;
             }
-            _ = flows.tick() => {
-                sweep_flows(live);
-                continue;
+            _ = flows.tick() => sweep_flows(live),
+            _ = conns.tick() => sweep_conns(live),
+            Some(job) = jobs.recv() => {
+                let response = live.handle_envelope(job.envelope, job.uid);
+                tracing::info!(uid = job.uid, ok = response.ok, "{}", response.message);
+                // A client that has gone no longer wants the answer; the change stands.
+                let _ = job.answer.send(response);
             }
-            _ = conns.tick() => {
-                match live.datapath_mut().sweep_conns() {
-                    Ok(sweep) if sweep.expired > 0 => tracing::debug!(
-                        expired = sweep.expired,
-                        kept = sweep.kept,
-                        "removed expired connections"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("connection sweep failed (expired entries admit no replies anyway): {e}"),
-                }
-                continue;
+            accepted = listener.accept() => {
+                let (stream, _) = accepted.map_err(DaemonError::Accept)?;
+                tokio::spawn(client(stream, jobs_in.clone()));
             }
-            accepted = listener.accept() => accepted.map_err(DaemonError::Accept)?,
-        };
-        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-        let (read, mut write) = stream.into_split();
-        let mut line = String::new();
-        let mut reader = BufReader::new(read);
-        let read_line = reader.read_line(&mut line);
-        let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_line).await {
-            Err(_) => Response::error("no request within 5 s"),
-            Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
-            Ok(Ok(_)) if uid != 0 => {
-                tracing::warn!(uid, "refused a control request from a non-root peer");
-                Response::error("refused: only root may control the enforcer")
-            }
-            Ok(Ok(_)) => match serde_json::from_str::<Envelope>(&line) {
-                Ok(envelope) => {
-                    let response = live.handle_envelope(envelope, uid);
-                    tracing::info!(uid, ok = response.ok, "{}", response.message);
-                    response
-                }
-                Err(e) => Response::error(format!("malformed request, nothing changed: {e}")),
-            },
-        };
-        let mut out = serde_json::to_string(&response).expect("a response serialises");
-        out.push('\n');
-        let _ = write.write_all(out.as_bytes()).await;
+        }
     }
+}
+
+/// One client: its request line in, its answer out, each within its deadline.
+async fn client(stream: tokio::net::UnixStream, jobs: mpsc::Sender<Job>) {
+    let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES + 1);
+    let read_line = reader.read_until(b'\n', &mut line);
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_line).await {
+        Err(_) => Response::error("no request within 5 s"),
+        Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST_BYTES => Response::error(format!(
+            "request longer than {MAX_REQUEST_BYTES} bytes: refused, nothing changed"
+        )),
+        Ok(Ok(_)) if uid != 0 => {
+            tracing::warn!(uid, "refused a control request from a non-root peer");
+            Response::error("refused: only root may control the enforcer")
+        }
+        Ok(Ok(_)) => match serde_json::from_slice::<Envelope>(&line) {
+            Ok(envelope) => {
+                let (answer, answered) = oneshot::channel();
+                let job = Job {
+                    envelope,
+                    uid,
+                    answer,
+                };
+                if jobs.send(job).await.is_err() {
+                    return;
+                }
+                match answered.await {
+                    Ok(response) => response,
+                    Err(_) => return,
+                }
+            }
+            Err(e) => Response::error(format!("malformed request, nothing changed: {e}")),
+        },
+    };
+    let mut out = serde_json::to_string(&response).expect("a response serialises");
+    out.push('\n');
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, write.write_all(out.as_bytes())).await;
 }
 
 /// One sweep of the remembered VPN flows (see `Datapath::sweep_vpn_flows`), logged when it
@@ -99,5 +131,20 @@ fn sweep_flows(live: &mut Live) {
             }
         }
         Err(e) => tracing::warn!("VPN flow sweep failed (flows stay remembered): {e}"),
+    }
+}
+
+/// One sweep of the connection table (see `Datapath::sweep_conns`).
+fn sweep_conns(live: &mut Live) {
+    match live.datapath_mut().sweep_conns() {
+        Ok(sweep) if sweep.expired > 0 => tracing::debug!(
+            expired = sweep.expired,
+            kept = sweep.kept,
+            "removed expired connections"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("connection sweep failed (expired entries admit no replies anyway): {e}")
+        }
     }
 }

@@ -112,18 +112,32 @@ struct StagedFile {
 }
 
 impl StagedFile {
+    /// Writes `text` beside the file `path` names: beside its target if `path` is a symbolic
+    /// link (the link stays, and the file it names is replaced), with the mode and owner of the
+    /// file it replaces.
     fn write(path: &Path, text: &str) -> std::io::Result<Self> {
-        let dir = parent_dir(path);
-        let name = path
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let target = if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::canonicalize(path)?
+        } else {
+            path.to_path_buf()
+        };
+        let dir = parent_dir(&target);
+        let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let staged = Self {
             tmp: Some(tmp.clone()),
-            path: path.to_path_buf(),
+            path: target.clone(),
         };
         let mut file = std::fs::File::create(&tmp)?;
+        if let Ok(existing) = std::fs::metadata(&target) {
+            // The owner first: a change of owner clears the set-id bits the mode then restores.
+            std::os::unix::fs::fchown(&file, Some(existing.uid()), Some(existing.gid()))?;
+            file.set_permissions(std::fs::Permissions::from_mode(existing.mode() & 0o7777))?;
+        }
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         Ok(staged)

@@ -1,0 +1,166 @@
+//! The running enforcer against careless input and hostile clients: a registry behind a
+//! symbolic link with its own mode and owner keeps them through a live change; idle, slow and
+//! huge clients of the control socket delay no other client; a FIFO put where the registry was
+//! is refused by a reload instead of hanging the daemon.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::{
+        fs::{MetadataExt as _, PermissionsExt as _},
+        net::UnixStream,
+    },
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use enforcer::instance::InstanceId;
+use enforcer_tests::{
+    daemon::{Enforcer, enforcer_bin},
+    netns::require_root,
+    topology::{Lab, MINISTRY_LAN, SERVER_IFACE},
+    vpn::TempDir,
+};
+
+fn demo_registry() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-registry.json")
+}
+
+/// `enforcer VERB ARGS --instance I`: (success, output) and how long it took.
+fn cli(enforcer: &Enforcer, args: &[&str]) -> (bool, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new(enforcer_bin())
+        .args(args)
+        .args(["--instance", &enforcer.instance])
+        .env_remove("SSH_CLIENT")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn a_live_change_keeps_the_registrys_link_mode_and_owner() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let real = dir.0.join("real-registry.json");
+    std::fs::copy(demo_registry(), &real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&real, Some(1234), Some(5678)).unwrap();
+    let link = dir.0.join("registry.json");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &link, &[]).unwrap();
+    let (ok, out, _) = cli(
+        &enforcer,
+        &["allow", "add", "192.0.2.64/26", "--name", "branch"],
+    );
+    assert!(ok, "{out}");
+    let link_meta = std::fs::symlink_metadata(&link).unwrap();
+    assert!(
+        link_meta.file_type().is_symlink(),
+        "the registry is still a link"
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), real);
+    let text = std::fs::read_to_string(&real).unwrap();
+    assert!(
+        text.contains("\"branch\""),
+        "the link's target has the change"
+    );
+    let meta = std::fs::metadata(&real).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o600, 1234, 5678),
+        "mode and owner kept"
+    );
+}
+
+#[test]
+fn idle_slow_and_huge_clients_delay_no_one() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let socket = InstanceId::parse(&enforcer.instance)
+        .unwrap()
+        .control_socket();
+
+    // Ten clients that connect and say nothing.
+    let idle: Vec<UnixStream> = (0..10)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let (ok, out, took) = cli(&enforcer, &["status"]);
+    assert!(ok, "{out}");
+    assert!(
+        took < Duration::from_secs(2),
+        "status took {took:?} behind ten idle clients"
+    );
+
+    // A client that sends an 8 MiB line and never reads its answer.
+    let mut huge = UnixStream::connect(&socket).unwrap();
+    huge.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let line = format!(
+        r#"{{"request": {{"verb": "add", "section": "networks", "entry": {{"name": "x", "cidr": "{}"}}}}}}"#,
+        "9".repeat(8 << 20)
+    );
+    // The daemon stops reading past its limit; the rest of the line may not be taken.
+    let _ = huge.write_all(line.as_bytes());
+    let (ok, out, took) = cli(
+        &enforcer,
+        &["allow", "add", "192.0.2.64/26", "--name", "branch"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        took < Duration::from_secs(2),
+        "a change took {took:?} beside a huge client"
+    );
+    let pid = enforcer.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 128 << 10,
+        "the daemon's peak memory stays small: {peak_kib} KiB"
+    );
+    // The huge client gets a refusal once it reads.
+    huge.shutdown(std::net::Shutdown::Write).ok();
+    huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    let _ = huge.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.contains("longer than"),
+        "the huge request is refused: {answer}"
+    );
+    assert!(
+        !std::fs::read_to_string(&registry)
+            .unwrap()
+            .contains("99999999"),
+        "nothing of the huge request reached the registry"
+    );
+
+    // A FIFO where the registry was: a reload is refused at once, nothing changes.
+    std::fs::remove_file(&registry).unwrap();
+    let c = std::ffi::CString::new(registry.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (ok, out, took) = cli(&enforcer, &["reload"]);
+    assert!(!ok && out.contains("a FIFO"), "{out}");
+    assert!(took < Duration::from_secs(2), "reload took {took:?}");
+    let (ok, out, _) = cli(&enforcer, &["status"]);
+    assert!(ok && out.contains("enforce mode"), "{out}");
+    drop(idle);
+}
