@@ -144,7 +144,9 @@ fn sweep_conns(live: &mut Live) {
         ),
         Ok(_) => {}
         Err(e) => {
-            tracing::warn!("connection sweep failed (expired entries admit no replies anyway): {e}")
+            tracing::warn!(
+                "connection sweep failed (expired entries admit no replies anyway): {e}"
+            );
         }
     }
 }
