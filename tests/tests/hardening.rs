@@ -164,3 +164,57 @@ fn idle_slow_and_huge_clients_delay_no_one() {
     assert!(ok && out.contains("enforce mode"), "{out}");
     drop(idle);
 }
+
+#[test]
+fn audit_verify_finds_an_edited_or_removed_record() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    for (cidr, name) in [("192.0.2.64/26", "a"), ("192.0.2.128/26", "b")] {
+        let (ok, out, _) = cli(&enforcer, &["allow", "add", cidr, "--name", name]);
+        assert!(ok, "{out}");
+    }
+    let (ok, out, _) = cli(&enforcer, &["mode", "monitor"]);
+    assert!(ok, "{out}");
+    let verify = || {
+        let out = Command::new(enforcer_bin())
+            .args(["audit", "verify", registry.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = verify();
+    assert!(ok && out.contains("3 records, the chain is whole"), "{out}");
+    let log = dir.0.join("registry.json.audit.jsonl");
+    let original = std::fs::read_to_string(&log).unwrap();
+    // An edited record: the uid of the first change.
+    let edited = original.replacen("\"uid\":0", "\"uid\":1000", 1);
+    assert_ne!(edited, original);
+    std::fs::write(&log, &edited).unwrap();
+    let (ok, out) = verify();
+    assert!(
+        !ok && out.contains(":2: the record does not follow"),
+        "{out}"
+    );
+    // The last record removed: the chain is whole, but the registry's serial says more.
+    let without_last: String = original.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, without_last).unwrap();
+    let (ok, out) = verify();
+    assert!(
+        !ok && out.contains("records are missing at the end"),
+        "{out}"
+    );
+    std::fs::write(&log, original).unwrap();
+    let (ok, out) = verify();
+    assert!(ok, "{out}");
+}

@@ -145,6 +145,11 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// The audit log of a registry's changes.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -153,6 +158,19 @@ pub enum Command {
         /// Interface of the enforcer to read.
         #[arg(long)]
         iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditAction {
+    /// Check that no record of REGISTRY.audit.jsonl was edited, removed or inserted (each
+    /// record holds the hash of the one before it), and that the last one is the registry's
+    /// serial; exit 1 with the first record that breaks the chain.
+    Verify {
+        /// The registry file (its audit log is beside it).
+        registry: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -188,6 +206,9 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             render::detach(instance.as_deref(), iface.as_deref())
         }
         Command::Validate { file, json } => render::validate(&file, json),
+        Command::Audit {
+            action: AuditAction::Verify { registry, json },
+        } => render::audit_verify(&registry, json),
         Command::Check {
             addr,
             port,

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use enforcer_common::{Action, Reason, VpnProtocol};
 
 use crate::{
+    control,
     daemon::{self, DaemonConfig},
     datapath::{InstanceCounters, VerdictCounts},
     instance::{self, InstanceId, State},
@@ -19,6 +20,50 @@ pub fn run(config: &DaemonConfig) -> anyhow::Result<ExitCode> {
     // Not `println!`: the daemon ignores SIGPIPE, and a closed output is no error of the run.
     let _ = writeln!(std::io::stdout(), "{}", render_verdicts(&stopped.counts));
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit_verify(registry: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let log = control::AuditLog::beside(registry);
+    let verified = control::verify_audit(&log);
+    // The registry's serial: the last audited change must be it (a removed last record is not
+    // in the chain to tell).
+    let serial = Registry::load(registry).ok().map(|r| r.serial);
+    let outcome = match &verified {
+        Ok(v) if serial.is_some_and(|s| s > v.last_serial.unwrap_or(0)) => Err(format!(
+            "{}: the registry's serial is {} but the last audited change is serial {}: records are missing at the end",
+            log.display(),
+            serial.unwrap_or(0),
+            v.last_serial.unwrap_or(0)
+        )),
+        Ok(v) => Ok(format!(
+            "{}: {} records, the chain is whole{}",
+            log.display(),
+            v.records,
+            if v.unchained > 0 {
+                format!(" ({} records at the start predate the chain)", v.unchained)
+            } else {
+                String::new()
+            }
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    if json {
+        let out = match &outcome {
+            Ok(message) => serde_json::json!({"valid": true, "message": message}),
+            Err(message) => serde_json::json!({"valid": false, "message": message}),
+        };
+        println!("{out:#}");
+    } else {
+        match &outcome {
+            Ok(message) => println!("{message}"),
+            Err(message) => eprintln!("{message}"),
+        }
+    }
+    Ok(if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn detach(instance: Option<&str>, iface: Option<&str>) -> anyhow::Result<ExitCode> {

@@ -21,6 +21,6 @@ mod plan;
 mod protocol;
 mod requests;
 
-pub use audit::{AuditEntry, AuditLog};
+pub use audit::{AuditEntry, AuditLog, Verified, VerifyError, verify as verify_audit};
 pub use live::{InForce, Live, LiveConfig};
 pub use protocol::{Envelope, Operator, Request, Response, SendError, send};
