@@ -34,6 +34,10 @@ pub enum InstanceError {
         "{BPFFS} is not a bpf filesystem and mounting one failed ({0}); mount it with `mount -t bpf bpf {BPFFS}`"
     )]
     Bpffs(std::io::Error),
+    #[error(
+        "this process runs in a mount namespace of its own (a container, or a service's private mounts) and could not join the one that started it: pins made here would die with this process and leave the interface unfiltered. Start it in the host's mount namespace, or run with --foreground (the program is detached when the controller exits)"
+    )]
+    PrivateMounts,
     #[error("an enforcer already runs on {instance} (pid {pid}); stop it first")]
     AlreadyRunning { instance: String, pid: u32 },
     #[error("{path}: {source}")]
@@ -60,8 +64,81 @@ pub fn current_netns() -> Result<u64, InstanceError> {
     Ok(fs::metadata(path).map_err(io_error(path))?.ino())
 }
 
+/// Where this process pins, and whether the pins outlive it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bpffs {
+    /// The bpffs at `BPFFS` that this process shares with the one that started it.
+    Shared,
+    /// A bpffs of this process's own mount namespace: pins die with it (`run --foreground`).
+    Private,
+}
+
+/// A mount namespace's identity: the device and inode of its `/proc/PID/ns/mnt`.
+fn mount_ns(pid: &str) -> Option<(u64, u64)> {
+    fs::metadata(format!("/proc/{pid}/ns/mnt"))
+        .map(|m| (m.dev(), m.ino()))
+        .ok()
+}
+
+/// Whether this process runs in a mount namespace other than the one of the process that
+/// started it (`ip netns exec`, `unshare -m`, a service manager's private mounts).
+fn own_mount_ns() -> bool {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() }.to_string();
+    matches!((mount_ns("self"), mount_ns(&parent)), (Some(own), Some(theirs)) if own != theirs)
+}
+
+/// Joins the mount namespace of the process that started this one, if it differs (`ip netns
+/// exec` gives its command a mount namespace with a sysfs of its own, whose `/sys/fs/bpf` is
+/// not the host's: pins made there die with the command). Only the mount namespace is joined:
+/// the network namespace stays. The working directory is kept (by path). Must run before any
+/// thread starts. Returns whether it joined.
+pub fn join_parent_mount_ns() -> Result<bool, InstanceError> {
+    if !own_mount_ns() {
+        return Ok(false);
+    }
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let path = format!("/proc/{parent}/ns/mnt");
+    let cwd = std::env::current_dir().ok();
+    let ns = fs::File::open(&path).map_err(io_error(Path::new(&path)))?;
+    // SAFETY: setns with a namespace descriptor this process opened; single-threaded here.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNS) } != 0 {
+        return Err(InstanceError::Io {
+            path,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // Joining a mount namespace moves the working directory to its root.
+    if let Some(cwd) = cwd {
+        std::env::set_current_dir(&cwd).map_err(io_error(&cwd))?;
+    }
+    Ok(true)
+}
+
+/// The bpffs this process pins in: the one at `BPFFS` (mounted if it is not yet) when this
+/// process shares its mount namespace with the one that started it; else `PrivateMounts`,
+/// unless `private` allows one that dies with this process.
+pub fn ensure_bpffs(private: bool) -> Result<Bpffs, InstanceError> {
+    // A bpffs this process would mount itself in a mount namespace other than PID 1's would be
+    // its own (a container's, say), unless one is there already. (Where PID 1's namespace
+    // cannot be looked at, the one that started this process stands for the host's.)
+    let init_differs =
+        matches!((mount_ns("self"), mount_ns("1")), (Some(own), Some(init)) if own != init);
+    let would_be_own = init_differs && !is_bpffs(Path::new(BPFFS));
+    if !own_mount_ns() && !would_be_own {
+        mount_bpffs()?;
+        return Ok(Bpffs::Shared);
+    }
+    if private {
+        mount_bpffs()?;
+        return Ok(Bpffs::Private);
+    }
+    Err(InstanceError::PrivateMounts)
+}
+
 /// Mounts bpffs at `BPFFS` unless one is already there.
-pub fn ensure_bpffs() -> Result<(), InstanceError> {
+fn mount_bpffs() -> Result<(), InstanceError> {
     if is_bpffs(Path::new(BPFFS)) {
         return Ok(());
     }

@@ -218,3 +218,78 @@ fn audit_verify_finds_an_edited_or_removed_record() {
     let (ok, out) = verify();
     assert!(ok, "{out}");
 }
+
+/// `ip netns exec NS enforcer run …` gives the controller a mount namespace of its own (with a
+/// sysfs of its own, so a `/sys/fs/bpf` that is not the host's). Its pins must still outlive
+/// it: killed, the program keeps enforcing.
+#[test]
+fn a_controller_started_through_ip_netns_exec_keeps_enforcing_after_it_dies() {
+    use enforcer_tests::{
+        topology::{self, INTERNET, Services, TCP_PORT},
+        vpn::Daemon,
+    };
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
+    let _services = Services::start(&lab.server).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    let bin = enforcer_bin();
+    let daemon = Daemon::spawn(
+        &lab.server,
+        &[
+            bin.to_str().unwrap(),
+            "run",
+            "--iface",
+            SERVER_IFACE,
+            "--registry",
+            registry.to_str().unwrap(),
+        ],
+        dir.0.join("enforcer.log"),
+        &[],
+    )
+    .unwrap();
+    let id = InstanceId {
+        iface: SERVER_IFACE.to_string(),
+        netns: lab.server.inode().unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !id.control_socket().exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the controller did not start: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let internet = lab.client(INTERNET.label);
+    let lan = lab.client(MINISTRY_LAN.label);
+    let timeout = Duration::from_millis(700);
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, timeout).unwrap());
+    assert!(!topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap());
+    // The controller dies (SIGKILL, as `Daemon` drops it), and with it its mount namespace.
+    let log = daemon.log_text();
+    drop(daemon);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap(),
+        "the program must outlive the controller's mount namespace:\n{log}"
+    );
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, timeout).unwrap());
+    assert!(
+        id.pin_dir().exists(),
+        "pinned on the host's bpf filesystem at {}",
+        id.pin_dir().display()
+    );
+    // The way out, from the host.
+    let out = Command::new(&bin)
+        .args(["detach", "--instance", &id.name()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap());
+}

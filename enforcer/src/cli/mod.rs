@@ -51,6 +51,11 @@ pub enum Command {
         /// controller until `enforcer detach`).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Where the program's pins cannot outlive the controller (it runs in a mount namespace
+        /// of its own and the host has no bpf filesystem), run anyway, and detach the program
+        /// when the controller exits. Without it, such a start is refused.
+        #[arg(long)]
+        foreground: bool,
         /// A management network (repeatable) that no live change may cut off without --force.
         #[arg(long = "protect", value_name = "CIDR")]
         protect: Vec<ipnet::IpNet>,
@@ -178,6 +183,19 @@ pub enum AuditAction {
 
 pub fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
+    // Pins live in the bpffs of the mount namespace that started this process: `ip netns exec`
+    // gives its command one of its own, whose /sys/fs/bpf is not the host's.
+    match crate::instance::join_parent_mount_ns() {
+        Ok(true) => {
+            tracing::debug!("joined the mount namespace of the process that started this one");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(
+                "cannot join the mount namespace of the process that started this one: {e}"
+            );
+        }
+    }
     match cli.command {
         Command::Run {
             iface,
@@ -185,6 +203,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             mode,
             xdp_mode,
             detach_on_exit,
+            foreground,
             protect,
             expiry_check_secs,
             vpn_flow_idle,
@@ -195,6 +214,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             mode,
             xdp_mode,
             detach_on_exit,
+            foreground,
             protect,
             timers: daemon::Timers {
                 expiry_check: Duration::from_secs(expiry_check_secs.max(1)),

@@ -52,6 +52,9 @@ pub struct DaemonConfig {
     pub xdp_mode: AttachMode,
     /// On a signal, also detach the program (otherwise it keeps enforcing).
     pub detach_on_exit: bool,
+    /// Where pins cannot outlive this process (a mount namespace of its own and no bpffs on the
+    /// host), run anyway as a foreground process that detaches when it exits.
+    pub foreground: bool,
     /// Management networks no live change may cut off without `--force`.
     pub protect: Vec<ipnet::IpNet>,
     pub timers: Timers,
@@ -94,7 +97,15 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
     // A client that closes its end early must not end the daemon: writes fail instead.
     // SAFETY: setting a signal's disposition; no handler runs.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    instance::ensure_bpffs()?;
+    let bpffs = instance::ensure_bpffs(config.foreground)?;
+    // Pins in a bpffs of this process's own die with it: the program must not be left to
+    // them, so it is detached when the controller stops, whatever was asked.
+    let detach_on_exit = config.detach_on_exit || bpffs == instance::Bpffs::Private;
+    if bpffs == instance::Bpffs::Private {
+        tracing::warn!(
+            "--foreground in a mount namespace of its own: the program is detached when this controller exits (it cannot outlive it)"
+        );
+    }
     let id = InstanceId {
         iface: config.iface.clone(),
         netns: instance::current_netns()?,
@@ -165,7 +176,7 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
     let datapath = live.into_datapath();
     let counts = datapath.verdicts()?;
     drop(datapath);
-    if config.detach_on_exit {
+    if detach_on_exit {
         datapath::detach_pinned(&id.pin_dir())?;
         instance::release(&id);
         tracing::info!(signal, "detached from {}", config.iface);
