@@ -94,7 +94,7 @@ impl Reason {
         match self {
             Self::Allowed => "source allowlisted and its port/protocol allowed",
             Self::LinkControl => {
-                "ARP, IPv6 neighbour discovery, MLD or link-local IGMP, needed for the link"
+                "ARP, LACP, 802.1X, LLDP, spanning tree, IPv6 neighbour discovery, MLD or link-local IGMP: the link needs them"
             }
             Self::Malformed => "truncated or inconsistent Ethernet/VLAN/IP/TCP/UDP headers",
             Self::Denied => "source in the deny list",

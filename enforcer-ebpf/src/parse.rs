@@ -13,6 +13,17 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const ETH_P_IPV6: u16 = 0x86DD;
+/// Slow protocols: LACP (bonding) and marker.
+const ETH_P_SLOW: u16 = 0x8809;
+/// 802.1X port authentication.
+const ETH_P_EAPOL: u16 = 0x888E;
+/// Link layer discovery.
+const ETH_P_LLDP: u16 = 0x88CC;
+/// Values of the type field below this are 802.3 lengths (an LLC frame follows: spanning tree).
+const ETH_P_802_3_MIN: u16 = 0x0600;
+/// The IEEE 802.1D link-local group addresses `01:80:C2:00:00:00` to `0F`: bridges never forward
+/// frames to them, so they come from the link itself.
+const LINK_LOCAL_GROUP: [u8; 5] = [0x01, 0x80, 0xC2, 0x00, 0x00];
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
@@ -327,9 +338,26 @@ pub fn parse_frame(ctx: &impl Packet) -> Result<Frame, Malformed> {
         ETH_P_IPV4 => parse_ipv4(ctx, offset),
         ETH_P_IPV6 => parse_ipv6(ctx, offset),
         ETH_P_ARP => Ok(Frame::LinkControl),
+        // What a server's link needs besides ARP (bonding, port authentication, discovery,
+        // spanning tree), to the link-local group addresses only.
+        ETH_P_SLOW | ETH_P_EAPOL | ETH_P_LLDP if link_local_group(ctx) => Ok(Frame::LinkControl),
+        length if length < ETH_P_802_3_MIN && offset == ETH_HDR_LEN && link_local_group(ctx) => {
+            Ok(Frame::LinkControl)
+        }
         // A third VLAN tag is as foreign to us as any other EtherType.
         _ => Ok(Frame::NonIp),
     }
+}
+
+/// Whether the frame is addressed to an IEEE 802.1D link-local group (`01:80:C2:00:00:0X`).
+#[inline(always)]
+fn link_local_group(ctx: &impl Packet) -> bool {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked that the Ethernet header lies inside the frame.
+    let dst = unsafe { (*eth).dst };
+    dst[..5] == LINK_LOCAL_GROUP && dst[5] & 0xF0 == 0
 }
 
 /// Frame fields in one block of BPF loads, `name = size @ OFFSET` (a named offset constant)
@@ -656,7 +684,9 @@ fn parse_ipv6(ctx: &impl Packet, l3: usize) -> Result<Frame, Malformed> {
         }));
     }
     let l4_offset = l3 + IPV6_HDR_LEN + walked;
-    if next == IPPROTO_ICMPV6 {
+    // Neighbour discovery in a fragment is forbidden (RFC 6980): only a whole one is link
+    // control; a fragmented one meets the policy like any packet.
+    if next == IPPROTO_ICMPV6 && matches!(fragment, Fragment::Whole) {
         let icmp = ptr_at::<IcmpHdr>(ctx, l4_offset)?;
         // SAFETY: ptr_at checked that ICMP_HDR_LEN bytes lie inside the frame.
         let kind = unsafe { (*icmp).kind };

@@ -578,7 +578,12 @@ fn link_control_and_non_ip() {
                 LinkControl,
                 None,
             ),
-            case("LLDP", packet::non_ip_frame(), NonIp, None),
+            case(
+                "LLDP to a unicast address",
+                packet::non_ip_frame(),
+                NonIp,
+                None,
+            ),
             case(
                 "IGMPv3 report from 0.0.0.0 to 224.0.0.22, TTL 1",
                 Frame::new(
