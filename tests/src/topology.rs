@@ -176,6 +176,11 @@ impl Lab {
     /// interface would be): the old one, and anything attached to it, is gone.
     pub fn replace_server_nic(&self) -> anyhow::Result<()> {
         self.server.exec(&["ip", "link", "del", SERVER_IFACE])?;
+        self.recreate_server_nic()
+    }
+
+    /// Creates the server's NIC again after it was removed, with its addresses.
+    pub fn recreate_server_nic(&self) -> anyhow::Result<()> {
         veth(&self.server, SERVER_IFACE, &self.switch, "p0")?;
         self.switch
             .exec(&["ip", "link", "set", "p0", "master", "br0"])?;

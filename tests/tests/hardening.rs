@@ -293,3 +293,51 @@ fn a_controller_started_through_ip_netns_exec_keeps_enforcing_after_it_dies() {
     );
     assert!(topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap());
 }
+
+/// The interface removed and recreated under a running controller: it notices within seconds,
+/// says so, and attaches to the new one; `status` never claims enforcement it does not do.
+#[test]
+fn a_replaced_interface_is_noticed_and_protected_again() {
+    use enforcer_tests::topology::{self, INTERNET, Services, TCP_PORT};
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
+    let _services = Services::start(&lab.server).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let internet = lab.client(INTERNET.label);
+    let lan = lab.client(MINISTRY_LAN.label);
+    let timeout = Duration::from_millis(700);
+    assert!(!topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap());
+
+    // Removed: status says it is not enforcing.
+    lab.server
+        .exec(&["ip", "link", "del", SERVER_IFACE])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = enforcer.status().unwrap();
+    assert_eq!(status["enforcing"], false, "{status}");
+    let (_, out, _) = cli(&enforcer, &["status"]);
+    assert!(out.contains("NOT ENFORCING"), "{out}");
+    assert!(
+        enforcer.log_text().contains("the interface is gone"),
+        "{}",
+        enforcer.log_text()
+    );
+
+    // Back (a new device of the same name): protected again within seconds, without a restart.
+    lab.recreate_server_nic().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while enforcer.status().unwrap()["enforcing"] != true {
+        assert!(Instant::now() < deadline, "{}", enforcer.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap(),
+        "the new interface is protected:\n{}",
+        enforcer.log_text()
+    );
+    assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, timeout).unwrap());
+    assert!(enforcer.log_text().contains("attached to the new one"));
+}

@@ -76,6 +76,8 @@ pub struct Live {
     pub(super) id: InstanceId,
     pub(super) state: State,
     pub(super) started: SystemTime,
+    /// What the link watch found last.
+    pub(super) link: super::link::LinkState,
 }
 
 impl Live {
@@ -93,6 +95,7 @@ impl Live {
             id: config.id,
             state: config.state,
             started: SystemTime::now(),
+            link: super::link::LinkState::Attached,
         }
     }
 

@@ -10,17 +10,20 @@
 //! - `plan`: single entries added or removed in place, without re-reading the whole registry.
 //! - `guard`: the lockout guard (the operator's session, protected networks).
 //! - `expiry`: entries removed when their date has passed.
+//! - `link`: the watch on the interface the program is attached to.
 //! - `audit`: the audit log.
 
 mod audit;
 mod change;
 mod expiry;
 mod guard;
+mod link;
 mod live;
 mod plan;
 mod protocol;
 mod requests;
 
 pub use audit::{AuditEntry, AuditLog, Verified, VerifyError, verify as verify_audit};
+pub use link::LinkState;
 pub use live::{InForce, Live, LiveConfig};
 pub use protocol::{Envelope, Operator, Request, Response, SendError, send};

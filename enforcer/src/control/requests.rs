@@ -240,17 +240,25 @@ impl Live {
             "vpn_endpoints": self.policy.vpn_endpoints,
             "vpn_flow_lookup": flow_lookup,
             "connections": connections,
+            "enforcing": self.enforcing(),
             "connections_max": enforcer_common::MAX_CONNS,
         });
+        let mode = if self.enforcing() {
+            format!("{} mode", self.policy.mode)
+        } else {
+            format!(
+                "{} mode but NOT ENFORCING (the interface is gone)",
+                self.policy.mode
+            )
+        };
         let flows = if flow_lookup {
             ", VPN flows remembered (flow lookup on)"
         } else {
             ""
         };
         let message = format!(
-            "{} in {} mode ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, {connections} of {} connections tracked, up {uptime} s",
+            "{} in {mode} ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, {connections} of {} connections tracked, up {uptime} s",
             self.state.instance,
-            self.policy.mode,
             self.state.xdp_mode,
             self.serial,
             data["networks"],

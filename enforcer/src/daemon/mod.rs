@@ -171,7 +171,14 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
                 _ = term.recv() => Ok("SIGTERM"),
             }
         };
-        serve::serve(listener, &mut live, config.timers, shutdown).await
+        serve::serve(
+            listener,
+            &mut live,
+            config.timers,
+            config.xdp_mode,
+            shutdown,
+        )
+        .await
     })?;
     let datapath = live.into_datapath();
     let counts = datapath.verdicts()?;

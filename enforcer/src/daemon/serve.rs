@@ -13,7 +13,13 @@ use tokio::{
 };
 
 use super::{DaemonError, Timers};
-use crate::control::{Envelope, Live, Response};
+use crate::{
+    control::{Envelope, Live, Response},
+    datapath::AttachMode,
+};
+
+/// How often the daemon checks that the program still holds the interface.
+const LINK_CHECK: Duration = Duration::from_secs(1);
 
 /// How long a client has to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +42,7 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     live: &mut Live,
     timers: Timers,
+    attach: AttachMode,
     shutdown: impl std::future::Future<Output = std::io::Result<&'static str>>,
 ) -> Result<&'static str, DaemonError> {
     tokio::pin!(shutdown);
@@ -46,6 +53,7 @@ pub async fn serve(
         timers.flow_sweep,
     );
     let mut conns = tokio::time::interval(timers.conn_sweep);
+    let mut link = tokio::time::interval(LINK_CHECK);
     let (jobs_in, mut jobs) = mpsc::channel::<Job>(QUEUE);
     loop {
         tokio::select! {
@@ -57,6 +65,9 @@ pub async fn serve(
             }
             _ = flows.tick() => sweep_flows(live),
             _ = conns.tick() => sweep_conns(live),
+            _ = link.tick() => {
+                live.check_link(attach);
+            }
             Some(job) = jobs.recv() => {
                 let response = live.handle_envelope(job.envelope, job.uid);
                 tracing::info!(uid = job.uid, ok = response.ok, "{}", response.message);
