@@ -29,9 +29,10 @@ pub mod map_names {
     pub const CONNS: &str = "CONNS";
     pub const PEERS: &str = "PEERS";
     pub const CONN_TIMEOUTS: &str = "CONN_TIMEOUTS";
+    pub const FLOW_PEERS: &str = "FLOW_PEERS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -51,6 +52,7 @@ pub mod map_names {
         CONNS,
         PEERS,
         CONN_TIMEOUTS,
+        FLOW_PEERS,
     ];
 }
 
@@ -272,6 +274,12 @@ pub const fn peer_slot(addr: &[u8; 16], family: u8) -> u32 {
         word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12)
     };
     folded.wrapping_mul(0x9E37_79B9) >> 16
+}
+
+/// `peer_slot` of an IPv4 address given as its 4 bytes.
+#[inline(always)]
+pub const fn peer_slot_v4(addr: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(addr).wrapping_mul(0x9E37_79B9) >> 16
 }
 
 /// The 32-bit word at `at` of an address, in host order.

@@ -51,16 +51,19 @@ const fn decided(action: u32) -> Fast {
 pub fn decide(ctx: &XdpContext) -> Fast {
     let Some(&Config {
         mode,
-        vpn_flows_seen: 0,
+        vpn_flows_seen,
         port_endpoints: 0,
         generation,
     }) = CONFIG.get(0)
     else {
-        // A stateful VPN flow is remembered (every TCP/UDP packet may belong to one), or some
-        // approval names a port (a packet from it passes without a signature).
+        // Some approval names a port (a packet from it passes without a signature).
         return undecided(NOT_LOOKED_UP);
     };
     if let Some(p) = parse::plain_v4(ctx) {
+        // A remembered stateful VPN flow changes the verdict of its own peers' packets only.
+        if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot_v4(p.src)) {
+            return undecided(NOT_LOOKED_UP);
+        }
         let peer = || {
             let mut addr = [0u8; 16];
             addr[..4].copy_from_slice(&p.src);
@@ -69,6 +72,9 @@ pub fn decide(ctx: &XdpContext) -> Fast {
         return finish(ctx, mode, source::v4(p.src, generation), &p.transport, peer);
     }
     if let Some(p) = parse::plain_v6(ctx) {
+        if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot(&p.src, 6)) {
+            return undecided(NOT_LOOKED_UP);
+        }
         let peer = || conn::peer_may_have_conn(6, &p.src);
         return finish(
             ctx,

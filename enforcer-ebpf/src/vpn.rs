@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use enforcer_common::{
-    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, VpnGroup, VpnProtocol,
+    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, PEER_SLOTS, VpnGroup,
+    VpnProtocol, peer_slot,
 };
 
 use crate::parse::{
@@ -67,6 +68,18 @@ pub static VPN_V6: LpmTrie<[u8; 16], u32> =
 #[aya_ebpf::macros::map]
 pub static VPN_GROUPS: Array<VpnGroup> =
     Array::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
+/// The addresses of remembered flows, one word per slot of `peer_slot`: while flows are
+/// remembered, the fast path steps aside only for packets from these (a flow changes the
+/// verdict of its own peers' packets, not of everyone's).
+#[aya_ebpf::macros::map]
+static FLOW_PEERS: Array<u64> = Array::with_max_entries(PEER_SLOTS, crate::source::BPF_F_MMAPABLE);
+
+/// Whether `slot` (`peer_slot` of an address) may hold an end of a remembered flow.
+#[inline(always)]
+pub fn flow_peer(slot: u32) -> bool {
+    FLOW_PEERS.get(slot).is_some_and(|marked| *marked != 0)
+}
+
 /// Flows that showed a first-packet-only signature; value: `VpnProtocol`, with `FLOW_ACTIVE`
 /// once the flow has a packet after the controller's last sweep.
 #[aya_ebpf::macros::map]
@@ -602,11 +615,15 @@ pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
     else {
         return;
     };
-    let _ = VPN_FLOWS.insert(
-        flow_key(packet, src_port_be, dst_port_be),
-        protocol as u8 | FLOW_ACTIVE,
-        0,
-    );
+    let key = flow_key(packet, src_port_be, dst_port_be);
+    let _ = VPN_FLOWS.insert(&key, protocol as u8 | FLOW_ACTIVE, 0);
+    // Both ends: a packet from either may belong to the flow.
+    for addr in [&key.lo_addr, &key.hi_addr] {
+        if let Some(slot) = FLOW_PEERS.get_ptr_mut(peer_slot(addr, key.family)) {
+            // SAFETY: a pointer into the array's value; one aligned word stored.
+            unsafe { *slot = 1 };
+        }
+    }
     if let Some(c) = config.get_ptr_mut(0) {
         // SAFETY: points into the single-entry config array; a racing write stores the same 1.
         unsafe { (*c).vpn_flows_seen = 1 };

@@ -6,7 +6,10 @@
 //! so builds compared on one lab need fewer rounds to tell 3 % apart.
 //!
 //! `target/release/examples/floodab ROUNDS ENFORCER_BIN...` (root); prints each build's median
-//! rate and its median per-round ratio to bare `XDP_DROP` and to the first build.
+//! rate and its median per-round ratio to bare `XDP_DROP` and to the first build. With
+//! `FLOODAB_VPN_FLOWS=1` in the environment, each build's `CONFIG` says that stateful VPN flows
+//! are remembered (as after one `OpenVPN` reset from anywhere), with one flow's ends marked in
+//! `FLOW_PEERS` where the build has it: the flood's sources are none of them.
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
@@ -66,6 +69,19 @@ fn main() -> anyhow::Result<()> {
             .context("no enforcer program")?
             .try_into()?;
         p.load()?;
+        if std::env::var_os("FLOODAB_VPN_FLOWS").is_some() {
+            let mut config: aya::maps::Array<_, enforcer_common::Config> =
+                aya::maps::Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG")?)?;
+            let mut c = config.get(&0, 0)?;
+            c.vpn_flows_seen = 1;
+            config.set(0, c, 0)?;
+            if let Some(map) = ebpf.map_mut("FLOW_PEERS") {
+                let mut peers: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map)?;
+                for addr in [[192, 0, 2, 7], [192, 0, 2, 1]] {
+                    peers.set(enforcer_common::peer_slot_v4(addr), 1, 0)?;
+                }
+            }
+        }
         progs.push(ebpf);
     }
     let name = |i: usize| {

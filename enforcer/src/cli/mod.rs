@@ -64,7 +64,7 @@ pub enum Command {
         expiry_check_secs: u64,
         /// Seconds between sweeps of the remembered VPN flows (`OpenVPN`, whose later packets
         /// carry no signature): a flow is forgotten after one to two sweeps without a packet.
-        /// While any is remembered, every TCP/UDP packet also meets the flow lookup.
+        /// While one is remembered, packets from its two ends meet the flow lookup.
         #[arg(long, value_name = "SECONDS", default_value_t = daemon::DEFAULT_FLOW_SWEEP.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         vpn_flow_idle: u64,
         /// How often expired connections are removed from the connection table (seconds).

@@ -221,8 +221,8 @@ impl Live {
 
     fn status(&self) -> Response {
         let uptime = self.started.elapsed().map_or(0, |d| d.as_secs());
-        // Whether remembered VPN flows send every TCP/UDP packet to the flow lookup (and keep
-        // the fast path off) until the sweep forgets them.
+        // Whether remembered VPN flows send their ends' packets to the flow lookup until the
+        // sweep forgets them.
         let flow_lookup = self.datapath.config().is_ok_and(|c| c.vpn_flows_seen != 0);
         let connections = self.datapath.conn_count().unwrap_or(0);
         let data = json!({

@@ -136,9 +136,7 @@ fn sweep_flows(live: &mut Live) {
                 );
             }
             if sweep.flag_cleared {
-                tracing::info!(
-                    "no VPN flow is remembered: the flow lookup is off and the fast path on"
-                );
+                tracing::info!("no VPN flow is remembered: the flow lookup is off");
             }
         }
         Err(e) => tracing::warn!("VPN flow sweep failed (flows stay remembered): {e}"),

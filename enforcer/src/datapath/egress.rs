@@ -12,9 +12,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use enforcer_common::{
-    Conn, ConnKey, ConnTimeouts, EGRESS_PROGRAM_NAME, PEER_SLOTS, map_names, peer_slot,
-};
+use enforcer_common::{Conn, ConnKey, ConnTimeouts, EGRESS_PROGRAM_NAME, map_names, peer_slot};
 
 use super::{Datapath, DatapathError, boxed};
 
@@ -192,32 +190,17 @@ impl Datapath {
     /// Clears the `PEERS` slots not in `live`, then marks again the slot of any connection the
     /// egress program added meanwhile.
     fn unmark_peers(&mut self, live: &HashSet<u32>) -> Result<(), DatapathError> {
-        let name = map_names::PEERS;
-        {
-            let memory = self.mapped(name, 8)?;
-            let slots = memory.bytes();
-            for slot in 0..PEER_SLOTS {
-                if !live.contains(&slot) {
-                    let at = slot as usize * 8;
-                    slots[at..at + 8].fill(0);
-                }
-            }
-        }
-        let late: Vec<u32> = {
+        self.write_slots(map_names::PEERS, |slot| live.contains(&slot))?;
+        let late: HashSet<u32> = {
             let conns: BpfHashMap<&MapData, ConnKey, Conn> = self.typed(map_names::CONNS)?;
             conns
                 .keys()
                 .filter_map(Result::ok)
                 .map(|key| peer_slot(&key.remote, key.family))
-                .filter(|slot| !live.contains(slot))
                 .collect()
         };
-        let memory = self.mapped(name, 8)?;
-        let slots = memory.bytes();
-        for slot in late {
-            let at = slot as usize * 8;
-            slots[at..at + 8].copy_from_slice(&1u64.to_ne_bytes());
-        }
-        Ok(())
+        self.write_slots(map_names::PEERS, |slot| {
+            live.contains(&slot) || late.contains(&slot)
+        })
     }
 }

@@ -487,12 +487,56 @@ impl Datapath {
                 }
             }
         }
+        self.unmark_flow_peers()?;
         if self.config()?.vpn_flows_seen != 0 && !self.vpn_flows_exist()? {
             // `update_config` sets the flag again if the program remembers a flow meanwhile.
             self.update_config(|c| c.vpn_flows_seen = 0)?;
             sweep.flag_cleared = self.config()?.vpn_flows_seen == 0;
         }
         Ok(sweep)
+    }
+
+    /// Clears the `FLOW_PEERS` slots no remembered flow holds any more, then marks again those of
+    /// flows the program remembered meanwhile.
+    fn unmark_flow_peers(&mut self) -> Result<(), DatapathError> {
+        let ends = |datapath: &Self| -> Result<std::collections::HashSet<u32>, DatapathError> {
+            let flows: aya::maps::HashMap<&MapData, FlowKey, u8> =
+                datapath.typed(map_names::VPN_FLOWS)?;
+            Ok(flows
+                .keys()
+                .filter_map(Result::ok)
+                .flat_map(|k| {
+                    [
+                        enforcer_common::peer_slot(&k.lo_addr, k.family),
+                        enforcer_common::peer_slot(&k.hi_addr, k.family),
+                    ]
+                })
+                .collect())
+        };
+        let live = ends(self)?;
+        self.write_slots(map_names::FLOW_PEERS, |slot| live.contains(&slot))?;
+        let late = ends(self)?;
+        self.write_slots(map_names::FLOW_PEERS, |slot| {
+            live.contains(&slot) || late.contains(&slot)
+        })
+    }
+
+    /// Writes a slot table (`PEERS`, `FLOW_PEERS`: one word per `peer_slot`): 1 where `marked`.
+    pub(super) fn write_slots(
+        &mut self,
+        name: &'static str,
+        marked: impl Fn(u32) -> bool,
+    ) -> Result<(), DatapathError> {
+        let memory = self.mapped(name, 8)?;
+        let slots = memory.bytes();
+        for slot in 0..enforcer_common::PEER_SLOTS {
+            let at = slot as usize * 8;
+            let word = u64::from(marked(slot));
+            if slots[at..at + 8] != word.to_ne_bytes() {
+                slots[at..at + 8].copy_from_slice(&word.to_ne_bytes());
+            }
+        }
+        Ok(())
     }
 
     /// Writes one approval group into its slot of `VPN_GROUPS`.
