@@ -26,12 +26,10 @@ fn demo_registry() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-registry.json")
 }
 
-/// `enforcer VERB ARGS --instance I`: (success, output) and how long it took.
-fn cli(enforcer: &Enforcer, args: &[&str]) -> (bool, String, Duration) {
-    let started = Instant::now();
+/// `enforcer ARGS`: (success, standard output and error).
+fn enforcer_run(args: &[&str]) -> (bool, String) {
     let out = Command::new(enforcer_bin())
         .args(args)
-        .args(["--instance", &enforcer.instance])
         .env_remove("SSH_CLIENT")
         .output()
         .unwrap();
@@ -42,8 +40,16 @@ fn cli(enforcer: &Enforcer, args: &[&str]) -> (bool, String, Duration) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        started.elapsed(),
     )
+}
+
+/// `enforcer VERB ARGS --instance I`: (success, output) and how long it took.
+fn cli(enforcer: &Enforcer, args: &[&str]) -> (bool, String, Duration) {
+    let started = Instant::now();
+    let mut all = args.to_vec();
+    all.extend(["--instance", &enforcer.instance]);
+    let (ok, out) = enforcer_run(&all);
+    (ok, out, started.elapsed())
 }
 
 #[test]
@@ -179,20 +185,7 @@ fn audit_verify_finds_an_edited_or_removed_record() {
     }
     let (ok, out, _) = cli(&enforcer, &["mode", "monitor"]);
     assert!(ok, "{out}");
-    let verify = || {
-        let out = Command::new(enforcer_bin())
-            .args(["audit", "verify", registry.to_str().unwrap()])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let verify = || enforcer_run(&["audit", "verify", registry.to_str().unwrap()]);
     let (ok, out) = verify();
     assert!(ok && out.contains("3 records, the chain is whole"), "{out}");
     let log = dir.0.join("registry.json.audit.jsonl");
