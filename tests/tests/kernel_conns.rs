@@ -330,3 +330,27 @@ fn a_flood_of_unlisted_sources_does_not_open_the_table() {
     }
     assert_eq!(loaded.datapath.conn_count().unwrap(), 0);
 }
+
+#[test]
+fn the_registry_sets_the_timeouts() {
+    let registry = r#"{"schema": 1, "mode": "enforce", "connections": {"udp_idle": 1}}"#;
+    let loaded = Loaded::new(registry);
+    assert_eq!(
+        loaded.datapath.conn_timeouts().unwrap().udp_ns,
+        1_000_000_000
+    );
+    out(&loaded, &udp(SERVER, 53_001, UPSTREAM, 53));
+    expect(
+        &loaded,
+        "an answer within the registry's UDP timeout",
+        &udp(UPSTREAM, 53, SERVER, 53_001),
+        Reason::EstablishedReply,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    expect(
+        &loaded,
+        "an answer after it",
+        &udp(UPSTREAM, 53, SERVER, 53_001),
+        Reason::NotAllowlisted,
+    );
+}

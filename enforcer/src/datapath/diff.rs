@@ -90,6 +90,7 @@ impl Datapath {
             (SourceChange::Within(_), None) => Some(new.trie_entries()),
         };
         self.update_vpn_groups(new)?;
+        self.set_conn_timeouts(new.conn_timeouts)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
         if let Some(new_trie) = new_trie {
             match &regions {
@@ -327,6 +328,7 @@ impl Datapath {
             vpn_endpoints: 0,
             vpn_groups,
             feed_duplicates: 0,
+            conn_timeouts: self.conn_timeouts()?,
         })
     }
 

@@ -146,6 +146,18 @@ impl Datapath {
         array.set(0, timeouts, 0).map_err(super::map_error(name))
     }
 
+    /// The connection timeouts the egress program applies.
+    pub fn conn_timeouts(&self) -> Result<ConnTimeouts, DatapathError> {
+        let name = map_names::CONN_TIMEOUTS;
+        let array: aya::maps::Array<&MapData, ConnTimeouts> = self.typed(name)?;
+        let timeouts = array.get(&0, 0).map_err(super::map_error(name))?;
+        Ok(if timeouts.tcp_open_ns == 0 {
+            ConnTimeouts::DEFAULT
+        } else {
+            timeouts
+        })
+    }
+
     /// The connections the table holds.
     pub fn conn_count(&self) -> Result<usize, DatapathError> {
         let conns: BpfHashMap<&MapData, ConnKey, Conn> = self.typed(map_names::CONNS)?;

@@ -80,6 +80,8 @@ pub struct Policy {
     pub vpn_groups: Vec<(IpNet, Vec<VpnApproval>)>,
     /// Deny-feed ranges that duplicated another deny range and were left out.
     pub feed_duplicates: usize,
+    /// How long the connections the server opens admit replies.
+    pub conn_timeouts: enforcer_common::ConnTimeouts,
 }
 
 impl Policy {
@@ -220,6 +222,7 @@ impl Policy {
             vpn_endpoints,
             vpn_groups,
             feed_duplicates,
+            conn_timeouts: registry.connections.timeouts(),
         })
     }
 
@@ -233,6 +236,7 @@ impl Policy {
             vpn_endpoints: 0,
             vpn_groups: Vec::new(),
             feed_duplicates: 0,
+            conn_timeouts: enforcer_common::ConnTimeouts::DEFAULT,
         }
     }
 

@@ -139,6 +139,40 @@ pub struct Registry {
     pub feeds: Vec<Feed>,
     /// The change counter (`serial`, 0 when absent): +1 per change made through the daemon.
     pub serial: u64,
+    /// How long the connections the server opens admit replies (`connections`).
+    pub connections: Connections,
+}
+
+/// The registry's `connections` section: how long a connection the server opened admits
+/// replies after the server's last packet on it, in seconds; `None` keeps the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connections {
+    /// An open TCP connection (default 3600).
+    pub tcp_idle: Option<u64>,
+    /// A TCP connection after the server's FIN or RST (default 10).
+    pub tcp_closing: Option<u64>,
+    /// A UDP exchange (default 60).
+    pub udp_idle: Option<u64>,
+    /// An ICMP echo (default 30).
+    pub icmp_idle: Option<u64>,
+}
+
+impl Connections {
+    /// The longest timeout a registry may set: a week.
+    pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+
+    /// The timeouts the kernel applies: the registry's, else the defaults.
+    pub fn timeouts(&self) -> enforcer_common::ConnTimeouts {
+        let d = enforcer_common::ConnTimeouts::DEFAULT;
+        let ns = |s: Option<u64>, default: u64| s.map_or(default, |s| s * 1_000_000_000);
+        enforcer_common::ConnTimeouts {
+            tcp_open_ns: ns(self.tcp_idle, d.tcp_open_ns),
+            tcp_closing_ns: ns(self.tcp_closing, d.tcp_closing_ns),
+            udp_ns: ns(self.udp_idle, d.udp_ns),
+            icmp_ns: ns(self.icmp_idle, d.icmp_ns),
+        }
+    }
 }
 
 /// One validation problem and where it is.

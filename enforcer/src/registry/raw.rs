@@ -469,6 +469,7 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         deny,
         deny_files: top.deny_files,
         serial: top.serial,
+        connections: top.connections,
         feeds: Vec::new(),
     };
     Ok(Located {

@@ -373,3 +373,22 @@ fn missing_and_mistyped_top_level_fields_are_reported_with_the_entries_problems(
     let p = only_problem("[1, 2]");
     assert!(p.message.contains("a JSON object"), "{p}");
 }
+
+#[test]
+fn connection_timeouts_are_read_and_checked() {
+    let registry = Registry::parse(
+        r#"{"schema": 1, "mode": "enforce", "connections": {"udp_idle": 5, "tcp_idle": 600}}"#,
+    )
+    .expect("valid");
+    let t = registry.connections.timeouts();
+    let d = enforcer_common::ConnTimeouts::DEFAULT;
+    assert_eq!(
+        (t.udp_ns, t.tcp_open_ns, t.tcp_closing_ns, t.icmp_ns),
+        (5_000_000_000, 600_000_000_000, d.tcp_closing_ns, d.icmp_ns)
+    );
+    let p = only_problem(r#"{"schema": 1, "mode": "enforce", "connections": {"udp_idle": 0}}"#);
+    assert_eq!(p.place, "field \"connections\"");
+    assert!(p.message.contains("seconds from 1 to 604800"), "{p}");
+    let p = only_problem(r#"{"schema": 1, "mode": "enforce", "connections": {"udp": 5}}"#);
+    assert!(p.message.contains("unknown field `udp`"), "{p}");
+}

@@ -23,10 +23,11 @@ pub(super) struct Top<'a> {
     pub deny_files: Vec<String>,
     /// Increases by one with every change applied through the control socket.
     pub serial: u64,
+    pub connections: super::Connections,
 }
 
 /// The fields a registry may have, in the order the documentation lists them.
-const FIELDS: [&str; 8] = [
+const FIELDS: [&str; 9] = [
     "schema",
     "mode",
     "serial",
@@ -35,6 +36,7 @@ const FIELDS: [&str; 8] = [
     "vpn_endpoints",
     "deny",
     "deny_files",
+    "connections",
 ];
 
 /// A problem of the top level: the field, the byte offset to place it at, the message.
@@ -113,6 +115,20 @@ pub(super) fn read(text: &str) -> Result<(Top<'_>, Vec<TopProblem>), serde_json:
             "vpn_endpoints" => value(raw).map(|v| top.vpn_endpoints = v),
             "deny" => value(raw).map(|v| top.deny = v),
             "deny_files" => value(raw).map(|v| top.deny_files = v),
+            "connections" => value::<super::Connections>(raw).and_then(|v| {
+                let max = super::Connections::MAX_SECONDS;
+                let bad = [v.tcp_idle, v.tcp_closing, v.udp_idle, v.icmp_idle]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s == 0 || s > max);
+                if bad {
+                    return Err(format!(
+                        "connection timeouts are seconds from 1 to {max} (a week)"
+                    ));
+                }
+                top.connections = v;
+                Ok(())
+            }),
             _ => Err(format!(
                 "unknown field `{key}`, expected one of {}",
                 FIELDS.map(|f| format!("`{f}`")).join(", ")
