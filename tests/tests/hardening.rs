@@ -334,3 +334,45 @@ fn a_replaced_interface_is_noticed_and_protected_again() {
     assert!(topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, timeout).unwrap());
     assert!(enforcer.log_text().contains("attached to the new one"));
 }
+
+/// What a controller killed in the middle of a change leaves: a new registry text written aside
+/// and never put in force, or a change put in force whose audit record was not written yet.
+/// The next start removes the first and records the gap of the second, so the audit chain stays
+/// whole and says what is not known.
+#[test]
+fn a_start_after_a_crash_cleans_up_and_records_the_lost_audit_record() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    let mut enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let (ok, out, _) = cli(&enforcer, &["allow", "add", "192.0.2.64/26", "--name", "a"]);
+    assert!(ok, "{out}");
+    enforcer.kill_hard().unwrap();
+    // As a crash between the steps of the next change would leave it: its text written aside by
+    // a process now gone, and (another change) the registry at serial 2 with no record for it.
+    let stale = dir.0.join(".registry.json.tmp-999999");
+    std::fs::write(&stale, "{\"half\": ").unwrap();
+    let text = std::fs::read_to_string(&registry).unwrap();
+    let bumped = text.replacen("\"serial\": 1", "\"serial\": 2", 1);
+    assert_ne!(bumped, text, "the registry holds serial 1 after one change");
+    std::fs::write(&registry, bumped).unwrap();
+    enforcer
+        .restart(&lab.server, SERVER_IFACE, &registry, &[])
+        .unwrap();
+    assert!(
+        !stale.exists(),
+        "the stale text is removed:\n{}",
+        enforcer.log_text()
+    );
+    let log = std::fs::read_to_string(dir.0.join("registry.json.audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["verb"].as_str(), last["serial_after"].as_u64()),
+        (Some("recovered"), Some(2)),
+        "{log}"
+    );
+    let (ok, out) = enforcer_run(&["audit", "verify", registry.to_str().unwrap()]);
+    assert!(ok && out.contains("2 records"), "{out}");
+}

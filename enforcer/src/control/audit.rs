@@ -64,6 +64,30 @@ impl AuditLog {
         registry.with_file_name(name)
     }
 
+    /// At start: a registry whose serial is past the last audited change had a change put in
+    /// force whose record was lost (the controller stopped between the two). The gap is recorded
+    /// as such, so the chain stays whole and the log says what is not known.
+    pub fn reconcile(&mut self, serial: u64) -> Option<String> {
+        let last = last_line(&self.path)?;
+        let audited = serde_json::from_str::<Value>(&last)
+            .ok()?
+            .get("serial_after")
+            .and_then(Value::as_u64)?;
+        if serial <= audited {
+            return None;
+        }
+        let entry = AuditEntry {
+            uid: 0,
+            verb: "recovered".into(),
+            entry: json!({"note": "a change was put in force but its record was lost: the controller stopped between the two; the registry holds the change"}),
+            approval: Value::Null,
+        };
+        self.record(&entry, audited, serial);
+        Some(format!(
+            "the audit log ended at serial {audited} but the registry is at {serial}: recorded the gap"
+        ))
+    }
+
     /// Appends one record; a failure is logged, not returned (the change is in force already).
     pub fn record(&mut self, entry: &AuditEntry, before: u64, after: u64) {
         let now = SystemTime::now()

@@ -102,7 +102,9 @@ pub enum SendError {
         socket: String,
         source: std::io::Error,
     },
-    #[error("the enforcer closed the connection without an answer")]
+    #[error(
+        "the enforcer closed the connection without an answer (did it stop?): whether the change was made shows in the registry's serial and its audit log"
+    )]
     NoAnswer,
     #[error("the enforcer's answer is not understood: {0}")]
     Answer(#[from] serde_json::Error),

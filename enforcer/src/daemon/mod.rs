@@ -111,6 +111,9 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         netns: instance::current_netns()?,
     };
     let source = FileSource::new(&config.registry);
+    for done in crate::source::RegistrySource::recover(&source) {
+        tracing::warn!("{done}");
+    }
     let started = startup::start(config, &id, &source)?;
     let policy = &started.in_force.policy;
     let xdp_mode = started.state.xdp_mode.clone();
@@ -145,7 +148,13 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         state: started.state,
         mode_override: config.mode,
         protected: config.protect.clone(),
-        audit: AuditLog::new(AuditLog::beside(&config.registry), id.name()),
+        audit: {
+            let mut audit = AuditLog::new(AuditLog::beside(&config.registry), id.name());
+            if let Some(gap) = audit.reconcile(started.in_force.serial) {
+                tracing::warn!("{gap}");
+            }
+            audit
+        },
     };
     let mut live = Live::new(live_config, started.in_force, Box::new(source));
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -94,6 +94,36 @@ impl RegistrySource for FileSource {
         (self.version() == Some(version)).then_some(text)
     }
 
+    fn recover(&self) -> Vec<String> {
+        let target = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        let dir = parent_dir(&target);
+        let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return Vec::new();
+        };
+        let prefix = format!(".{name}.tmp-");
+        let mut done = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = file
+                .strip_prefix(&prefix)
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            let alive = pid == i32::try_from(std::process::id()).unwrap_or(0)
+                || unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+            if !alive && std::fs::remove_file(entry.path()).is_ok() {
+                done.push(format!(
+                    "removed {}, a new registry text whose writer (pid {pid}) died before putting it in force",
+                    entry.path().display()
+                ));
+            }
+        }
+        done
+    }
+
     fn stage(&self, text: &str) -> Result<Box<dyn Staged>, SourceError> {
         StagedFile::write(&self.path, text)
             .map(|staged| Box::new(staged) as Box<dyn Staged>)

@@ -62,6 +62,10 @@ pub trait RegistrySource: Send {
     fn read_if(&self, version: Version) -> Option<String>;
     /// Writes `text` aside, to be put in force by `commit`.
     fn stage(&self, text: &str) -> Result<Box<dyn Staged>, SourceError>;
+    /// At start: finishes or rolls back what a crash left (a text written aside by a process
+    /// that died before putting it in force is removed: the change did not happen). Returns
+    /// what it did, for the log.
+    fn recover(&self) -> Vec<String>;
 }
 
 /// A new registry text written aside.
