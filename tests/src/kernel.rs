@@ -105,6 +105,21 @@ impl Loaded {
         result.return_value.cast_signed()
     }
 
+    /// Runs one outgoing frame `repeat` times through the egress program; the mean ns per run.
+    pub fn time_egress(&self, frame: &[u8], repeat: u32) -> u64 {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let result = self
+            .datapath
+            .egress_program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN of the egress program");
+        u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Runs one frame `repeat` times in the kernel; returns the mean ns per run.
     pub fn time(&self, frame: &[u8], repeat: u32) -> u64 {
         let opts = TestRunOptions {

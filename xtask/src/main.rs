@@ -33,7 +33,7 @@ enum Task {
     },
     /// Set up (with the peers), build, and measure: per-packet cost (`BPF_PROG_TEST_RUN`) beside
     /// floor programs and xdp-filter, a veth flood beside nftables and iptables+ipset, and the
-    /// control plane. Parts by name: `test-run`, `xdp-filter`, `vpn`, `flood`, `control` (default: all).
+    /// control plane. Parts by name: `test-run`, `xdp-filter`, `vpn`, `conns`, `flood`, `control` (default: all).
     Bench {
         #[arg(trailing_var_arg = true)]
         parts: Vec<String>,

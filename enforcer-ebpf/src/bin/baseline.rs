@@ -5,9 +5,9 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 /// Returns XDP_PASS without reading the packet.
@@ -20,6 +20,12 @@ pub fn baseline_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn baseline_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// A TC classifier that lets everything through without reading it: the egress program's floor.
+#[classifier]
+pub fn baseline_tc(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_UNSPEC
 }
 
 /// Where `flood_gen` sends its frames (the sender's veth), set at load.

@@ -698,6 +698,113 @@ fn vpn_stage(out: &mut String) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!(rows))
 }
 
+/// Connection state: the egress program's cost per outgoing packet beside a bare TC program, and
+/// the ingress reply check's cost for the packets it may meet: an allowed one (no check), a reply
+/// to a connection the server opened, a packet from an unlisted peer the server has no
+/// connection with (one array read), and one from a peer with a connection but on another port
+/// (the lookup, then a drop).
+fn conn_state(out: &mut String) -> anyhow::Result<serde_json::Value> {
+    let mut baseline = EbpfLoader::new().load(BASELINE_OBJECT)?;
+    let bare: &mut aya::programs::SchedClassifier = baseline
+        .program_mut("baseline_tc")
+        .expect("baseline_tc")
+        .try_into()?;
+    bare.load()?;
+    let tcp = |src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8| {
+        let mut h = vec![0u8; 20];
+        h[0..2].copy_from_slice(&src_port.to_be_bytes());
+        h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+        h[12] = 5 << 4;
+        h[13] = flags;
+        Frame::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            L4::Raw { proto: 6, bytes: h },
+        )
+        .build()
+    };
+    let udp = |src: &str, src_port, dst: &str, dst_port| {
+        Frame::udp_data(src, src_port, dst, dst_port, vec![0x5C; 40]).build()
+    };
+    let (server, upstream, lan) = ("192.0.2.1", "192.0.2.66", "198.51.100.10");
+    let registry = r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}]}"#;
+    let loaded = Loaded::new(registry);
+    let time_tc = |program: &aya::programs::SchedClassifier, frame: &[u8]| {
+        median(
+            (0..RUNS)
+                .map(|_| {
+                    let opts = aya::programs::TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: REPEAT,
+                        ..aya::programs::TestRunOptions::new()
+                    };
+                    let run = aya::programs::TestRun::test_run(program, opts).expect("test run");
+                    u64::try_from(run.duration.as_nanos()).unwrap_or(u64::MAX)
+                })
+                .collect(),
+        )
+    };
+    let outgoing = [
+        (
+            "TCP SYN (records a connection)",
+            tcp(server, 40_001, upstream, 636, 0x02),
+        ),
+        (
+            "TCP ACK on it (moves its expiry)",
+            tcp(server, 40_001, upstream, 636, 0x10),
+        ),
+        (
+            "UDP datagram (records an exchange)",
+            udp(server, 53_001, upstream, 53),
+        ),
+    ];
+    writeln!(
+        out,
+        "
+connection state, egress (ns)               egress program   bare TC   difference"
+    )?;
+    let mut rows = Vec::new();
+    for (what, frame) in &outgoing {
+        let a = median(
+            (0..RUNS)
+                .map(|_| loaded.time_egress(frame, REPEAT))
+                .collect(),
+        );
+        let b = time_tc(bare, frame);
+        writeln!(
+            out,
+            "{what:<44} {a:>10} {b:>9} {:>+12}",
+            i128::from(a) - i128::from(b)
+        )?;
+        rows.push(serde_json::json!({"packet": what, "egress_ns": a, "bare_tc_ns": b}));
+    }
+    let incoming = [
+        (
+            "allowed source (no check)",
+            tcp(lan, 50_000, server, 443, 0x10),
+        ),
+        (
+            "reply to a connection the server opened",
+            tcp(upstream, 636, server, 40_001, 0x10),
+        ),
+        (
+            "unlisted source, no connection (one array read)",
+            udp("203.0.113.9", 53, server, 53_001),
+        ),
+        (
+            "unlisted peer with a connection, another port",
+            udp(upstream, 53, server, 53_999),
+        ),
+    ];
+    writeln!(out, "connection state, ingress (ns)")?;
+    for (what, frame) in &incoming {
+        let a = median((0..RUNS).map(|_| loaded.time(frame, REPEAT)).collect());
+        writeln!(out, "{what:<52} {a:>10}")?;
+        rows.push(serde_json::json!({"packet": what, "ingress_ns": a}));
+    }
+    Ok(serde_json::json!(rows))
+}
+
 /// The IPv4 prefixes of a benchmark registry (for the peers, which get the same list).
 fn v4_prefixes(registry: &str) -> Vec<Ipv4Net> {
     let registry = enforcer::registry::Registry::parse(registry).expect("bench registry parses");
@@ -1072,6 +1179,9 @@ fn main() -> anyhow::Result<()> {
     if want("vpn") {
         json.insert("vpn_stage".into(), vpn_stage(&mut table)?);
     }
+    if want("conns") {
+        json.insert("connection_state".into(), conn_state(&mut table)?);
+    }
     if want("flood") {
         json.insert("flood".into(), flood(&mut table)?);
     }
@@ -1093,7 +1203,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The parts `cargo xtask bench PART...` can run alone.
-const PARTS: [&str; 5] = ["test-run", "xdp-filter", "vpn", "flood", "control"];
+const PARTS: [&str; 6] = ["test-run", "xdp-filter", "vpn", "conns", "flood", "control"];
 
 /// xdp-filter (exact /32 allowlist in a per-CPU hash) with random single addresses plus the
 /// allowed packet's source, one size at a time (it allows one instance per host): median of
