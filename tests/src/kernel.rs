@@ -107,32 +107,12 @@ impl Loaded {
 
     /// Runs one outgoing frame `repeat` times through the egress program; the mean ns per run.
     pub fn time_egress(&self, frame: &[u8], repeat: u32) -> u64 {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let result = self
-            .datapath
-            .egress_program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN of the egress program");
-        u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX)
+        time_of(self.datapath.egress_program(), frame, repeat)
     }
 
     /// Runs one frame `repeat` times in the kernel; returns the mean ns per run.
     pub fn time(&self, frame: &[u8], repeat: u32) -> u64 {
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let result = self
-            .datapath
-            .program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX)
+        time_of(self.datapath.program(), frame, repeat)
     }
 
     pub fn counts(&self) -> VerdictCounts {
@@ -174,6 +154,23 @@ pub fn case(
         reason,
         rule,
     }
+}
+
+/// Runs `frame` `repeat` times through `program` in the kernel; the mean ns per run.
+pub fn time_of<P>(program: &P, frame: &[u8], repeat: u32) -> u64
+where
+    P: for<'a> aya::programs::TestRun<
+            Opts<'a> = TestRunOptions<'a>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::new()
+    };
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Runs every case and checks the action, the one counter slot that moved (enforced, or

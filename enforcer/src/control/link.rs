@@ -4,21 +4,8 @@
 //! second; a replaced interface gets the programs attached again at once, a removed one is
 //! reported loudly until it is back.
 
-use super::live::Live;
+use super::live::{LinkState, Live};
 use crate::datapath::{self, AttachMode};
-
-/// What the link watch found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkState {
-    /// The pinned link holds the interface: enforcing.
-    Attached,
-    /// The interface is gone: nothing is enforced until it returns.
-    InterfaceGone,
-    /// The interface was replaced and the programs are attached to the new one.
-    Reattached,
-    /// The interface was replaced and attaching to the new one failed (the message says why).
-    ReattachFailed,
-}
 
 impl Live {
     /// Checks that the pinned link still holds the interface; re-attaches to a replaced one.

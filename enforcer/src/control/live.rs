@@ -13,6 +13,19 @@ use crate::{
     source::{RegistrySource, Version},
 };
 
+/// What the link watch found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// The pinned link holds the interface: enforcing.
+    Attached,
+    /// The interface is gone: nothing is enforced until it returns.
+    InterfaceGone,
+    /// The interface was replaced and the programs are attached to the new one.
+    Reattached,
+    /// The interface was replaced and attaching to the new one failed (the message says why).
+    ReattachFailed,
+}
+
 /// What the daemon hands the control plane at start: the instance and its settings.
 pub struct LiveConfig {
     pub id: InstanceId,
@@ -77,7 +90,7 @@ pub struct Live {
     pub(super) state: State,
     pub(super) started: SystemTime,
     /// What the link watch found last.
-    pub(super) link: super::link::LinkState,
+    pub(super) link: LinkState,
 }
 
 impl Live {
@@ -95,7 +108,7 @@ impl Live {
             id: config.id,
             state: config.state,
             started: SystemTime::now(),
-            link: super::link::LinkState::Attached,
+            link: LinkState::Attached,
         }
     }
 

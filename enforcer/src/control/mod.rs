@@ -24,6 +24,5 @@ mod protocol;
 mod requests;
 
 pub use audit::{AuditEntry, AuditLog, Verified, VerifyError, verify as verify_audit};
-pub use link::LinkState;
-pub use live::{InForce, Live, LiveConfig};
+pub use live::{InForce, LinkState, Live, LiveConfig};
 pub use protocol::{Envelope, Operator, Request, Response, SendError, send};

@@ -732,15 +732,7 @@ fn conn_state(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let time_tc = |program: &aya::programs::SchedClassifier, frame: &[u8]| {
         median(
             (0..RUNS)
-                .map(|_| {
-                    let opts = aya::programs::TestRunOptions {
-                        data_in: Some(frame),
-                        repeat: REPEAT,
-                        ..aya::programs::TestRunOptions::new()
-                    };
-                    let run = aya::programs::TestRun::test_run(program, opts).expect("test run");
-                    u64::try_from(run.duration.as_nanos()).unwrap_or(u64::MAX)
-                })
+                .map(|_| enforcer_tests::kernel::time_of(program, frame, REPEAT))
                 .collect(),
         )
     };
