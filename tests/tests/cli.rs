@@ -280,3 +280,65 @@ fn validate_refuses_special_files_forging_names_and_huge_values() {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// What a package ships beside the binary: the version with its commit, man pages for the
+/// command and each verb (they render), and completion scripts (bash loads its own).
+#[test]
+fn version_man_pages_and_completions() {
+    let (code, out, _) = enforcer(&["--version"]);
+    assert_eq!(code, 0);
+    let version = out.trim();
+    assert!(
+        version.starts_with(&format!("enforcer {} (", env!("CARGO_PKG_VERSION")))
+            && version.ends_with(')')
+            && version.len() > "enforcer 0.1.0 ()".len(),
+        "the version names the build's commit: {version}"
+    );
+    let dir = std::env::temp_dir().join(format!("enforcer-cli-{}-man", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, _, err) = enforcer(&["generate", "man", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for page in [
+        "enforcer.8",
+        "enforcer-run.8",
+        "enforcer-allow.8",
+        "enforcer-audit.8",
+    ] {
+        let path = dir.join(page);
+        let rendered = Command::new("man")
+            .arg("-l")
+            .arg(&path)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man runs (man-db, installed by `cargo xtask setup`)");
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        assert!(
+            rendered.status.success() && text.contains("NAME") && text.contains("enforcer"),
+            "{page} renders: {text}"
+        );
+    }
+    let run = std::fs::read_to_string(dir.join("enforcer-run.8")).unwrap();
+    assert!(
+        run.contains("registry") && run.contains("foreground"),
+        "{run}"
+    );
+    let script = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source <({} generate completions bash) && complete -p enforcer",
+            enforcer_bin().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        script.status.success() && String::from_utf8_lossy(&script.stdout).contains("_enforcer"),
+        "bash loads the completions: {}",
+        String::from_utf8_lossy(&script.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let (code, out, err) = enforcer(&["generate", "completions", shell]);
+        assert!(code == 0 && out.contains("enforcer"), "{shell}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

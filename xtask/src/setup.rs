@@ -10,9 +10,10 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, the real
 /// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
-/// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), and a DNS
-/// server and client for the connection-state tests (dnsmasq, dig).
-const APT_PACKAGES: [&str; 14] = [
+/// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), a DNS
+/// server and client for the connection-state tests (dnsmasq, dig), and `man` to render the
+/// generated man pages.
+const APT_PACKAGES: [&str; 15] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -27,6 +28,7 @@ const APT_PACKAGES: [&str; 14] = [
     "libstrongswan-extra-plugins",
     "dnsmasq-base",
     "bind9-dnsutils",
+    "man-db",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

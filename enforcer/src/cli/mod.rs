@@ -23,7 +23,7 @@ use crate::{
 #[derive(Parser, Debug)]
 #[command(
     name = "enforcer",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ENFORCER_COMMIT"), ")"),
     about = "XDP access-control enforcer for the approved-network registry"
 )]
 pub struct Cli {
@@ -155,6 +155,13 @@ pub enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Man pages and shell completions, generated from this command line's definition (for
+    /// packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -166,6 +173,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Generate {
+    /// Writes enforcer.8 and a page per verb (enforcer-run.8, ...) into DIR.
+    Man { dir: PathBuf },
+    /// Prints the completion script of SHELL.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,6 +244,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Audit {
             action: AuditAction::Verify { registry, json },
         } => render::audit_verify(&registry, json),
+        Command::Generate { what } => generate(what),
         Command::Check {
             addr,
             port,
@@ -269,4 +285,33 @@ fn parse_vpn_protocol(name: &str) -> Result<VpnProtocol, String> {
             VpnProtocol::ALL.map(VpnProtocol::name).join(", ")
         )
     })
+}
+
+/// Man pages (section 8: the enforcer is run by root) and completion scripts.
+fn generate(what: Generate) -> anyhow::Result<std::process::ExitCode> {
+    use clap::CommandFactory as _;
+    let command = Cli::command();
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let write = |name: String, cmd: clap::Command| -> anyhow::Result<()> {
+                let mut page = Vec::new();
+                clap_mangen::Man::new(cmd).section("8").render(&mut page)?;
+                std::fs::write(dir.join(format!("{name}.8")), page)?;
+                Ok(())
+            };
+            for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+                let name = format!("enforcer-{}", sub.get_name());
+                // The page's title: a name clap keeps for the life of the process (this one).
+                let title: &'static str = Box::leak(name.clone().into_boxed_str());
+                write(name, sub.clone().name(title))?;
+            }
+            write("enforcer".into(), command)?;
+        }
+        Generate::Completions { shell } => {
+            let mut command = command;
+            clap_complete::generate(shell, &mut command, "enforcer", &mut std::io::stdout());
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
