@@ -26,6 +26,14 @@ fn demo_registry() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-registry.json")
 }
 
+/// A copy of the demo registry in a fresh temporary folder: (the folder, the copy).
+fn demo_registry_copy() -> (TempDir, PathBuf) {
+    let dir = TempDir::new("enf-hard").unwrap();
+    let registry = dir.0.join("registry.json");
+    std::fs::copy(demo_registry(), &registry).unwrap();
+    (dir, registry)
+}
+
 /// `enforcer ARGS`: (success, standard output and error).
 fn enforcer_run(args: &[&str]) -> (bool, String) {
     let out = Command::new(enforcer_bin())
@@ -92,9 +100,7 @@ fn a_live_change_keeps_the_registrys_link_mode_and_owner() {
 fn idle_slow_and_huge_clients_delay_no_one() {
     require_root();
     let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
-    let dir = TempDir::new("enf-hard").unwrap();
-    let registry = dir.0.join("registry.json");
-    std::fs::copy(demo_registry(), &registry).unwrap();
+    let (_dir, registry) = demo_registry_copy();
     let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
     let socket = InstanceId::parse(&enforcer.instance)
         .unwrap()
@@ -175,9 +181,7 @@ fn idle_slow_and_huge_clients_delay_no_one() {
 fn audit_verify_finds_an_edited_or_removed_record() {
     require_root();
     let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
-    let dir = TempDir::new("enf-hard").unwrap();
-    let registry = dir.0.join("registry.json");
-    std::fs::copy(demo_registry(), &registry).unwrap();
+    let (dir, registry) = demo_registry_copy();
     let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
     for (cidr, name) in [("192.0.2.64/26", "a"), ("192.0.2.128/26", "b")] {
         let (ok, out, _) = cli(&enforcer, &["allow", "add", cidr, "--name", name]);
@@ -224,9 +228,7 @@ fn a_controller_started_through_ip_netns_exec_keeps_enforcing_after_it_dies() {
     require_root();
     let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
     let _services = Services::start(&lab.server).unwrap();
-    let dir = TempDir::new("enf-hard").unwrap();
-    let registry = dir.0.join("registry.json");
-    std::fs::copy(demo_registry(), &registry).unwrap();
+    let (dir, registry) = demo_registry_copy();
     let bin = enforcer_bin();
     let daemon = Daemon::spawn(
         &lab.server,
@@ -295,9 +297,7 @@ fn a_replaced_interface_is_noticed_and_protected_again() {
     require_root();
     let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
     let _services = Services::start(&lab.server).unwrap();
-    let dir = TempDir::new("enf-hard").unwrap();
-    let registry = dir.0.join("registry.json");
-    std::fs::copy(demo_registry(), &registry).unwrap();
+    let (_dir, registry) = demo_registry_copy();
     let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
     let internet = lab.client(INTERNET.label);
     let lan = lab.client(MINISTRY_LAN.label);
@@ -343,9 +343,7 @@ fn a_replaced_interface_is_noticed_and_protected_again() {
 fn a_start_after_a_crash_cleans_up_and_records_the_lost_audit_record() {
     require_root();
     let lab = Lab::new(&[MINISTRY_LAN]).unwrap();
-    let dir = TempDir::new("enf-hard").unwrap();
-    let registry = dir.0.join("registry.json");
-    std::fs::copy(demo_registry(), &registry).unwrap();
+    let (dir, registry) = demo_registry_copy();
     let mut enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
     let (ok, out, _) = cli(&enforcer, &["allow", "add", "192.0.2.64/26", "--name", "a"]);
     assert!(ok, "{out}");
