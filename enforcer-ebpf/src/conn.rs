@@ -201,19 +201,18 @@ fn mark_peer(family: u8, remote: &[u8; 16]) {
     }
 }
 
-/// Whether the server may have a connection with this remote address (one array read).
+/// Whether the server may have a connection with the remote address of `PEERS` slot `slot`
+/// (one array read).
 #[inline(always)]
-pub fn peer_may_have_conn(family: u8, remote: &[u8; 16]) -> bool {
-    PEERS
-        .get(peer_slot(remote, family))
-        .is_some_and(|marked| *marked != 0)
+pub fn peer_may_have_conn(slot: u32) -> bool {
+    PEERS.get(slot).is_some_and(|marked| *marked != 0)
 }
 
 /// Whether the server may have a connection with the sender of an incoming packet.
 #[inline(always)]
 pub fn peer_of(packet: &IpPacket) -> bool {
     let (family, remote, _) = addresses(&packet.addrs);
-    peer_may_have_conn(family, &remote)
+    peer_may_have_conn(peer_slot(&remote, family))
 }
 
 /// Whether an incoming packet answers a connection the server opened and that still admits

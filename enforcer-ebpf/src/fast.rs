@@ -64,18 +64,14 @@ pub fn decide(ctx: &XdpContext) -> Fast {
         if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot_v4(p.src)) {
             return undecided(NOT_LOOKED_UP);
         }
-        let peer = || {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&p.src);
-            conn::peer_may_have_conn(4, &addr)
-        };
+        let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot_v4(p.src));
         return finish(ctx, mode, source::v4(p.src, generation), &p.transport, peer);
     }
     if let Some(p) = parse::plain_v6(ctx) {
         if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot(&p.src, 6)) {
             return undecided(NOT_LOOKED_UP);
         }
-        let peer = || conn::peer_may_have_conn(6, &p.src);
+        let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot(&p.src, 6));
         return finish(
             ctx,
             mode,
