@@ -277,15 +277,8 @@ fn a_controller_started_through_ip_netns_exec_keeps_enforcing_after_it_dies() {
         id.pin_dir().display()
     );
     // The way out, from the host.
-    let out = Command::new(&bin)
-        .args(["detach", "--instance", &id.name()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = enforcer_run(&["detach", "--instance", &id.name()]);
+    assert!(ok, "{out}");
     assert!(topology::tcp_exchange(&internet.ns, internet.server_v4, TCP_PORT, timeout).unwrap());
 }
 
