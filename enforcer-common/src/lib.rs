@@ -30,9 +30,15 @@ pub mod map_names {
     pub const PEERS: &str = "PEERS";
     pub const CONN_TIMEOUTS: &str = "CONN_TIMEOUTS";
     pub const FLOW_PEERS: &str = "FLOW_PEERS";
+    pub const UPSTREAM_V4: &str = "UPSTREAM_V4";
+    pub const UPSTREAM_V6: &str = "UPSTREAM_V6";
+    pub const UPSTREAM_GROUPS: &str = "UPSTREAM_GROUPS";
+    pub const EGRESS_CONFIG: &str = "EGRESS_CONFIG";
+    pub const EGRESS_VERDICTS: &str = "EGRESS_VERDICTS";
+    pub const EGRESS_RULE_HITS: &str = "EGRESS_RULE_HITS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 26] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -53,6 +59,12 @@ pub mod map_names {
         PEERS,
         CONN_TIMEOUTS,
         FLOW_PEERS,
+        UPSTREAM_V4,
+        UPSTREAM_V6,
+        UPSTREAM_GROUPS,
+        EGRESS_CONFIG,
+        EGRESS_VERDICTS,
+        EGRESS_RULE_HITS,
     ];
 }
 
@@ -125,6 +137,31 @@ pub const RULE_ICMP: u32 = 1 << 1;
 pub const RULE_FEED: u32 = 1 << 2;
 /// A deny entry: the source is dropped (`denied`, or `denied_feed` with `RULE_FEED`).
 pub const RULE_DENY: u32 = 1 << 3;
+/// An upstream (`upstreams`): a destination the server may reach on the rule's ports (with
+/// `RULE_ICMP`, ICMP too). Not a source entry: the source lookup never holds it.
+pub const RULE_UPSTREAM: u32 = 1 << 5;
+
+/// Distinct upstream prefixes (each with its group of upstreams).
+pub const MAX_UPSTREAM_GROUPS: u32 = 4096;
+/// Upstreams that may cover one address (its own prefix and wider ones around it).
+pub const MAX_UPSTREAMS_PER_GROUP: usize = 8;
+
+/// The upstreams that apply to addresses whose longest upstream prefix is this group's (value
+/// of `UPSTREAM_GROUPS`, indexed by the value of `UPSTREAM_V4`/`UPSTREAM_V6`): their rule
+/// numbers, the longest prefix first, so that the most specific upstream listing a port is the
+/// one counted.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | count of rule numbers in use (host order) |
+/// | 4 | 32 | rule numbers (host order) |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamGroup {
+    pub count: u32,
+    pub rules: [u32; MAX_UPSTREAMS_PER_GROUP],
+}
+const _: () = assert!(core::mem::size_of::<UpstreamGroup>() == 4 + 4 * MAX_UPSTREAMS_PER_GROUP);
 
 /// One approval of a VPN endpoint group.
 ///
@@ -334,6 +371,27 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
+/// The egress program's settings (index 0 of `EGRESS_CONFIG`, written by the controller).
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | egress mode (`EGRESS_*`); 0, what a fresh map holds, is off |
+/// | 4 | 4 | padding, 0 |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressConfig {
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EgressConfig>() == 8);
+
+/// Nothing leaving is checked: connections are only recorded.
+pub const EGRESS_OFF: u32 = 0;
+/// Outgoing packets are checked and counted; nothing is dropped.
+pub const EGRESS_MONITOR: u32 = 1;
+/// Outgoing packets the policy denies are dropped.
+pub const EGRESS_ENFORCE: u32 = 2;
+
 /// Drop what the policy drops.
 pub const MODE_ENFORCE: u32 = 0;
 /// Pass everything; count what would have been dropped in the monitor slots.
@@ -495,4 +553,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnTimeouts {}
+    unsafe impl aya::Pod for super::UpstreamGroup {}
+    unsafe impl aya::Pod for super::EgressConfig {}
 }

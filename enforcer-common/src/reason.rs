@@ -36,11 +36,16 @@ pub enum Reason {
     DeniedFeed = 10,
     /// A reply to a connection the server opened (its source need not be allowlisted).
     EstablishedReply = 11,
+    /// Outgoing: the destination is neither an approved network or device nor an upstream on
+    /// this port.
+    EgressDenied = 12,
+    /// Outgoing: the destination is an upstream (`upstreams`) that lists this port.
+    Upstream = 13,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::Allowed,
         Self::LinkControl,
         Self::Malformed,
@@ -53,13 +58,17 @@ impl Reason {
         Self::UnapprovedVpn,
         Self::DeniedFeed,
         Self::EstablishedReply,
+        Self::EgressDenied,
+        Self::Upstream,
     ];
 
     pub const fn action(self) -> Action {
         match self {
-            Self::Allowed | Self::LinkControl | Self::ApprovedVpn | Self::EstablishedReply => {
-                Action::Pass
-            }
+            Self::Allowed
+            | Self::LinkControl
+            | Self::ApprovedVpn
+            | Self::EstablishedReply
+            | Self::Upstream => Action::Pass,
             Self::Malformed
             | Self::Denied
             | Self::NotAllowlisted
@@ -67,7 +76,8 @@ impl Reason {
             | Self::FragmentUnverified
             | Self::NonIp
             | Self::UnapprovedVpn
-            | Self::DeniedFeed => Action::Drop,
+            | Self::DeniedFeed
+            | Self::EgressDenied => Action::Drop,
         }
     }
 
@@ -86,6 +96,8 @@ impl Reason {
             Self::UnapprovedVpn => "unapproved_vpn",
             Self::DeniedFeed => "denied_feed",
             Self::EstablishedReply => "established_reply",
+            Self::EgressDenied => "egress_denied",
+            Self::Upstream => "upstream",
         }
     }
 
@@ -108,6 +120,10 @@ impl Reason {
             Self::UnapprovedVpn => "VPN packet whose endpoints are not approved for its protocol",
             Self::DeniedFeed => "source in a deny feed file",
             Self::EstablishedReply => "reply to a connection this server opened",
+            Self::EgressDenied => {
+                "outgoing to a destination that is neither approved nor an upstream on this port"
+            }
+            Self::Upstream => "outgoing to an upstream on one of its ports",
         }
     }
 }

@@ -12,15 +12,13 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, LruHashMap},
-    programs::TcContext,
 };
 use enforcer_common::{
     CONN_CLOSING, CONN_OPEN, Conn, ConnKey, ConnTimeouts, MAX_CONNS, PEER_SLOTS, peer_slot,
 };
 
 use crate::parse::{
-    self, Addrs, Fragment, Frame, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpPacket,
-    L4,
+    Addrs, Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpPacket, L4,
 };
 use crate::source::BPF_F_MMAPABLE;
 
@@ -41,8 +39,6 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// Headers egress parsing reads: Ethernet, two VLAN tags, IPv6 and a full TCP header.
-const EGRESS_HEADERS: u32 = 14 + 8 + 40 + 60;
 
 /// The connection an IP packet belongs to, seen from this host: `local` is this host's side.
 #[inline(always)]
@@ -99,21 +95,9 @@ fn timeouts() -> ConnTimeouts {
     }
 }
 
-/// Records what an outgoing packet does to the connection table.
+/// Records what an outgoing packet that leaves does to the connection table.
 #[inline(always)]
-pub fn track(ctx: &TcContext) {
-    // The headers must be in the socket buffer's linear part to be read.
-    if ((ctx.data_end() - ctx.data()) as u32) < EGRESS_HEADERS && ctx.len() > 14 {
-        let want = if ctx.len() < EGRESS_HEADERS {
-            ctx.len()
-        } else {
-            EGRESS_HEADERS
-        };
-        let _ = ctx.pull_data(want);
-    }
-    let Ok(Frame::Ip(packet)) = parse::parse_frame(ctx) else {
-        return;
-    };
+pub fn track(packet: &IpPacket) {
     if let Fragment::Later { .. } = packet.fragment {
         return;
     }

@@ -1,6 +1,7 @@
 //! The enforcer's XDP program: one entry, a `decide` core that returns which rule decided, and
 //! one exit that counts the verdict and carries it out (or, in monitor mode, only counts it).
-//! Beside it, the egress (TC) program that records the connections the server opens (`conn`).
+//! Beside it, the egress (TC) program: the verdict on the server's outgoing traffic (`egress`)
+//! and the connections the server opens (`conn`).
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the bpfel target has no atomic read-modify-write in `core::sync::atomic`, but
@@ -13,6 +14,7 @@
 )]
 
 mod conn;
+mod egress;
 mod fast;
 mod parse;
 mod source;
@@ -21,7 +23,7 @@ mod vpn;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
+    bindings::xdp_action,
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -50,9 +52,9 @@ static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VERDICT_SL
 /// The mode lives in a map, not a load-time global, so that the controller can switch between
 /// monitor and enforce without reloading the program (a reload would open a gap).
 #[map]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub(crate) static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
-static FRAGMENTS: LruHashMap<FragmentKey, u8> =
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, u8> =
     LruHashMap::with_max_entries(MAX_TRACKED_FRAGMENTS, 0);
 /// Per-CPU VPN verdicts by protocol: slot `protocol * 2` unapproved, `+ 1` approved.
 #[map]
@@ -69,7 +71,7 @@ static FAST_PATH: u8 = 1;
 
 /// Which reason decided, which registry entry (or `NO_RULE`), and the VPN protocol recognised.
 #[derive(Clone, Copy)]
-struct Verdict {
+pub(crate) struct Verdict {
     reason: Reason,
     rule: u32,
     /// `VpnProtocol as u32`, or `vpn::NO_VPN`.
@@ -109,12 +111,11 @@ pub fn enforcer(ctx: XdpContext) -> u32 {
     record(&ctx, mode, verdict)
 }
 
-/// The server's outgoing traffic: records the connections it opens (`conn`), so that their
-/// replies pass ingress. Never drops; returns "next" so that other TC programs still run.
+/// The server's outgoing traffic: the egress verdict, then the connections it opens (`conn`),
+/// so that their replies pass ingress.
 #[classifier]
 pub fn enforcer_egress(ctx: TcContext) -> i32 {
-    conn::track(&ctx);
-    TC_ACT_UNSPEC
+    egress::run(&ctx)
 }
 
 /// The policy, in order; the first step that decides wins. `known`: what the fast path's
@@ -257,7 +258,7 @@ fn check_ports(packet: &IpPacket, rule: u32, flags: u32) -> Reason {
 
 /// The `RULE_*` flags of the entry the source lookup found (`rule + 1`), or 0 for none.
 #[inline(always)]
-fn entry_flags(entry: u32) -> u32 {
+pub(crate) fn entry_flags(entry: u32) -> u32 {
     if entry == 0 {
         return 0;
     }
@@ -266,7 +267,7 @@ fn entry_flags(entry: u32) -> u32 {
 
 /// Why a deny range with these flags drops: a registry entry or a deny feed.
 #[inline(always)]
-const fn deny_reason(flags: u32) -> Reason {
+pub(crate) const fn deny_reason(flags: u32) -> Reason {
     if flags & RULE_FEED != 0 {
         Reason::DeniedFeed
     } else {
@@ -276,7 +277,7 @@ const fn deny_reason(flags: u32) -> Reason {
 
 /// Whether a port-restricted rule lists (protocol, destination port).
 #[inline(always)]
-fn port_listed(rule: u32, proto: u8, port_be: [u8; 2]) -> bool {
+pub(crate) fn port_listed(rule: u32, proto: u8, port_be: [u8; 2]) -> bool {
     let key = PortKey {
         rule,
         port_be,
@@ -287,7 +288,7 @@ fn port_listed(rule: u32, proto: u8, port_be: [u8; 2]) -> bool {
 }
 
 #[inline(always)]
-fn fragment_key(packet: &IpPacket) -> FragmentKey {
+pub(crate) fn fragment_key(packet: &IpPacket) -> FragmentKey {
     let id = match packet.fragment {
         Fragment::First { id } | Fragment::Later { id } => id,
         Fragment::Whole => [0; 4],
@@ -344,15 +345,20 @@ fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
     if verdict.rule != NO_RULE
         && let Some(hits) = RULE_HITS.get_ptr_mut(verdict.rule)
     {
-        // SAFETY: `hits` points into a map value that lives as long as the map; other CPUs may
-        // bump it at the same time, hence the atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+        bump(hits);
     }
     if drop && !monitor {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
     }
+}
+
+/// Adds one to a rule's hit counter, which other CPUs may bump at the same time.
+#[inline(always)]
+pub(crate) fn bump(hits: *mut u64) {
+    // SAFETY: `hits` points into a map value that lives as long as the map; the add is atomic.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
 }
 
 #[cfg(not(test))]

@@ -221,6 +221,9 @@ pub struct State {
     pub iface: String,
     pub netns: u64,
     pub mode: String,
+    /// The egress mode (empty in a state file of a build without egress verdicts).
+    #[serde(default)]
+    pub egress: String,
     pub xdp_mode: String,
     pub program_id: Option<u32>,
     pub registry: String,

@@ -15,6 +15,25 @@ use serde_json::Value;
 
 use crate::netns::Netns;
 
+/// `enforcer ARGS` as an administrator types it, with `env` (the caller's SSH session is only
+/// the one `env` gives): (success, standard output and error).
+pub fn enforcer_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(enforcer_bin())
+        .args(args)
+        .env_remove("SSH_CLIENT")
+        .envs(env.iter().copied())
+        .output()
+        .expect("the enforcer binary runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// The `enforcer` binary: `$ENFORCER_BIN`, else next to the running test binary's target dir.
 pub fn enforcer_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("ENFORCER_BIN") {
@@ -236,6 +255,34 @@ impl Stats {
             .as_array()
             .and_then(|rs| rs.iter().find(|r| r["name"] == name))
             .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("rule {name} missing from stats: {}", self.0))
+    }
+
+    fn egress_reason(&self, label: &str) -> &Value {
+        self.0["egress"]["reasons"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["reason"] == label))
+            .unwrap_or_else(|| panic!("egress reason {label} missing from stats: {}", self.0))
+    }
+
+    /// Outgoing packets carried out with this reason.
+    pub fn egress_packets(&self, label: &str) -> u64 {
+        self.egress_reason(label)["packets"].as_u64().unwrap_or(0)
+    }
+
+    /// Outgoing packets egress monitor mode let out that enforce would have dropped.
+    pub fn egress_would_drop(&self, label: &str) -> u64 {
+        self.egress_reason(label)["would_drop_packets"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Outgoing packets a named rule decided.
+    pub fn egress_rule_hits(&self, name: &str) -> u64 {
+        self.0["rules"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+            .and_then(|r| r["egress_packets"].as_u64())
             .unwrap_or_else(|| panic!("rule {name} missing from stats: {}", self.0))
     }
 

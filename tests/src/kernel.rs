@@ -5,7 +5,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::{
     datapath::{Datapath, Stages, VerdictCounts},
     policy::Policy,
-    registry::{Date, Mode, Registry},
+    registry::{Date, EgressMode, Mode, Registry},
 };
 use enforcer_common::{Action, Reason};
 
@@ -117,6 +117,26 @@ impl Loaded {
 
     pub fn counts(&self) -> VerdictCounts {
         self.datapath.verdicts().expect("read verdict counters")
+    }
+
+    /// The egress program's verdict counters.
+    pub fn egress_counts(&self) -> VerdictCounts {
+        self.datapath
+            .egress_verdicts()
+            .expect("read egress verdict counters")
+    }
+
+    /// The egress program's hits, in the order of the policy's rules.
+    pub fn egress_hits(&self) -> Vec<u64> {
+        let indices: Vec<u32> = self.policy.rules.iter().map(|r| r.index).collect();
+        self.datapath
+            .egress_rule_hits(&indices)
+            .expect("read egress rule hits")
+    }
+
+    pub fn set_egress(&mut self, egress: EgressMode) {
+        self.datapath.set_egress(egress).expect("set egress mode");
+        self.policy.egress = egress;
     }
 
     pub fn hits(&self) -> Vec<u64> {

@@ -315,6 +315,25 @@ pub fn ethernet_header(vlans: &[(u16, u16)], ether_type: u16) -> Vec<u8> {
 }
 
 /// An ARP request frame.
+/// A TCP segment from `src:src_port` to `dst:dst_port` with these flags (20-byte header).
+pub fn tcp_segment(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&src_port.to_be_bytes());
+    h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = flags;
+    h[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    Frame::new(
+        src.parse().expect("source address"),
+        dst.parse().expect("destination address"),
+        L4::Raw {
+            proto: TCP,
+            bytes: h,
+        },
+    )
+    .build()
+}
+
 pub fn arp_request() -> Vec<u8> {
     let mut frame = ethernet_header(&[], ETH_P_ARP);
     frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);

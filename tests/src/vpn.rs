@@ -20,6 +20,34 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// dnsmasq in `ns`, answering on `listen`:53 with `address` for `name` and nothing else
+    /// (no upstream servers, no hosts file), its output in `log`.
+    pub fn dnsmasq(
+        ns: &Netns,
+        listen: &str,
+        (name, address): (&str, &str),
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(
+            ns,
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={listen}"),
+                "--port=53",
+                "--pid-file=",
+                "--user=root",
+                &format!("--address=/{name}/{address}"),
+            ],
+            log,
+            &[],
+        )
+    }
+
     /// Starts `command` inside `ns` with its output in `log`.
     pub fn spawn(
         ns: &Netns,

@@ -10,13 +10,12 @@ use std::{
         net::UnixStream,
     },
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use enforcer::instance::InstanceId;
 use enforcer_tests::{
-    daemon::{Enforcer, enforcer_bin},
+    daemon::{Enforcer, enforcer_bin, enforcer_cli},
     netns::require_root,
     topology::{Lab, MINISTRY_LAN, SERVER_IFACE},
     vpn::TempDir,
@@ -36,19 +35,7 @@ fn demo_registry_copy() -> (TempDir, PathBuf) {
 
 /// `enforcer ARGS`: (success, standard output and error).
 fn enforcer_run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(enforcer_bin())
-        .args(args)
-        .env_remove("SSH_CLIENT")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    enforcer_cli(args, &[])
 }
 
 /// `enforcer VERB ARGS --instance I`: (success, output) and how long it took.

@@ -5,7 +5,7 @@
 use enforcer_common::{ConnTimeouts, Reason};
 use enforcer_tests::{
     kernel::{Loaded, XDP_DROP, XDP_PASS},
-    packet::{Frame, L4, TCP},
+    packet::{self, Frame, L4},
 };
 
 const SERVER: &str = "192.0.2.1";
@@ -27,25 +27,11 @@ const SYN_ACK: u8 = 0x12;
 const ACK: u8 = 0x10;
 const FIN_ACK: u8 = 0x11;
 
-/// TC's "next program" (the egress program never drops).
+/// TC's "next program" (egress is in monitor mode here: the egress program drops nothing).
 const TC_NEXT: i32 = -1;
 
 fn tcp(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
-    let mut h = vec![0u8; 20];
-    h[0..2].copy_from_slice(&src_port.to_be_bytes());
-    h[2..4].copy_from_slice(&dst_port.to_be_bytes());
-    h[12] = 5 << 4;
-    h[13] = flags;
-    h[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    Frame::new(
-        src.parse().unwrap(),
-        dst.parse().unwrap(),
-        L4::Raw {
-            proto: TCP,
-            bytes: h,
-        },
-    )
-    .build()
+    packet::tcp_segment(src, src_port, dst, dst_port, flags)
 }
 
 fn udp(src: &str, src_port: u16, dst: &str, dst_port: u16) -> Vec<u8> {

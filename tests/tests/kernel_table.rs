@@ -832,24 +832,7 @@ fn mismatches(
     let mut mismatches = Vec::new();
     for _ in 0..count {
         let near = &prefixes[usize::try_from(rng.next_u64()).unwrap() % prefixes.len()];
-        let addr: std::net::IpAddr = match near {
-            ipnet::IpNet::V4(net) if rng.next_u64().is_multiple_of(2) => {
-                let bits = u32::from(net.network())
-                    ^ (u32::try_from(rng.next_u64() >> 32).unwrap()
-                        >> (rng.next_u64() % 33).min(31));
-                std::net::Ipv4Addr::from(bits).into()
-            }
-            ipnet::IpNet::V4(_) => std::net::Ipv4Addr::from(
-                u32::try_from(rng.next_u64() & 0x0F0F_FFFF | 0x0A00_0000).unwrap(),
-            )
-            .into(),
-            ipnet::IpNet::V6(net) => {
-                let bits = u128::from(net.network())
-                    ^ (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
-                        >> (rng.next_u64() % 128).max(20);
-                std::net::Ipv6Addr::from(bits).into()
-            }
-        };
+        let addr = rng.address_near(near);
         let port = u16::try_from(1 + rng.next_u64() % 4).unwrap();
         let expected = loaded.policy.decide(addr, Protocol::Tcp, Some(port), None);
         let server = if addr.is_ipv4() { SERVER } else { SERVER6 };

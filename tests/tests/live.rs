@@ -17,7 +17,7 @@ use enforcer::{
 };
 use enforcer_common::{RULE_IN_USE, Rule};
 use enforcer_tests::{
-    daemon::{Enforcer, enforcer_bin},
+    daemon::{Enforcer, enforcer_bin, enforcer_cli},
     netns::require_root,
     topology::{self, INTERNET, Lab, MINISTRY_LAN, SERVER_IFACE, Services, TCP_PORT, UDP_PORT},
     vpn::TempDir,
@@ -85,21 +85,12 @@ impl Setup {
     }
 
     fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-        let out = Command::new(enforcer_bin())
-            .args(args)
-            .args(["--instance", &self.enforcer.instance])
-            .env_remove("SSH_CLIENT")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--instance", &self.enforcer.instance])
+            .collect();
+        enforcer_cli(&args, env)
     }
 }
 

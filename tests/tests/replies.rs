@@ -20,7 +20,8 @@ use enforcer_tests::{
 };
 
 /// Only the ministry LAN is approved: the upstream (the "internet" client's namespace) is not.
-const REGISTRY: &str = r#"{"schema": 1, "mode": "enforce",
+/// Egress off: the replies pass by the connection table alone.
+const REGISTRY: &str = r#"{"schema": 1, "mode": "enforce", "egress": "off",
   "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24"}]}"#;
 
 const UPSTREAM: &str = "192.0.2.66";
@@ -89,23 +90,11 @@ fn the_servers_own_connections_work_in_enforce_mode_without_opening_the_allowlis
     let registry: PathBuf = dir.0.join("registry.json");
     std::fs::write(&registry, REGISTRY).unwrap();
     let upstream = &lab.client(INTERNET.label).ns;
-    let dns = Daemon::spawn(
+    let dns = Daemon::dnsmasq(
         upstream,
-        &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=192.0.2.66",
-            "--port=53",
-            "--pid-file=",
-            "--user=root",
-            "--address=/eoffice.example/192.0.2.10",
-        ],
+        UPSTREAM,
+        ("eoffice.example", "192.0.2.10"),
         dir.0.join("dnsmasq.log"),
-        &[],
     )
     .unwrap();
     let servers = upstream_servers(&lab);

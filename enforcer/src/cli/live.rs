@@ -118,6 +118,30 @@ pub enum VpnAction {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum UpstreamAction {
+    /// Let the server reach a destination on some ports (an address or CIDR; it is not let in).
+    Add {
+        address: String,
+        #[arg(long)]
+        name: String,
+        /// Comma-separated port specs, required (53/udp,53/tcp,123/udp,636/tcp,icmp).
+        #[arg(long, value_delimiter = ',', required = true)]
+        ports: Vec<String>,
+        #[arg(long)]
+        ministry: Option<String>,
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Remove an upstream by name, CIDR or address.
+    Remove {
+        target: String,
+    },
+    List,
+}
+
 /// A registry entry from command-line flags: only the fields given.
 fn entry(fields: &[(&str, Option<serde_json::Value>)]) -> serde_json::Value {
     serde_json::Value::Object(
@@ -295,7 +319,53 @@ pub(super) fn control_command(command: Command) -> anyhow::Result<std::process::
                 },
             },
         ),
-        Command::Mode { mode, target } => (target, Request::Mode { mode }),
+        Command::Upstream { action, target } => (
+            target,
+            match action {
+                UpstreamAction::Add {
+                    address,
+                    name,
+                    ports: p,
+                    ministry,
+                    expires,
+                    note,
+                } => Request::Add {
+                    section: "upstreams".into(),
+                    entry: entry(&[
+                        ("name", Some(serde_json::json!(name))),
+                        (
+                            if address.contains('/') {
+                                "cidr"
+                            } else {
+                                "address"
+                            },
+                            Some(serde_json::json!(address)),
+                        ),
+                        ("ports", ports(&p)),
+                        ("ministry", opt(ministry.as_ref())),
+                        ("expires", opt(expires.as_ref())),
+                        ("note", opt(note.as_ref())),
+                    ]),
+                },
+                UpstreamAction::Remove { target } => Request::Remove {
+                    section: "upstreams".into(),
+                    target,
+                },
+                UpstreamAction::List => Request::List {
+                    section: "upstreams".into(),
+                },
+            },
+        ),
+        Command::Mode {
+            mode: Some(mode),
+            target,
+            ..
+        } => (target, Request::Mode { mode }),
+        Command::Mode {
+            egress: Some(egress),
+            target,
+            ..
+        } => (target, Request::Egress { egress }),
         Command::Reload { target } => (target, Request::Reload),
         Command::Status { target } => (target, Request::Status),
         _ => unreachable!("only control commands reach here"),

@@ -11,13 +11,14 @@ use clap::{Parser, Subcommand};
 use enforcer_common::VpnProtocol;
 
 use live::{
-    AllowAction, DenyAction, DeviceAction, Target, VpnAction, control_command, send_request,
+    AllowAction, DenyAction, DeviceAction, Target, UpstreamAction, VpnAction, control_command,
+    send_request,
 };
 
 use crate::{
     control, daemon,
     datapath::AttachMode,
-    registry::{Mode, Protocol},
+    registry::{EgressMode, Mode, Protocol},
 };
 
 #[derive(Parser, Debug)]
@@ -87,10 +88,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Say what the registry does with a packet from ADDR, and which rule decides.
+    /// Say what the registry does with a packet from ADDR (or, with --to, with one the server
+    /// sends to ADDR), and which rule decides.
     Check {
-        /// Source address of the packet.
-        addr: IpAddr,
+        /// Source address of an incoming packet.
+        #[arg(required_unless_present = "to", conflicts_with = "to")]
+        addr: Option<IpAddr>,
+        /// Destination address of an outgoing packet (the egress verdict).
+        #[arg(long, value_name = "ADDR", conflicts_with = "vpn")]
+        to: Option<IpAddr>,
         /// Destination port (TCP/UDP).
         #[arg(long)]
         port: Option<u16>,
@@ -134,9 +140,21 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Switch the running enforcer between enforce and monitor (written to the registry).
+    /// Destinations the running enforcer's server may reach (DNS, NTP, directory, mirrors).
+    Upstream {
+        #[command(subcommand)]
+        action: UpstreamAction,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Switch the running enforcer between enforce and monitor, or with --egress the egress
+    /// mode between off, monitor and enforce (written to the registry).
     Mode {
-        mode: Mode,
+        #[arg(required_unless_present = "egress", conflicts_with = "egress")]
+        mode: Option<Mode>,
+        /// The egress mode: off, monitor or enforce.
+        #[arg(long, value_name = "MODE")]
+        egress: Option<EgressMode>,
         #[command(flatten)]
         target: Target,
     },
@@ -247,28 +265,41 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Generate { what } => generate(what),
         Command::Check {
             addr,
+            to,
             port,
             proto,
             vpn,
-            registry: Some(registry),
+            registry,
             target,
-        } => render::check(addr, port, proto, vpn, &registry, target.json),
-        Command::Check {
-            addr,
-            port,
-            proto,
-            vpn,
-            registry: None,
-            target,
-        } => send_request(
-            &target,
-            &control::Request::Check {
-                addr,
-                port,
-                proto,
-                vpn: vpn.map(|v| v.name().to_string()),
-            },
-        ),
+        } => {
+            let (addr, outgoing) = match (addr, to) {
+                (_, Some(to)) => (to, true),
+                (Some(addr), None) => (addr, false),
+                (None, None) => anyhow::bail!("give the packet's source address, or --to ADDR"),
+            };
+            match registry {
+                Some(registry) => {
+                    let packet = render::Packet {
+                        addr,
+                        outgoing,
+                        port,
+                        proto,
+                        vpn,
+                    };
+                    render::check(&packet, &registry, target.json)
+                }
+                None => send_request(
+                    &target,
+                    &control::Request::Check {
+                        addr,
+                        port,
+                        proto,
+                        vpn: vpn.map(|v| v.name().to_string()),
+                        to: outgoing,
+                    },
+                ),
+            }
+        }
         Command::Stats {
             instance,
             iface,

@@ -12,7 +12,7 @@ use crate::{
     datapath::{InstanceCounters, VerdictCounts},
     instance::{self, InstanceId, State},
     policy::{Policy, RuleKind},
-    registry::{Date, Mode, Protocol, Registry},
+    registry::{Date, EgressMode, Mode, Protocol, Registry},
 };
 
 pub fn run(config: &DaemonConfig) -> anyhow::Result<ExitCode> {
@@ -128,41 +128,65 @@ pub fn validate(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 fn summary(policy: &Policy) -> String {
     format!(
-        "  {} networks, {} devices, {} deny ranges, {} deny-feed ranges, {} approved VPN endpoints in force; {} expired entries skipped",
+        "  {} networks, {} devices, {} deny ranges, {} deny-feed ranges, {} approved VPN endpoints, {} upstreams in force (egress {}); {} expired entries skipped",
         policy.count(RuleKind::Network),
         policy.count(RuleKind::Device),
         policy.count(RuleKind::Deny),
         policy.count(RuleKind::DenyFeed),
         policy.vpn_endpoints,
+        policy.count(RuleKind::Upstream),
+        policy.egress,
         policy.expired.len()
     )
 }
 
-pub fn check(
-    addr: IpAddr,
-    port: Option<u16>,
-    proto: Protocol,
-    vpn: Option<VpnProtocol>,
-    registry: &Path,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+/// The packet `check` asks about.
+pub struct Packet {
+    /// Its source, or (`outgoing`) its destination.
+    pub addr: IpAddr,
+    /// Sent by the server (the egress verdict).
+    pub outgoing: bool,
+    pub port: Option<u16>,
+    pub proto: Protocol,
+    pub vpn: Option<VpnProtocol>,
+}
+
+pub fn check(packet: &Packet, registry: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let &Packet {
+        addr,
+        outgoing,
+        port,
+        proto,
+        vpn,
+    } = packet;
     let policy = Policy::from_registry(Registry::load(registry)?, Date::today(), None)?;
-    let decision = policy.decide(addr, proto, port, vpn);
+    let decision = if outgoing {
+        policy.decide_egress(addr, proto, port)
+    } else {
+        policy.decide(addr, proto, port, vpn)
+    };
+    let monitored = if outgoing {
+        policy.egress != EgressMode::Enforce
+    } else {
+        policy.mode == Mode::Monitor
+    };
     if json {
         let out = serde_json::json!({
             "address": addr,
+            "direction": if outgoing { "egress" } else { "ingress" },
             "vpn": vpn.map(VpnProtocol::name),
             "protocol": proto,
             "port": port,
             "verdict": if decision.reason.action() == Action::Pass { "pass" } else { "drop" },
             "reason": decision.reason.label(),
             "rule": decision.rule,
-            "mode": policy.mode,
+            "mode": if outgoing { policy.egress.as_str() } else { policy.mode.as_str() },
         });
         println!("{out:#}");
     } else {
         let what = match vpn {
             Some(vpn) => format!("{} VPN packet to/from {addr}", vpn.name()),
+            None if outgoing => format!("to {addr} {proto}"),
             None => format!("{addr} {proto}"),
         };
         println!(
@@ -175,9 +199,19 @@ pub fn check(
                 .map_or_else(|| "no expiry".to_string(), |d| format!("expires {d}"));
             println!("  approval {} ({expires})", info.approval);
         }
-        if policy.mode == Mode::Monitor && decision.reason.action() == Action::Drop {
+        if monitored && decision.reason.action() == Action::Drop {
+            let mode = if outgoing {
+                format!("egress mode is {}", policy.egress)
+            } else {
+                "registry mode is monitor".to_string()
+            };
             println!(
-                "  (registry mode is monitor: the packet would pass and be counted as a would-be drop)"
+                "  ({mode}: the packet would pass{})",
+                if policy.egress == EgressMode::Off && outgoing {
+                    ", uncounted"
+                } else {
+                    " and be counted as a would-be drop"
+                }
             );
         }
         if port.is_none()
@@ -203,7 +237,10 @@ pub fn stats(
         verdicts: counts,
         hits,
         vpn,
+        egress,
     } = InstanceCounters::read_pinned(&id.pin_dir(), &indices)?;
+    let (egress_counts, egress_hits) = egress.unwrap_or_default();
+    let egress_hit = |at: usize| egress_hits.get(at).copied().unwrap_or(0);
     if json {
         let by_vpn: Vec<_> = vpn
             .0
@@ -213,28 +250,34 @@ pub fn stats(
                     "approved_packets": a.packets, "approved_bytes": a.bytes})
             })
             .collect();
-        let by_reason: Vec<_> = counts
-            .enforced
-            .iter()
-            .zip(&counts.monitored)
-            .map(|((reason, c), (_, m))| {
-                serde_json::json!({
-                    "reason": reason.label(), "code": *reason as u32,
-                    "action": if reason.action() == Action::Pass { "pass" } else { "drop" },
-                    "packets": c.packets, "bytes": c.bytes,
-                    "would_drop_packets": m.packets, "would_drop_bytes": m.bytes,
+        let by_reason = |counts: &VerdictCounts| -> Vec<serde_json::Value> {
+            counts
+                .enforced
+                .iter()
+                .zip(&counts.monitored)
+                .map(|((reason, c), (_, m))| {
+                    serde_json::json!({
+                        "reason": reason.label(), "code": *reason as u32,
+                        "action": if reason.action() == Action::Pass { "pass" } else { "drop" },
+                        "packets": c.packets, "bytes": c.bytes,
+                        "would_drop_packets": m.packets, "would_drop_bytes": m.bytes,
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
         let by_rule: Vec<_> = rules
             .iter()
             .zip(&hits)
-            .map(|(r, h)| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix, "packets": h}))
+            .enumerate()
+            .map(|(at, (r, h))| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix,
+                "packets": h, "egress_packets": egress_hit(at)}))
             .collect();
+        // `reasons` and `packets`: incoming (as before egress verdicts); `egress`: outgoing.
         let out = serde_json::json!({
             "instance": state.instance, "iface": state.iface, "mode": state.mode, "xdp_mode": state.xdp_mode,
             "program_id": state.program_id, "pid": state.pid, "registry": state.registry,
-            "reasons": by_reason, "rules": by_rule, "vpn": by_vpn,
+            "reasons": by_reason(&counts), "rules": by_rule, "vpn": by_vpn,
+            "egress": {"mode": state.egress, "reasons": by_reason(&egress_counts)},
         });
         println!("{out:#}");
     } else {
@@ -242,7 +285,16 @@ pub fn stats(
             "instance {} on {} ({} mode, {} XDP, pid {})",
             state.instance, state.iface, state.mode, state.xdp_mode, state.pid
         );
-        println!("{}", render_verdicts(&counts));
+        println!("incoming\n{}", render_verdicts(&counts));
+        println!(
+            "outgoing (egress {})\n{}",
+            if state.egress.is_empty() {
+                "unknown"
+            } else {
+                &state.egress
+            },
+            render_verdicts(&egress_counts)
+        );
         println!(
             "{:<20} {:>12} {:>12}",
             "vpn protocol", "unapproved", "approved"
@@ -251,23 +303,24 @@ pub fn stats(
             println!("{:<20} {:>12} {:>12}", p.name(), u.packets, a.packets);
         }
         println!(
-            "{:>8}  {:<8} {:<28} {:<22} {:>12}",
-            "rule", "kind", "name", "prefix", "packets"
+            "{:>8}  {:<8} {:<28} {:<22} {:>12} {:>12}",
+            "rule", "kind", "name", "prefix", "in", "out"
         );
         let mut quiet_feed_ranges = 0;
-        for (r, h) in rules.iter().zip(&hits) {
+        for (at, (r, h)) in rules.iter().zip(&hits).enumerate() {
             // A feed may hold a million ranges: list only those that matched something.
             if r.kind == RuleKind::DenyFeed.as_str() && *h == 0 {
                 quiet_feed_ranges += 1;
                 continue;
             }
             println!(
-                "{:>8}  {:<8} {:<28} {:<22} {:>12}",
+                "{:>8}  {:<8} {:<28} {:<22} {:>12} {:>12}",
                 format!("#{}", r.index),
                 r.kind,
                 r.name,
                 r.prefix,
-                h
+                h,
+                egress_hit(at)
             );
         }
         if quiet_feed_ranges > 0 {

@@ -21,7 +21,7 @@ use crate::{
     datapath::DatapathError,
     instance::{InstanceError, PreparedRules, State, rule_label, rule_labels},
     policy::{CompiledRule, Policy, RuleChange},
-    registry::{Date, Mode, Registry, refusal},
+    registry::{Date, EgressMode, Mode, Registry, refusal},
     source::{Snapshot, SourceError},
 };
 
@@ -36,6 +36,8 @@ pub(super) enum Effect {
     },
     /// The mode only.
     Mode(Mode),
+    /// The egress mode only.
+    Egress(EgressMode),
     /// The whole registry, parsed anew and compiled against the policy in force.
     Whole,
 }
@@ -100,6 +102,8 @@ enum Applied {
     Edit(RuleChange),
     /// The mode before.
     Mode(Mode),
+    /// The egress mode before.
+    Egress(EgressMode),
     /// The policy before.
     Whole(Box<Policy>),
 }
@@ -134,7 +138,7 @@ impl Live {
             Effect::Whole => {
                 Some(Registry::parse_at(&text, &self.source.base_dir()).map_err(|p| refusal(&p))?)
             }
-            Effect::Edit { .. } | Effect::Mode(_) => None,
+            Effect::Edit { .. } | Effect::Mode(_) | Effect::Egress(_) => None,
         };
         tracing::debug!(mib = ?crate::memory_mib(), "change: parsed");
         // Written aside now, so that the new text (50 MB at a million entries) is not held while
@@ -159,6 +163,9 @@ impl Live {
                 Applied::Edit(self.policy.edit(add, &remove).map_err(refused)?)
             }
             Effect::Mode(mode) => Applied::Mode(std::mem::replace(&mut self.policy.mode, mode)),
+            Effect::Egress(egress) => {
+                Applied::Egress(std::mem::replace(&mut self.policy.egress, egress))
+            }
             Effect::Whole => {
                 let registry = registry.expect("a whole change is parsed first");
                 next_expiry = registry.next_expiry();
@@ -224,6 +231,7 @@ impl Live {
                 .apply_change(change, &self.policy)
                 .map(|()| None),
             Applied::Mode(_) => self.datapath.set_mode(self.policy.mode).map(|()| None),
+            Applied::Egress(_) => self.datapath.set_egress(self.policy.egress).map(|()| None),
             Applied::Whole(old) => {
                 let (policy, id, datapath) = (&self.policy, &self.id, &mut self.datapath);
                 let (written, labels) = std::thread::scope(|scope| {
@@ -251,6 +259,12 @@ impl Live {
                     let _ = self.datapath.set_mode(old);
                 }
             }
+            Applied::Egress(old) => {
+                self.policy.egress = old;
+                if kernel {
+                    let _ = self.datapath.set_egress(old);
+                }
+            }
             Applied::Whole(old) => {
                 if kernel {
                     let _ = self.datapath.apply(&self.policy, &old);
@@ -264,6 +278,7 @@ impl Live {
     /// labels put in place, or an in-place change's recorded in the journal beside them.
     fn commit_state(&mut self, applied: &Applied, labels: Option<Labels>) {
         self.state.mode = self.policy.mode.to_string();
+        self.state.egress = self.policy.egress.to_string();
         let written = self
             .state
             .write(&self.id)

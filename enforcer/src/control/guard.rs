@@ -8,7 +8,7 @@ use enforcer_common::{Action, Reason};
 use super::Operator;
 use crate::{
     policy::Policy,
-    registry::{Mode, Protocol},
+    registry::{EgressMode, Mode, Protocol},
 };
 
 /// The management networks no change may cut off without `--force`.
@@ -27,22 +27,34 @@ impl Guard {
         Self { protected }
     }
 
-    /// What `policy` lets in of the caller's session and the protected networks.
+    /// What `policy` lets in of the caller's session and the protected networks: both ways,
+    /// for the answers go out through the egress verdict (to the client's port, which the
+    /// server does not know: an approved network passes on any port, an upstream does not).
     pub fn reach(&self, caller: Option<Operator>, policy: &Policy) -> Reach {
-        let passes = |addr: IpAddr, port: u16| {
-            policy.mode == Mode::Monitor
+        let answered = |addr: IpAddr| {
+            policy.egress != EgressMode::Enforce
                 || policy
-                    .check(addr, Protocol::Tcp, Some(port))
+                    .decide_egress(addr, Protocol::Tcp, None)
                     .reason
                     .action()
                     == Action::Pass
         };
+        let passes = |addr: IpAddr, port: u16| {
+            (policy.mode == Mode::Monitor
+                || policy
+                    .check(addr, Protocol::Tcp, Some(port))
+                    .reason
+                    .action()
+                    == Action::Pass)
+                && answered(addr)
+        };
         let listed = |addr: IpAddr| {
-            policy.mode == Mode::Monitor
+            (policy.mode == Mode::Monitor
                 || matches!(
                     policy.check(addr, Protocol::Tcp, None).reason,
                     Reason::Allowed | Reason::PortNotAllowed
-                )
+                ))
+                && answered(addr)
         };
         let session = caller.is_some_and(|op| passes(op.addr, op.port.unwrap_or(22)));
         Reach(

@@ -103,7 +103,7 @@ pub fn plan_add(
             .iter()
             .any(|r| r.kind != RuleKind::DenyFeed && &*r.name == name)
     });
-    let prefix_repeats = rule.kind != RuleKind::VpnEndpoint
+    let prefix_repeats = rule.kind.is_source()
         && policy.rules.iter().any(|r| {
             r.prefix == rule.prefix
                 && (allow(r.kind) && allow(rule.kind) || deny(r.kind) && deny(rule.kind))
@@ -122,6 +122,7 @@ pub fn plan_add(
         .or_else(|| registry.devices.first().map(|d| d.expires))
         .or_else(|| registry.vpn_endpoints.first().map(|v| v.expires))
         .or_else(|| registry.deny.first().map(|d| d.expires))
+        .or_else(|| registry.upstreams.first().map(|u| u.expires))
         .flatten();
     let Some(text) = splice::append(text, &layout, entry, serial) else {
         return Plan::Full;
@@ -178,7 +179,7 @@ fn repeat_problems(
     if name_repeats {
         let name = entry_name?;
         let named = |_: &str, v: &Value| v.get("name").and_then(Value::as_str) == Some(name);
-        let everywhere = [0, 1, 2, 3];
+        let everywhere = [0, 1, 2, 3, 4];
         let there = first_user(&everywhere, name, &named)?;
         problems.push(problem(
             format!("{here} \"{name}\" field \"name\""),
@@ -245,11 +246,11 @@ pub fn plan_remove(
             "devices" => field("address")
                 .and_then(|a| a.parse::<std::net::IpAddr>().ok())
                 .map(ipnet::IpNet::from),
-            _ => field(if section == "vpn_endpoints" {
-                "address"
-            } else {
-                "cidr"
-            })
+            _ => match section {
+                "vpn_endpoints" => field("address"),
+                "upstreams" => field("cidr").or_else(|| field("address")),
+                _ => field("cidr"),
+            }
             .and_then(|c| {
                 c.parse::<ipnet::IpNet>()
                     .ok()
@@ -260,6 +261,7 @@ pub fn plan_remove(
             "networks" => (RuleKind::Network, field("name").map(str::to_string)),
             "devices" => (RuleKind::Device, field("name").map(str::to_string)),
             "vpn_endpoints" => (RuleKind::VpnEndpoint, field("name").map(str::to_string)),
+            "upstreams" => (RuleKind::Upstream, field("name").map(str::to_string)),
             _ => (
                 RuleKind::Deny,
                 field("name")

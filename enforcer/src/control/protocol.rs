@@ -6,7 +6,7 @@ use std::{io::Write as _, net::IpAddr, path::Path};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::registry::{Mode, Protocol};
+use crate::registry::{EgressMode, Mode, Protocol};
 
 /// One request on the control socket (a JSON object on one line).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,13 +30,20 @@ pub enum Request {
     Mode {
         mode: Mode,
     },
+    /// Switch the egress mode.
+    Egress {
+        egress: EgressMode,
+    },
     /// Re-read the registry and apply the difference (or reject it whole).
     Reload,
+    /// The verdict for a packet from `addr`, or (with `to`) for one the server sends to it.
     Check {
         addr: IpAddr,
         port: Option<u16>,
         proto: Protocol,
         vpn: Option<String>,
+        #[serde(default)]
+        to: bool,
     },
 }
 

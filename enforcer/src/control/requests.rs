@@ -16,7 +16,7 @@ use super::{
 use crate::{
     policy::RuleKind,
     registry::{
-        Date, Mode, Protocol, VpnProtocol,
+        Date, EgressMode, Mode, Protocol, VpnProtocol,
         text::{self, TextError},
     },
 };
@@ -46,7 +46,8 @@ impl Live {
                 port,
                 proto,
                 vpn,
-            } => self.check(addr, port, proto, vpn.as_deref()),
+                to,
+            } => self.check(addr, port, proto, vpn.as_deref(), to),
             Request::Add { section, entry } => match text::section_name(&section) {
                 Ok(section) => self.add(caller, section, &entry),
                 Err(e) => Response::error(e.to_string()),
@@ -64,6 +65,7 @@ impl Live {
                 }
                 response
             }
+            Request::Egress { egress } => self.egress(caller, egress),
             Request::Reload => self.reload(caller),
         }
     }
@@ -191,6 +193,30 @@ impl Live {
         }
     }
 
+    /// An egress mode switch, made in place like `mode`.
+    fn egress(&mut self, caller: Caller, egress: EgressMode) -> Response {
+        let audit = AuditEntry {
+            uid: caller.uid,
+            verb: "egress".into(),
+            entry: json!({"egress": egress}),
+            approval: Value::Null,
+        };
+        let serial = self.serial + 1;
+        let what = format!("egress {egress}");
+        match self
+            .own_text()
+            .and_then(|text| text::splice_egress(&text, egress, serial))
+        {
+            Some(text) => self.make(
+                caller,
+                Change::new(text, serial, Effect::Egress(egress), what, audit),
+            ),
+            None => self.whole(caller, what, audit, |text, serial| {
+                text::with_egress(text, egress, serial)
+            }),
+        }
+    }
+
     fn reload(&mut self, caller: Caller) -> Response {
         let snapshot = match self.source.read() {
             Ok(snapshot) => snapshot,
@@ -228,6 +254,7 @@ impl Live {
         let data = json!({
             "instance": self.state.instance,
             "mode": self.policy.mode,
+            "egress": self.policy.egress,
             "xdp_mode": self.state.xdp_mode,
             "program_id": self.datapath.program_id(),
             "registry": self.source.location(),
@@ -238,6 +265,7 @@ impl Live {
             "deny": self.policy.count(RuleKind::Deny),
             "deny_feed": self.policy.count(RuleKind::DenyFeed),
             "vpn_endpoints": self.policy.vpn_endpoints,
+            "upstreams": self.policy.count(RuleKind::Upstream),
             "vpn_flow_lookup": flow_lookup,
             "connections": connections,
             "enforcing": self.enforcing(),
@@ -257,8 +285,9 @@ impl Live {
             ""
         };
         let message = format!(
-            "{} in {mode} ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, {connections} of {} connections tracked, up {uptime} s",
+            "{} in {mode}, egress {} ({} XDP), registry serial {}, {} networks, {} devices, {} deny, {} feed ranges, {} VPN endpoints{flows}, {} upstreams, {connections} of {} connections tracked, up {uptime} s",
             self.state.instance,
+            self.policy.egress,
             self.state.xdp_mode,
             self.serial,
             data["networks"],
@@ -266,6 +295,7 @@ impl Live {
             data["deny"],
             data["deny_feed"],
             data["vpn_endpoints"],
+            data["upstreams"],
             enforcer_common::MAX_CONNS
         );
         Response::ok(message, data)
@@ -293,13 +323,19 @@ impl Live {
         port: Option<u16>,
         proto: Protocol,
         vpn: Option<&str>,
+        to: bool,
     ) -> Response {
         let vpn = match vpn.map(|v| VpnProtocol::from_name(v).ok_or(v)).transpose() {
             Ok(vpn) => vpn,
             Err(v) => return Response::error(format!("unknown VPN protocol {v}")),
         };
-        let decision = self.policy.decide(addr, proto, port, vpn);
-        let data = json!({"reason": decision.reason.label(), "rule": decision.rule});
+        let decision = if to {
+            self.policy.decide_egress(addr, proto, port)
+        } else {
+            self.policy.decide(addr, proto, port, vpn)
+        };
+        let data = json!({"reason": decision.reason.label(), "rule": decision.rule,
+            "direction": if to { "egress" } else { "ingress" }});
         Response::ok(decision.to_string(), data)
     }
 }

@@ -143,6 +143,7 @@ pub fn start(
             iface: iface.to_string(),
             netns: id.netns,
             mode: policy.mode.to_string(),
+            egress: policy.egress.to_string(),
             xdp_mode,
             program_id: datapath.program_id(),
             registry: source.location(),

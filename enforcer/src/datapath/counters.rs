@@ -28,8 +28,8 @@ pub struct VerdictCounts {
 }
 
 impl VerdictCounts {
-    pub fn read(map: &Map) -> Result<Self, DatapathError> {
-        let name = map_names::VERDICTS;
+    /// Reads `VERDICTS` or `EGRESS_VERDICTS` (`name`).
+    pub fn read(map: &Map, name: &'static str) -> Result<Self, DatapathError> {
         let array: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(map).map_err(|e| DatapathError::Map {
                 name,
@@ -72,9 +72,13 @@ impl VerdictCounts {
     }
 }
 
-/// The hit counters of the rules with these numbers.
-pub fn read_rule_hits(map: &Map, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
-    let name = map_names::RULE_HITS;
+/// The hit counters of the rules with these numbers, in `RULE_HITS` or `EGRESS_RULE_HITS`
+/// (`name`).
+pub fn read_rule_hits(
+    map: &Map,
+    name: &'static str,
+    indices: &[u32],
+) -> Result<Vec<u64>, DatapathError> {
     let array: Array<&MapData, u64> = Array::try_from(map).map_err(map_error(name))?;
     indices
         .iter()
@@ -125,11 +129,24 @@ impl VpnCounts {
 
 impl Datapath {
     pub fn verdicts(&self) -> Result<VerdictCounts, DatapathError> {
-        VerdictCounts::read(self.map(map_names::VERDICTS)?)
+        VerdictCounts::read(self.map(map_names::VERDICTS)?, map_names::VERDICTS)
+    }
+
+    /// The egress program's verdicts.
+    pub fn egress_verdicts(&self) -> Result<VerdictCounts, DatapathError> {
+        let name = map_names::EGRESS_VERDICTS;
+        VerdictCounts::read(self.map(name)?, name)
     }
 
     pub fn rule_hits(&self, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
-        read_rule_hits(self.map(map_names::RULE_HITS)?, indices)
+        let name = map_names::RULE_HITS;
+        read_rule_hits(self.map(name)?, name, indices)
+    }
+
+    /// The egress program's hits of the rules with these numbers.
+    pub fn egress_rule_hits(&self, indices: &[u32]) -> Result<Vec<u64>, DatapathError> {
+        let name = map_names::EGRESS_RULE_HITS;
+        read_rule_hits(self.map(name)?, name, indices)
     }
 
     pub fn vpn_verdicts(&self) -> Result<VpnCounts, DatapathError> {
@@ -143,15 +160,30 @@ pub struct InstanceCounters {
     pub verdicts: VerdictCounts,
     pub hits: Vec<u64>,
     pub vpn: VpnCounts,
+    /// The egress program's verdicts and rule hits (`None`: an instance of a build without
+    /// egress verdicts, which pinned no such maps).
+    pub egress: Option<(VerdictCounts, Vec<u64>)>,
 }
 
 impl InstanceCounters {
     pub fn read_pinned(dir: &Path, rules: &[u32]) -> Result<Self, DatapathError> {
         let open = |name| open_pinned(&dir.join(name), name);
+        let (verdicts, hits) = (map_names::VERDICTS, map_names::RULE_HITS);
+        let (egress_verdicts, egress_hits) =
+            (map_names::EGRESS_VERDICTS, map_names::EGRESS_RULE_HITS);
+        let egress = if dir.join(egress_verdicts).exists() {
+            Some((
+                VerdictCounts::read(&open(egress_verdicts)?, egress_verdicts)?,
+                read_rule_hits(&open(egress_hits)?, egress_hits, rules)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            verdicts: VerdictCounts::read(&open(map_names::VERDICTS)?)?,
-            hits: read_rule_hits(&open(map_names::RULE_HITS)?, rules)?,
+            verdicts: VerdictCounts::read(&open(verdicts)?, verdicts)?,
+            hits: read_rule_hits(&open(hits)?, hits, rules)?,
             vpn: VpnCounts::read(&open(map_names::VPN_VERDICTS)?)?,
+            egress,
         })
     }
 }

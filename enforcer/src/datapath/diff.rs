@@ -3,10 +3,10 @@
 //! and removals last — and never lets a packet see a half-written rule (a rule is written before
 //! any prefix points at it, and a prefix is unlinked before its rule is cleared).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
-use enforcer_common::{MAX_VPN_GROUPS, PortKey, Rule, map_names};
+use enforcer_common::{MAX_UPSTREAM_GROUPS, MAX_VPN_GROUPS, PortKey, Rule, map_names};
 
 use super::mapped::bytes;
 use ipnet::IpNet;
@@ -23,6 +23,11 @@ const FEW: usize = 4096;
 
 /// The LPM tries of approved VPN endpoints (prefix → approval group).
 const VPN_TRIES: (&str, &str) = (map_names::VPN_V4, map_names::VPN_V6);
+/// The LPM tries of upstreams (prefix → upstream group).
+const UPSTREAM_TRIES: (&str, &str) = (map_names::UPSTREAM_V4, map_names::UPSTREAM_V6);
+
+/// Prefix → (its slot in a group array, what was written there).
+pub(super) type Slots<T> = std::collections::BTreeMap<IpNet, (u32, Vec<T>)>;
 
 impl Datapath {
     /// Applies the difference between `old` (what the maps hold) and `new`. When this returns,
@@ -34,7 +39,7 @@ impl Datapath {
     /// Applies one in-place edit of the policy in force (`Policy::edit`): `new` is the policy
     /// after it. When this returns, `new` is in force.
     pub fn apply_change(&mut self, change: &RuleChange, new: &Policy) -> Result<(), DatapathError> {
-        self.apply_diff(&PolicyDiff::of_change(change, new.mode), new)
+        self.apply_diff(&PolicyDiff::of_change(change, (new.mode, new.egress)), new)
     }
 
     /// Takes an applied `change` back: `old` is the policy before it (after `Policy::undo`).
@@ -43,7 +48,7 @@ impl Datapath {
         change: &RuleChange,
         old: &Policy,
     ) -> Result<(), DatapathError> {
-        self.apply_diff(&PolicyDiff::of_undo(change, old.mode), old)
+        self.apply_diff(&PolicyDiff::of_undo(change, (old.mode, old.egress)), old)
     }
 
     /// Writes `diff` in the order that never drops what both policies allow: widen first, the
@@ -60,6 +65,9 @@ impl Datapath {
         // Widen first.
         if new.mode == Mode::Monitor && old_mode != Mode::Monitor {
             self.set_mode(Mode::Monitor)?;
+        }
+        if new.egress.strictness() < diff.old_egress.strictness() {
+            self.set_egress(new.egress)?;
         }
         if port_endpoints(new) {
             self.update_config(|c| c.port_endpoints = 1)?;
@@ -90,6 +98,7 @@ impl Datapath {
             (SourceChange::Within(_), None) => Some(new.trie_entries()),
         };
         self.update_vpn_groups(new)?;
+        self.update_upstream_groups(new)?;
         self.set_conn_timeouts(new.conn_timeouts)?;
         // The flat tables switch from the old source prefixes to the new ones in one step.
         if let Some(new_trie) = new_trie {
@@ -113,43 +122,80 @@ impl Datapath {
         if new.mode == Mode::Enforce && old_mode != Mode::Enforce {
             self.set_mode(Mode::Enforce)?;
         }
+        if new.egress.strictness() > diff.old_egress.strictness() {
+            self.set_egress(new.egress)?;
+        }
         self.unmap_large();
         Ok(())
     }
 
-    /// Approval groups: a changed group is written to a free slot and its prefix then switched
-    /// to it in one trie update, so a packet sees the old group or the new one, never a mixture.
+    /// Approval groups (see `update_groups`).
     fn update_vpn_groups(&mut self, new: &Policy) -> Result<(), DatapathError> {
-        let wanted: HashMap<IpNet, &Vec<enforcer_common::VpnApproval>> =
-            new.vpn_groups.iter().map(|(p, a)| (*p, a)).collect();
-        for (prefix, approvals) in &new.vpn_groups {
-            if self
-                .vpn_slots
+        let mut slots = std::mem::take(&mut self.vpn_slots);
+        let done = self.update_groups(
+            &mut slots,
+            &new.vpn_groups,
+            (VPN_TRIES, map_names::VPN_GROUPS, MAX_VPN_GROUPS),
+            Self::write_group,
+        );
+        self.vpn_slots = slots;
+        done
+    }
+
+    /// Upstream groups (see `update_groups`).
+    fn update_upstream_groups(&mut self, new: &Policy) -> Result<(), DatapathError> {
+        let mut slots = std::mem::take(&mut self.upstream_slots);
+        let done = self.update_groups(
+            &mut slots,
+            &new.upstream_groups,
+            (
+                UPSTREAM_TRIES,
+                map_names::UPSTREAM_GROUPS,
+                MAX_UPSTREAM_GROUPS,
+            ),
+            Self::write_upstream_group,
+        );
+        self.upstream_slots = slots;
+        done
+    }
+
+    /// Groups behind a trie pair: a changed group is written to a free slot of the group array
+    /// and its prefix then switched to it in one trie update, so a packet sees the old group or
+    /// the new one, never a mixture; prefixes no longer wanted are unlinked last.
+    fn update_groups<T: Clone + PartialEq>(
+        &mut self,
+        slots: &mut Slots<T>,
+        wanted: &[(IpNet, Vec<T>)],
+        (tries, array, max): ((&'static str, &'static str), &'static str, u32),
+        write: fn(&mut Self, u32, &[T]) -> Result<(), DatapathError>,
+    ) -> Result<(), DatapathError> {
+        for (prefix, members) in wanted {
+            if slots
                 .get(prefix)
-                .is_some_and(|(_, current)| current == approvals)
+                .is_some_and(|(_, current)| current == members)
             {
                 continue;
             }
-            let used: BTreeSet<u32> = self.vpn_slots.values().map(|(slot, _)| *slot).collect();
-            let slot = (0..MAX_VPN_GROUPS)
+            let used: BTreeSet<u32> = slots.values().map(|(slot, _)| *slot).collect();
+            let slot = (0..max)
                 .find(|s| !used.contains(s))
                 .ok_or_else(|| DatapathError::Map {
-                    name: map_names::VPN_GROUPS,
-                    source: "no free approval-group slot".into(),
+                    name: array,
+                    source: "no free group slot".into(),
                 })?;
-            self.write_group(slot, approvals)?;
-            self.lpm_insert(VPN_TRIES, *prefix, slot)?;
-            self.vpn_slots.insert(*prefix, (slot, approvals.clone()));
+            write(self, slot, members)?;
+            self.lpm_insert(tries, *prefix, slot)?;
+            slots.insert(*prefix, (slot, members.clone()));
         }
-        let gone: Vec<IpNet> = self
-            .vpn_slots
+        let wanted: std::collections::HashSet<IpNet> = wanted.iter().map(|(p, _)| *p).collect();
+        let gone: Vec<IpNet> = slots
             .keys()
-            .filter(|p| !wanted.contains_key(*p))
+            .filter(|p| !wanted.contains(*p))
             .copied()
             .collect();
         for prefix in gone {
-            self.lpm_remove(VPN_TRIES, prefix)?;
-            self.vpn_slots.remove(&prefix);
+            self.lpm_remove(tries, prefix)?;
+            slots.remove(&prefix);
         }
         Ok(())
     }
@@ -256,7 +302,8 @@ impl Datapath {
     /// the diff goes by prefixes, flags, port keys and approval groups.
     pub fn read_back(&mut self) -> Result<Policy, DatapathError> {
         use enforcer_common::{
-            RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, RULE_IN_USE, VpnGroup,
+            RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, RULE_IN_USE, RULE_UPSTREAM,
+            UpstreamGroup, VpnGroup,
         };
 
         let mut rules = Vec::new();
@@ -265,7 +312,7 @@ impl Datapath {
         let memory = self.mapped(name, size)?;
         for (index, record) in memory.bytes().chunks_exact(size).enumerate() {
             let flags = u32::from_ne_bytes(record[..4].try_into().expect("4 bytes"));
-            if flags & RULE_IN_USE == 0 {
+            if flags & (RULE_IN_USE | RULE_UPSTREAM) == 0 {
                 continue;
             }
             let (family, len) = (record[4], record[5]);
@@ -278,11 +325,14 @@ impl Datapath {
             let Ok(prefix) = prefix else { continue };
             let index = u32::try_from(index).expect("RULES holds fewer than 2^32 rules");
             let kind = match (flags & RULE_DENY != 0, flags & RULE_FEED != 0) {
+                _ if flags & RULE_UPSTREAM != 0 => RuleKind::Upstream,
                 (true, true) => RuleKind::DenyFeed,
                 (true, false) => RuleKind::Deny,
                 _ => RuleKind::Network,
             };
-            let ports = if kind != RuleKind::Network || flags & RULE_ANY_PORT != 0 {
+            let ports = if !matches!(kind, RuleKind::Network | RuleKind::Upstream)
+                || flags & RULE_ANY_PORT != 0
+            {
                 None
             } else if flags & RULE_ICMP != 0 {
                 Some(vec![crate::registry::PortSpec::Icmp])
@@ -314,6 +364,17 @@ impl Datapath {
             self.vpn_slots.insert(prefix, (slot, approvals.clone()));
             vpn_groups.push((prefix, approvals));
         }
+        self.upstream_slots.clear();
+        let mut upstream_groups = Vec::new();
+        for (prefix, slot) in self.lpm_entries(UPSTREAM_TRIES)? {
+            let name = map_names::UPSTREAM_GROUPS;
+            let groups: Array<&MapData, UpstreamGroup> = self.typed(name)?;
+            let group = groups.get(&slot, 0).map_err(map_error(name))?;
+            let count = (group.count as usize).min(group.rules.len());
+            let rules = group.rules[..count].to_vec();
+            self.upstream_slots.insert(prefix, (slot, rules.clone()));
+            upstream_groups.push((prefix, rules));
+        }
         self.unmap_large();
         let mode = if self.config()?.mode == enforcer_common::MODE_MONITOR {
             Mode::Monitor
@@ -322,11 +383,13 @@ impl Datapath {
         };
         Ok(Policy {
             mode,
+            egress: self.egress()?,
             rules,
             port_keys,
             expired: Vec::new(),
             vpn_endpoints: 0,
             vpn_groups,
+            upstream_groups,
             feed_duplicates: 0,
             conn_timeouts: self.conn_timeouts()?,
         })

@@ -17,12 +17,15 @@ use aya::{
     programs::{Xdp, xdp::XdpLinkId},
 };
 use enforcer_common::{
-    Config, EGRESS_PROGRAM_NAME, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR, PROGRAM_NAME,
-    VpnApproval, VpnGroup, lookup, map_names,
+    Config, EGRESS_PROGRAM_NAME, EgressConfig, FLOW_ACTIVE, FlowKey, MODE_ENFORCE, MODE_MONITOR,
+    PROGRAM_NAME, UpstreamGroup, VpnApproval, VpnGroup, lookup, map_names,
 };
 use ipnet::IpNet;
 
-use crate::{policy::Policy, registry::Mode};
+use crate::{
+    policy::Policy,
+    registry::{EgressMode, Mode},
+};
 
 mod attach;
 mod counters;
@@ -161,7 +164,9 @@ pub struct Datapath {
     maps: std::collections::HashMap<&'static str, Map>,
     link: Option<XdpLinkId>,
     /// Approved-endpoint prefix → (its slot in `VPN_GROUPS`, the approvals written there).
-    vpn_slots: std::collections::BTreeMap<IpNet, (u32, Vec<VpnApproval>)>,
+    vpn_slots: diff::Slots<VpnApproval>,
+    /// Upstream prefix → (its slot in `UPSTREAM_GROUPS`, the rule numbers written there).
+    upstream_slots: diff::Slots<u32>,
     /// Set when an earlier run's program was adopted instead of this one.
     adopted_program_id: Option<u32>,
     /// The source lookup tables as last written (read from the maps on first use).
@@ -253,6 +258,7 @@ impl Datapath {
             maps,
             link: None,
             vpn_slots: std::collections::BTreeMap::new(),
+            upstream_slots: std::collections::BTreeMap::new(),
             adopted_program_id: None,
             source: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
@@ -549,6 +555,41 @@ impl Datapath {
         };
         group.approvals[..approvals.len()].copy_from_slice(approvals);
         groups.set(slot, group, 0).map_err(map_error(name))
+    }
+
+    /// Writes one upstream group into its slot of `UPSTREAM_GROUPS`.
+    fn write_upstream_group(&mut self, slot: u32, rules: &[u32]) -> Result<(), DatapathError> {
+        let name = map_names::UPSTREAM_GROUPS;
+        let mut groups: Array<&mut MapData, UpstreamGroup> = self.typed_mut(name)?;
+        let mut group = UpstreamGroup {
+            count: u32::try_from(rules.len()).unwrap_or(0),
+            ..UpstreamGroup::default()
+        };
+        group.rules[..rules.len()].copy_from_slice(rules);
+        groups.set(slot, group, 0).map_err(map_error(name))
+    }
+
+    /// The egress mode the maps hold.
+    pub fn egress(&self) -> Result<EgressMode, DatapathError> {
+        let name = map_names::EGRESS_CONFIG;
+        let config: Array<&MapData, EgressConfig> = self.typed(name)?;
+        let mode = config.get(&0, 0).map_err(map_error(name))?.mode;
+        Ok(match mode {
+            enforcer_common::EGRESS_MONITOR => EgressMode::Monitor,
+            enforcer_common::EGRESS_ENFORCE => EgressMode::Enforce,
+            _ => EgressMode::Off,
+        })
+    }
+
+    /// Switches the egress mode.
+    pub fn set_egress(&mut self, egress: EgressMode) -> Result<(), DatapathError> {
+        let name = map_names::EGRESS_CONFIG;
+        let mut config: Array<&mut MapData, EgressConfig> = self.typed_mut(name)?;
+        let value = EgressConfig {
+            mode: egress.kernel(),
+            _pad: 0,
+        };
+        config.set(0, value, 0).map_err(map_error(name))
     }
 
     /// `BPF_MAP_UPDATE_BATCH` into the map `name` (see `update_batch_fd`).

@@ -258,6 +258,7 @@ impl Datapath {
             grown.take_over_link(&dir)?;
         }
         grown.vpn_slots = std::mem::take(&mut self.vpn_slots);
+        grown.upstream_slots = std::mem::take(&mut self.upstream_slots);
         tracing::info!(blocks, "IPv4 lookup table grown");
         *self = grown;
         Ok(())

@@ -13,6 +13,8 @@ use crate::registry::Protocol;
 pub struct Decision<'a> {
     pub reason: Reason,
     pub rule: Option<&'a CompiledRule>,
+    /// A verdict on a packet the server sends (`decide_egress`).
+    pub outgoing: bool,
 }
 
 impl fmt::Display for Decision<'_> {
@@ -21,12 +23,13 @@ impl fmt::Display for Decision<'_> {
             enforcer_common::Action::Pass => "PASS",
             enforcer_common::Action::Drop => "DROP",
         };
-        write!(
-            f,
-            "{verdict} ({}: {})",
-            self.reason.label(),
-            self.reason.help()
-        )?;
+        let help = match (self.outgoing, self.reason) {
+            (true, Reason::Allowed) => "destination in an approved network or device, any port",
+            (true, Reason::Denied) => "destination in the deny list",
+            (true, Reason::DeniedFeed) => "destination in a deny feed file",
+            (_, reason) => reason.help(),
+        };
+        write!(f, "{verdict} ({}: {help})", self.reason.label())?;
         if let Some(rule) = self.rule {
             write!(
                 f,
@@ -36,7 +39,12 @@ impl fmt::Display for Decision<'_> {
                 rule.name,
                 rule.prefix
             )?;
-            if let Some(ports) = &rule.ports {
+            // On the way out an approved network's ports do not apply.
+            if let Some(ports) = rule
+                .ports
+                .as_ref()
+                .filter(|_| !(self.outgoing && rule.kind != RuleKind::Upstream))
+            {
                 let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
                 write!(f, " ports {}", ports.join(","))?;
             }
@@ -90,10 +98,64 @@ impl Policy {
             Some(a) => Decision {
                 reason: Reason::ApprovedVpn,
                 rule: self.rule(a.rule),
+                outgoing: false,
             },
             None => Decision {
                 reason: Reason::UnapprovedVpn,
                 rule: None,
+                outgoing: false,
+            },
+        }
+    }
+
+    /// What the egress program does with a whole (unfragmented) IP packet the server sends to
+    /// `destination`, and which rule decides: the deny list, then the approved networks and
+    /// devices (any port), then the upstreams that list the port (the longest prefix first),
+    /// else `egress_denied`. The egress mode is not applied here.
+    pub fn decide_egress(
+        &self,
+        destination: IpAddr,
+        protocol: Protocol,
+        port: Option<u16>,
+    ) -> Decision<'_> {
+        let listed = self.check(destination, protocol, port);
+        match listed.reason {
+            Reason::Denied | Reason::DeniedFeed => {
+                return Decision {
+                    outgoing: true,
+                    ..listed
+                };
+            }
+            Reason::Allowed | Reason::PortNotAllowed => {
+                return Decision {
+                    reason: Reason::Allowed,
+                    rule: listed.rule,
+                    outgoing: true,
+                };
+            }
+            _ => {}
+        }
+        let group = self
+            .upstream_groups
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&destination))
+            .max_by_key(|(prefix, _)| prefix.prefix_len());
+        let rule = group.and_then(|(_, rules)| {
+            rules
+                .iter()
+                .filter_map(|index| self.rule(*index))
+                .find(|rule| rule.allows(protocol, port))
+        });
+        match rule {
+            Some(rule) => Decision {
+                reason: Reason::Upstream,
+                rule: Some(rule),
+                outgoing: true,
+            },
+            None => Decision {
+                reason: Reason::EgressDenied,
+                rule: None,
+                outgoing: true,
             },
         }
     }
@@ -117,12 +179,14 @@ impl Policy {
             return Decision {
                 reason,
                 rule: Some(rule),
+                outgoing: false,
             };
         }
         let Some(index) = longest(&mut self.allow_rules()) else {
             return Decision {
                 reason: Reason::NotAllowlisted,
                 rule: None,
+                outgoing: false,
             };
         };
         let rule = self.rule(index).expect("index from this policy");
@@ -134,6 +198,7 @@ impl Policy {
         Decision {
             reason,
             rule: Some(rule),
+            outgoing: false,
         }
     }
 }

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use enforcer_common::{PortKey, Rule};
 use ipnet::IpNet;
 
-use super::{CompiledRule, Policy, RuleChange, RuleKind};
-use crate::registry::Mode;
+use super::{CompiledRule, Policy, RuleChange};
+use crate::registry::{EgressMode, Mode};
 
 /// Where the source lookup tables change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub enum SourceChange {
 pub struct PolicyDiff {
     /// The mode the maps hold before.
     pub old_mode: Mode,
+    /// The egress mode the maps hold before.
+    pub old_egress: EgressMode,
     /// Numbers of new rules (their hit counters start afresh).
     pub fresh: Vec<u32>,
     /// Rules to write: new ones, and those whose record changed.
@@ -56,7 +58,7 @@ impl PolicyDiff {
         let (mut fresh, mut flagged, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         let mut moved = Vec::new();
         let mut source = |rule: &CompiledRule| {
-            if rule.kind != RuleKind::VpnEndpoint {
+            if rule.kind.is_source() {
                 moved.push(rule.prefix);
             }
         };
@@ -101,6 +103,7 @@ impl PolicyDiff {
         let new_ports: HashSet<PortKey> = new.port_keys.iter().copied().collect();
         Self {
             old_mode: old.mode,
+            old_egress: old.egress,
             fresh,
             flagged,
             gone,
@@ -114,10 +117,10 @@ impl PolicyDiff {
         }
     }
 
-    /// The diff of an in-place edit (`Policy::edit`) of a policy in `mode`.
-    pub fn of_change(change: &RuleChange, mode: Mode) -> Self {
+    /// The diff of an in-place edit (`Policy::edit`) of a policy in `modes` (ingress, egress).
+    pub fn of_change(change: &RuleChange, modes: (Mode, EgressMode)) -> Self {
         Self::of_edit(
-            mode,
+            modes,
             [&change.added, &change.removed],
             [&change.ports_added, &change.ports_removed],
             change,
@@ -125,9 +128,9 @@ impl PolicyDiff {
     }
 
     /// The diff that takes an applied in-place edit back.
-    pub fn of_undo(change: &RuleChange, mode: Mode) -> Self {
+    pub fn of_undo(change: &RuleChange, modes: (Mode, EgressMode)) -> Self {
         Self::of_edit(
-            mode,
+            modes,
             [&change.removed, &change.added],
             [&change.ports_removed, &change.ports_added],
             change,
@@ -135,13 +138,14 @@ impl PolicyDiff {
     }
 
     fn of_edit(
-        mode: Mode,
+        (mode, egress): (Mode, EgressMode),
         [added, removed]: [&Vec<CompiledRule>; 2],
         [ports_added, ports_removed]: [&Vec<PortKey>; 2],
         change: &RuleChange,
     ) -> Self {
         Self {
             old_mode: mode,
+            old_egress: egress,
             fresh: added.iter().map(|r| r.index).collect(),
             flagged: added.iter().map(|r| (r.index, r.record())).collect(),
             gone: removed.iter().map(|r| r.index).collect(),

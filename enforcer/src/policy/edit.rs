@@ -4,7 +4,7 @@
 use enforcer_common::{MAX_PORT_RULES, MAX_RULES, PortKey, VpnApproval};
 use ipnet::IpNet;
 
-use super::{CompiledRule, Policy, PolicyError, RuleKind, port_keys, vpn_groups};
+use super::{CompiledRule, Policy, PolicyError, RuleKind, port_keys, upstream_groups, vpn_groups};
 
 /// One live change made to a policy in place (`Policy::edit`): what the kernel maps must gain and
 /// lose, and what undoes it.
@@ -16,15 +16,17 @@ pub struct RuleChange {
     pub ports_removed: Vec<PortKey>,
     /// The approval groups before the change, when it changed them.
     old_vpn_groups: Option<Vec<(IpNet, Vec<VpnApproval>)>>,
+    /// The upstream groups before the change, when it changed them.
+    old_upstream_groups: Option<Vec<(IpNet, Vec<u32>)>>,
 }
 
 impl RuleChange {
-    /// Whether the source lookup tables change (anything but a VPN endpoint).
+    /// Whether the source lookup tables change (an allow or deny entry).
     pub fn touches_sources(&self) -> bool {
         self.added
             .iter()
             .chain(&self.removed)
-            .any(|r| r.kind != RuleKind::VpnEndpoint)
+            .any(|r| r.kind.is_source())
     }
 
     /// The prefixes of the source rules it adds or removes: the source tables change only
@@ -33,7 +35,7 @@ impl RuleChange {
         self.added
             .iter()
             .chain(&self.removed)
-            .filter(|r| r.kind != RuleKind::VpnEndpoint)
+            .filter(|r| r.kind.is_source())
             .map(|r| r.prefix)
             .collect()
     }
@@ -75,11 +77,11 @@ impl Policy {
             if ports > MAX_PORT_RULES as usize {
                 return Err(PolicyError::TooManyPorts(ports));
             }
-            if rule.kind != RuleKind::VpnEndpoint {
+            if rule.kind.is_source() {
                 crate::policy::tables::check(|| {
                     self.rules
                         .iter()
-                        .filter(|r| r.kind != RuleKind::VpnEndpoint && !removing(r.index))
+                        .filter(|r| r.kind.is_source() && !removing(r.index))
                         .map(|r| &r.prefix)
                         .chain(std::iter::once(&rule.prefix))
                 })?;
@@ -101,6 +103,23 @@ impl Policy {
                 .cloned()
                 .collect();
             Some(vpn_groups(&endpoints)?)
+        } else {
+            None
+        };
+        let upstream = added.iter().any(|r| r.kind == RuleKind::Upstream)
+            || self
+                .rules
+                .iter()
+                .any(|r| r.kind == RuleKind::Upstream && removing(r.index));
+        let new_upstream_groups = if upstream {
+            let upstreams: Vec<CompiledRule> = self
+                .rules
+                .iter()
+                .filter(|r| r.kind == RuleKind::Upstream && !removing(r.index))
+                .chain(added.iter().filter(|r| r.kind == RuleKind::Upstream))
+                .cloned()
+                .collect();
+            Some(upstream_groups(&upstreams)?)
         } else {
             None
         };
@@ -131,6 +150,8 @@ impl Policy {
             .sort_unstable_by_key(|k| (k.rule, k.proto, u16::from_be_bytes(k.port_be)));
         let old_vpn_groups =
             new_groups.map(|groups| std::mem::replace(&mut self.vpn_groups, groups));
+        let old_upstream_groups =
+            new_upstream_groups.map(|groups| std::mem::replace(&mut self.upstream_groups, groups));
         self.vpn_endpoints = self.count(RuleKind::VpnEndpoint);
         Ok(RuleChange {
             added,
@@ -138,6 +159,7 @@ impl Policy {
             ports_added,
             ports_removed,
             old_vpn_groups,
+            old_upstream_groups,
         })
     }
 
@@ -153,6 +175,9 @@ impl Policy {
             .sort_unstable_by_key(|k| (k.rule, k.proto, u16::from_be_bytes(k.port_be)));
         if let Some(groups) = change.old_vpn_groups {
             self.vpn_groups = groups;
+        }
+        if let Some(groups) = change.old_upstream_groups {
+            self.upstream_groups = groups;
         }
         self.vpn_endpoints = self.count(RuleKind::VpnEndpoint);
     }

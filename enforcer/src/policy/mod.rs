@@ -10,11 +10,12 @@
 use std::{collections::BTreeSet, hash::BuildHasher as _};
 
 use enforcer_common::{
-    MAX_APPROVALS_PER_GROUP, MAX_PORT_RULES, MAX_RULES, MAX_VPN_GROUPS, PortKey, VpnApproval,
+    MAX_APPROVALS_PER_GROUP, MAX_PORT_RULES, MAX_RULES, MAX_UPSTREAM_GROUPS,
+    MAX_UPSTREAMS_PER_GROUP, MAX_VPN_GROUPS, PortKey, VpnApproval,
 };
 use ipnet::IpNet;
 
-use crate::registry::{Date, Mode, Registry};
+use crate::registry::{Date, EgressMode, Mode, Registry};
 
 mod decide;
 mod diff;
@@ -58,6 +59,12 @@ pub enum PolicyError {
     #[error("{0} distinct approved VPN endpoint prefixes; the kernel map holds {MAX_VPN_GROUPS}")]
     TooManyVpnPrefixes(usize),
     #[error(
+        "{0} upstreams cover addresses in {1}; at most {MAX_UPSTREAMS_PER_GROUP} may overlap (merge upstreams entries)"
+    )]
+    TooManyUpstreams(usize, IpNet),
+    #[error("{0} distinct upstream prefixes; the kernel map holds {MAX_UPSTREAM_GROUPS}")]
+    TooManyUpstreamPrefixes(usize),
+    #[error(
         "a live update needs fresh rule numbers for its {added} new or changed entries while the {in_use} entries in force keep theirs, and the kernel maps hold {MAX_RULES}: apply it in two steps (remove, then add) or restart the controller"
     )]
     NoFreeRuleNumbers { added: usize, in_use: usize },
@@ -69,6 +76,7 @@ pub enum PolicyError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub mode: Mode,
+    pub egress: EgressMode,
     /// Indexed by rule number.
     pub rules: Vec<CompiledRule>,
     pub port_keys: Vec<PortKey>,
@@ -78,6 +86,9 @@ pub struct Policy {
     /// Each distinct approved-endpoint prefix with every approval that covers it (its own and
     /// those of wider prefixes), so that the kernel's longest-prefix match finds them all.
     pub vpn_groups: Vec<(IpNet, Vec<VpnApproval>)>,
+    /// Each distinct upstream prefix with the rule numbers of every upstream that covers it
+    /// (its own and wider ones), the longest prefix first.
+    pub upstream_groups: Vec<(IpNet, Vec<u32>)>,
     /// Deny-feed ranges that duplicated another deny range and were left out.
     pub feed_duplicates: usize,
     /// How long the connections the server opens admit replies.
@@ -129,7 +140,8 @@ impl Policy {
                 + registry.devices.len()
                 + registry.deny.len()
                 + feed_entries
-                + registry.vpn_endpoints.len(),
+                + registry.vpn_endpoints.len()
+                + registry.upstreams.len(),
         );
         let mut push = |kind, name: String, prefix, ports, vpn| {
             let index = u32::MAX; // assigned below
@@ -202,39 +214,49 @@ impl Policy {
                 );
             }
         }
+        for u in registry.upstreams {
+            if keep("upstreams", &u.name, u.expires) {
+                push(RuleKind::Upstream, u.name, u.prefix, Some(u.ports), None);
+            }
+        }
         if rules.len() > MAX_RULES as usize {
             return Err(PolicyError::TooManyRules(rules.len()));
         }
         crate::policy::tables::check(|| {
             rules
                 .iter()
-                .filter(|r| r.kind != RuleKind::VpnEndpoint)
+                .filter(|r| r.kind.is_source())
                 .map(|r| &r.prefix)
         })?;
         assign_indices(&mut rules, previous)?;
         let port_keys = port_keys(&rules)?;
         let vpn_groups = vpn_groups(&rules)?;
+        let upstream_groups = upstream_groups(&rules)?;
         Ok(Self {
             mode: registry.mode,
+            egress: registry.egress,
             rules,
             port_keys,
             expired,
             vpn_endpoints,
             vpn_groups,
+            upstream_groups,
             feed_duplicates,
             conn_timeouts: registry.connections.timeouts(),
         })
     }
 
-    /// A policy with no entries (enforce mode): what fresh, empty maps hold.
+    /// A policy with no entries (enforce mode, egress off): what fresh, empty maps hold.
     pub fn empty() -> Self {
         Self {
             mode: Mode::Enforce,
+            egress: EgressMode::Off,
             rules: Vec::new(),
             port_keys: Vec::new(),
             expired: Vec::new(),
             vpn_endpoints: 0,
             vpn_groups: Vec::new(),
+            upstream_groups: Vec::new(),
             feed_duplicates: 0,
             conn_timeouts: enforcer_common::ConnTimeouts::DEFAULT,
         }
@@ -252,7 +274,7 @@ impl Policy {
     pub fn source_prefixes(&self) -> impl Iterator<Item = &IpNet> {
         self.rules
             .iter()
-            .filter(|r| r.kind != RuleKind::VpnEndpoint)
+            .filter(|r| r.kind.is_source())
             .map(|r| &r.prefix)
     }
 
@@ -416,22 +438,40 @@ fn port_keys(rules: &[CompiledRule]) -> Result<Vec<PortKey>, PolicyError> {
         .collect())
 }
 
-/// For each distinct endpoint prefix, the approvals of every endpoint whose prefix contains it.
-fn vpn_groups(rules: &[CompiledRule]) -> Result<Vec<(IpNet, Vec<VpnApproval>)>, PolicyError> {
-    let endpoints: Vec<&CompiledRule> = rules
-        .iter()
-        .filter(|r| r.kind == RuleKind::VpnEndpoint)
-        .collect();
-    let prefixes: BTreeSet<IpNet> = endpoints.iter().map(|r| r.prefix).collect();
-    if prefixes.len() > MAX_VPN_GROUPS as usize {
-        return Err(PolicyError::TooManyVpnPrefixes(prefixes.len()));
+/// Each distinct prefix among the rules of `kind`, with every rule of that kind whose prefix
+/// contains it (in rule order); `Err` with the number of prefixes if there are more than `max`.
+fn covering(
+    rules: &[CompiledRule],
+    kind: RuleKind,
+    max: u32,
+) -> Result<Vec<(IpNet, Vec<&CompiledRule>)>, usize> {
+    let members: Vec<&CompiledRule> = rules.iter().filter(|r| r.kind == kind).collect();
+    let prefixes: BTreeSet<IpNet> = members.iter().map(|r| r.prefix).collect();
+    if prefixes.len() > max as usize {
+        return Err(prefixes.len());
     }
-    prefixes
+    Ok(prefixes
         .into_iter()
         .map(|prefix| {
+            let covering = members
+                .iter()
+                .copied()
+                .filter(|r| r.prefix.contains(&prefix))
+                .collect();
+            (prefix, covering)
+        })
+        .collect())
+}
+
+/// For each distinct endpoint prefix, the approvals of every endpoint whose prefix contains it.
+fn vpn_groups(rules: &[CompiledRule]) -> Result<Vec<(IpNet, Vec<VpnApproval>)>, PolicyError> {
+    let groups = covering(rules, RuleKind::VpnEndpoint, MAX_VPN_GROUPS)
+        .map_err(PolicyError::TooManyVpnPrefixes)?;
+    groups
+        .into_iter()
+        .map(|(prefix, endpoints)| {
             let approvals: Vec<VpnApproval> = endpoints
                 .iter()
-                .filter(|r| r.prefix.contains(&prefix))
                 .filter_map(|r| {
                     let vpn = r.vpn.as_ref()?;
                     Some(VpnApproval {
@@ -446,6 +486,24 @@ fn vpn_groups(rules: &[CompiledRule]) -> Result<Vec<(IpNet, Vec<VpnApproval>)>, 
                 return Err(PolicyError::TooManyApprovals(approvals.len(), prefix));
             }
             Ok((prefix, approvals))
+        })
+        .collect()
+}
+
+/// For each distinct upstream prefix, the rule numbers of every upstream whose prefix contains
+/// it, the longest prefix first (then in rule order): the kernel takes the first that lists the
+/// packet's port, so a destination passes if any upstream covering it lists the port.
+fn upstream_groups(rules: &[CompiledRule]) -> Result<Vec<(IpNet, Vec<u32>)>, PolicyError> {
+    let groups = covering(rules, RuleKind::Upstream, MAX_UPSTREAM_GROUPS)
+        .map_err(PolicyError::TooManyUpstreamPrefixes)?;
+    groups
+        .into_iter()
+        .map(|(prefix, mut upstreams)| {
+            if upstreams.len() > MAX_UPSTREAMS_PER_GROUP {
+                return Err(PolicyError::TooManyUpstreams(upstreams.len(), prefix));
+            }
+            upstreams.sort_by_key(|r| (std::cmp::Reverse(r.prefix.prefix_len()), r.index));
+            Ok((prefix, upstreams.iter().map(|r| r.index).collect()))
         })
         .collect()
 }

@@ -1,7 +1,7 @@
 //! A compiled rule: one registry entry as the kernel holds it (kind, prefix, ports, flags),
 //! and the key that identifies it across updates.
 
-use enforcer_common::{RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, VpnProtocol};
+use enforcer_common::{RULE_ANY_PORT, RULE_DENY, RULE_FEED, RULE_ICMP, RULE_UPSTREAM, VpnProtocol};
 use ipnet::IpNet;
 
 use crate::registry::{Date, PortSpec, Protocol};
@@ -16,6 +16,8 @@ pub enum RuleKind {
     DenyFeed,
     /// An approved VPN endpoint.
     VpnEndpoint,
+    /// A destination the server may reach on its ports.
+    Upstream,
 }
 
 impl RuleKind {
@@ -26,7 +28,16 @@ impl RuleKind {
             Self::Deny => "deny",
             Self::DenyFeed => "feed",
             Self::VpnEndpoint => "vpn",
+            Self::Upstream => "upstream",
         }
+    }
+
+    /// Whether the source lookup tables hold rules of this kind (allow and deny entries).
+    pub const fn is_source(self) -> bool {
+        matches!(
+            self,
+            Self::Network | Self::Device | Self::Deny | Self::DenyFeed
+        )
     }
 }
 
@@ -95,6 +106,10 @@ impl CompiledRule {
             RuleKind::Deny => return RULE_DENY,
             RuleKind::VpnEndpoint => return 0,
             RuleKind::Network | RuleKind::Device => {}
+            RuleKind::Upstream => {
+                let icmp = self.ports.iter().flatten().any(|p| *p == PortSpec::Icmp);
+                return RULE_UPSTREAM | if icmp { RULE_ICMP } else { 0 };
+            }
         }
         match &self.ports {
             None => RULE_ANY_PORT,
@@ -120,13 +135,19 @@ impl CompiledRule {
             .flat_map(|(protocol, ports)| ports.map(move |port| (protocol, port)))
     }
 
-    /// What `RULES` holds for this rule: its flags and, for a source entry, its prefix.
+    /// What `RULES` holds for this rule: its flags and, for a source entry or an upstream, its
+    /// prefix (`RULE_IN_USE` marks the source entries).
     pub fn record(&self) -> enforcer_common::Rule {
         if self.kind == RuleKind::VpnEndpoint {
             return enforcer_common::Rule::default();
         }
+        let in_use = if self.kind.is_source() {
+            enforcer_common::RULE_IN_USE
+        } else {
+            0
+        };
         let mut rule = enforcer_common::Rule {
-            flags: self.flags() | enforcer_common::RULE_IN_USE,
+            flags: self.flags() | in_use,
             len: self.prefix.prefix_len(),
             ..enforcer_common::Rule::default()
         };
@@ -163,12 +184,14 @@ impl CompiledRule {
     }
 }
 
-/// What identifies a rule across updates: its deny or allow prefix, or its VPN endpoint name.
+/// What identifies a rule across updates: its deny or allow prefix, or its VPN endpoint's or
+/// upstream's name and prefix.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RuleKey {
     Allow(IpNet),
     Deny(IpNet),
     Vpn(String),
+    Upstream(IpNet, String),
 }
 
 impl CompiledRule {
@@ -177,6 +200,7 @@ impl CompiledRule {
             RuleKind::Network | RuleKind::Device => RuleKey::Allow(self.prefix),
             RuleKind::Deny | RuleKind::DenyFeed => RuleKey::Deny(self.prefix),
             RuleKind::VpnEndpoint => RuleKey::Vpn(self.name.to_string()),
+            RuleKind::Upstream => RuleKey::Upstream(self.prefix, self.name.to_string()),
         }
     }
 }

@@ -38,6 +38,10 @@ fn rules_are_numbered_networks_devices_deny() {
             (9, RuleKind::DenyFeed, "feeds/vpn-providers.txt:5"),
             (10, RuleKind::VpnEndpoint, "nitb-wg-gw"),
             (11, RuleKind::VpnEndpoint, "moitt-ipsec"),
+            (12, RuleKind::Upstream, "dns"),
+            (13, RuleKind::Upstream, "ntp"),
+            (14, RuleKind::Upstream, "ldap"),
+            (15, RuleKind::Upstream, "update-mirror"),
         ]
     );
     assert_eq!(policy.rules[3].prefix.to_string(), "10.30.5.17/32");
@@ -66,10 +70,19 @@ fn flags_and_port_keys() {
         key(2, 443),
         key(2, 8443),
         key(4, 443),
+        key(12, 53),
+        key(14, 636),
+        key(15, 443),
     ] {
         assert!(policy.port_keys.contains(&expected), "missing {expected:?}");
     }
-    assert_eq!(policy.port_keys.len(), 5);
+    // And the upstreams' 53/udp and 123/udp.
+    assert_eq!(policy.port_keys.len(), 10);
+    assert_eq!(
+        policy.rules[12].flags(),
+        enforcer_common::RULE_UPSTREAM,
+        "an upstream: not a source entry"
+    );
 }
 
 #[test]
@@ -495,4 +508,102 @@ fn an_edit_numbers_past_the_highest_then_into_gaps_and_undoes_exactly() {
     );
     let keys: Vec<u32> = policy.port_keys.iter().map(|k| k.rule).collect();
     assert!(keys.is_sorted(), "port keys sorted: {keys:?}");
+}
+
+#[test]
+fn upstreams_compile_to_groups_the_longest_prefix_first() {
+    let policy = compile(
+        r#"{"schema": 1, "mode": "enforce", "egress": "enforce",
+  "networks": [{"name": "lan", "cidr": "198.51.100.0/24", "ports": ["443/tcp"]}],
+  "deny": [{"name": "bad", "cidr": "203.0.113.0/24"}],
+  "upstreams": [
+    {"name": "pool", "cidr": "10.1.0.0/16", "ports": ["123/udp"]},
+    {"name": "dns", "address": "10.1.2.3", "ports": ["53/udp", "icmp"]},
+    {"name": "ldap", "address": "10.1.2.3", "ports": ["636/tcp"]},
+    {"name": "denied-upstream", "address": "203.0.113.5", "ports": ["53/udp"]}
+  ]}"#,
+    );
+    let index = |name: &str| {
+        policy
+            .rules
+            .iter()
+            .find(|r| &*r.name == name)
+            .unwrap()
+            .index
+    };
+    let group = |prefix: &str| {
+        let prefix: ipnet::IpNet = prefix.parse().unwrap();
+        policy
+            .upstream_groups
+            .iter()
+            .find(|(p, _)| *p == prefix)
+            .map(|(_, rules)| rules.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        group("10.1.2.3/32"),
+        [index("dns"), index("ldap"), index("pool")]
+    );
+    assert_eq!(group("10.1.0.0/16"), [index("pool")]);
+    // Upstreams are not sources: the ingress lookup never holds them.
+    assert!(
+        policy
+            .trie_entries()
+            .iter()
+            .all(|(_, rule)| *rule != index("dns"))
+    );
+    let decide = |to: &str, protocol, port| {
+        let d = policy.decide_egress(to.parse().unwrap(), protocol, port);
+        (d.reason.label(), d.rule.map(|r| r.name.to_string()))
+    };
+    let name = |n: &str| Some(n.to_string());
+    assert_eq!(
+        decide("10.1.2.3", Protocol::Udp, Some(53)),
+        ("upstream", name("dns"))
+    );
+    assert_eq!(
+        decide("10.1.2.3", Protocol::Udp, Some(123)),
+        ("upstream", name("pool"))
+    );
+    assert_eq!(
+        decide("10.1.2.3", Protocol::Icmp, None),
+        ("upstream", name("dns"))
+    );
+    assert_eq!(
+        decide("10.1.9.9", Protocol::Udp, Some(53)),
+        ("egress_denied", None)
+    );
+    assert_eq!(
+        decide("198.51.100.7", Protocol::Tcp, Some(40000)),
+        ("allowed", name("lan"))
+    );
+    assert_eq!(
+        decide("203.0.113.5", Protocol::Udp, Some(53)),
+        ("denied", name("bad"))
+    );
+    assert_eq!(
+        decide("192.0.2.99", Protocol::Tcp, Some(443)),
+        ("egress_denied", None)
+    );
+}
+
+#[test]
+fn too_many_upstreams_over_one_address_are_refused_with_the_prefix() {
+    let upstreams: Vec<String> = (0..9)
+        .map(|i| {
+            format!(
+                r#"{{"name": "u{i}", "cidr": "10.0.0.0/{}", "ports": ["53/udp"]}}"#,
+                16 + i
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"{{"schema": 1, "mode": "enforce", "upstreams": [{}]}}"#,
+        upstreams.join(",")
+    );
+    let error = Policy::compile(&Registry::parse(&text).unwrap(), today()).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "9 upstreams cover addresses in 10.0.0.0/24; at most 8 may overlap (merge upstreams entries)"
+    );
 }

@@ -58,6 +58,71 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// What the egress program does with the server's outgoing traffic (`"egress"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Nothing leaving is checked (connections are still recorded for their replies).
+    Off,
+    /// Outgoing packets are checked and counted; nothing is dropped.
+    Monitor,
+    /// Outgoing packets to destinations that are neither approved nor upstreams are dropped.
+    Enforce,
+}
+
+impl EgressMode {
+    /// A registry without `"egress"`: monitor. Nothing the server sends is dropped until an
+    /// operator says so (a registry written before egress control keeps every outgoing
+    /// connection working), while `stats` already counts what enforce would drop, so that the
+    /// upstreams can be listed from what the server really reaches.
+    pub const DEFAULT: Self = Self::Monitor;
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Monitor => "monitor",
+            Self::Enforce => "enforce",
+        }
+    }
+
+    /// The `EGRESS_*` number the kernel reads.
+    pub const fn kernel(self) -> u32 {
+        match self {
+            Self::Off => enforcer_common::EGRESS_OFF,
+            Self::Monitor => enforcer_common::EGRESS_MONITOR,
+            Self::Enforce => enforcer_common::EGRESS_ENFORCE,
+        }
+    }
+
+    /// How much it drops: off < monitor < enforce (a change up is a narrowing, applied last).
+    pub const fn strictness(self) -> u8 {
+        match self {
+            Self::Off => 0,
+            Self::Monitor => 1,
+            Self::Enforce => 2,
+        }
+    }
+}
+
+impl fmt::Display for EgressMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EgressMode {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        match s {
+            "off" => Ok(Self::Off),
+            "monitor" => Ok(Self::Monitor),
+            "enforce" => Ok(Self::Enforce),
+            other => Err(ValueError::EgressMode(other.to_string())),
+        }
+    }
+}
+
 /// Why a value in the registry (or given for one on the command line) is invalid; the message
 /// says what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +135,8 @@ pub enum ValueError {
     Protocol(String),
     #[error("unknown mode \"{0}\" (expected \"enforce\" or \"monitor\")")]
     Mode(String),
+    #[error("unknown egress mode \"{0}\" (expected \"off\", \"monitor\" or \"enforce\")")]
+    EgressMode(String),
     #[error(
         "invalid port spec \"{spec}\": {why} (expected e.g. \"443/tcp\", \"8000-8080/udp\" or \"icmp\")"
     )]
@@ -110,6 +177,20 @@ pub struct VpnEndpoint {
     pub expires: Option<Date>,
 }
 
+/// An upstream: a destination the server may reach on the listed ports (DNS, NTP, directory,
+/// update mirrors), without being let in by it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// Its `cidr`, or its `address` as a /32 or /128.
+    pub prefix: IpNet,
+    /// Required: an upstream is reached on named ports only.
+    pub ports: Box<[PortSpec]>,
+    pub ministry: Option<Box<str>>,
+    pub expires: Option<Date>,
+    pub note: Option<Box<str>>,
+}
+
 /// A denied range: beats every allow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DenyEntry {
@@ -129,10 +210,14 @@ impl DenyEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Registry {
     pub mode: Mode,
+    /// The egress mode (`"egress"`, `EgressMode::DEFAULT` when absent).
+    pub egress: EgressMode,
     pub networks: Vec<Network>,
     pub devices: Vec<Device>,
     pub vpn_endpoints: Vec<VpnEndpoint>,
     pub deny: Vec<DenyEntry>,
+    /// Destinations the server may reach on their ports (`upstreams`).
+    pub upstreams: Vec<Upstream>,
     /// Deny feed files as written in the registry (relative to the registry's directory).
     pub deny_files: Vec<String>,
     /// Their contents, read when the registry was loaded.
@@ -246,6 +331,7 @@ impl Registry {
             .chain(self.devices.iter().map(|d| d.expires))
             .chain(self.vpn_endpoints.iter().map(|v| v.expires))
             .chain(self.deny.iter().map(|d| d.expires))
+            .chain(self.upstreams.iter().map(|u| u.expires))
             .flatten()
             .min()
     }
@@ -348,6 +434,7 @@ impl Located {
             ("devices", r.devices.len()),
             ("vpn_endpoints", r.vpn_endpoints.len()),
             ("deny", r.deny.len()),
+            ("upstreams", r.upstreams.len()),
         ];
         let entry_at = |mut n: usize| -> (&'static str, usize) {
             for (section, len) in bounds {
@@ -363,15 +450,17 @@ impl Located {
                 ("networks", i) => Some(r.networks[i].name.as_str()),
                 ("devices", i) => Some(r.devices[i].name.as_str()),
                 ("vpn_endpoints", i) => Some(r.vpn_endpoints[i].name.as_str()),
+                ("upstreams", i) => Some(r.upstreams[i].name.as_str()),
                 (_, i) => r.deny[i].name.as_deref(),
             }
         };
-        // The allowlist and the deny list are separate spaces: a prefix may be in both.
+        // The allowlist and the deny list are separate spaces: a prefix may be in both. Upstreams
+        // may share a prefix (one name per service of a host).
         let prefix_of = |n: usize| -> Option<(bool, IpNet)> {
             match entry_at(n) {
                 ("networks", i) => Some((true, r.networks[i].cidr)),
                 ("devices", i) => Some((true, IpNet::from(r.devices[i].address))),
-                ("vpn_endpoints", _) => None,
+                ("vpn_endpoints" | "upstreams", _) => None,
                 (_, i) => Some((false, r.deny[i].cidr)),
             }
         };

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Date, DenyEntry, Device, Located, Mode, Network, PortSpec, Problem, Registry, SCHEMA_VERSION,
-    VpnEndpoint, VpnProtocol, top::message_of,
+    Date, DenyEntry, Device, EgressMode, Located, Mode, Network, PortSpec, Problem, Registry,
+    SCHEMA_VERSION, Upstream, VpnEndpoint, VpnProtocol, top::message_of,
 };
 
 #[derive(Deserialize)]
@@ -52,6 +52,18 @@ struct RawDeny {
     cidr: String,
     note: Option<String>,
     expires: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    cidr: Option<String>,
+    address: Option<String>,
+    ports: Option<Vec<String>>,
+    ministry: Option<String>,
+    expires: Option<String>,
+    note: Option<String>,
 }
 
 /// Where each line starts, so that a byte offset becomes a line and column without rescanning
@@ -366,6 +378,58 @@ fn deny(check: &mut EntryCheck<'_>) -> Option<DenyEntry> {
     .filter(|_| named)
 }
 
+fn upstream(check: &mut EntryCheck<'_>) -> Option<Upstream> {
+    let raw: RawUpstream = check.deserialize()?;
+    check.named(Some(&raw.name));
+    let named = check.name(&raw.name);
+    let prefix = match (&raw.cidr, &raw.address) {
+        (Some(cidr), None) => check.cidr("cidr", cidr),
+        (None, Some(address)) => check.address("address", address).map(IpNet::from),
+        (Some(_), Some(_)) => {
+            check.problem(
+                "address",
+                "an upstream has a \"cidr\" or an \"address\", not both".to_string(),
+            );
+            None
+        }
+        (None, None) => {
+            check.problem(
+                "name",
+                "an upstream needs its \"cidr\" or \"address\" (e.g. \"address\": \"192.0.2.53\")"
+                    .to_string(),
+            );
+            None
+        }
+    };
+    let ports = match raw.ports.as_deref() {
+        Some([]) => {
+            check.problem(
+                "ports",
+                "empty ports list: an upstream is reached on the ports it lists".to_string(),
+            );
+            None
+        }
+        Some(specs) => check.ports(Some(specs)).flatten(),
+        None => {
+            check.problem(
+                "name",
+                "an upstream needs its \"ports\" (e.g. [\"53/udp\", \"53/tcp\"]): the server reaches it on those only"
+                    .to_string(),
+            );
+            None
+        }
+    };
+    let expires = check.date("expires", raw.expires.as_deref());
+    Some(Upstream {
+        name: named.then_some(raw.name)?,
+        prefix: prefix?,
+        ports: ports?,
+        ministry: raw.ministry.map(String::into_boxed_str),
+        expires: expires?,
+        note: raw.note.map(String::into_boxed_str),
+    })
+}
+
 /// Parses every section and entry, collecting all problems; the registry only if there are none.
 /// Only a file that is not a JSON object fails here; the problems of the top level's fields and
 /// of entries are returned in `Located::problems`.
@@ -420,6 +484,14 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         }
         None => None,
     };
+    let egress = match top.egress.as_deref().map(str::parse::<EgressMode>) {
+        Some(Ok(egress)) => egress,
+        Some(Err(message)) => {
+            problems.push(top_problem("egress", message.to_string()));
+            EgressMode::DEFAULT
+        }
+        None => EgressMode::DEFAULT,
+    };
 
     let mut places = Places::default();
     let networks = section(
@@ -459,14 +531,26 @@ pub(super) fn parse(text: &str) -> Result<Located, Vec<Problem>> {
         &mut places,
     );
 
+    let upstreams = section(
+        text,
+        &lines,
+        "upstreams",
+        &top.upstreams,
+        upstream,
+        &mut problems,
+        &mut places,
+    );
+
     // A bad mode is already a problem; Monitor only fills the slot so that the cross-entry
     // checks can still run and report everything at once.
     let registry = Registry {
         mode: mode.unwrap_or(Mode::Monitor),
+        egress,
         networks,
         devices,
         vpn_endpoints,
         deny,
+        upstreams,
         deny_files: top.deny_files,
         serial: top.serial,
         connections: top.connections,

@@ -392,3 +392,80 @@ fn connection_timeouts_are_read_and_checked() {
     let p = only_problem(r#"{"schema": 1, "mode": "enforce", "connections": {"udp": 5}}"#);
     assert!(p.message.contains("unknown field `udp`"), "{p}");
 }
+
+fn with_upstreams(entries: &str) -> String {
+    format!(
+        "{{\"schema\": 1, \"mode\": \"enforce\", \"egress\": \"enforce\",\n \"upstreams\": [\n  {entries}\n ]}}"
+    )
+}
+
+#[test]
+fn upstreams_and_the_egress_mode_are_read() {
+    let registry = Registry::parse(&with_upstreams(
+        r#"{"name": "dns", "address": "192.0.2.53", "ports": ["53/udp", "53/tcp"], "ministry": "MoITT", "note": "resolver", "expires": "2027-06-30"},
+  {"name": "mirror", "cidr": "2001:db8:50::/48", "ports": ["443/tcp", "icmp"]}"#,
+    ))
+    .expect("valid");
+    assert_eq!(registry.egress, super::EgressMode::Enforce);
+    assert_eq!(registry.upstreams.len(), 2);
+    assert_eq!(registry.upstreams[0].prefix.to_string(), "192.0.2.53/32");
+    assert_eq!(registry.upstreams[1].prefix.to_string(), "2001:db8:50::/48");
+    assert_eq!(registry.upstreams[1].ports.len(), 2);
+    let without = Registry::parse(r#"{"schema": 1, "mode": "enforce"}"#).expect("valid");
+    assert_eq!(
+        without.egress,
+        super::EgressMode::Monitor,
+        "a registry without the key: egress monitor"
+    );
+}
+
+#[test]
+fn a_bad_upstream_or_egress_mode_is_named_with_its_place() {
+    let cases = [
+        (
+            r#"{"name": "dns", "address": "192.0.2.53"}"#,
+            "needs its \"ports\"",
+        ),
+        (
+            r#"{"name": "dns", "address": "192.0.2.53", "ports": []}"#,
+            "empty ports list",
+        ),
+        (
+            r#"{"name": "dns", "ports": ["53/udp"]}"#,
+            "needs its \"cidr\" or \"address\"",
+        ),
+        (
+            r#"{"name": "dns", "cidr": "192.0.2.0/24", "address": "192.0.2.53", "ports": ["53/udp"]}"#,
+            "not both",
+        ),
+        (
+            r#"{"name": "dns", "address": "192.0.2.53", "ports": ["53/dns"]}"#,
+            "invalid port spec",
+        ),
+        (
+            r#"{"name": "dns", "address": "192.0.2.0/24", "ports": ["53/udp"]}"#,
+            "invalid address",
+        ),
+    ];
+    for (entry, message) in cases {
+        let problem = only_problem(&with_upstreams(entry));
+        assert!(
+            problem.place.starts_with("upstreams[0]") && problem.message.contains(message),
+            "{entry}: {problem}"
+        );
+        assert_eq!(problem.line, 3, "{entry}: {problem}");
+    }
+    let problem = only_problem(r#"{"schema": 1, "mode": "enforce", "egress": "block"}"#);
+    assert!(
+        problem.place == "field \"egress\""
+            && problem
+                .message
+                .contains("\"off\", \"monitor\" or \"enforce\""),
+        "{problem}"
+    );
+    let problem = only_problem(&with_upstreams(
+        r#"{"name": "dup", "address": "192.0.2.53", "ports": ["53/udp"]},
+  {"name": "dup", "address": "192.0.2.54", "ports": ["53/udp"]}"#,
+    ));
+    assert!(problem.message.contains("duplicate name"), "{problem}");
+}

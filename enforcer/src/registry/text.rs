@@ -7,9 +7,9 @@
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use super::{Date, Mode};
+use super::{Date, EgressMode, Mode};
 
-pub const ORDER: [&str; 4] = ["networks", "devices", "vpn_endpoints", "deny"];
+pub const ORDER: [&str; 5] = ["networks", "devices", "vpn_endpoints", "deny", "upstreams"];
 
 /// Where a section's entries and the serial are in the file's text.
 pub struct Layout<'a> {
@@ -17,15 +17,16 @@ pub struct Layout<'a> {
     pub entries: Vec<&'a RawValue>,
     serial: SerialAt<'a>,
     /// Every section's array, in `ORDER`.
-    pub sections: [Option<&'a RawValue>; 4],
+    pub sections: [Option<&'a RawValue>; 5],
 }
 
 /// The top level of a registry file: where each section's array, the serial and the mode are.
 struct Top<'a> {
     /// In `ORDER`.
-    sections: [Option<&'a RawValue>; 4],
+    sections: [Option<&'a RawValue>; 5],
     serial: Option<&'a RawValue>,
     mode: Option<&'a RawValue>,
+    egress: Option<&'a RawValue>,
 }
 
 /// Where the serial goes: its value, or (a file that has none yet) after the mode's.
@@ -69,15 +70,26 @@ fn top(text: &str) -> Option<Top<'_>> {
         #[serde(borrow)]
         deny: Option<&'a RawValue>,
         #[serde(borrow)]
+        upstreams: Option<&'a RawValue>,
+        #[serde(borrow)]
         serial: Option<&'a RawValue>,
         #[serde(borrow)]
         mode: Option<&'a RawValue>,
+        #[serde(borrow)]
+        egress: Option<&'a RawValue>,
     }
     let raw: Raw<'_> = serde_json::from_str(text).ok()?;
     Some(Top {
-        sections: [raw.networks, raw.devices, raw.vpn_endpoints, raw.deny],
+        sections: [
+            raw.networks,
+            raw.devices,
+            raw.vpn_endpoints,
+            raw.deny,
+            raw.upstreams,
+        ],
         serial: raw.serial,
         mode: raw.mode,
+        egress: raw.egress,
     })
 }
 
@@ -196,6 +208,31 @@ pub fn splice_mode(text: &str, mode: Mode, serial: u64) -> Option<String> {
             format!("{}, \"serial\": {serial}", mode_span.1),
         )],
         at @ SerialAt::Value(_) => vec![mode_span, at.set(text, serial)],
+    };
+    Some(replace_spans(text, spans))
+}
+
+/// The file with the egress mode set (its value replaced, or the field put after the mode's)
+/// and the serial set; `None` if the text does not splice.
+pub fn splice_egress(text: &str, egress: EgressMode, serial: u64) -> Option<String> {
+    let top = top(text)?;
+    let value = format!("\"{}\"", egress.as_str());
+    let spans = match (top.egress, top.serial_at()?) {
+        (Some(raw), at) => vec![(span(text, raw), value), at.set(text, serial)],
+        (None, SerialAt::AfterMode(mode)) => {
+            let end = span(text, mode).end;
+            vec![(
+                end..end,
+                format!(", \"egress\": {value}, \"serial\": {serial}"),
+            )]
+        }
+        (None, at @ SerialAt::Value(_)) => {
+            let end = span(text, top.mode?).end;
+            vec![
+                (end..end, format!(", \"egress\": {value}")),
+                at.set(text, serial),
+            ]
+        }
     };
     Some(replace_spans(text, spans))
 }
@@ -321,7 +358,7 @@ pub fn splice_remove(
 }
 
 /// The sections a live change may name, as the control protocol lists them.
-pub const SECTIONS: [&str; 4] = ["networks", "devices", "deny", "vpn_endpoints"];
+pub const SECTIONS: [&str; 5] = ["networks", "devices", "deny", "vpn_endpoints", "upstreams"];
 
 /// The section named `section`, or why there is none.
 pub fn section_name(section: &str) -> Result<&'static str, TextError> {
@@ -355,7 +392,9 @@ pub enum TextError {
     Refused(String),
     #[error("the registry is not a JSON object")]
     NotObject,
-    #[error("unknown section {0} (expected one of networks, devices, deny, vpn_endpoints)")]
+    #[error(
+        "unknown section {0} (expected one of networks, devices, deny, vpn_endpoints, upstreams)"
+    )]
     UnknownSection(String),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -433,6 +472,17 @@ pub fn with_mode(text: &str, mode: Mode, serial: u64) -> Result<String, TextErro
     }
     edit_tree(text, serial, |doc| {
         doc.insert("mode".into(), json!(mode.as_str()));
+        Ok(())
+    })
+}
+
+/// The text with the egress mode set and the serial set.
+pub fn with_egress(text: &str, egress: EgressMode, serial: u64) -> Result<String, TextError> {
+    if let Some(spliced) = splice_egress(text, egress, serial) {
+        return Ok(spliced);
+    }
+    edit_tree(text, serial, |doc| {
+        doc.insert("egress".into(), json!(egress.as_str()));
         Ok(())
     })
 }
@@ -530,6 +580,26 @@ mod tests {
                 parse(&serde_json::to_string(&by_tree).expect("JSON")),
                 "seed {seed}: mode"
             );
+
+            // The egress mode: its value replaced, or (no field yet) put in after the mode's.
+            for egress in [super::EgressMode::Enforce, super::EgressMode::Off] {
+                let mut by_tree = doc.clone();
+                by_tree["egress"] = json!(egress.as_str());
+                by_tree["serial"] = json!(seed + 1);
+                let first = super::splice_egress(&text, egress, seed + 1).expect("splices");
+                assert_eq!(
+                    parse(&first),
+                    parse(&serde_json::to_string(&by_tree).expect("JSON")),
+                    "seed {seed}: egress {egress}"
+                );
+                let again = super::splice_egress(&first, egress, seed + 2).expect("splices");
+                by_tree["serial"] = json!(seed + 2);
+                assert_eq!(
+                    parse(&again),
+                    parse(&serde_json::to_string(&by_tree).expect("JSON")),
+                    "seed {seed}: egress {egress} again"
+                );
+            }
 
             let expiry = super::splice_expired(&text, today, seed + 1).expect("splices");
             let past = |e: &Value| {

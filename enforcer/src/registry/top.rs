@@ -16,26 +16,30 @@ use super::SCHEMA_VERSION;
 pub(super) struct Top<'a> {
     pub schema: Option<u32>,
     pub mode: Option<String>,
+    pub egress: Option<String>,
     pub networks: Vec<&'a RawValue>,
     pub devices: Vec<&'a RawValue>,
     pub vpn_endpoints: Vec<&'a RawValue>,
     pub deny: Vec<&'a RawValue>,
     pub deny_files: Vec<String>,
+    pub upstreams: Vec<&'a RawValue>,
     /// Increases by one with every change applied through the control socket.
     pub serial: u64,
     pub connections: super::Connections,
 }
 
 /// The fields a registry may have, in the order the documentation lists them.
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 11] = [
     "schema",
     "mode",
+    "egress",
     "serial",
     "networks",
     "devices",
     "vpn_endpoints",
     "deny",
     "deny_files",
+    "upstreams",
     "connections",
 ];
 
@@ -109,12 +113,14 @@ pub(super) fn read(text: &str) -> Result<(Top<'_>, Vec<TopProblem>), serde_json:
         let read: Result<(), String> = match key.as_str() {
             "schema" => value(raw).map(|v| top.schema = Some(v)),
             "mode" => value(raw).map(|v| top.mode = Some(v)),
+            "egress" => value(raw).map(|v| top.egress = Some(v)),
             "serial" => value(raw).map(|v| top.serial = v),
             "networks" => value(raw).map(|v| top.networks = v),
             "devices" => value(raw).map(|v| top.devices = v),
             "vpn_endpoints" => value(raw).map(|v| top.vpn_endpoints = v),
             "deny" => value(raw).map(|v| top.deny = v),
             "deny_files" => value(raw).map(|v| top.deny_files = v),
+            "upstreams" => value(raw).map(|v| top.upstreams = v),
             "connections" => value::<super::Connections>(raw).and_then(|v| {
                 let max = super::Connections::MAX_SECONDS;
                 let bad = [v.tcp_idle, v.tcp_closing, v.udp_idle, v.icmp_idle]

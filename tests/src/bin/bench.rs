@@ -698,7 +698,8 @@ fn vpn_stage(out: &mut String) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!(rows))
 }
 
-/// Connection state: the egress program's cost per outgoing packet beside a bare TC program, and
+/// Connection state and the egress verdict: the egress program's cost per outgoing packet, in
+/// egress enforce and with egress off (the connection table only), beside a bare TC program; and
 /// the ingress reply check's cost for the packets it may meet: an allowed one (no check), a reply
 /// to a connection the server opened, a packet from an unlisted peer the server has no
 /// connection with (one array read), and one from a peer with a connection but on another port
@@ -710,25 +711,16 @@ fn conn_state(out: &mut String) -> anyhow::Result<serde_json::Value> {
         .expect("baseline_tc")
         .try_into()?;
     bare.load()?;
-    let tcp = |src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8| {
-        let mut h = vec![0u8; 20];
-        h[0..2].copy_from_slice(&src_port.to_be_bytes());
-        h[2..4].copy_from_slice(&dst_port.to_be_bytes());
-        h[12] = 5 << 4;
-        h[13] = flags;
-        Frame::new(
-            src.parse().unwrap(),
-            dst.parse().unwrap(),
-            L4::Raw { proto: 6, bytes: h },
-        )
-        .build()
-    };
+    let tcp = enforcer_tests::packet::tcp_segment;
     let udp = |src: &str, src_port, dst: &str, dst_port| {
         Frame::udp_data(src, src_port, dst, dst_port, vec![0x5C; 40]).build()
     };
     let (server, upstream, lan) = ("192.0.2.1", "192.0.2.66", "198.51.100.10");
-    let registry = r#"{"schema": 1, "mode": "enforce", "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}]}"#;
-    let loaded = Loaded::new(registry);
+    let registry = r#"{"schema": 1, "mode": "enforce", "egress": "enforce",
+      "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}],
+      "upstreams": [{"name": "ldap", "address": "192.0.2.66", "ports": ["636/tcp", "53/udp"]},
+                    {"name": "pool", "cidr": "192.0.2.0/24", "ports": ["123/udp"]}]}"#;
+    let mut loaded = Loaded::new(registry);
     let time_tc = |program: &aya::programs::SchedClassifier, frame: &[u8]| {
         median(
             (0..RUNS)
@@ -749,26 +741,44 @@ fn conn_state(out: &mut String) -> anyhow::Result<serde_json::Value> {
             "UDP datagram (records an exchange)",
             udp(server, 53_001, upstream, 53),
         ),
+        (
+            "answer to an approved client",
+            tcp(server, 443, lan, 50_000, 0x10),
+        ),
+        (
+            "to the internet (egress_denied)",
+            tcp(server, 40_002, "203.0.113.80", 443, 0x02),
+        ),
     ];
     writeln!(
         out,
         "
-connection state, egress (ns)               egress program   bare TC   difference"
+connection state and egress verdict (ns)    enforce  egress off   bare TC   verdict cost"
     )?;
     let mut rows = Vec::new();
-    for (what, frame) in &outgoing {
-        let a = median(
+    let time_egress = |loaded: &Loaded, frame: &[u8]| {
+        median(
             (0..RUNS)
                 .map(|_| loaded.time_egress(frame, REPEAT))
                 .collect(),
-        );
+        )
+    };
+    let enforced: Vec<u64> = outgoing
+        .iter()
+        .map(|(_, frame)| time_egress(&loaded, frame))
+        .collect();
+    loaded.set_egress(enforcer::registry::EgressMode::Off);
+    for ((what, frame), a) in outgoing.iter().zip(enforced) {
+        let off = time_egress(&loaded, frame);
         let b = time_tc(bare, frame);
         writeln!(
             out,
-            "{what:<44} {a:>10} {b:>9} {:>+12}",
-            i128::from(a) - i128::from(b)
+            "{what:<44} {a:>7} {off:>11} {b:>9} {:>+14}",
+            i128::from(a) - i128::from(off)
         )?;
-        rows.push(serde_json::json!({"packet": what, "egress_ns": a, "bare_tc_ns": b}));
+        rows.push(
+            serde_json::json!({"packet": what, "egress_ns": a, "egress_off_ns": off, "bare_tc_ns": b}),
+        );
     }
     let incoming = [
         (
