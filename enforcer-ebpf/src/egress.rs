@@ -17,7 +17,7 @@ use enforcer_common::{
 use crate::{
     CONFIG, FRAGMENTS, Verdict, conn, deny_reason, entry_flags, fragment_key,
     parse::{self, Addrs, Fragment, Frame, IpPacket, L4, Malformed},
-    port_listed, source,
+    port_listed, source, vpn,
 };
 
 // Map names match `enforcer_common::map_names`.
@@ -37,8 +37,11 @@ static EGRESS_VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VER
 #[map]
 static EGRESS_RULE_HITS: Array<u64> = Array::with_max_entries(MAX_RULES, source::BPF_F_MMAPABLE);
 
-/// Headers egress parsing reads: Ethernet, two VLAN tags, IPv6 and a full TCP header.
-const EGRESS_HEADERS: u32 = 14 + 8 + 40 + 60;
+/// What egress parsing reads: Ethernet, two VLAN tags, IPv6, a full TCP header, and the first
+/// 128 bytes of payload where the VPN signatures look (the socket buffer's linear part may hold
+/// less; a signature that would read further, such as an `OpenVPN` tls-crypt-v2 reset's trailer,
+/// is then not seen on the way out).
+const EGRESS_HEADERS: u32 = 14 + 8 + 40 + 60 + 128;
 /// No upstream group: a number past the last slot.
 const NO_GROUP: u32 = u32::MAX;
 
@@ -77,7 +80,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 pub extern "C" fn enforcer_egress_verdict(skb: *mut __sk_buff) -> u64 {
     let ctx = TcContext::new(skb);
     pack(match parse::parse_frame(&ctx) {
-        Ok(Frame::Ip(packet)) => decide(&packet),
+        Ok(Frame::Ip(packet)) => decide(&ctx, &packet),
         Ok(Frame::LinkControl) => Verdict::without_rule(Reason::LinkControl),
         Ok(Frame::NonIp) => Verdict::without_rule(Reason::NonIp),
         Err(Malformed) => Verdict::without_rule(Reason::Malformed),
@@ -96,25 +99,34 @@ pub extern "C" fn enforcer_egress_track(skb: *mut __sk_buff) -> u32 {
     0
 }
 
-/// A verdict as one number: the reason in the high half, the rule in the low.
+/// A verdict as one number: the reason in bits 40 to 47, the VPN protocol (or `vpn::NO_VPN`) in
+/// bits 32 to 39, the rule in the low half.
 #[inline(always)]
 fn pack(verdict: Verdict) -> u64 {
-    (verdict.reason as u64) << 32 | u64::from(verdict.rule)
+    (verdict.reason as u64) << 40 | u64::from(verdict.vpn & 0xFF) << 32 | u64::from(verdict.rule)
 }
 
 #[inline(always)]
 fn unpack(packed: u64) -> Verdict {
-    let reason = match Reason::try_from((packed >> 32) as u32) {
+    let reason = match Reason::try_from(((packed >> 40) & 0xFF) as u32) {
         Ok(reason) => reason,
         Err(_) => Reason::EgressDenied,
     };
-    Verdict::new(reason, packed as u32)
+    let vpn = match ((packed >> 32) & 0xFF) as u32 {
+        0xFF => vpn::NO_VPN,
+        protocol => protocol,
+    };
+    Verdict {
+        reason,
+        rule: packed as u32,
+        vpn,
+    }
 }
 
 /// The egress policy, in order; the first step that decides wins. (1. Link-layer control
 /// passes, and malformed or non-IP frames are counted as on ingress: `run`.)
 #[inline(always)]
-fn decide(packet: &IpPacket) -> Verdict {
+fn decide(ctx: &TcContext, packet: &IpPacket) -> Verdict {
     // 2. A denied destination drops: the destination's longest prefix in the source tables,
     //    which hold the deny ranges, the approved networks and the devices (deny beats allow as
     //    on ingress).
@@ -128,7 +140,39 @@ fn decide(packet: &IpPacket) -> Verdict {
     if entry != 0 && flags & RULE_DENY != 0 {
         return Verdict::new(deny_reason(flags), rule);
     }
-    // 3. (VPN signatures are checked on ingress; see docs/design.md.)
+    // 3. A VPN packet leaves only towards an endpoint approved for its protocol, as on ingress:
+    //    whatever its destination's approval or upstream ports.
+    if let found = vpn::classify(ctx, packet, &CONFIG)
+        && found != vpn::NO_VPN
+    {
+        let protocol = found & vpn::PROTOCOL;
+        let rule = vpn::approved_rule(packet, protocol);
+        // Remembered only for a flow that could pass (see the ingress stage).
+        if found & vpn::STATEFUL != 0 && (entry != 0 || rule != NO_RULE) {
+            vpn::remember_flow(packet, protocol, &CONFIG);
+        }
+        let reason = if rule == NO_RULE {
+            Reason::UnapprovedVpn
+        } else {
+            Reason::ApprovedVpn
+        };
+        return Verdict {
+            reason,
+            rule,
+            vpn: protocol,
+        };
+    }
+    //    The signature-less packets of a VPN over TCP (SYN, ACKs) to an approved endpoint's
+    //    address and port belong to that approved VPN.
+    if let (rule, protocol) = vpn::approved_port(packet, &CONFIG, false)
+        && protocol != vpn::NO_VPN
+    {
+        return Verdict {
+            reason: Reason::ApprovedVpn,
+            rule,
+            vpn: protocol,
+        };
+    }
     // 4. A destination in an approved network or device passes, on any port: answers to
     //    approved clients, and connections to them.
     if entry != 0 {
@@ -203,6 +247,7 @@ fn record(ctx: &TcContext, mode: u32, verdict: Verdict) -> bool {
             (*counter).bytes += u64::from(ctx.len());
         }
     }
+    crate::count_vpn(verdict, u64::from(ctx.len()));
     if verdict.rule != NO_RULE
         && let Some(hits) = EGRESS_RULE_HITS.get_ptr_mut(verdict.rule)
     {

@@ -177,7 +177,7 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
     //    The signature-less packets of a VPN over TCP (SYN-ACK, ACKs) from an approved
     //    endpoint's address and port belong to that approved VPN.
     if vpn_stage
-        && let (rule, protocol) = vpn::from_approved_port(&packet, &CONFIG)
+        && let (rule, protocol) = vpn::approved_port(&packet, &CONFIG, true)
         && protocol != vpn::NO_VPN
     {
         return Verdict {
@@ -332,16 +332,7 @@ fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
             (*counter).bytes += parse::frame_len(ctx);
         }
     }
-    if verdict.vpn != vpn::NO_VPN {
-        let slot = verdict.vpn * 2 + u32::from(verdict.reason == Reason::ApprovedVpn);
-        if let Some(counter) = VPN_VERDICTS.get_ptr_mut(slot) {
-            // SAFETY: this CPU's own slot of a per-CPU array, as above.
-            unsafe {
-                (*counter).packets += 1;
-                (*counter).bytes += parse::frame_len(ctx);
-            }
-        }
-    }
+    count_vpn(verdict, parse::frame_len(ctx));
     if verdict.rule != NO_RULE
         && let Some(hits) = RULE_HITS.get_ptr_mut(verdict.rule)
     {
@@ -351,6 +342,22 @@ fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
+    }
+}
+
+/// Counts a VPN packet (of either direction) by protocol and approval.
+#[inline(always)]
+pub(crate) fn count_vpn(verdict: Verdict, bytes: u64) {
+    if verdict.vpn == vpn::NO_VPN {
+        return;
+    }
+    let slot = verdict.vpn * 2 + u32::from(verdict.reason == Reason::ApprovedVpn);
+    if let Some(counter) = VPN_VERDICTS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's own slot of a per-CPU array; nothing else writes it meanwhile.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
     }
 }
 

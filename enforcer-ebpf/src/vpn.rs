@@ -4,18 +4,18 @@
 //! rule needs a port gate to stay precise (NAT-T on 4500, L2TP on 1701).
 
 use aya_ebpf::{
-    bindings::xdp_md,
+    bindings::{__sk_buff, xdp_md},
     maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, PEER_SLOTS, VpnGroup,
-    VpnProtocol, peer_slot,
+    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, NO_RULE, PEER_SLOTS,
+    VpnGroup, VpnProtocol, peer_slot,
 };
 
 use crate::parse::{
     Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_TCP, IPPROTO_UDP,
-    IpPacket, L4, Payload, be16, masked, read,
+    IpPacket, L4, Packet, Payload, be16, masked, read,
 };
 
 const IPSEC_NAT_T_PORT: u16 = 4500;
@@ -97,7 +97,7 @@ pub const PROTOCOL: u32 = 0xFF;
 /// belongs to a flow that did, with `STATEFUL` if the signature is one that only the first
 /// packets of a flow carry; `NO_VPN` if none.
 #[inline(always)]
-pub fn classify(ctx: &XdpContext, packet: &IpPacket, config: &Array<Config>) -> u32 {
+pub fn classify<C: Signature>(ctx: &C, packet: &IpPacket, config: &Array<Config>) -> u32 {
     // Verifier: every packet goes through the one call, whose answer is a number the verifier
     // does not know; a constant answer here (say `NO_VPN` for ICMP) let LLVM leave the register
     // undefined on paths that ignore it, and the verifier refuses to copy such a register.
@@ -121,8 +121,7 @@ pub fn classify(ctx: &XdpContext, packet: &IpPacket, config: &Array<Config>) -> 
             },
         ),
     };
-    let found = enforcer_vpn_signature(
-        ctx.ctx,
+    let found = ctx.signature(
         u64::from(packet.proto) << 32 | ports,
         payload.offset as u64,
         payload.len as u64,
@@ -162,7 +161,44 @@ pub extern "C" fn enforcer_vpn_signature(
     len: u64,
     total: u64,
 ) -> u32 {
-    let ctx = XdpContext::new(ctx);
+    signature(&XdpContext::new(ctx), proto_ports, offset, len, total)
+}
+
+/// `enforcer_vpn_signature` for the egress (TC) program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn enforcer_vpn_signature_tc(
+    skb: *mut __sk_buff,
+    proto_ports: u64,
+    offset: u64,
+    len: u64,
+    total: u64,
+) -> u32 {
+    signature(&TcContext::new(skb), proto_ports, offset, len, total)
+}
+
+/// A program context whose packets the signature functions read: each program type has its
+/// own global function (the kernel verifies a global function for one context type).
+pub trait Signature: Packet {
+    fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32;
+}
+
+impl Signature for XdpContext {
+    #[inline(always)]
+    fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
+        enforcer_vpn_signature(self.ctx, proto_ports, offset, len, total)
+    }
+}
+
+impl Signature for TcContext {
+    #[inline(always)]
+    fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
+        enforcer_vpn_signature_tc(self.skb.skb, proto_ports, offset, len, total)
+    }
+}
+
+#[inline(always)]
+fn signature<C: Packet>(ctx: &C, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
     let p = converge(Payload {
         offset: offset as usize,
         len: len as usize,
@@ -172,9 +208,9 @@ pub extern "C" fn enforcer_vpn_signature(
         // By protocol number, fragments included.
         IPPROTO_ESP | IPPROTO_AH => Some((VpnProtocol::Ipsec, false)),
         IPPROTO_L2TPV3 => Some((VpnProtocol::L2tp, false)),
-        IPPROTO_UDP => udp(&ctx, (proto_ports >> 16) as u16, proto_ports as u16, p),
-        IPPROTO_TCP => tcp(&ctx, p),
-        IPPROTO_GRE => pptp_gre(&ctx, p).map(|protocol| (protocol, false)),
+        IPPROTO_UDP => udp(ctx, (proto_ports >> 16) as u16, proto_ports as u16, p),
+        IPPROTO_TCP => tcp(ctx, p),
+        IPPROTO_GRE => pptp_gre(ctx, p).map(|protocol| (protocol, false)),
         _ => None,
     };
     match found {
@@ -190,7 +226,7 @@ pub extern "C" fn enforcer_vpn_signature(
 /// starts with it, so a signature it missed would be missed by the classifier too (and its
 /// tests would fail): the fast path in `fast.rs` may rely on a `false` meaning "no signature".
 #[inline(always)]
-pub fn udp_may_match(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> bool {
+pub fn udp_may_match<C: Packet>(ctx: &C, src_port: u16, dst_port: u16, p: Payload) -> bool {
     for port in [IPSEC_NAT_T_PORT, L2TP_PORT, WARP_PORT] {
         if src_port == port || dst_port == port {
             return true;
@@ -229,7 +265,7 @@ pub fn udp_may_match(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload)
 /// The same for a TCP payload and `tcp`: UltraSurf's first byte, PPTP's message type, or an
 /// OpenVPN hard reset's opcode behind the 2-byte length.
 #[inline(always)]
-pub fn tcp_may_match(ctx: &XdpContext, p: Payload) -> bool {
+pub fn tcp_may_match<C: Packet>(ctx: &C, p: Payload) -> bool {
     if p.len < ULTRASURF_PREFIX.len() {
         return false;
     }
@@ -263,7 +299,7 @@ fn converge(p: Payload) -> Payload {
 type Found = Option<(VpnProtocol, bool)>;
 
 #[inline(always)]
-fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
+fn udp<C: Packet>(ctx: &C, src_port: u16, dst_port: u16, p: Payload) -> Found {
     // Verifier: each check gets freshly laundered lengths and ports (`converge`, `on_port`).
     // A comparison such as `len >= 62` that fails leaves `len < 62` known for the rest of a
     // chain, and every such split doubles the states explored after it; fresh values keep the
@@ -341,7 +377,7 @@ fn udp(ctx: &XdpContext, src_port: u16, dst_port: u16, p: Payload) -> Found {
 }
 
 #[inline(always)]
-fn tcp(ctx: &XdpContext, p: Payload) -> Found {
+fn tcp<C: Packet>(ctx: &C, p: Payload) -> Found {
     if !tcp_may_match(ctx, p) {
         return None;
     }
@@ -375,7 +411,7 @@ fn tcp(ctx: &XdpContext, p: Payload) -> Found {
 /// initiation keeps its reserved bytes zero; data packets have the counter's high half zero.
 /// Never without the port gate: `C1 00 00 00` also starts a QUIC v1 Initial.
 #[inline(always)]
-fn warp(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
+fn warp<C: Packet>(ctx: &C, p: Payload, head: [u8; 4]) -> bool {
     match head[0] {
         0xC1 => head[1..4] == [0, 0, 0] && p.len >= WG_COOKIE_LEN,
         0xC2 | 0xC3 => p.len >= WG_COOKIE_LEN,
@@ -386,7 +422,7 @@ fn warp(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
 
 /// SoftEther's NAT-traversal helper (nDPI `softether.c`): `IP=<address>,PORT=<n>`, 10-29 bytes.
 #[inline(always)]
-fn softether_ip_port(ctx: &XdpContext, p: Payload) -> bool {
+fn softether_ip_port<C: Packet>(ctx: &C, p: Payload) -> bool {
     if !(10..30).contains(&p.len) {
         return false;
     }
@@ -405,7 +441,7 @@ fn softether_ip_port(ctx: &XdpContext, p: Payload) -> bool {
 /// ZeroTier HELLO (`node/Packet.hpp`): cipher NONE, verb HELLO, protocol version 4-30, and the
 /// identity's address (41..46) equal to the packet's source address (13..18), identity type 0.
 #[inline(always)]
-fn zerotier_hello(ctx: &XdpContext, p: Payload) -> bool {
+fn zerotier_hello<C: Packet>(ctx: &C, p: Payload) -> bool {
     let Some(h) = read::<47>(ctx, p.offset) else {
         return false;
     };
@@ -418,7 +454,7 @@ fn zerotier_hello(ctx: &XdpContext, p: Payload) -> bool {
 
 /// All four message types; data packets by their seven fixed bytes and padded length.
 #[inline(always)]
-fn wireguard(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
+fn wireguard<C: Packet>(ctx: &C, p: Payload, head: [u8; 4]) -> bool {
     if head[1..4] != [0, 0, 0] || p.len != p.total {
         return false;
     }
@@ -438,7 +474,7 @@ fn wireguard(ctx: &XdpContext, p: Payload, head: [u8; 4]) -> bool {
 
 /// IKEv1/IKEv2 header at `offset`, whose length field must equal the message length (`total`).
 #[inline(always)]
-fn ike(ctx: &XdpContext, offset: usize, total: usize) -> bool {
+fn ike<C: Packet>(ctx: &C, offset: usize, total: usize) -> bool {
     if total < IKE_HEADER_LEN {
         return false;
     }
@@ -474,7 +510,7 @@ fn l2tp(p: Payload, head: [u8; 4]) -> bool {
 
 /// Enhanced GRE v1 carrying PPP (RFC 2637): plain GRE v0 never matches.
 #[inline(always)]
-fn pptp_gre(ctx: &XdpContext, p: Payload) -> Option<VpnProtocol> {
+fn pptp_gre<C: Packet>(ctx: &C, p: Payload) -> Option<VpnProtocol> {
     if p.len < 8 {
         return None;
     }
@@ -492,7 +528,7 @@ fn plausible_time(byte: u8) -> bool {
 /// OpenVPN hard resets (client v2/v3, server v2), with each authentication variant's exact
 /// layout: plain, tls-auth with an HMAC of 16/20/32/48/64 bytes, tls-crypt, tls-crypt-v2.
 #[inline(always)]
-fn openvpn_reset(ctx: &XdpContext, o: usize, len: usize, opcode: u8) -> bool {
+fn openvpn_reset<C: Packet>(ctx: &C, o: usize, len: usize, opcode: u8) -> bool {
     match opcode {
         OPENVPN_CLIENT_RESET_V2 => {
             // plain: op | session id (8) | ack len 0 | message packet id 0
@@ -669,6 +705,14 @@ fn known_flow(
 /// the endpoint's port, when the approval names one and the packet has ports).
 #[inline(always)]
 pub fn approved(packet: &IpPacket, protocol: u32) -> Option<u32> {
+    let rule = approved_rule(packet, protocol);
+    (rule != NO_RULE).then_some(rule)
+}
+
+/// `approved` as a plain number, `NO_RULE` for none. Verifier: the egress program's verdict
+/// needs it so (LLVM spilled the undefined payload of a `None` there).
+#[inline(always)]
+pub fn approved_rule(packet: &IpPacket, protocol: u32) -> u32 {
     let (src_port, dst_port) = match packet.l4 {
         L4::Ports {
             src_port_be,
@@ -689,18 +733,29 @@ pub fn approved(packet: &IpPacket, protocol: u32) -> Option<u32> {
             VPN_V6.get(Key::new(128, dst)).map_or(NO_GROUP, |g| *g),
         ),
     };
-    if let Some(rule) = match_group(src_group, protocol, src_port) {
-        return Some(rule);
+    let rule = match_group(src_group, protocol, src_port);
+    if rule != NO_RULE {
+        return rule;
     }
     match_group(dst_group, protocol, dst_port)
 }
 
 /// For a TCP/UDP packet without a signature: the approval (rule, protocol) whose endpoint is the
-/// packet's source address and port, when the controller said some approval names a port;
-/// `(0, NO_VPN)` if none. (Verifier: a sentinel, not `Option`, as for `NO_GROUP`.)
+/// packet's source address and port (`remote_is_source`) or destination address and port, when
+/// the controller said some approval names a port; `(0, NO_VPN)` if none. (Verifier: a
+/// sentinel, not `Option`, as for `NO_GROUP`.)
 #[inline(always)]
-pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> (u32, u32) {
-    let L4::Ports { src_port_be, .. } = packet.l4 else {
+pub fn approved_port(
+    packet: &IpPacket,
+    config: &Array<Config>,
+    remote_is_source: bool,
+) -> (u32, u32) {
+    let L4::Ports {
+        src_port_be,
+        dst_port_be,
+        ..
+    } = packet.l4
+    else {
         return (0, NO_VPN);
     };
     if !matches!(
@@ -712,9 +767,20 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> (u32, u3
     ) {
         return (0, NO_VPN);
     }
+    let port_be = if remote_is_source {
+        src_port_be
+    } else {
+        dst_port_be
+    };
     let group = match packet.addrs {
-        Addrs::V4 { src, .. } => VPN_V4.get(Key::new(32, src)).map_or(NO_GROUP, |g| *g),
-        Addrs::V6 { src, .. } => VPN_V6.get(Key::new(128, src)).map_or(NO_GROUP, |g| *g),
+        Addrs::V4 { src, dst } => {
+            let remote = if remote_is_source { src } else { dst };
+            VPN_V4.get(Key::new(32, remote)).map_or(NO_GROUP, |g| *g)
+        }
+        Addrs::V6 { src, dst } => {
+            let remote = if remote_is_source { src } else { dst };
+            VPN_V6.get(Key::new(128, remote)).map_or(NO_GROUP, |g| *g)
+        }
     };
     let Some(group) = VPN_GROUPS.get(group) else {
         return (0, NO_VPN);
@@ -724,7 +790,7 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> (u32, u3
             break;
         }
         let a = &group.approvals[i];
-        if a.port_be != [0; 2] && a.port_be == src_port_be {
+        if a.port_be != [0; 2] && a.port_be == port_be {
             return (a.rule, u32::from(a.protocol));
         }
     }
@@ -735,9 +801,12 @@ pub fn from_approved_port(packet: &IpPacket, config: &Array<Config>) -> (u32, u3
 /// nothing.
 const NO_GROUP: u32 = MAX_VPN_GROUPS;
 
+/// The rule of the first approval of `group` for `protocol` on `port`, or `NO_RULE`.
 #[inline(always)]
-fn match_group(group: u32, protocol: u32, port: [u8; 2]) -> Option<u32> {
-    let group = VPN_GROUPS.get(group)?;
+fn match_group(group: u32, protocol: u32, port: [u8; 2]) -> u32 {
+    let Some(group) = VPN_GROUPS.get(group) else {
+        return NO_RULE;
+    };
     for i in 0..MAX_APPROVALS_PER_GROUP {
         if i as u32 >= group.count {
             break;
@@ -746,8 +815,8 @@ fn match_group(group: u32, protocol: u32, port: [u8; 2]) -> Option<u32> {
         if u32::from(a.protocol) == protocol
             && (a.port_be == [0; 2] || port == [0; 2] || a.port_be == port)
         {
-            return Some(a.rule);
+            return a.rule;
         }
     }
-    None
+    NO_RULE
 }

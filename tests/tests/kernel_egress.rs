@@ -24,6 +24,8 @@ const REGISTRY: &str = r#"{"schema": 1, "mode": "enforce", "egress": "enforce",
                {"name": "lan6", "cidr": "2001:db8:100::/64"}],
   "devices": [{"name": "laptop", "address": "192.0.2.17"}],
   "deny": [{"name": "bad", "cidr": "198.51.100.128/25"}],
+  "vpn_endpoints": [{"name": "nitb-wg", "address": "192.0.2.7", "protocol": "wireguard",
+                     "approval": "NITB-2026-0042"}],
   "upstreams": [
     {"name": "ntp-pool", "cidr": "10.1.0.0/16", "ports": ["123/udp"]},
     {"name": "dns", "address": "10.1.2.3", "ports": ["53/udp", "53/tcp", "icmp"]},
@@ -46,6 +48,13 @@ fn udp(dst: &str, port: u16) -> Frame {
 
 fn echo(dst: &str) -> Frame {
     Frame::echo(from_server(dst), dst)
+}
+
+/// A `WireGuard` handshake initiation from the server to `dst:port`.
+fn wireguard_init(dst: &str, port: u16) -> Vec<u8> {
+    let mut init = vec![1, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
+    init.resize(148, 0x5C);
+    Frame::udp_data(from_server(dst), 51_820, dst, port, init).build()
 }
 
 /// Runs each (what, frame, reason, rule) through the egress program in `mode`; returns every
@@ -107,9 +116,34 @@ fn failures(
 
 fn table() -> Vec<(&'static str, Vec<u8>, Reason, Option<&'static str>)> {
     use Reason::{
-        Allowed, Denied, EgressDenied, FragmentUnverified, LinkControl, Malformed, NonIp, Upstream,
+        Allowed, ApprovedVpn, Denied, EgressDenied, FragmentUnverified, LinkControl, Malformed,
+        NonIp, UnapprovedVpn, Upstream,
     };
     vec![
+        (
+            "a WireGuard handshake to the approved endpoint",
+            wireguard_init("192.0.2.7", 51_820),
+            ApprovedVpn,
+            Some("nitb-wg"),
+        ),
+        (
+            "a WireGuard handshake to an upstream, on a port the upstream lists",
+            wireguard_init("10.1.2.3", 53),
+            UnapprovedVpn,
+            None,
+        ),
+        (
+            "a WireGuard handshake to an approved network",
+            wireguard_init("198.51.100.10", 51_820),
+            UnapprovedVpn,
+            None,
+        ),
+        (
+            "a WireGuard handshake to a denied range: the deny list first",
+            wireguard_init("198.51.100.130", 51_820),
+            Denied,
+            Some("bad"),
+        ),
         (
             "to an approved network, a port it does not list (answers go to client ports)",
             tcp("198.51.100.10", 51_000).build(),
@@ -395,7 +429,7 @@ fn the_egress_verdict_agrees_with_the_reference_on_random_registries() {
                 _ => (Protocol::Icmp, echo(&addr.to_string())),
             };
             let port = (protocol != Protocol::Icmp).then_some(port);
-            let expected = loaded.policy.decide_egress(addr, protocol, port);
+            let expected = loaded.policy.decide_egress(addr, protocol, port, None);
             let (before, hits_before) = (loaded.egress_counts(), loaded.egress_hits());
             let action = loaded.run_egress(&frame.build());
             let (after, hits_after) = (loaded.egress_counts(), loaded.egress_hits());

@@ -167,6 +167,69 @@ fn wireguard_to_an_unapproved_gateway_never_completes_its_handshake() {
     );
 }
 
+/// Ingress in monitor (it drops nothing) and egress enforce: only the egress verdict stands
+/// between the server's own `WireGuard` and its gateway.
+const EGRESS_REGISTRY: &str = r#"{
+  "schema": 1, "mode": "monitor", "egress": "enforce",
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24"}],
+  "vpn_endpoints": [
+    {"name": "nitb-wg-gw", "address": "192.0.2.7", "protocol": "wireguard", "port": 51820,
+     "approval": "NITB-2026-0042"}
+  ]
+}"#;
+
+#[test]
+fn in_egress_enforce_the_servers_own_wireguard_reaches_only_the_approved_gateway() {
+    let s = setup_with(EGRESS_REGISTRY);
+    {
+        let (_gw, server) = wireguard_tunnel(&s, APPROVED_VPN_GW.label);
+        let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 5).unwrap();
+        assert!(
+            replies >= 4,
+            "pings through the approved tunnel: {replies}/5"
+        );
+        assert!(
+            server.latest_handshake().unwrap() > 0,
+            "the handshake completed"
+        );
+        let stats = s.enforcer.stats().unwrap();
+        assert!(
+            stats.egress_packets("approved_vpn") >= 5,
+            "the server's WireGuard packets leave as approved: {}",
+            stats.0["egress"]
+        );
+        assert!(stats.egress_rule_hits("nitb-wg-gw") >= 5, "{}", stats.0);
+    }
+    // The rogue gateway sits in the approved ministry LAN, to which the server may send
+    // anything else: its WireGuard handshake initiations still never leave. (Ingress drops
+    // nothing here, so without the egress verdict this tunnel would come up.)
+    let before = s.enforcer.stats().unwrap().egress_packets("unapproved_vpn");
+    let (gw, server) = wireguard_tunnel(&s, ROGUE_VPN_GW.label);
+    let replies = topology::ping(&s.lab.server, TUN_GW.parse().unwrap(), 3).unwrap();
+    assert_eq!(replies, 0, "no ping may cross the unapproved tunnel");
+    assert_eq!(
+        server.latest_handshake().unwrap(),
+        0,
+        "no handshake on the server"
+    );
+    assert_eq!(
+        gw.latest_handshake().unwrap(),
+        0,
+        "no handshake completed at the gateway either"
+    );
+    let stats = s.enforcer.stats().unwrap();
+    assert!(
+        stats.egress_packets("unapproved_vpn") > before,
+        "the initiations drop on the way out as unapproved_vpn: {}",
+        stats.0["egress"]
+    );
+    assert_eq!(
+        stats.would_drop("unapproved_vpn"),
+        0,
+        "nothing came back for ingress monitor to count"
+    );
+}
+
 fn openvpn_tunnel(s: &Setup, gateway: &str, proto: &str) -> (OpenVpn, OpenVpn) {
     let gw = s.lab.client(gateway);
     let (gw_cert, server_cert) = (

@@ -95,7 +95,7 @@ pub enum Command {
         #[arg(required_unless_present = "to", conflicts_with = "to")]
         addr: Option<IpAddr>,
         /// Destination address of an outgoing packet (the egress verdict).
-        #[arg(long, value_name = "ADDR", conflicts_with = "vpn")]
+        #[arg(long, value_name = "ADDR")]
         to: Option<IpAddr>,
         /// Destination port (TCP/UDP).
         #[arg(long)]

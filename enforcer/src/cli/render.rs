@@ -161,7 +161,7 @@ pub fn check(packet: &Packet, registry: &Path, json: bool) -> anyhow::Result<Exi
     } = packet;
     let policy = Policy::from_registry(Registry::load(registry)?, Date::today(), None)?;
     let decision = if outgoing {
-        policy.decide_egress(addr, proto, port)
+        policy.decide_egress(addr, proto, port, vpn)
     } else {
         policy.decide(addr, proto, port, vpn)
     };

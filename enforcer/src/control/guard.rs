@@ -34,7 +34,7 @@ impl Guard {
         let answered = |addr: IpAddr| {
             policy.egress != EgressMode::Enforce
                 || policy
-                    .decide_egress(addr, Protocol::Tcp, None)
+                    .decide_egress(addr, Protocol::Tcp, None, None)
                     .reason
                     .action()
                     == Action::Pass

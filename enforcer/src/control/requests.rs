@@ -330,7 +330,7 @@ impl Live {
             Err(v) => return Response::error(format!("unknown VPN protocol {v}")),
         };
         let decision = if to {
-            self.policy.decide_egress(addr, proto, port)
+            self.policy.decide_egress(addr, proto, port, vpn)
         } else {
             self.policy.decide(addr, proto, port, vpn)
         };

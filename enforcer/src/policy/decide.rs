@@ -109,16 +109,26 @@ impl Policy {
     }
 
     /// What the egress program does with a whole (unfragmented) IP packet the server sends to
-    /// `destination`, and which rule decides: the deny list, then the approved networks and
-    /// devices (any port), then the upstreams that list the port (the longest prefix first),
-    /// else `egress_denied`. The egress mode is not applied here.
+    /// `destination`, and which rule decides: the deny list, then (for a packet carrying `vpn`'s
+    /// signature, with `destination` its remote endpoint) the VPN approvals, then the approved
+    /// networks and devices (any port), then the upstreams that list the port (the longest
+    /// prefix first), else `egress_denied`. The egress mode is not applied here.
     pub fn decide_egress(
         &self,
         destination: IpAddr,
         protocol: Protocol,
         port: Option<u16>,
+        vpn: Option<VpnProtocol>,
     ) -> Decision<'_> {
         let listed = self.check(destination, protocol, port);
+        if let Some(vpn) = vpn
+            && !matches!(listed.reason, Reason::Denied | Reason::DeniedFeed)
+        {
+            return Decision {
+                outgoing: true,
+                ..self.check_vpn(destination, vpn, port)
+            };
+        }
         match listed.reason {
             Reason::Denied | Reason::DeniedFeed => {
                 return Decision {

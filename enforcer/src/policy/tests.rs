@@ -553,7 +553,7 @@ fn upstreams_compile_to_groups_the_longest_prefix_first() {
             .all(|(_, rule)| *rule != index("dns"))
     );
     let decide = |to: &str, protocol, port| {
-        let d = policy.decide_egress(to.parse().unwrap(), protocol, port);
+        let d = policy.decide_egress(to.parse().unwrap(), protocol, port, None);
         (d.reason.label(), d.rule.map(|r| r.name.to_string()))
     };
     let name = |n: &str| Some(n.to_string());
@@ -605,5 +605,38 @@ fn too_many_upstreams_over_one_address_are_refused_with_the_prefix() {
     assert_eq!(
         error.to_string(),
         "9 upstreams cover addresses in 10.0.0.0/24; at most 8 may overlap (merge upstreams entries)"
+    );
+}
+
+#[test]
+fn an_outgoing_vpn_packet_passes_only_towards_an_approved_endpoint() {
+    let policy = compile(
+        r#"{"schema": 1, "mode": "enforce", "egress": "enforce",
+  "networks": [{"name": "lan", "cidr": "198.51.100.0/24"}],
+  "deny": [{"name": "bad", "cidr": "203.0.113.0/24"}],
+  "vpn_endpoints": [{"name": "gw", "address": "192.0.2.7", "protocol": "wireguard", "approval": "NITB-1"}],
+  "upstreams": [{"name": "dns", "address": "10.1.2.3", "ports": ["53/udp"]}]}"#,
+    );
+    let decide = |to: &str, port| {
+        let d = policy.decide_egress(
+            to.parse().unwrap(),
+            Protocol::Udp,
+            Some(port),
+            Some(VpnProtocol::WireGuard),
+        );
+        (d.reason, d.rule.map(|r| r.name.to_string()), d.outgoing)
+    };
+    assert_eq!(
+        decide("192.0.2.7", 51820),
+        (Reason::ApprovedVpn, Some("gw".into()), true)
+    );
+    assert_eq!(decide("10.1.2.3", 53), (Reason::UnapprovedVpn, None, true));
+    assert_eq!(
+        decide("198.51.100.9", 51820),
+        (Reason::UnapprovedVpn, None, true)
+    );
+    assert_eq!(
+        decide("203.0.113.7", 51820),
+        (Reason::Denied, Some("bad".into()), true)
     );
 }

@@ -548,10 +548,11 @@ mod tests {
             let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ seed);
             let mut doc = json!({
                 "schema": 1, "mode": "monitor", "serial": seed,
-                "networks": [], "devices": [], "vpn_endpoints": [], "deny": []
+                "networks": [], "devices": [], "vpn_endpoints": [], "deny": [], "upstreams": []
             });
             for i in 0..rng.below(12) {
-                let section = rng.pick(&["networks", "devices", "vpn_endpoints", "deny"]);
+                let section =
+                    rng.pick(&["networks", "devices", "vpn_endpoints", "deny", "upstreams"]);
                 let mut entry = match section {
                     "networks" => {
                         json!({"name": format!("n{i}"), "cidr": format!("10.{i}.0.0/16")})
@@ -561,6 +562,8 @@ mod tests {
                     }
                     "vpn_endpoints" => json!({"name": format!("v{i}"), "address": "192.0.2.200",
                         "protocol": "wireguard", "approval": "NITB-1"}),
+                    "upstreams" => json!({"name": format!("u{i}"), "address": "192.0.2.53",
+                        "ports": ["53/udp"]}),
                     _ => json!({"cidr": format!("203.0.{i}.0/24")}),
                 };
                 if rng.below(2) == 0 {
@@ -610,7 +613,7 @@ mod tests {
             };
             let mut by_tree = doc.clone();
             let mut gone = Vec::new();
-            for section in ["networks", "devices", "vpn_endpoints", "deny"] {
+            for section in ["networks", "devices", "vpn_endpoints", "deny", "upstreams"] {
                 let list = by_tree[section].as_array_mut().expect("array");
                 gone.extend(
                     list.iter()
