@@ -944,7 +944,9 @@ fn small_changes_agree_with_the_reference_after_each_one() {
                         entry.json
                     );
                     let rule = compile(&one).expect("compiles").rules.remove(0);
-                    loaded.policy.edit(Some(rule), &[])
+                    loaded
+                        .policy
+                        .edit(Some(rule), enforcer::policy::Extra::default(), &[])
                 }
                 (false, false) => {
                     let gone = entries
@@ -962,7 +964,9 @@ fn small_changes_agree_with_the_reference_after_each_one() {
                         })
                         .expect("the removed entry's rule");
                     let index = rule.index;
-                    loaded.policy.edit(None, &[index])
+                    loaded
+                        .policy
+                        .edit(None, enforcer::policy::Extra::default(), &[index])
                 }
             };
             let Ok(change) = change else {

@@ -269,7 +269,7 @@ pub fn stats(
             .iter()
             .zip(&hits)
             .enumerate()
-            .map(|(at, (r, h))| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix,
+            .map(|(at, (r, h))| serde_json::json!({"index": r.index, "kind": r.kind, "name": r.name, "prefix": r.prefix, "ministry": r.ministry,
                 "packets": h, "egress_packets": egress_hit(at)}))
             .collect();
         // `reasons` and `packets`: incoming (as before egress verdicts); `egress`: outgoing.

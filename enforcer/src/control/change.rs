@@ -20,7 +20,7 @@ use super::{
 use crate::{
     datapath::DatapathError,
     instance::{InstanceError, PreparedRules, State, rule_label, rule_labels},
-    policy::{CompiledRule, Policy, RuleChange},
+    policy::{CompiledRule, Extra, Policy, RuleChange},
     registry::{Date, EgressMode, Mode, Registry, refusal},
     source::{Snapshot, SourceError},
 };
@@ -31,8 +31,8 @@ pub(super) enum Effect {
     Edit {
         add: Option<CompiledRule>,
         remove: Vec<u32>,
-        /// The added entry's expiry date.
-        expires: Option<Date>,
+        /// The added entry's expiry date and ministry.
+        extra: Extra,
     },
     /// The mode only.
     Mode(Mode),
@@ -80,7 +80,7 @@ impl Change {
         let effect = Effect::Edit {
             add: edit.add,
             remove: edit.remove,
-            expires: edit.expires,
+            extra: edit.extra,
         };
         Self::new(edit.text, serial, effect, edit.what, audit)
     }
@@ -151,16 +151,12 @@ impl Live {
         let before = self.guard.reach(caller.operator, &self.policy);
         let mut next_expiry = self.next_expiry;
         let applied = match effect {
-            Effect::Edit {
-                add,
-                remove,
-                expires,
-            } => {
-                next_expiry = match (next_expiry, expires) {
+            Effect::Edit { add, remove, extra } => {
+                next_expiry = match (next_expiry, extra.expires) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                Applied::Edit(self.policy.edit(add, &remove).map_err(refused)?)
+                Applied::Edit(self.policy.edit(add, extra, &remove).map_err(refused)?)
             }
             Effect::Mode(mode) => Applied::Mode(std::mem::replace(&mut self.policy.mode, mode)),
             Effect::Egress(egress) => {
@@ -285,7 +281,11 @@ impl Live {
             .and_then(|()| match (applied, labels) {
                 (Applied::Edit(change), _) => {
                     let gone: Vec<u32> = change.removed.iter().map(|r| r.index).collect();
-                    let added: Vec<_> = change.added.iter().map(rule_label).collect();
+                    let added: Vec<_> = change
+                        .added
+                        .iter()
+                        .map(|rule| rule_label(&self.policy, rule))
+                        .collect();
                     if State::journal_rules(&self.id.state_file(), &gone, &added)? {
                         Ok(())
                     } else {

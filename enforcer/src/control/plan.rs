@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::{
-    policy::{CompiledRule, Policy, RuleKind},
+    policy::{CompiledRule, Extra, Policy, RuleKind},
     registry::{
         Date, Problem, Registry, SCHEMA_VERSION, refusal,
         text::{self as splice, Layout, ORDER},
@@ -36,8 +36,8 @@ pub struct Edit {
     pub text: String,
     pub add: Option<CompiledRule>,
     pub remove: Vec<u32>,
-    /// The added entry's expiry date.
-    pub expires: Option<Date>,
+    /// The added entry's expiry date and ministry.
+    pub extra: Extra,
     pub what: String,
 }
 
@@ -115,15 +115,12 @@ pub fn plan_add(
             None => Plan::Full,
         };
     }
-    let expires = registry
-        .networks
-        .first()
-        .map(|n| n.expires)
-        .or_else(|| registry.devices.first().map(|d| d.expires))
-        .or_else(|| registry.vpn_endpoints.first().map(|v| v.expires))
-        .or_else(|| registry.deny.first().map(|d| d.expires))
-        .or_else(|| registry.upstreams.first().map(|u| u.expires))
-        .flatten();
+    // The compiled policy of the entry alone holds its extra.
+    let extra = compiled
+        .extras
+        .pop()
+        .map(|(_, extra)| extra)
+        .unwrap_or_default();
     let Some(text) = splice::append(text, &layout, entry, serial) else {
         return Plan::Full;
     };
@@ -131,7 +128,7 @@ pub fn plan_add(
         text,
         add: Some(rule),
         remove: Vec::new(),
-        expires,
+        extra,
         what: format!("added {section} entry {}", splice::entry_label(entry)),
     })
 }
@@ -288,7 +285,7 @@ pub fn plan_remove(
         text,
         add: None,
         remove,
-        expires: None,
+        extra: Extra::default(),
         what: format!("removed {section} entry {target}"),
     })
 }

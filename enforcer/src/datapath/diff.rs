@@ -392,6 +392,8 @@ impl Datapath {
             upstream_groups,
             feed_duplicates: 0,
             conn_timeouts: self.conn_timeouts()?,
+            // Not in the maps: the registry has them, and the diff needs none.
+            extras: Vec::new(),
         })
     }
 

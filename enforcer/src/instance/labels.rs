@@ -19,15 +19,22 @@ pub struct RuleLabel {
     pub kind: String,
     pub name: String,
     pub prefix: String,
+    /// The entry's ministry, where it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ministry: Option<String>,
 }
 
-/// One rule's label, as `rule_labels` writes it.
-pub fn rule_label(rule: &crate::policy::CompiledRule) -> RuleLabel {
+/// One rule's label, as `rule_labels` writes it: the rule of `policy` with this number.
+pub fn rule_label(policy: &crate::policy::Policy, rule: &crate::policy::CompiledRule) -> RuleLabel {
     RuleLabel {
         index: rule.index,
         kind: rule.kind.as_str().to_string(),
         name: rule.name.to_string(),
         prefix: rule.prefix.to_string(),
+        ministry: policy
+            .extra(rule.index)
+            .and_then(|e| e.ministry.as_deref())
+            .map(str::to_string),
     }
 }
 
@@ -42,6 +49,8 @@ pub fn rule_labels(policy: &crate::policy::Policy) -> impl Serialize + '_ {
         name: &'a str,
         #[serde(serialize_with = "serialize_display")]
         prefix: &'a ipnet::IpNet,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ministry: Option<&'a str>,
     }
     fn serialize_display<S: serde::Serializer>(
         value: &&ipnet::IpNet,
@@ -53,11 +62,20 @@ pub fn rule_labels(policy: &crate::policy::Policy) -> impl Serialize + '_ {
     struct Labels<'a>(&'a crate::policy::Policy);
     impl Serialize for Labels<'_> {
         fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            // The extras are sorted by rule number, as the rules are: walked beside them.
+            let mut extras = self.0.extras.iter().peekable();
             serializer.collect_seq(self.0.rules.iter().map(|r| Label {
                 index: r.index,
                 kind: r.kind.as_str(),
                 name: &r.name,
                 prefix: &r.prefix,
+                ministry: {
+                    while extras.next_if(|(index, _)| *index < r.index).is_some() {}
+                    extras
+                        .peek()
+                        .filter(|(index, _)| *index == r.index)
+                        .and_then(|(_, e)| e.ministry.as_deref())
+                },
             }))
         }
     }
@@ -237,6 +255,7 @@ mod tests {
             kind: "network".into(),
             name: name.into(),
             prefix: format!("192.0.2.{index}/32"),
+            ministry: None,
         }
     }
 

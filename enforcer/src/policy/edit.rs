@@ -18,6 +18,8 @@ pub struct RuleChange {
     old_vpn_groups: Option<Vec<(IpNet, Vec<VpnApproval>)>>,
     /// The upstream groups before the change, when it changed them.
     old_upstream_groups: Option<Vec<(IpNet, Vec<u32>)>>,
+    /// The extras of the rules it removed.
+    extras_removed: Vec<(u32, super::Extra)>,
 }
 
 impl RuleChange {
@@ -50,6 +52,7 @@ impl Policy {
     pub fn edit(
         &mut self,
         add: Option<CompiledRule>,
+        extra: super::Extra,
         remove: &[u32],
     ) -> Result<RuleChange, PolicyError> {
         let removing = |index: u32| remove.contains(&index);
@@ -152,6 +155,19 @@ impl Policy {
             new_groups.map(|groups| std::mem::replace(&mut self.vpn_groups, groups));
         let old_upstream_groups =
             new_upstream_groups.map(|groups| std::mem::replace(&mut self.upstream_groups, groups));
+        let (extras_removed, kept) = std::mem::take(&mut self.extras)
+            .into_iter()
+            .partition(|(index, _)| removing(*index));
+        self.extras = kept;
+        if let Some(rule) = added.first()
+            && !extra.is_empty()
+        {
+            // Numbered one past the highest or into the first gap: kept sorted.
+            let at = self
+                .extras
+                .partition_point(|(index, _)| *index < rule.index);
+            self.extras.insert(at, (rule.index, extra));
+        }
         self.vpn_endpoints = self.count(RuleKind::VpnEndpoint);
         Ok(RuleChange {
             added,
@@ -160,6 +176,7 @@ impl Policy {
             ports_removed,
             old_vpn_groups,
             old_upstream_groups,
+            extras_removed,
         })
     }
 
@@ -179,6 +196,9 @@ impl Policy {
         if let Some(groups) = change.old_upstream_groups {
             self.upstream_groups = groups;
         }
+        self.extras.retain(|(index, _)| !added.contains(index));
+        self.extras.extend(change.extras_removed);
+        self.extras.sort_by_key(|(index, _)| *index);
         self.vpn_endpoints = self.count(RuleKind::VpnEndpoint);
     }
 }

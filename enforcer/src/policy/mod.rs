@@ -93,6 +93,22 @@ pub struct Policy {
     pub feed_duplicates: usize,
     /// How long the connections the server opens admit replies.
     pub conn_timeouts: enforcer_common::ConnTimeouts,
+    /// What the entries in force carry beyond what the kernel holds (expiry date, ministry), by
+    /// rule number, for the entries that have any (most of a million feed ranges have none).
+    pub extras: Vec<(u32, Extra)>,
+}
+
+/// An entry's expiry date and ministry: for expiry counts, and to label its counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extra {
+    pub expires: Option<Date>,
+    pub ministry: Option<Box<str>>,
+}
+
+impl Extra {
+    pub fn is_empty(&self) -> bool {
+        self.expires.is_none() && self.ministry.is_none()
+    }
 }
 
 impl Policy {
@@ -143,8 +159,13 @@ impl Policy {
                 + registry.vpn_endpoints.len()
                 + registry.upstreams.len(),
         );
-        let mut push = |kind, name: String, prefix, ports, vpn| {
+        // (position in `rules`, extra), numbered once the rules are.
+        let mut extras: Vec<(usize, Extra)> = Vec::new();
+        let mut push = |kind, name: String, prefix, ports, vpn, extra: Extra| {
             let index = u32::MAX; // assigned below
+            if !extra.is_empty() {
+                extras.push((rules.len(), extra));
+            }
             rules.push(CompiledRule {
                 index,
                 kind,
@@ -156,7 +177,11 @@ impl Policy {
         };
         for n in registry.networks {
             if keep("networks", &n.name, n.expires) {
-                push(RuleKind::Network, n.name, n.cidr, n.ports, None);
+                let extra = Extra {
+                    expires: n.expires,
+                    ministry: n.ministry,
+                };
+                push(RuleKind::Network, n.name, n.cidr, n.ports, None, extra);
             }
         }
         for d in registry.devices {
@@ -167,6 +192,10 @@ impl Policy {
                     IpNet::from(d.address),
                     d.ports,
                     None,
+                    Extra {
+                        expires: d.expires,
+                        ministry: None,
+                    },
                 );
             }
         }
@@ -176,7 +205,11 @@ impl Policy {
             let label = d.into_label();
             if keep("deny", &label, expires) {
                 denied.insert(cidr);
-                push(RuleKind::Deny, label, cidr, None, None);
+                let extra = Extra {
+                    expires,
+                    ministry: None,
+                };
+                push(RuleKind::Deny, label, cidr, None, None, extra);
             }
         }
         let mut feed_duplicates = 0;
@@ -189,6 +222,7 @@ impl Policy {
                         entry.cidr,
                         None,
                         None,
+                        Extra::default(),
                     );
                 } else {
                     feed_duplicates += 1;
@@ -211,12 +245,26 @@ impl Policy {
                     v.address,
                     None,
                     Some(Box::new(info)),
+                    Extra {
+                        expires: v.expires,
+                        ministry: None,
+                    },
                 );
             }
         }
         for u in registry.upstreams {
             if keep("upstreams", &u.name, u.expires) {
-                push(RuleKind::Upstream, u.name, u.prefix, Some(u.ports), None);
+                push(
+                    RuleKind::Upstream,
+                    u.name,
+                    u.prefix,
+                    Some(u.ports),
+                    None,
+                    Extra {
+                        expires: u.expires,
+                        ministry: u.ministry,
+                    },
+                );
             }
         }
         if rules.len() > MAX_RULES as usize {
@@ -229,6 +277,12 @@ impl Policy {
                 .map(|r| &r.prefix)
         })?;
         assign_indices(&mut rules, previous)?;
+        let mut extras: Vec<(u32, Extra)> = extras
+            .into_iter()
+            .map(|(at, extra)| (rules[at].index, extra))
+            .collect();
+        extras.sort_by_key(|(rule, _)| *rule);
+        rules.sort_by_key(|r| r.index);
         let port_keys = port_keys(&rules)?;
         let vpn_groups = vpn_groups(&rules)?;
         let upstream_groups = upstream_groups(&rules)?;
@@ -243,7 +297,26 @@ impl Policy {
             upstream_groups,
             feed_duplicates,
             conn_timeouts: registry.connections.timeouts(),
+            extras,
         })
+    }
+
+    /// Entries in force whose `expires` day is one of the `days` days from `today` on.
+    pub fn expiring_within(&self, today: Date, days: i64) -> usize {
+        let last = today.plus_days(days - 1);
+        self.extras
+            .iter()
+            .filter_map(|(_, extra)| extra.expires)
+            .filter(|date| *date >= today && *date <= last)
+            .count()
+    }
+
+    /// The extra of the rule with this number, if it has one.
+    pub fn extra(&self, index: u32) -> Option<&Extra> {
+        self.extras
+            .binary_search_by_key(&index, |(rule, _)| *rule)
+            .ok()
+            .map(|at| &self.extras[at].1)
     }
 
     /// A policy with no entries (enforce mode, egress off): what fresh, empty maps hold.
@@ -259,6 +332,7 @@ impl Policy {
             upstream_groups: Vec::new(),
             feed_duplicates: 0,
             conn_timeouts: enforcer_common::ConnTimeouts::DEFAULT,
+            extras: Vec::new(),
         }
     }
 
@@ -342,8 +416,8 @@ impl Policy {
 /// Numbers the rules: an entry `previous` had keeps its number if what the kernel holds for it
 /// is unchanged; new and changed entries get numbers `previous` did not use. So a live change
 /// writes changed entries beside the old ones and switches to them with the lookup tables: a
-/// packet meets the old entry or the new one, never a half-changed one. The result is sorted by
-/// number.
+/// packet meets the old entry or the new one, never a half-changed one. The caller sorts the
+/// result by number.
 fn assign_indices(
     rules: &mut [CompiledRule],
     previous: Option<&Policy>,
@@ -411,7 +485,6 @@ fn assign_indices(
         rules[i].index = next;
         next += 1;
     }
-    rules.sort_by_key(|r| r.index);
     Ok(())
 }
 

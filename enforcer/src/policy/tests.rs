@@ -478,7 +478,9 @@ fn an_edit_numbers_past_the_highest_then_into_gaps_and_undoes_exactly() {
     .rules
     .remove(0);
     let before = policy.clone();
-    let change = policy.edit(Some(spare.clone()), &[1]).expect("fits");
+    let change = policy
+        .edit(Some(spare.clone()), super::Extra::default(), &[1])
+        .expect("fits");
     assert_eq!(change.added[0].index, 3, "one past the highest");
     assert_eq!(change.removed.len(), 1);
     assert_eq!(
@@ -499,7 +501,9 @@ fn an_edit_numbers_past_the_highest_then_into_gaps_and_undoes_exactly() {
             key.rule = MAX_RULES - 1;
         }
     }
-    let change = policy.edit(Some(spare), &[]).expect("a gap is free");
+    let change = policy
+        .edit(Some(spare), super::Extra::default(), &[])
+        .expect("a gap is free");
     assert_eq!(change.added[0].index, 1);
     assert_eq!(
         policy.rules.iter().map(|r| r.index).collect::<Vec<_>>(),

@@ -63,6 +63,25 @@ impl Date {
         }
     }
 
+    /// Howard Hinnant's `days_from_civil`: the inverse of `from_days_since_epoch`.
+    pub fn days_since_epoch(self) -> i64 {
+        let year = i64::from(self.year) - i64::from(self.month <= 2);
+        let era = year.div_euclid(400);
+        let yoe = year.rem_euclid(400);
+        let month = i64::from(self.month);
+        let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5
+            + i64::from(self.day)
+            - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// The date `days` later.
+    #[must_use]
+    pub fn plus_days(self, days: i64) -> Self {
+        Self::from_days_since_epoch(self.days_since_epoch() + days)
+    }
+
     /// Whether an entry that `expires` on this date no longer applies on `today`.
     pub fn is_past(self, today: Self) -> bool {
         self < today
@@ -76,6 +95,20 @@ fn days_in_month(year: i32, month: u32) -> u32 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
+}
+
+#[cfg(test)]
+#[test]
+fn days_since_epoch_inverts_the_calendar() {
+    for days in (-800_000..800_000).step_by(997) {
+        assert_eq!(Date::from_days_since_epoch(days).days_since_epoch(), days);
+    }
+    let d = Date::parse("2026-12-05").unwrap();
+    assert_eq!(d.plus_days(30).to_string(), "2027-01-04");
+    assert_eq!(
+        Date::parse("2024-02-28").unwrap().plus_days(1).to_string(),
+        "2024-02-29"
+    );
 }
 
 impl fmt::Display for Date {

@@ -148,6 +148,13 @@ fn shape(policy: &Policy) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<Strin
         .map(|(prefix, rule, protocol, port)| {
             format!("{prefix} {:?} {protocol} {port:?}", key_of(rule))
         })
+        // The expiry dates and ministries, by entry.
+        .chain(
+            policy
+                .extras
+                .iter()
+                .map(|(rule, extra)| format!("extra {:?} {extra:?}", key_of(*rule))),
+        )
         .collect();
     (rules, ports, groups)
 }
@@ -204,7 +211,7 @@ fn in_place_changes_match_the_whole_registry_path() {
                 Plan::Edit(edit) => {
                     outcomes[2] += 1;
                     let before = policy.clone();
-                    let edited = policy.edit(edit.add, &edit.remove);
+                    let edited = policy.edit(edit.add, edit.extra, &edit.remove);
                     let (whole_text, whole_policy) = match (edited, reference) {
                         (Ok(_), Ok(r)) => r,
                         (Err(_), Err(_)) => {
