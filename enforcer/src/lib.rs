@@ -17,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod instance;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod source;

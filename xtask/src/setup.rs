@@ -11,9 +11,11 @@ use anyhow::{Context as _, bail};
 /// Debian packages the demo and the tests use: `ip`, `ping`, `sysctl`, `nsenter`, the real
 /// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
 /// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), a DNS
-/// server and client for the connection-state tests (dnsmasq, dig), and `man` to render the
-/// generated man pages.
-const APT_PACKAGES: [&str; 15] = [
+/// server and client for the connection-state tests (dnsmasq, dig), `man` to render the
+/// generated man pages, and the Prometheus server that scrapes the metrics endpoint. (Installing
+/// a package with a service does not start it on a machine whose `policy-rc.d` denies starts,
+/// as this one's does; the tests start what they need themselves.)
+const APT_PACKAGES: [&str; 16] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -29,6 +31,7 @@ const APT_PACKAGES: [&str; 15] = [
     "dnsmasq-base",
     "bind9-dnsutils",
     "man-db",
+    "prometheus",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

@@ -71,6 +71,10 @@ pub enum Command {
         /// How often expired connections are removed from the connection table (seconds).
         #[arg(long, default_value_t = daemon::DEFAULT_CONN_SWEEP.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400), hide = true)]
         conn_sweep_secs: u64,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT listens on
+        /// 127.0.0.1 only). Off by default.
+        #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -241,6 +245,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             expiry_check_secs,
             vpn_flow_idle,
             conn_sweep_secs,
+            metrics,
         } => render::run(&daemon::DaemonConfig {
             iface,
             registry,
@@ -254,6 +259,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
                 flow_sweep: Duration::from_secs(vpn_flow_idle),
                 conn_sweep: Duration::from_secs(conn_sweep_secs),
             },
+            metrics,
         }),
         Command::Detach { instance, iface } => {
             render::detach(instance.as_deref(), iface.as_deref())
@@ -307,6 +313,16 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         } => render::stats(instance.as_deref(), iface.as_deref(), json),
         command => control_command(command),
     }
+}
+
+/// `ADDR:PORT`, or a bare `PORT` on loopback.
+fn parse_metrics_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(([127, 0, 0, 1], port).into());
+    }
+    text.parse().map_err(|_| {
+        format!("invalid metrics address \"{text}\" (expected PORT, 127.0.0.1:9750 or [::1]:9750)")
+    })
 }
 
 fn parse_vpn_protocol(name: &str) -> Result<VpnProtocol, String> {

@@ -120,4 +120,19 @@ impl Live {
     pub fn into_datapath(self) -> Datapath {
         self.datapath
     }
+
+    /// The registry serial in force.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// What the metrics endpoint publishes of the policy in force.
+    pub fn facts(&self) -> crate::metrics::Facts {
+        crate::metrics::Facts::of(
+            &self.policy,
+            self.serial,
+            &self.state.xdp_mode,
+            self.enforcing(),
+        )
+    }
 }

@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     /// Management networks no live change may cut off without `--force`.
     pub protect: Vec<ipnet::IpNet>,
     pub timers: Timers,
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,13 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("starting the event loop: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "metrics address {addr}: {source} (another process may listen there; choose another with --metrics ADDR:PORT)"
+    )]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How the daemon stopped.
@@ -110,6 +119,15 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         iface: config.iface.clone(),
         netns: instance::current_netns()?,
     };
+    // Bound before anything is attached, so that a taken address refuses the start cleanly.
+    let metrics_listener = config
+        .metrics
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| DaemonError::Metrics { addr, source })
+        })
+        .transpose()?;
     let source = FileSource::new(&config.registry);
     for done in crate::source::RegistrySource::recover(&source) {
         tracing::warn!("{done}");
@@ -157,6 +175,9 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         },
     };
     let mut live = Live::new(live_config, started.in_force, Box::new(source));
+    let metrics = metrics_listener
+        .as_ref()
+        .map(|_| crate::metrics::Shared::new(live.facts(), id.pin_dir(), id.state_file()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,6 +193,20 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(socket_error)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
+        if let (Some(listener), Some(shared)) = (metrics_listener, &metrics) {
+            let addr = listener.local_addr().ok();
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
+                DaemonError::Metrics {
+                    addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+                    source,
+                }
+            })?;
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                std::sync::Arc::clone(shared),
+            ));
+            tracing::info!(?addr, "metrics served at http://ADDR/metrics");
+        }
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -185,6 +220,7 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
             &mut live,
             config.timers,
             config.xdp_mode,
+            metrics.as_deref(),
             shutdown,
         )
         .await

@@ -43,6 +43,7 @@ pub async fn serve(
     live: &mut Live,
     timers: Timers,
     attach: AttachMode,
+    metrics: Option<&crate::metrics::Shared>,
     shutdown: impl std::future::Future<Output = std::io::Result<&'static str>>,
 ) -> Result<&'static str, DaemonError> {
     tokio::pin!(shutdown);
@@ -59,18 +60,33 @@ pub async fn serve(
         tokio::select! {
             signal = &mut shutdown => return signal.map_err(DaemonError::Signal),
             _ = expiry.tick() => {
+                let serial = live.serial();
                 if let Some(response) = live.expire() {
                     tracing::info!(ok = response.ok, "expiry: {}", response.message);
                 }
+                publish(metrics, live, serial);
             }
             _ = flows.tick() => sweep_flows(live),
-            _ = conns.tick() => sweep_conns(live),
+            _ = conns.tick() => {
+                let kept = sweep_conns(live);
+                if let (Some(metrics), Some(kept)) = (metrics, kept) {
+                    metrics.set_connections(kept);
+                }
+            }
             _ = link.tick() => {
+                let enforcing = live.enforcing();
                 live.check_link(attach);
+                if live.enforcing() != enforcing
+                    && let Some(metrics) = metrics
+                {
+                    metrics.publish(live.facts(), false);
+                }
             }
             Some(job) = jobs.recv() => {
+                let serial = live.serial();
                 let response = live.handle_envelope(job.envelope, job.uid);
                 tracing::info!(uid = job.uid, ok = response.ok, "{}", response.message);
+                publish(metrics, live, serial);
                 // A client that has gone no longer wants the answer; the change stands.
                 let _ = job.answer.send(response);
             }
@@ -143,19 +159,34 @@ fn sweep_flows(live: &mut Live) {
     }
 }
 
-/// One sweep of the connection table (see `Datapath::sweep_conns`).
-fn sweep_conns(live: &mut Live) {
+/// Publishes the facts of the policy in force to the metrics endpoint when a change moved the
+/// serial from `serial_before` (the facts are counted over every rule: not once a second).
+fn publish(metrics: Option<&crate::metrics::Shared>, live: &Live, serial_before: u64) {
+    if let Some(metrics) = metrics
+        && live.serial() != serial_before
+    {
+        metrics.publish(live.facts(), true);
+    }
+}
+
+/// One sweep of the connection table (see `Datapath::sweep_conns`): the connections kept.
+fn sweep_conns(live: &mut Live) -> Option<usize> {
     match live.datapath_mut().sweep_conns() {
-        Ok(sweep) if sweep.expired > 0 => tracing::debug!(
-            expired = sweep.expired,
-            kept = sweep.kept,
-            "removed expired connections"
-        ),
-        Ok(_) => {}
+        Ok(sweep) => {
+            if sweep.expired > 0 {
+                tracing::debug!(
+                    expired = sweep.expired,
+                    kept = sweep.kept,
+                    "removed expired connections"
+                );
+            }
+            Some(sweep.kept)
+        }
         Err(e) => {
             tracing::warn!(
                 "connection sweep failed (expired entries admit no replies anyway): {e}"
             );
+            None
         }
     }
 }
