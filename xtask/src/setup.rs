@@ -12,10 +12,11 @@ use anyhow::{Context as _, bail};
 /// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
 /// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), a DNS
 /// server and client for the connection-state tests (dnsmasq, dig), `man` to render the
-/// generated man pages, and the Prometheus server that scrapes the metrics endpoint. (Installing
+/// generated man pages, the Prometheus server that scrapes the metrics endpoint, and tmux, the
+/// terminal `enforcer top` is tested in. (Installing
 /// a package with a service does not start it on a machine whose `policy-rc.d` denies starts,
 /// as this one's does; the tests start what they need themselves.)
-const APT_PACKAGES: [&str; 16] = [
+const APT_PACKAGES: [&str; 17] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -32,6 +33,7 @@ const APT_PACKAGES: [&str; 16] = [
     "bind9-dnsutils",
     "man-db",
     "prometheus",
+    "tmux",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

@@ -4,6 +4,7 @@
 
 mod live;
 mod render;
+mod top;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -184,6 +185,16 @@ pub enum Command {
         #[command(subcommand)]
         what: Generate,
     },
+    /// A live view of a running enforcer, refreshed each second: rates by reason in each
+    /// direction, the busiest rules, VPN packets, the maps' fill (q quits).
+    Top {
+        /// Instance name (IFACE@NETNS) when several enforcers run.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Interface of the enforcer to watch.
+        #[arg(long)]
+        iface: Option<String>,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -311,6 +322,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             iface,
             json,
         } => render::stats(instance.as_deref(), iface.as_deref(), json),
+        Command::Top { instance, iface } => top::top(instance.as_deref(), iface.as_deref()),
         command => control_command(command),
     }
 }
