@@ -36,9 +36,13 @@ pub mod map_names {
     pub const EGRESS_CONFIG: &str = "EGRESS_CONFIG";
     pub const EGRESS_VERDICTS: &str = "EGRESS_VERDICTS";
     pub const EGRESS_RULE_HITS: &str = "EGRESS_RULE_HITS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const EVENT_SOURCES: &str = "EVENT_SOURCES";
+    pub const EVENT_SUPPRESSED: &str = "EVENT_SUPPRESSED";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 30] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -65,6 +69,10 @@ pub mod map_names {
         EGRESS_CONFIG,
         EGRESS_VERDICTS,
         EGRESS_RULE_HITS,
+        EVENTS,
+        EVENT_BUDGET,
+        EVENT_SOURCES,
+        EVENT_SUPPRESSED,
     ];
 }
 
@@ -392,6 +400,101 @@ pub const EGRESS_MONITOR: u32 = 1;
 /// Outgoing packets the policy denies are dropped.
 pub const EGRESS_ENFORCE: u32 = 2;
 
+/// Bytes of the event ring buffer (`EVENTS`): 16,384 events of 64 bytes.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
+/// Sources whose events are rate-limited one by one (LRU).
+pub const MAX_EVENT_SOURCES: u32 = 16_384;
+/// Events one source may raise per second; the rest are counted in its next event.
+pub const EVENTS_PER_SOURCE: u32 = 5;
+
+/// One event: a packet dropped (or, in monitor mode, that would have been), a VPN packet, in
+/// either direction. Addresses as on the wire, IPv4 in the first 4 bytes.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | time, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`) |
+/// | 8 | 16 | source address |
+/// | 24 | 16 | destination address |
+/// | 40 | 4 | rule (`NO_RULE` for none) |
+/// | 44 | 4 | interface index |
+/// | 48 | 2 | source port (network order; ICMP: 0) |
+/// | 50 | 2 | destination port (network order) |
+/// | 52 | 2 | VLAN id of the outer tag (0: untagged) |
+/// | 54 | 1 | `Reason` |
+/// | 55 | 1 | flags: `EVENT_EGRESS`, `EVENT_MONITOR` |
+/// | 56 | 1 | IP protocol |
+/// | 57 | 1 | family (4 or 6) |
+/// | 58 | 1 | `VpnProtocol`, or `EVENT_NO_VPN` |
+/// | 59 | 1 | padding, 0 |
+/// | 60 | 4 | this source's events suppressed since its last one (rate limit) |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub time_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub rule: u32,
+    pub ifindex: u32,
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub vlan: u16,
+    pub reason: u8,
+    pub flags: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub vpn: u8,
+    pub _pad: u8,
+    pub suppressed: u32,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// In `Event::flags`: the packet was leaving (the egress program).
+pub const EVENT_EGRESS: u8 = 1;
+/// In `Event::flags`: monitor mode let it through; enforce mode would have dropped it.
+pub const EVENT_MONITOR: u8 = 2;
+/// In `Event::vpn`: no VPN protocol.
+pub const EVENT_NO_VPN: u8 = 0xFF;
+
+/// Per-CPU event budget (`EVENT_BUDGET`, written by the controller several times a second).
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | 1 while events are wanted; 0 (what a fresh map holds): none are raised |
+/// | 4 | 4 | events this CPU may still raise until the controller's next refill |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub enabled: u32,
+    pub tokens: u32,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 8);
+
+/// Key of `EVENT_SOURCES`: a source address (IPv4 in the first 4 bytes) and its family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventSource {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<EventSource>() == 20);
+
+/// Value of `EVENT_SOURCES`: the source's events in the current second.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | the second (`bpf_ktime_get_ns` / 10^9) |
+/// | 8 | 4 | events raised in it |
+/// | 12 | 4 | events suppressed since the source's last one |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceWindow {
+    pub second: u64,
+    pub raised: u32,
+    pub suppressed: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceWindow>() == 16);
+
 /// Drop what the policy drops.
 pub const MODE_ENFORCE: u32 = 0;
 /// Pass everything; count what would have been dropped in the monitor slots.
@@ -555,4 +658,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnTimeouts {}
     unsafe impl aya::Pod for super::UpstreamGroup {}
     unsafe impl aya::Pod for super::EgressConfig {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::EventSource {}
+    unsafe impl aya::Pod for super::SourceWindow {}
 }

@@ -248,6 +248,13 @@ fn record(ctx: &TcContext, mode: u32, verdict: Verdict) -> bool {
         }
     }
     crate::count_vpn(verdict, u64::from(ctx.len()));
+    let flags = enforcer_common::EVENT_EGRESS
+        | if drop && monitor {
+            enforcer_common::EVENT_MONITOR
+        } else {
+            0
+        };
+    crate::events::offer(ctx, verdict, drop, flags);
     if verdict.rule != NO_RULE
         && let Some(hits) = EGRESS_RULE_HITS.get_ptr_mut(verdict.rule)
     {

@@ -15,6 +15,7 @@
 
 mod conn;
 mod egress;
+mod events;
 mod fast;
 mod parse;
 mod source;
@@ -333,6 +334,12 @@ fn record(ctx: &XdpContext, mode: u32, verdict: Verdict) -> u32 {
         }
     }
     count_vpn(verdict, parse::frame_len(ctx));
+    let flags = if drop && monitor {
+        enforcer_common::EVENT_MONITOR
+    } else {
+        0
+    };
+    events::offer(ctx, verdict, drop, flags);
     if verdict.rule != NO_RULE
         && let Some(hits) = RULE_HITS.get_ptr_mut(verdict.rule)
     {

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod events;
 pub mod instance;
 pub mod metrics;
 pub mod policy;

@@ -82,6 +82,20 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        // Events on (a build that has them): every CPU's budget enabled, as `run --events`
+        // leaves it between refills; spent after the first events, as under a real flood.
+        if std::env::var_os("FLOODAB_EVENTS").is_some()
+            && let Some(map) = ebpf.map_mut("EVENT_BUDGET")
+        {
+            let mut budget: aya::maps::PerCpuArray<_, enforcer_common::EventBudget> =
+                aya::maps::PerCpuArray::try_from(map)?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            let value = enforcer_common::EventBudget {
+                enabled: 1,
+                tokens: 100,
+            };
+            budget.set(0, aya::maps::PerCpuValues::try_from(vec![value; cpus])?, 0)?;
+        }
         progs.push(ebpf);
     }
     let name = |i: usize| {

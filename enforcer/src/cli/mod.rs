@@ -76,6 +76,10 @@ pub enum Command {
         /// 127.0.0.1 only). Off by default.
         #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
         metrics: Option<std::net::SocketAddr>,
+        /// Write events (drops, would-drops, VPN packets, policy changes) as JSON lines with
+        /// Elastic Common Schema names to PATH (`-`: standard output); reopened on SIGHUP.
+        #[arg(long, value_name = "PATH")]
+        events: Option<PathBuf>,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -257,6 +261,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             vpn_flow_idle,
             conn_sweep_secs,
             metrics,
+            events,
         } => render::run(&daemon::DaemonConfig {
             iface,
             registry,
@@ -271,6 +276,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
                 conn_sweep: Duration::from_secs(conn_sweep_secs),
             },
             metrics,
+            events,
         }),
         Command::Detach { instance, iface } => {
             render::detach(instance.as_deref(), iface.as_deref())

@@ -238,6 +238,7 @@ pub fn stats(
         hits,
         vpn,
         egress,
+        events_suppressed,
     } = InstanceCounters::read_pinned(&id.pin_dir(), &indices)?;
     let (egress_counts, egress_hits) = egress.unwrap_or_default();
     let egress_hit = |at: usize| egress_hits.get(at).copied().unwrap_or(0);
@@ -278,6 +279,7 @@ pub fn stats(
             "program_id": state.program_id, "pid": state.pid, "registry": state.registry,
             "reasons": by_reason(&counts), "rules": by_rule, "vpn": by_vpn,
             "egress": {"mode": state.egress, "reasons": by_reason(&egress_counts)},
+            "events_suppressed": events_suppressed,
         });
         println!("{out:#}");
     } else {

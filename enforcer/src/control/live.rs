@@ -126,6 +126,20 @@ impl Live {
         self.serial
     }
 
+    /// What names rule `index` of the policy in force in an event.
+    pub fn rule_info(&self, index: u32) -> Option<crate::events::RuleInfo> {
+        let rule = self.policy.rule(index)?;
+        Some(crate::events::RuleInfo {
+            name: rule.name.to_string(),
+            kind: rule.kind.as_str(),
+            ministry: self
+                .policy
+                .extra(index)
+                .and_then(|e| e.ministry.as_deref())
+                .map(str::to_string),
+        })
+    }
+
     /// What the metrics endpoint publishes of the policy in force.
     pub fn facts(&self) -> crate::metrics::Facts {
         crate::metrics::Facts::of(

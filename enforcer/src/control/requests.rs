@@ -268,6 +268,7 @@ impl Live {
             "upstreams": self.policy.count(RuleKind::Upstream),
             "vpn_flow_lookup": flow_lookup,
             "connections": connections,
+            "events_suppressed": self.datapath.events_suppressed().unwrap_or(0),
             "enforcing": self.enforcing(),
             "connections_max": enforcer_common::MAX_CONNS,
         });

@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     pub timers: Timers,
     /// Where to serve Prometheus metrics (`None`: not at all).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where to write the event log (`-`: standard output; `None`: no events).
+    pub events: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,8 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Events(#[from] crate::events::EventLogError),
 }
 
 /// How the daemon stopped.
@@ -128,12 +132,19 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
                 .map_err(|source| DaemonError::Metrics { addr, source })
         })
         .transpose()?;
+    // Opened before anything is attached, like the metrics address.
+    let mut event_log = config
+        .events
+        .as_ref()
+        .map(|path| crate::events::EventLog::open(path, &config.iface))
+        .transpose()?;
     let source = FileSource::new(&config.registry);
     for done in crate::source::RegistrySource::recover(&source) {
         tracing::warn!("{done}");
     }
     let started = startup::start(config, &id, &source)?;
     let policy = &started.in_force.policy;
+    let (policy_mode, policy_egress) = (policy.mode, policy.egress);
     let xdp_mode = started.state.xdp_mode.clone();
     tracing::info!(
         instance = %id.name(),
@@ -178,6 +189,22 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
     let metrics = metrics_listener
         .as_ref()
         .map(|_| crate::metrics::Shared::new(live.facts(), id.pin_dir(), id.state_file()));
+    let events = match event_log.take() {
+        Some(mut log) => {
+            let ring = live.datapath_mut().take_events()?;
+            log.daemon(
+                "started",
+                &format!(
+                    "enforcer attached to {} ({policy_mode} mode, egress {policy_egress}, {xdp_mode} XDP)",
+                    config.iface
+                ),
+                true,
+                serde_json::json!({"labels": {"registry_serial": live.serial().to_string()}}),
+            );
+            Some((log, ring))
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -215,12 +242,19 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
                 _ = term.recv() => Ok("SIGTERM"),
             }
         };
+        let events = match events {
+            Some((log, ring)) => Some(serve::Events::new(log, ring).map_err(DaemonError::Runtime)?),
+            None => None,
+        };
         serve::serve(
             listener,
             &mut live,
             config.timers,
             config.xdp_mode,
-            metrics.as_deref(),
+            serve::Watchers {
+                metrics: metrics.as_deref(),
+                events,
+            },
             shutdown,
         )
         .await

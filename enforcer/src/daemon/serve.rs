@@ -12,11 +12,81 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
 use super::{DaemonError, Timers};
 use crate::{
-    control::{Envelope, Live, Response},
+    control::{Envelope, Live, Request, Response},
     datapath::AttachMode,
+    events::EventLog,
 };
+
+/// Events the kernel may raise per second, all CPUs together (a flood's events beyond it are
+/// suppressed and counted); refilled every `EVENT_REFILL`.
+pub const EVENT_RATE: u32 = 2000;
+const EVENT_REFILL: Duration = Duration::from_millis(100);
+
+/// What the daemon publishes besides the control socket.
+pub struct Watchers<'a> {
+    pub metrics: Option<&'a crate::metrics::Shared>,
+    pub events: Option<Events>,
+}
+
+/// The event log and the kernel's ring it reads.
+pub struct Events {
+    log: EventLog,
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Each CPU's budget per refill.
+    per_cpu: u32,
+}
+
+impl Events {
+    /// Must run on the event loop (the ring's descriptor is registered with it).
+    pub fn new(log: EventLog, ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1));
+        let refills = u32::try_from(Duration::from_secs(1).as_millis() / EVENT_REFILL.as_millis())
+            .unwrap_or(10);
+        let per_cpu = (EVENT_RATE / refills / u32::try_from(cpus).unwrap_or(1)).max(1);
+        // SAFETY: the ring owns its map's descriptor for as long as it lives, and the
+        // `AsyncFd` owns the ring.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self { log, ring, per_cpu })
+    }
+}
+
+/// Waits until the ring has events (never, without an event log).
+async fn ring_ready(
+    ring: Option<&mut AsyncFd<RingBuf<MapData>>>,
+) -> Option<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match ring {
+        Some(ring) => ring.readable_mut().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes every event the ring holds.
+fn drain(ring: &mut RingBuf<MapData>, log: &mut EventLog, live: &Live) {
+    // Bounded: the ring holds at most this many; more arrive on the next wake.
+    for _ in 0..enforcer_common::EVENT_RING_BYTES / 64 {
+        let Some(item) = ring.next() else {
+            break;
+        };
+        if item.len() < size_of::<enforcer_common::Event>() {
+            continue;
+        }
+        // SAFETY: the item holds an `Event` as the kernel wrote it (plain bytes, any pattern
+        // valid); read unaligned.
+        let event: enforcer_common::Event =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        let rule = (event.rule != enforcer_common::NO_RULE)
+            .then(|| live.rule_info(event.rule))
+            .flatten();
+        log.kernel(&event, rule.as_ref());
+    }
+}
 
 /// How often the daemon checks that the program still holds the interface.
 const LINK_CHECK: Duration = Duration::from_secs(1);
@@ -43,10 +113,20 @@ pub async fn serve(
     live: &mut Live,
     timers: Timers,
     attach: AttachMode,
-    metrics: Option<&crate::metrics::Shared>,
+    watchers: Watchers<'_>,
     shutdown: impl std::future::Future<Output = std::io::Result<&'static str>>,
 ) -> Result<&'static str, DaemonError> {
     tokio::pin!(shutdown);
+    let Watchers { metrics, events } = watchers;
+    // The ring and the log apart, so that waiting on the one leaves the other free.
+    let (mut ring, mut events) = match events {
+        Some(Events { log, ring, per_cpu }) => (Some(ring), Some((log, per_cpu))),
+        None => (None, None),
+    };
+    let mut refill = tokio::time::interval(EVENT_REFILL);
+    let mut folds = tokio::time::interval(Duration::from_secs(1));
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Signal)?;
     let mut expiry = tokio::time::interval(timers.expiry_check);
     // Not at once: flows pinned by an earlier run get a whole period to show a packet.
     let mut flows = tokio::time::interval_at(
@@ -58,13 +138,53 @@ pub async fn serve(
     let (jobs_in, mut jobs) = mpsc::channel::<Job>(QUEUE);
     loop {
         tokio::select! {
-            signal = &mut shutdown => return signal.map_err(DaemonError::Signal),
+            signal = &mut shutdown => {
+                let signal = signal.map_err(DaemonError::Signal)?;
+                if let Some((log, _)) = &mut events {
+                    let _ = live.datapath_mut().set_event_budget(None);
+                    log.close_folds(true);
+                    log.daemon(
+                        "stopped",
+                        &format!("controller stopping on {signal}; the program stays attached unless told to detach"),
+                        true,
+                        serde_json::json!({}),
+                    );
+                }
+                return Ok(signal);
+            }
             _ = expiry.tick() => {
                 let serial = live.serial();
                 if let Some(response) = live.expire() {
                     tracing::info!(ok = response.ok, "expiry: {}", response.message);
+                    if let Some((log, _)) = &mut events {
+                        log.daemon("expired", &response.message, response.ok, serde_json::json!({}));
+                    }
                 }
                 publish(metrics, live, serial);
+            }
+            ready = ring_ready(ring.as_mut()) => {
+                if let (Some(mut guard), Some((log, _))) = (ready, events.as_mut()) {
+                    drain(guard.get_inner_mut(), log, live);
+                    guard.clear_ready();
+                }
+            }
+            _ = refill.tick(), if events.is_some() => {
+                let per_cpu = events.as_ref().map(|(_, per_cpu)| *per_cpu);
+                if let Err(e) = live.datapath_mut().set_event_budget(per_cpu) {
+                    tracing::warn!("cannot refill the event budget: {e}");
+                }
+            }
+            _ = folds.tick(), if events.is_some() => {
+                if let Some((log, _)) = &mut events {
+                    log.close_folds(false);
+                }
+            }
+            _ = hangup.recv() => {
+                if let Some((log, _)) = &mut events
+                    && let Err(error) = log.reopen()
+                {
+                    tracing::warn!("{error}");
+                }
             }
             _ = flows.tick() => sweep_flows(live),
             _ = conns.tick() => {
@@ -84,9 +204,21 @@ pub async fn serve(
             }
             Some(job) = jobs.recv() => {
                 let serial = live.serial();
+                let change = !matches!(
+                    job.envelope.request,
+                    Request::Status | Request::List { .. } | Request::Check { .. }
+                );
                 let response = live.handle_envelope(job.envelope, job.uid);
                 tracing::info!(uid = job.uid, ok = response.ok, "{}", response.message);
                 publish(metrics, live, serial);
+                if change && let Some((log, _)) = &mut events {
+                    let action = if response.ok { "policy-changed" } else { "change-refused" };
+                    let fields = serde_json::json!({
+                        "user": {"id": job.uid.to_string()},
+                        "labels": {"registry_serial": live.serial().to_string()},
+                    });
+                    log.daemon(action, &response.message, response.ok, fields);
+                }
                 // A client that has gone no longer wants the answer; the change stands.
                 let _ = job.answer.send(response);
             }

@@ -163,6 +163,8 @@ pub struct InstanceCounters {
     /// The egress program's verdicts and rule hits (`None`: an instance of a build without
     /// egress verdicts, which pinned no such maps).
     pub egress: Option<(VerdictCounts, Vec<u64>)>,
+    /// Events the kernel suppressed (`None`: a build without events).
+    pub events_suppressed: Option<u64>,
 }
 
 impl InstanceCounters {
@@ -179,11 +181,22 @@ impl InstanceCounters {
         } else {
             None
         };
+        let suppressed = map_names::EVENT_SUPPRESSED;
+        let events_suppressed = if dir.join(suppressed).exists() {
+            let map = open(suppressed)?;
+            let array: PerCpuArray<&MapData, u64> =
+                PerCpuArray::try_from(&map).map_err(map_error(suppressed))?;
+            let values = array.get(&0, 0).map_err(map_error(suppressed))?;
+            Some(values.iter().sum())
+        } else {
+            None
+        };
         Ok(Self {
             verdicts: VerdictCounts::read(&open(verdicts)?, verdicts)?,
             hits: read_rule_hits(&open(hits)?, hits, rules)?,
             vpn: VpnCounts::read(&open(map_names::VPN_VERDICTS)?)?,
             egress,
+            events_suppressed,
         })
     }
 }

@@ -31,6 +31,7 @@ mod attach;
 mod counters;
 mod diff;
 mod egress;
+mod events;
 mod mapped;
 mod source;
 mod syscall;

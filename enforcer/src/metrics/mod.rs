@@ -224,6 +224,15 @@ fn exposition(
         "VPN packets by protocol and whether their endpoint was approved",
         vpn,
     );
+    if let Some(suppressed) = counters.events_suppressed {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(suppressed);
+        registry.register(
+            "events_suppressed",
+            "Events the kernel did not raise (rate limits, a full ring); the verdict counters count every packet",
+            counter,
+        );
+    }
 
     let entries = Family::<Labels, Gauge>::default();
     for (kind, count) in &facts.entries {
@@ -422,6 +431,7 @@ mod tests {
             hits: vec![3, 4, 5],
             vpn: crate::datapath::VpnCounts::default(),
             egress: Some((counts, vec![0, 1, 2])),
+            events_suppressed: Some(42),
         };
         let rules = [
             ("n1", "network", Some("MoITT")),
@@ -444,6 +454,7 @@ mod tests {
             "enforcer_rule_hits_total{direction=\"ingress\",rule=\"feeds/a.txt\",kind=\"feed\",ministry=\"\"} 9",
             "enforcer_map_entries{map=\"CONNS\"} 12",
             "enforcer_registry_serial 7",
+            "enforcer_events_suppressed_total 42",
             "enforcer_xdp_attach_mode{mode=\"native\"} 1",
             "enforcer_egress_mode{mode=\"off\"} 1",
         ] {

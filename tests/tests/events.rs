@@ -1,0 +1,345 @@
+//! The event log with real traffic: each kind of drop, a VPN packet, an egress denial and the
+//! daemon's own events reach the JSON lines with the fields a SIEM reads (Elastic Common Schema
+//! names), every line has the documented fields, a file is reopened on SIGHUP, and a flood from
+//! thousands of sources gives exact drop counters but a bounded number of events, with the
+//! suppressed ones counted.
+
+use std::{
+    net::{IpAddr, UdpSocket},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{
+    daemon::{Enforcer, enforcer_cli},
+    netns::require_root,
+    topology::{
+        self, DENIED, INTERNET, Lab, MINISTRY_LAN, SERVER_IFACE, Services, TCP_PORT, UDP_PORT,
+    },
+    vpn::TempDir,
+};
+use serde_json::Value;
+
+const REGISTRY: &str = r#"{"schema": 1, "mode": "enforce", "egress": "enforce",
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24", "ministry": "MoITT",
+                "ports": ["8080/tcp"]}],
+  "deny": [{"name": "vpn-provider", "cidr": "203.0.113.0/24"}]}"#;
+
+/// Every line of the log, parsed; panics on a line that is not JSON.
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The fields docs/events.md says every line has, with their types.
+fn check_schema(line: &Value) {
+    let text = |v: &Value| v.as_str().is_some();
+    let ts = line["@timestamp"].as_str().unwrap_or_default();
+    assert!(
+        ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+        "@timestamp RFC 3339 UTC with ms: {line}"
+    );
+    assert!(text(&line["event"]["kind"]), "event.kind: {line}");
+    assert!(text(&line["event"]["action"]), "event.action: {line}");
+    assert!(
+        line["event"]["category"].is_array(),
+        "event.category: {line}"
+    );
+    assert!(line["event"]["type"].is_array(), "event.type: {line}");
+    assert_eq!(line["observer"]["product"], "enforcer", "{line}");
+    assert!(text(&line["observer"]["interface"]["name"]), "{line}");
+    if line["event"]["category"][0] == "network" {
+        assert!(
+            line["event"]["count"].as_u64().is_some_and(|c| c >= 1),
+            "event.count: {line}"
+        );
+        assert!(
+            matches!(
+                line["network"]["direction"].as_str(),
+                Some("ingress" | "egress")
+            ),
+            "network.direction: {line}"
+        );
+        assert!(text(&line["network"]["iana_number"]), "{line}");
+        for side in ["source", "destination"] {
+            let ip = line[side]["ip"].as_str().unwrap_or_default();
+            assert!(ip.parse::<IpAddr>().is_ok(), "{side}.ip: {line}");
+        }
+        assert!(
+            matches!(
+                line["labels"]["would_drop"].as_str(),
+                Some("true" | "false")
+            ),
+            "labels.would_drop: {line}"
+        );
+    } else {
+        assert!(text(&line["message"]), "message: {line}");
+        assert!(
+            matches!(
+                line["event"]["outcome"].as_str(),
+                Some("success" | "failure")
+            ),
+            "{line}"
+        );
+    }
+}
+
+/// The first line for which `want` holds, waiting up to 5 s for it.
+fn wait_for(path: &Path, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = lines(path).into_iter().find(|l| want(l)) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event for {what} in:\n{}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn drops_vpn_packets_egress_denials_and_changes_reach_the_log() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN, INTERNET, DENIED]).unwrap();
+    let _services = Services::start(&lab.server).unwrap();
+    let dir = TempDir::new("enf-events").unwrap();
+    let registry: PathBuf = dir.0.join("registry.json");
+    std::fs::write(&registry, REGISTRY).unwrap();
+    let log = dir.0.join("events.jsonl");
+    let log_arg = log.display().to_string();
+    let enforcer = Enforcer::start(
+        &lab.server,
+        SERVER_IFACE,
+        &registry,
+        &["--events", &log_arg],
+    )
+    .unwrap();
+    let started = wait_for(&log, "the start", |l| l["event"]["action"] == "started");
+    assert_eq!(started["event"]["category"][0], "configuration");
+
+    let internet = lab.client(INTERNET.label);
+    let lan = lab.client(MINISTRY_LAN.label);
+    let denied = lab.client(DENIED.label);
+    // Not allowlisted: a TCP connection attempt.
+    assert!(
+        !topology::tcp_exchange(
+            &internet.ns,
+            internet.server_v4,
+            TCP_PORT,
+            Duration::from_millis(300)
+        )
+        .unwrap()
+    );
+    let line = wait_for(&log, "not_allowlisted", |l| {
+        l["event"]["action"] == "not_allowlisted"
+    });
+    assert_eq!(line["source"]["ip"], INTERNET.v4, "{line}");
+    assert_eq!(line["destination"]["port"], TCP_PORT, "{line}");
+    assert_eq!(line["network"]["transport"], "tcp", "{line}");
+    assert_eq!(line["network"]["direction"], "ingress", "{line}");
+    assert_eq!(line["event"]["type"][0], "denied", "{line}");
+    // Denied: pings from the deny range, with its rule.
+    let _ = topology::ping(&denied.ns, denied.server_v4, 1);
+    let line = wait_for(&log, "denied", |l| l["event"]["action"] == "denied");
+    assert_eq!(line["rule"]["name"], "vpn-provider", "{line}");
+    assert_eq!(line["network"]["transport"], "icmp", "{line}");
+    // Port not allowed: UDP from the approved LAN, whose entry allows 8080/tcp only; its
+    // ministry labels it.
+    topology::udp_send(&lan.ns, lan.server_v4, UDP_PORT, 1).unwrap();
+    let line = wait_for(&log, "port_not_allowed", |l| {
+        l["event"]["action"] == "port_not_allowed"
+    });
+    assert_eq!(line["rule"]["name"], "ministry-lan", "{line}");
+    assert_eq!(line["rule"]["ruleset"], "network", "{line}");
+    assert_eq!(line["labels"]["ministry"], "MoITT", "{line}");
+    assert_eq!(line["destination"]["port"], UDP_PORT, "{line}");
+    // An unapproved VPN: a WireGuard handshake initiation from the internet client.
+    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
+    init.resize(148, 0x5C);
+    internet
+        .ns
+        .enter(|| {
+            let socket = UdpSocket::bind((INTERNET.v4, 51_820))?;
+            socket.send_to(&init, (INTERNET.server_v4, 51_820))
+        })
+        .unwrap()
+        .unwrap();
+    let line = wait_for(&log, "unapproved_vpn", |l| {
+        l["event"]["action"] == "unapproved_vpn"
+    });
+    assert_eq!(line["labels"]["vpn_protocol"], "wireguard", "{line}");
+    assert_eq!(line["source"]["port"], 51_820, "{line}");
+    // Egress denied: the server connects to a host that is neither approved nor an upstream.
+    assert!(
+        !topology::tcp_exchange(
+            &lab.server,
+            INTERNET.v4.parse().unwrap(),
+            9,
+            Duration::from_millis(300)
+        )
+        .unwrap()
+    );
+    let line = wait_for(&log, "egress_denied", |l| {
+        l["event"]["action"] == "egress_denied"
+    });
+    assert_eq!(line["network"]["direction"], "egress", "{line}");
+    assert_eq!(line["destination"]["ip"], INTERNET.v4, "{line}");
+    assert_eq!(line["destination"]["port"], 9, "{line}");
+    // A change and a refused one.
+    let (ok, out) = enforcer_cli(
+        &[
+            "allow",
+            "add",
+            "10.60.0.0/16",
+            "--name",
+            "branch",
+            "--instance",
+            &enforcer.instance,
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let line = wait_for(&log, "the change", |l| {
+        l["event"]["action"] == "policy-changed"
+    });
+    assert_eq!(line["labels"]["registry_serial"], "1", "{line}");
+    let (ok, _) = enforcer_cli(
+        &[
+            "allow",
+            "add",
+            "10.60.0.1/16",
+            "--name",
+            "bad",
+            "--instance",
+            &enforcer.instance,
+        ],
+        &[],
+    );
+    assert!(!ok);
+    let line = wait_for(&log, "the refusal", |l| {
+        l["event"]["action"] == "change-refused"
+    });
+    assert_eq!(line["event"]["outcome"], "failure", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("host bits"),
+        "{line}"
+    );
+
+    // Reopened on SIGHUP, as logrotate asks.
+    let rotated = dir.0.join("events.jsonl.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let pid = i32::try_from(enforcer.pid().expect("running")).unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(log.exists(), "the log is opened anew on SIGHUP");
+    let (ok, out) = enforcer_cli(
+        &[
+            "allow",
+            "remove",
+            "branch",
+            "--instance",
+            &enforcer.instance,
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    wait_for(&log, "a change after the reopen", |l| {
+        l["event"]["action"] == "policy-changed"
+    });
+
+    // A flood from thousands of sources: the drop counter is exact, the events are bounded,
+    // and what was suppressed is counted.
+    let before = enforcer.stats().unwrap().packets("not_allowlisted");
+    let lines_before = lines(&log).len();
+    let frames = 6000;
+    flood(&internet.ns, internet.server_v4, frames);
+    std::thread::sleep(Duration::from_millis(500));
+    let dropped = enforcer.stats().unwrap().packets("not_allowlisted") - before;
+    assert_eq!(
+        dropped,
+        u64::from(frames),
+        "every flood frame dropped and counted"
+    );
+    let flood_lines = lines(&log).len() - lines_before;
+    let status = enforcer.status().unwrap();
+    let suppressed = status["events_suppressed"].as_u64().unwrap_or(0);
+    assert!(
+        flood_lines > 0 && flood_lines < usize::try_from(frames / 2).unwrap(),
+        "{flood_lines} lines for {frames} dropped frames"
+    );
+    assert!(
+        suppressed > 0 && suppressed + flood_lines as u64 >= u64::from(frames) / 2,
+        "suppressed events reported ({suppressed}) for {frames} frames, {flood_lines} lines"
+    );
+
+    for line in lines(&rotated).iter().chain(&lines(&log)) {
+        check_schema(line);
+    }
+}
+
+/// Sends `frames` UDP frames from 3,000 sources in 198.18.0.0/15 (benchmarking addresses no
+/// registry here lists) to `server`, broadcast on the client's link (the bridge hands them to
+/// the server), through a packet socket in `ns`.
+fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
+    ns.enter(|| {
+        // SAFETY: socket() with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert_ne!(ifindex, 0);
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        to.sll_ifindex = i32::try_from(ifindex).unwrap();
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xFF; 6]);
+        for i in 0..frames {
+            let source = IpAddr::from([
+                198,
+                18,
+                u8::try_from(i % 3000 / 256).unwrap(),
+                u8::try_from(i % 256).unwrap(),
+            ]);
+            let mut frame =
+                enforcer_tests::packet::Frame::udp(&source.to_string(), &server.to_string(), 9)
+                    .build();
+            frame[..6].copy_from_slice(&[0xFF; 6]);
+            // SAFETY: sends `frame` (valid for its length) to the address built above.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap(),
+                )
+            };
+            assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: closes the descriptor opened above.
+        unsafe { libc::close(fd) };
+    })
+    .unwrap();
+}
