@@ -228,6 +228,9 @@ pub struct State {
     pub program_id: Option<u32>,
     pub registry: String,
     pub started_unix: u64,
+    /// The event log (`run --events`), if one is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<String>,
 }
 
 impl State {

@@ -21,6 +21,7 @@ pub mod instance;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod report;
 pub mod source;
 #[cfg(test)]
 mod test_rng;

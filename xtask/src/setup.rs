@@ -12,11 +12,11 @@ use anyhow::{Context as _, bail};
 /// VPN software of the VPN tests (userspace `WireGuard`, `OpenVPN`, openssl for its certificates,
 /// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), a DNS
 /// server and client for the connection-state tests (dnsmasq, dig), `man` to render the
-/// generated man pages, the Prometheus server that scrapes the metrics endpoint, and tmux, the
-/// terminal `enforcer top` is tested in. (Installing
+/// generated man pages, the Prometheus server that scrapes the metrics endpoint, tmux, the
+/// terminal `enforcer top` is tested in, and Chromium, which renders the HTML report. (Installing
 /// a package with a service does not start it on a machine whose `policy-rc.d` denies starts,
 /// as this one's does; the tests start what they need themselves.)
-const APT_PACKAGES: [&str; 17] = [
+const APT_PACKAGES: [&str; 18] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -34,6 +34,7 @@ const APT_PACKAGES: [&str; 17] = [
     "man-db",
     "prometheus",
     "tmux",
+    "chromium",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

@@ -76,6 +76,9 @@ pub enum Command {
         /// 127.0.0.1 only). Off by default.
         #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
         metrics: Option<std::net::SocketAddr>,
+        /// How often the counters' history (read by `enforcer report`) takes a sample (seconds).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), hide = true)]
+        history_secs: u64,
         /// Write events (drops, would-drops, VPN packets, policy changes) as JSON lines with
         /// Elastic Common Schema names to PATH (`-`: standard output); reopened on SIGHUP.
         #[arg(long, value_name = "PATH")]
@@ -199,6 +202,21 @@ pub enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// A compliance report for this host: which of the advisory's controls are in force, with
+    /// the evidence (registry, expiries, drops, VPN attempts, changes).
+    Report {
+        /// Instance name (IFACE@NETNS) when several enforcers run.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Interface of the enforcer.
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long, value_enum, default_value = "html")]
+        format: ReportFormat,
+        /// The window for what changes over time, e.g. 24h, 7d, 90m.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        since: u64,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -210,6 +228,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ReportFormat {
+    Html,
+    Md,
+    Json,
+}
+
+/// `90m`, `24h`, `7d` (or plain seconds) as seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration \"{text}\" (expected e.g. 90m, 24h or 7d)"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration \"{text}\" (expected e.g. 90m, 24h or 7d)"
+            ));
+        }
+    };
+    Ok(value * scale)
 }
 
 #[derive(Subcommand, Debug)]
@@ -260,6 +308,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             expiry_check_secs,
             vpn_flow_idle,
             conn_sweep_secs,
+            history_secs,
             metrics,
             events,
         } => render::run(&daemon::DaemonConfig {
@@ -274,6 +323,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
                 expiry_check: Duration::from_secs(expiry_check_secs.max(1)),
                 flow_sweep: Duration::from_secs(vpn_flow_idle),
                 conn_sweep: Duration::from_secs(conn_sweep_secs),
+                history: Duration::from_secs(history_secs),
             },
             metrics,
             events,
@@ -329,6 +379,22 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             json,
         } => render::stats(instance.as_deref(), iface.as_deref(), json),
         Command::Top { instance, iface } => top::top(instance.as_deref(), iface.as_deref()),
+        Command::Report {
+            instance,
+            iface,
+            format,
+            since,
+        } => {
+            let state = crate::instance::select(instance.as_deref(), iface.as_deref())?;
+            let report = crate::report::Report::gather(&state, since)?;
+            let text = match format {
+                ReportFormat::Html => crate::report::html(&report),
+                ReportFormat::Md => crate::report::markdown(&report),
+                ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+            };
+            std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         command => control_command(command),
     }
 }

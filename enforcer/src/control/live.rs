@@ -126,6 +126,11 @@ impl Live {
         self.serial
     }
 
+    /// The instance's state file (the history and rule labels live beside it).
+    pub fn state_file(&self) -> std::path::PathBuf {
+        self.id.state_file()
+    }
+
     /// What names rule `index` of the policy in force in an event.
     pub fn rule_info(&self, index: u32) -> Option<crate::events::RuleInfo> {
         let rule = self.policy.rule(index)?;

@@ -3,6 +3,7 @@
 //! `control`; what it enforces is `datapath`.
 
 mod detach;
+pub mod history;
 mod serve;
 mod startup;
 
@@ -38,6 +39,8 @@ pub struct Timers {
     pub flow_sweep: Duration,
     /// How often expired connections are removed from the connection table.
     pub conn_sweep: Duration,
+    /// How often the counters' history takes a sample (for the compliance report).
+    pub history: Duration,
 }
 
 /// What `enforcer run` was told.

@@ -123,6 +123,8 @@ pub async fn serve(
         Some(Events { log, ring, per_cpu }) => (Some(ring), Some((log, per_cpu))),
         None => (None, None),
     };
+    let mut history = super::history::History::new(&live.state_file());
+    let mut history_tick = tokio::time::interval(timers.history);
     let mut refill = tokio::time::interval(EVENT_REFILL);
     let mut folds = tokio::time::interval(Duration::from_secs(1));
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -187,6 +189,7 @@ pub async fn serve(
                 }
             }
             _ = flows.tick() => sweep_flows(live),
+            _ = history_tick.tick() => history.sample(live.datapath_mut()),
             _ = conns.tick() => {
                 let kept = sweep_conns(live);
                 if let (Some(metrics), Some(kept)) = (metrics, kept) {

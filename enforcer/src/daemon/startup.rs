@@ -150,6 +150,16 @@ pub fn start(
             started_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            events: config
+                .events
+                .as_ref()
+                .filter(|p| p.as_os_str() != "-")
+                .map(|p| {
+                    std::fs::canonicalize(p)
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                }),
         };
         state.write(id)?;
         Ok((state, policy))
