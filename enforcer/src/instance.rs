@@ -125,9 +125,17 @@ pub fn ensure_bpffs(private: bool) -> Result<Bpffs, InstanceError> {
     // cannot be looked at, the one that started this process stands for the host's.)
     let init_differs =
         matches!((mount_ns("self"), mount_ns("1")), (Some(own), Some(init)) if own != init);
-    let would_be_own = init_differs && !is_bpffs(Path::new(BPFFS));
+    let mounted = is_bpffs(Path::new(BPFFS));
+    let would_be_own = init_differs && !mounted;
     if !own_mount_ns() && !would_be_own {
         mount_bpffs()?;
+        return Ok(Bpffs::Shared);
+    }
+    // A mount namespace of its own (a service manager's private mounts: ProtectSystem= and
+    // the like) whose /sys/fs/bpf is a bpffs already: a copy of a mount made before this
+    // process, so pins made there are the host's and outlive it. Only a bpffs this process
+    // would mount itself there would die with it.
+    if mounted {
         return Ok(Bpffs::Shared);
     }
     if private {

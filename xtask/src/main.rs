@@ -31,6 +31,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package `target/debian/enforcer_VERSION_amd64.deb` (cargo-deb): the
+    /// binary, the example registry, the systemd unit, man pages, completions and the docs.
+    Package {
+        /// The package version, if not the crate's (e.g. to test an upgrade).
+        #[arg(long)]
+        deb_version: Option<String>,
+    },
     /// Set up (with the peers), build, and measure: per-packet cost (`BPF_PROG_TEST_RUN`) beside
     /// floor programs and xdp-filter, a veth flood beside nftables and iptables+ipset, and the
     /// control plane. Parts by name: `test-run`, `xdp-filter`, `vpn`, `conns`, `flood`, `control` (default: all).
@@ -58,6 +65,11 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build()?;
             test(&args)
+        }
+        Task::Package { deb_version } => {
+            setup::setup()?;
+            let cargo_deb = setup::packager()?;
+            package(&cargo_deb, deb_version.as_deref())
         }
         Task::Bench { parts } => {
             setup::setup()?;
@@ -106,6 +118,60 @@ fn cargo_with(args: &[&str], bin: &std::path::Path) -> anyhow::Result<()> {
         .status()?;
     if !status.success() {
         bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The release binary, the man pages and completions it generates, then cargo-deb.
+fn package(cargo_deb: &std::path::Path, deb_version: Option<&str>) -> anyhow::Result<()> {
+    cargo(&["build", "--release", "-p", "enforcer"])?;
+    let root = workspace_root();
+    let out = root.join("target/package");
+    let _ = std::fs::remove_dir_all(&out);
+    let (man, completions) = (out.join("man"), out.join("completions"));
+    std::fs::create_dir_all(&completions)?;
+    let binary = root.join("target/release/enforcer");
+    let run = |args: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let output = Command::new(&binary).args(args).output()?;
+        if !output.status.success() {
+            bail!("`enforcer {}` failed", args.join(" "));
+        }
+        Ok(output.stdout)
+    };
+    run(&["generate", "man", &man.display().to_string()])?;
+    // Man pages are installed compressed (Debian policy), reproducibly (no name, no time).
+    for page in std::fs::read_dir(&man)? {
+        let page = page?.path();
+        if !Command::new("gzip")
+            .args(["-9n"])
+            .arg(&page)
+            .status()?
+            .success()
+        {
+            bail!("gzip {} failed", page.display());
+        }
+    }
+    for (shell, file) in [
+        ("bash", "enforcer.bash"),
+        ("zsh", "_enforcer"),
+        ("fish", "enforcer.fish"),
+    ] {
+        std::fs::write(
+            completions.join(file),
+            run(&["generate", "completions", shell])?,
+        )?;
+    }
+    let mut args = vec!["-p", "enforcer", "--no-build"];
+    if let Some(version) = deb_version {
+        args.extend(["--deb-version", version]);
+    }
+    let status = Command::new(cargo_deb)
+        .args(&args)
+        .current_dir(&root)
+        .env("PATH", setup::path_with_linker())
+        .status()?;
+    if !status.success() {
+        bail!("cargo-deb failed");
     }
     Ok(())
 }

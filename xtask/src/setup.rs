@@ -46,6 +46,31 @@ pub fn bench_peers() -> anyhow::Result<()> {
     apt_packages(&BENCH_PACKAGES)
 }
 
+/// What `cargo xtask package` uses: cargo-deb (built once into the cache, as bpf-linker is),
+/// lintian to check the package, and dpkg-dev for the shared-library dependencies.
+pub fn packager() -> anyhow::Result<PathBuf> {
+    apt_packages(&["lintian", "dpkg-dev"])?;
+    let root = cache_dir().join("cargo-deb");
+    let bin = root.join("bin").join("cargo-deb");
+    if !bin.exists() {
+        println!("setup: building cargo-deb (about a minute)");
+        let root_text = root.display().to_string();
+        if !status(
+            "cargo",
+            &[
+                "install",
+                "--locked",
+                "--root",
+                &root_text,
+                "cargo-deb@3.8.0",
+            ],
+        )? {
+            bail!("`cargo install cargo-deb` failed");
+        }
+    }
+    Ok(bin)
+}
+
 /// Where slow-to-build tools are cached: `$ENFORCER_CACHE`, else `~/.cache/enforcer`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ENFORCER_CACHE") {

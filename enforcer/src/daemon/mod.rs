@@ -223,6 +223,10 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(socket_error)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
+        // Under systemd (Type=notify): the policy is in force and the socket serves.
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot tell the service manager that the enforcer is ready: {e}");
+        }
         if let (Some(listener), Some(shared)) = (metrics_listener, &metrics) {
             let addr = listener.local_addr().ok();
             let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {

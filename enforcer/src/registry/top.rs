@@ -29,8 +29,9 @@ pub(super) struct Top<'a> {
 }
 
 /// The fields a registry may have, in the order the documentation lists them.
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "schema",
+    "note",
     "mode",
     "egress",
     "serial",
@@ -112,6 +113,8 @@ pub(super) fn read(text: &str) -> Result<(Top<'_>, Vec<TopProblem>), serde_json:
         }
         let read: Result<(), String> = match key.as_str() {
             "schema" => value(raw).map(|v| top.schema = Some(v)),
+            // Free text for the people who edit the file; the enforcer does not read it.
+            "note" => value::<String>(raw).map(|_| ()),
             "mode" => value(raw).map(|v| top.mode = Some(v)),
             "egress" => value(raw).map(|v| top.egress = Some(v)),
             "serial" => value(raw).map(|v| top.serial = v),
