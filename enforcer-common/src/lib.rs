@@ -421,7 +421,7 @@ pub const EVENTS_PER_SOURCE: u32 = 5;
 /// | 50 | 2 | destination port (network order) |
 /// | 52 | 2 | VLAN id of the outer tag (0: untagged) |
 /// | 54 | 1 | `Reason` |
-/// | 55 | 1 | flags: `EVENT_EGRESS`, `EVENT_MONITOR` |
+/// | 55 | 1 | flags: `EVENT_EGRESS`, `EVENT_MONITOR`, `EVENT_ACCESS` |
 /// | 56 | 1 | IP protocol |
 /// | 57 | 1 | family (4 or 6) |
 /// | 58 | 1 | `VpnProtocol`, or `EVENT_NO_VPN` |
@@ -452,6 +452,8 @@ const _: () = assert!(core::mem::size_of::<Event>() == 64);
 pub const EVENT_EGRESS: u8 = 1;
 /// In `Event::flags`: monitor mode let it through; enforce mode would have dropped it.
 pub const EVENT_MONITOR: u8 = 2;
+/// In `Event::flags`: an allowed packet that opens a flow (a TCP SYN): the access log.
+pub const EVENT_ACCESS: u8 = 4;
 /// In `Event::vpn`: no VPN protocol.
 pub const EVENT_NO_VPN: u8 = 0xFF;
 

@@ -120,6 +120,7 @@ fn unpack(packed: u64) -> Verdict {
         reason,
         rule: packed as u32,
         vpn,
+        opens: 0,
     }
 }
 
@@ -160,6 +161,7 @@ fn decide(ctx: &TcContext, packet: &IpPacket) -> Verdict {
             reason,
             rule,
             vpn: protocol,
+            opens: 0,
         };
     }
     //    The signature-less packets of a VPN over TCP (SYN, ACKs) to an approved endpoint's
@@ -171,6 +173,7 @@ fn decide(ctx: &TcContext, packet: &IpPacket) -> Verdict {
             reason: Reason::ApprovedVpn,
             rule,
             vpn: protocol,
+            opens: 0,
         };
     }
     // 4. A destination in an approved network or device passes, on any port: answers to

@@ -1,5 +1,6 @@
-//! Events for the controller's log: every drop (and, in monitor mode, every would-drop) and
-//! every VPN packet, in both directions, through a ring buffer. Rate-limited in the kernel so
+//! Events for the controller's log: every drop (and, in monitor mode, every would-drop), every
+//! VPN packet, in both directions, and every allowed TCP connection opened to the server (the
+//! access log), through a ring buffer. Rate-limited in the kernel so
 //! that a flood neither slows the datapath nor drowns the controller: a per-CPU budget, which
 //! the controller refills several times a second, is read first (one per-CPU array access, all
 //! a flood packet pays once the budget is spent); then each source may raise
@@ -60,9 +61,14 @@ impl Raise for TcContext {
 /// is spent.
 #[inline(always)]
 pub fn offer<C: Raise>(ctx: &C, verdict: Verdict, drop: bool, flags: u8) {
-    if !drop && verdict.vpn == vpn::NO_VPN {
+    if !drop && verdict.vpn == vpn::NO_VPN && verdict.opens == 0 {
         return;
     }
+    let flags = if verdict.opens != 0 {
+        flags | enforcer_common::EVENT_ACCESS
+    } else {
+        flags
+    };
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };

@@ -98,6 +98,7 @@ fn finish(
         proto,
         src_port_be,
         dst_port_be,
+        tcp_flags,
         payload,
     } = *transport;
     let rule = entry.wrapping_sub(1);
@@ -121,7 +122,8 @@ fn finish(
     }
     // 5. An allowed source's ports, as `check_ports` decides them for a whole datagram.
     if entry != 0 && (flags & RULE_ANY_PORT != 0 || port_listed(rule, proto, dst_port_be)) {
-        return decided(record(ctx, mode, Verdict::new(Reason::Allowed, rule)));
+        let opens = parse::opens(proto, tcp_flags);
+        return decided(record(ctx, mode, Verdict::allowed(rule, opens)));
     }
     // 6. A packet that would drop may answer a connection the server opened: one array read
     //    says whether the server has any with this source.

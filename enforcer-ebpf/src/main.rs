@@ -77,6 +77,8 @@ pub(crate) struct Verdict {
     rule: u32,
     /// `VpnProtocol as u32`, or `vpn::NO_VPN`.
     vpn: u32,
+    /// 1 for an allowed packet that opens a flow (a TCP SYN): the access log's event.
+    opens: u32,
 }
 
 impl Verdict {
@@ -85,6 +87,7 @@ impl Verdict {
             reason,
             rule,
             vpn: vpn::NO_VPN,
+            opens: 0,
         }
     }
     const fn without_rule(reason: Reason) -> Self {
@@ -92,6 +95,16 @@ impl Verdict {
             reason,
             rule: NO_RULE,
             vpn: vpn::NO_VPN,
+            opens: 0,
+        }
+    }
+    /// An allowed packet of `rule`; `opens`: it opens a flow (see `parse::opens`).
+    const fn allowed(rule: u32, opens: bool) -> Self {
+        Self {
+            reason: Reason::Allowed,
+            rule,
+            vpn: vpn::NO_VPN,
+            opens: opens as u32,
         }
     }
 }
@@ -173,6 +186,7 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
             reason,
             rule,
             vpn: protocol,
+            opens: 0,
         };
     }
     //    The signature-less packets of a VPN over TCP (SYN-ACK, ACKs) from an approved
@@ -185,6 +199,7 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
             reason: Reason::ApprovedVpn,
             rule,
             vpn: protocol,
+            opens: 0,
         };
     }
     // 5. The source allowlist (networks and devices; longest prefix wins) and the matched
@@ -200,6 +215,11 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
         return Verdict::without_rule(Reason::EstablishedReply);
     }
     if listed {
+        let opens = matches!(packet.l4, L4::Ports { tcp_flags, .. }
+            if parse::opens(packet.proto, tcp_flags));
+        if reason == Reason::Allowed {
+            return Verdict::allowed(rule, opens);
+        }
         Verdict::new(reason, rule)
     } else {
         Verdict::without_rule(reason)

@@ -502,11 +502,14 @@ fn plain_transport(
     udp_len: [u8; 4],
 ) -> Option<Transport> {
     let [src_hi, src_lo, dst_hi, dst_lo] = ports;
+    let mut tcp_flags = 0;
     let payload = match proto {
         IPPROTO_TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, l4).ok()?;
             // SAFETY: ptr_at checked that the TCP header lies inside the frame.
-            tcp_payload(l4, ip_payload_len, unsafe { (*tcp).data_offset })?
+            let (data_offset, flags) = unsafe { ((*tcp).data_offset, (*tcp).flags) };
+            tcp_flags = flags;
+            tcp_payload(l4, ip_payload_len, data_offset)?
         }
         IPPROTO_UDP => udp_payload(
             l4,
@@ -519,6 +522,7 @@ fn plain_transport(
         proto,
         src_port_be: [src_hi, src_lo],
         dst_port_be: [dst_hi, dst_lo],
+        tcp_flags,
         payload,
     })
 }
@@ -535,7 +539,19 @@ pub struct Transport {
     pub proto: u8,
     pub src_port_be: [u8; 2],
     pub dst_port_be: [u8; 2],
+    /// TCP's flags (0 for UDP).
+    pub tcp_flags: u8,
     pub payload: Payload,
+}
+
+/// TCP flags: a SYN without ACK opens a connection.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Whether TCP `flags` open a connection (the first packet of a flow: the access log's).
+#[inline(always)]
+pub const fn opens(proto: u8, flags: u8) -> bool {
+    proto == IPPROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// What `plain_v4` reads.

@@ -1,5 +1,5 @@
 //! The event log (`enforcer run --events PATH`): the kernel's events (drops, would-drops, VPN
-//! packets, in both directions) and the daemon's own (start, stop, applied and refused changes,
+//! packets, in both directions, and the connections approved clients open: the access log) and the daemon's own (start, stop, applied and refused changes,
 //! expiry) as JSON lines with Elastic Common Schema field names, so that a SIEM ingests them
 //! without a parser of its own. The schema is docs/events.md. Repeated events of one source
 //! (same direction, reason and rule) within `FOLD` are folded: the first is written at once,
@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use enforcer_common::{EVENT_EGRESS, EVENT_MONITOR, EVENT_NO_VPN, Event, Reason, VpnProtocol};
+use enforcer_common::{
+    EVENT_ACCESS, EVENT_EGRESS, EVENT_MONITOR, EVENT_NO_VPN, Event, Reason, VpnProtocol,
+};
 use serde_json::{Value, json};
 
 use crate::registry::Date;
@@ -203,14 +205,16 @@ impl EventLog {
         let egress = event.flags & EVENT_EGRESS != 0;
         let would_drop = event.flags & EVENT_MONITOR != 0;
         let passed = reason.is_some_and(|r| r.action() == enforcer_common::Action::Pass);
+        let access = event.flags & EVENT_ACCESS != 0;
         let wall = i128::from(event.time_ns) + self.wall_offset_ns;
         let mut line = json!({
             "@timestamp": timestamp(wall),
             "event": {
                 "kind": "event",
                 "category": ["network"],
-                "type": [if passed { "allowed" } else { "denied" }],
-                "action": reason.map_or("unknown", Reason::label),
+                "type": if access { json!(["connection", "start", "allowed"]) }
+                        else if passed { json!(["allowed"]) } else { json!(["denied"]) },
+                "action": if access { "access" } else { reason.map_or("unknown", Reason::label) },
                 "reason": reason.map_or("", Reason::help),
                 "count": count,
             },
@@ -229,7 +233,9 @@ impl EventLog {
             line["network"]["vlan"] = json!({"id": event.vlan.to_string()});
         }
         let port = |p: [u8; 2]| u16::from_be_bytes(p);
-        let has_ports = matches!(event.proto, 6 | 17);
+        // (A later fragment carries none: both 0.)
+        let has_ports =
+            matches!(event.proto, 6 | 17) && (event.src_port != [0; 2] || event.dst_port != [0; 2]);
         for (side, addr, p) in [
             ("source", &event.src, event.src_port),
             ("destination", &event.dst, event.dst_port),

@@ -64,9 +64,12 @@ fn check_schema(line: &Value) {
             "network.direction: {line}"
         );
         assert!(text(&line["network"]["iana_number"]), "{line}");
-        for side in ["source", "destination"] {
-            let ip = line[side]["ip"].as_str().unwrap_or_default();
-            assert!(ip.parse::<IpAddr>().is_ok(), "{side}.ip: {line}");
+        // Addresses for IP packets (a frame that is not IP has none).
+        if line["network"]["type"] != "other" {
+            for side in ["source", "destination"] {
+                let ip = line[side]["ip"].as_str().unwrap_or_default();
+                assert!(ip.parse::<IpAddr>().is_ok(), "{side}.ip: {line}");
+            }
         }
         assert!(
             matches!(
@@ -126,6 +129,16 @@ fn drops_vpn_packets_egress_denials_and_changes_reach_the_log() {
     let internet = lab.client(INTERNET.label);
     let lan = lab.client(MINISTRY_LAN.label);
     let denied = lab.client(DENIED.label);
+    // The access log: an approved client opens a connection to the e-Office service.
+    assert!(
+        topology::tcp_exchange(&lan.ns, lan.server_v4, TCP_PORT, Duration::from_secs(1)).unwrap()
+    );
+    let line = wait_for(&log, "the access", |l| l["event"]["action"] == "access");
+    assert_eq!(line["source"]["ip"], MINISTRY_LAN.v4, "{line}");
+    assert_eq!(line["destination"]["port"], TCP_PORT, "{line}");
+    assert_eq!(line["rule"]["name"], "ministry-lan", "{line}");
+    assert_eq!(line["labels"]["ministry"], "MoITT", "{line}");
+    assert_eq!(line["event"]["type"][0], "connection", "{line}");
     // Not allowlisted: a TCP connection attempt.
     assert!(
         !topology::tcp_exchange(
@@ -288,9 +301,25 @@ fn drops_vpn_packets_egress_denials_and_changes_reach_the_log() {
 }
 
 /// Sends `frames` UDP frames from 3,000 sources in 198.18.0.0/15 (benchmarking addresses no
-/// registry here lists) to `server`, broadcast on the client's link (the bridge hands them to
-/// the server), through a packet socket in `ns`.
+/// registry here lists) to `server`.
 fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
+    send_raw(
+        ns,
+        (0..frames).map(|i| {
+            let source = IpAddr::from([
+                198,
+                18,
+                u8::try_from(i % 3000 / 256).unwrap(),
+                u8::try_from(i % 256).unwrap(),
+            ]);
+            enforcer_tests::packet::Frame::udp(&source.to_string(), &server.to_string(), 9).build()
+        }),
+    );
+}
+
+/// Sends crafted Ethernet frames, broadcast on the client's link (the bridge hands them to the
+/// server), through a packet socket in `ns`.
+fn send_raw(ns: &enforcer_tests::netns::Netns, frames: impl Iterator<Item = Vec<u8>> + Send) {
     ns.enter(|| {
         // SAFETY: socket() with constant arguments.
         let fd = unsafe {
@@ -314,16 +343,7 @@ fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
         to.sll_ifindex = i32::try_from(ifindex).unwrap();
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&[0xFF; 6]);
-        for i in 0..frames {
-            let source = IpAddr::from([
-                198,
-                18,
-                u8::try_from(i % 3000 / 256).unwrap(),
-                u8::try_from(i % 256).unwrap(),
-            ]);
-            let mut frame =
-                enforcer_tests::packet::Frame::udp(&source.to_string(), &server.to_string(), 9)
-                    .build();
+        for mut frame in frames {
             frame[..6].copy_from_slice(&[0xFF; 6]);
             // SAFETY: sends `frame` (valid for its length) to the address built above.
             let sent = unsafe {
@@ -342,4 +362,114 @@ fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
         unsafe { libc::close(fd) };
     })
     .unwrap();
+}
+
+/// The reasons the first test does not meet, each with its event: a deny feed's range,
+/// malformed headers, a frame that is not IP, an unverified later fragment, an approved VPN
+/// packet, and (in monitor mode) a would-drop.
+#[test]
+fn every_other_reason_has_its_event() {
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN, INTERNET, DENIED]).unwrap();
+    let _services = Services::start(&lab.server).unwrap();
+    let dir = TempDir::new("enf-events2").unwrap();
+    std::fs::write(
+        dir.0.join("providers.txt"),
+        "# a provider list\n203.0.113.0/24\n",
+    )
+    .unwrap();
+    let registry: PathBuf = dir.0.join("registry.json");
+    std::fs::write(
+        &registry,
+        r#"{"schema": 1, "mode": "enforce",
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24", "ports": ["8080/tcp"]}],
+  "vpn_endpoints": [{"name": "nitb-wg", "address": "192.0.2.66", "protocol": "wireguard",
+                     "approval": "NITB-2026-0042"}],
+  "deny_files": ["providers.txt"]}"#,
+    )
+    .unwrap();
+    let log = dir.0.join("events.jsonl");
+    let log_arg = log.display().to_string();
+    let enforcer = Enforcer::start(
+        &lab.server,
+        SERVER_IFACE,
+        &registry,
+        &["--events", &log_arg],
+    )
+    .unwrap();
+    let (lan, internet, denied) = (
+        lab.client(MINISTRY_LAN.label),
+        lab.client(INTERNET.label),
+        lab.client(DENIED.label),
+    );
+    let action = |want: &'static str| move |l: &Value| l["event"]["action"] == want;
+
+    let _ = topology::ping(&denied.ns, denied.server_v4, 1);
+    let line = wait_for(&log, "denied_feed", action("denied_feed"));
+    assert_eq!(line["rule"]["ruleset"], "feed", "{line}");
+    assert_eq!(line["source"]["ip"], DENIED.v4, "{line}");
+
+    let server = lan.server_v4.to_string();
+    // A TCP header announcing 12 bytes (less than the 20 it has at least). Its IPv4 header
+    // stays valid: a bridge that validates IPv4 (br_netfilter) would drop a bad one before the
+    // server saw it, and a short frame is padded on the wire, so cutting it would not do.
+    let mut malformed =
+        enforcer_tests::packet::Frame::tcp(MINISTRY_LAN.v4, &server, TCP_PORT).build();
+    malformed[14 + 20 + 12] = 3 << 4;
+    // A local experimental EtherType, from a valid source MAC (a bridge drops a zero one).
+    let mut not_ip = vec![0u8; 60];
+    not_ip[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
+    not_ip[12..14].copy_from_slice(&0x88B5u16.to_be_bytes());
+    let later_fragment = enforcer_tests::packet::Frame::new(
+        MINISTRY_LAN.v4.parse().unwrap(),
+        lan.server_v4,
+        enforcer_tests::packet::L4::Raw {
+            proto: enforcer_tests::packet::UDP,
+            bytes: vec![0; 64],
+        },
+    )
+    .fragment(185, false, 4242)
+    .build();
+    send_raw(&lan.ns, [malformed, not_ip, later_fragment].into_iter());
+    let line = wait_for(&log, "malformed", action("malformed"));
+    assert_eq!(line["network"]["type"], "ipv4", "{line}");
+    let line = wait_for(&log, "non_ip", action("non_ip"));
+    assert_eq!(line["network"]["type"], "other", "{line}");
+    let line = wait_for(&log, "fragment_unverified", action("fragment_unverified"));
+    assert_eq!(line["rule"]["name"], "ministry-lan", "{line}");
+
+    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
+    init.resize(148, 0x5C);
+    internet
+        .ns
+        .enter(|| {
+            UdpSocket::bind((INTERNET.v4, 51_820))?.send_to(&init, (INTERNET.server_v4, 51_820))
+        })
+        .unwrap()
+        .unwrap();
+    let line = wait_for(&log, "approved_vpn", action("approved_vpn"));
+    assert_eq!(line["event"]["type"][0], "allowed", "{line}");
+    assert_eq!(line["rule"]["name"], "nitb-wg", "{line}");
+
+    let (ok, out) = enforcer_cli(&["mode", "monitor", "--instance", &enforcer.instance], &[]);
+    assert!(ok, "{out}");
+    assert!(
+        topology::tcp_exchange(
+            &internet.ns,
+            internet.server_v4,
+            TCP_PORT,
+            Duration::from_secs(1)
+        )
+        .unwrap(),
+        "monitor mode lets it through"
+    );
+    // (The server's own packets are would-drops too: egress is in monitor mode here.)
+    let line = wait_for(&log, "an ingress would-drop", |l| {
+        l["labels"]["would_drop"] == "true" && l["network"]["direction"] == "ingress"
+    });
+    assert_eq!(line["event"]["action"], "not_allowlisted", "{line}");
+    assert_eq!(line["source"]["ip"], INTERNET.v4, "{line}");
+    for line in lines(&log) {
+        check_schema(&line);
+    }
 }

@@ -11,8 +11,10 @@ use enforcer_tests::kernel::Loaded;
 /// would drop may take (as a global function its stack and the caller's would exceed the
 /// kernel's 512 bytes together); and the fast path running on while VPN flows are remembered
 /// (for packets from other peers than the flows'), which the verifier walks for both states of
-/// the flag.
-const BUDGET: u32 = 119_073;
+/// the flag; and the event offer at the one exit (a drop, a VPN packet or an allowed TCP SYN,
+/// each with the budget spent or not): 119,988 measured on 2026-12-06, from 113,953 before
+/// events.
+const BUDGET: u32 = 120_000;
 
 #[test]
 fn the_program_verifies_within_its_instruction_budget() {

@@ -1,6 +1,7 @@
 //! `enforcer top` in a real terminal (tmux, on a server socket of the test's own): while an
 //! unlisted client's pings drop and an approved client talks to the server, the screen shows
-//! the rates by reason in both directions and the busiest rule; `q` quits.
+//! the rates by reason in both directions, the busiest rule and (from the event log) the
+//! busiest dropped source; `q` quits.
 
 use std::{
     path::PathBuf,
@@ -53,7 +54,9 @@ fn top_shows_the_rates_and_quits_on_q() {
     let dir = TempDir::new("enf-top").unwrap();
     let registry: PathBuf = dir.0.join("registry.json");
     std::fs::write(&registry, REGISTRY).unwrap();
-    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let events = dir.0.join("events.jsonl").display().to_string();
+    let enforcer =
+        Enforcer::start(&lab.server, SERVER_IFACE, &registry, &["--events", &events]).unwrap();
 
     let tmux = Tmux::new();
     let command = format!(
@@ -96,6 +99,7 @@ fn top_shows_the_rates_and_quits_on_q() {
         if rate_of("not_allowlisted") > 0.0
             && screen.contains("ministry-lan")
             && screen.contains("outgoing")
+            && screen.contains(INTERNET.v4)
         {
             break;
         }
@@ -111,6 +115,8 @@ fn top_shows_the_rates_and_quits_on_q() {
         "ministry-lan",
         "VPN packets",
         "rules 1 of 1048576",
+        "busiest dropped sources",
+        INTERNET.v4,
         "registry serial 0",
     ] {
         assert!(

@@ -1,7 +1,8 @@
 //! `enforcer top`: a terminal view of a running enforcer, refreshed each second — rates by
-//! reason in each direction, the busiest rules, VPN packets by protocol, the maps' fill. It
-//! reads what `stats` reads (the pinned counters, the rule labels) and the controller's
-//! `status`; `q` (or Esc, or Ctrl-C) quits. Built on ratatui's crossterm backend, which draws
+//! reason in each direction, the busiest rules, the busiest dropped sources (from the event log,
+//! when `run --events` writes one to a file), VPN packets by protocol, the maps' fill. It reads
+//! what `stats` reads (the pinned counters, the rule labels), the controller's `status` and the
+//! event log's new lines; `q` (or Esc, or Ctrl-C) quits. Built on ratatui's crossterm backend, which draws
 //! on any terminal, over SSH too.
 
 use std::{
@@ -31,6 +32,94 @@ const REFRESH: Duration = Duration::from_secs(1);
 const LABELS_REFRESH: Duration = Duration::from_secs(10);
 /// Rows of the busiest-rules table.
 const BUSIEST: usize = 12;
+/// The window of the busiest dropped sources, in refreshes.
+const SOURCES_WINDOW: usize = 10;
+/// The most of the event log read per refresh (a flood's lines beyond wait for the next).
+const LOG_READ: u64 = 4 << 20;
+
+/// The event log's new lines, read a refresh at a time: the drops per (source, reason) of
+/// each of the last `SOURCES_WINDOW` refreshes.
+struct Sources {
+    path: Option<std::path::PathBuf>,
+    offset: u64,
+    windows: std::collections::VecDeque<std::collections::HashMap<(String, String), u64>>,
+}
+
+impl Sources {
+    fn new(state: Option<&State>) -> Self {
+        let path = state
+            .and_then(|s| s.events.as_ref())
+            .map(std::path::PathBuf::from);
+        // Only what arrives from now on.
+        let offset = path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        Self {
+            path,
+            offset,
+            windows: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn refresh(&mut self) -> Result<Vec<[String; 3]>, &'static str> {
+        use std::io::{Read as _, Seek as _};
+        let Some(path) = &self.path else {
+            return Err("(run with --events FILE to see them)");
+        };
+        let mut drops = std::collections::HashMap::new();
+        if let Ok(mut file) = std::fs::File::open(path) {
+            let len = file.metadata().map_or(0, |m| m.len());
+            if len < self.offset {
+                // Rotated: the new file from its start.
+                self.offset = 0;
+            }
+            let mut text = String::new();
+            if file.seek(std::io::SeekFrom::Start(self.offset)).is_ok() {
+                let _ = file.take(LOG_READ).read_to_string(&mut text);
+            }
+            // Whole lines only; a partial last one waits.
+            let whole = text.rfind('\n').map_or(0, |at| at + 1);
+            self.offset += whole as u64;
+            for line in text[..whole].lines() {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if event["event"]["type"][0] != "denied" {
+                    continue;
+                }
+                let remote = if event["network"]["direction"] == "egress" {
+                    &event["destination"]["ip"]
+                } else {
+                    &event["source"]["ip"]
+                };
+                let key = (
+                    remote.as_str().unwrap_or("?").to_string(),
+                    event["event"]["action"].as_str().unwrap_or("?").to_string(),
+                );
+                *drops.entry(key).or_insert(0) += event["event"]["count"].as_u64().unwrap_or(1);
+            }
+        }
+        self.windows.push_back(drops);
+        if self.windows.len() > SOURCES_WINDOW {
+            self.windows.pop_front();
+        }
+        let mut total: std::collections::HashMap<&(String, String), u64> =
+            std::collections::HashMap::new();
+        for window in &self.windows {
+            for (key, n) in window {
+                *total.entry(key).or_insert(0) += n;
+            }
+        }
+        let mut rows: Vec<_> = total.into_iter().collect();
+        rows.sort_by_key(|(key, n)| (std::cmp::Reverse(*n), (*key).clone()));
+        Ok(rows
+            .into_iter()
+            .take(BUSIEST)
+            .map(|((source, reason), n)| [source.clone(), reason.clone(), n.to_string()])
+            .collect())
+    }
+}
 
 pub fn top(instance_name: Option<&str>, iface: Option<&str>) -> anyhow::Result<ExitCode> {
     let state = instance::select(instance_name, iface)?;
@@ -58,6 +147,9 @@ struct View {
     busiest: Vec<[String; 4]>,
     /// (protocol, unapproved/s, approved/s, unapproved total, approved total).
     vpn: Vec<[String; 5]>,
+    /// (source, reason, events) of the busiest dropped sources over `SOURCES_WINDOW`, or why
+    /// there are none.
+    sources: Result<Vec<[String; 3]>, &'static str>,
     rules: usize,
     seconds: f64,
 }
@@ -67,6 +159,7 @@ fn run(terminal: &mut DefaultTerminal, id: &InstanceId) -> anyhow::Result<ExitCo
     let mut labels: Vec<RuleLabel> = Vec::new();
     let mut labels_read: Option<Instant> = None;
     let mut previous: Option<Sample> = None;
+    let mut sources = Sources::new(State::read(&state_file).ok().as_ref());
     loop {
         if labels_read.is_none_or(|at| at.elapsed() >= LABELS_REFRESH) {
             labels = State::read_rules(&state_file);
@@ -90,13 +183,14 @@ fn run(terminal: &mut DefaultTerminal, id: &InstanceId) -> anyhow::Result<ExitCo
         )
         .map(|r| r.data)
         .map_err(|e| e.to_string());
-        let view = View::of(
+        let mut view = View::of(
             State::read(&state_file).ok(),
             status,
             &labels,
             previous.as_ref(),
             &now,
         );
+        view.sources = sources.refresh();
         terminal.draw(|frame| draw(frame, &view))?;
         let deadline = Instant::now() + REFRESH;
         loop {
@@ -247,6 +341,7 @@ impl View {
             directions,
             busiest: busiest.into_iter().map(|(_, row)| row).collect(),
             vpn,
+            sources: Ok(Vec::new()),
             rules: labels.len(),
             seconds,
         }
@@ -287,7 +382,28 @@ fn draw(frame: &mut Frame<'_>, view: &View) {
         .block(Block::bordered().title(format!(" {direction} ")));
         frame.render_widget(table, area);
     }
-    let [rules_area, side] = halves(bottom);
+    let [left, side] = halves(bottom);
+    let [rules_area, sources_area] = Layout::vertical([Constraint::Percentage(50); 2]).areas(left);
+    let sources_title = format!(" busiest dropped sources, last {SOURCES_WINDOW} s ");
+    match &view.sources {
+        Ok(rows) => frame.render_widget(
+            Table::new(
+                rows.iter().map(|r| Row::new(r.clone())),
+                [
+                    Constraint::Min(24),
+                    Constraint::Min(18),
+                    Constraint::Length(8),
+                ],
+            )
+            .header(Row::new(["source", "reason", "events"]).bold())
+            .block(Block::bordered().title(sources_title)),
+            sources_area,
+        ),
+        Err(why) => frame.render_widget(
+            Paragraph::new(*why).block(Block::bordered().title(sources_title)),
+            sources_area,
+        ),
+    }
     let rules = Table::new(
         view.busiest.iter().map(|r| Row::new(r.clone())),
         [
@@ -316,12 +432,7 @@ fn draw(frame: &mut Frame<'_>, view: &View) {
     .block(Block::bordered().title(" VPN packets "));
     frame.render_widget(vpn, vpn_area);
     frame.render_widget(maps_text(view), maps_area);
-    frame.render_widget(
-        Line::from(
-            " q quits · the busiest dropped sources need the event stream, not built yet ".dim(),
-        ),
-        footer,
-    );
+    frame.render_widget(Line::from(" q quits ".dim()), footer);
 }
 
 fn header_text(view: &View) -> Paragraph<'static> {
