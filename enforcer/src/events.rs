@@ -70,15 +70,27 @@ pub struct EventLogError {
     source: std::io::Error,
 }
 
+/// Opens (or creates) the log for appending. Never blocks: a FIFO with no reader, a device or a
+/// directory is refused at once (the daemon must not hang on its log).
 fn open(path: &PathBuf) -> Result<File, EventLogError> {
-    OpenOptions::new()
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let error = |source| EventLogError {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| EventLogError {
-            path: path.display().to_string(),
-            source,
-        })
+        .map_err(error)?;
+    let metadata = file.metadata().map_err(error)?;
+    if !metadata.is_file() {
+        return Err(error(std::io::Error::other(
+            "not a regular file (a FIFO, a device or a directory): give a file path, or - for standard output",
+        )));
+    }
+    Ok(file)
 }
 
 fn monotonic_ns() -> i128 {
@@ -318,6 +330,31 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_or_a_directory_is_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("enf-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        for path in [fifo.clone(), dir.clone()] {
+            let error = EventLog::open(&path, "eth0").err().expect("refused");
+            assert!(
+                error.to_string().contains(&path.display().to_string()),
+                "{error}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "it never blocks"
+        );
+        let file = dir.join("events.jsonl");
+        assert!(EventLog::open(&file, "eth0").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
