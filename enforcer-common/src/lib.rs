@@ -40,9 +40,10 @@ pub mod map_names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const EVENT_SOURCES: &str = "EVENT_SOURCES";
     pub const EVENT_SUPPRESSED: &str = "EVENT_SUPPRESSED";
+    pub const ACCESS_FLOWS: &str = "ACCESS_FLOWS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -73,6 +74,7 @@ pub mod map_names {
         EVENT_BUDGET,
         EVENT_SOURCES,
         EVENT_SUPPRESSED,
+        ACCESS_FLOWS,
     ];
 }
 
@@ -406,6 +408,24 @@ pub const EVENT_RING_BYTES: u32 = 1 << 20;
 pub const MAX_EVENT_SOURCES: u32 = 16_384;
 /// Events one source may raise per second; the rest are counted in its next event.
 pub const EVENTS_PER_SOURCE: u32 = 5;
+/// UDP flows the access log remembers (LRU), so that it logs a flow's first datagram only.
+pub const MAX_ACCESS_FLOWS: u32 = 16_384;
+/// A UDP flow silent this long (ns) starts anew in the access log.
+pub const ACCESS_FLOW_IDLE_NS: u64 = 60_000_000_000;
+
+/// Key of `ACCESS_FLOWS`: a UDP flow (or an ICMP echo exchange) to the server, by its
+/// client's address and ports (an echo: 0 and its identifier); IPv4 in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AccessKey {
+    pub addr: [u8; 16],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<AccessKey>() == 24);
 
 /// One event: a packet dropped (or, in monitor mode, that would have been), a VPN packet, in
 /// either direction. Addresses as on the wire, IPv4 in the first 4 bytes.
@@ -664,4 +684,5 @@ mod pod {
     unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::EventSource {}
     unsafe impl aya::Pod for super::SourceWindow {}
+    unsafe impl aya::Pod for super::AccessKey {}
 }

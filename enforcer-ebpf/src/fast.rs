@@ -9,7 +9,8 @@ use aya_ebpf::programs::XdpContext;
 use enforcer_common::{Config, RULE_ANY_PORT, RULE_DENY, Reason};
 
 use crate::{
-    CONFIG, Verdict, conn, deny_reason, entry_flags, parse, port_listed, record, source, vpn,
+    CONFIG, Verdict, conn, deny_reason, entry_flags, events, parse, port_listed, record, source,
+    vpn,
 };
 
 /// Returned when the full path must decide (no XDP action has this number).
@@ -65,19 +66,31 @@ pub fn decide(ctx: &XdpContext) -> Fast {
             return undecided(NOT_LOOKED_UP);
         }
         let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot_v4(p.src));
-        return finish(ctx, mode, source::v4(p.src, generation), &p.transport, peer);
+        let source = || {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&p.src);
+            (addr, 4)
+        };
+        return finish(
+            ctx,
+            mode,
+            source::v4(p.src, generation),
+            &p.transport,
+            (peer, source),
+        );
     }
     if let Some(p) = parse::plain_v6(ctx) {
         if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot(&p.src, 6)) {
             return undecided(NOT_LOOKED_UP);
         }
         let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot(&p.src, 6));
+        let source = || (p.src, 6);
         return finish(
             ctx,
             mode,
             source::v6(&p.src, generation),
             &p.transport,
-            peer,
+            (peer, source),
         );
     }
     undecided(NOT_LOOKED_UP)
@@ -85,14 +98,15 @@ pub fn decide(ctx: &XdpContext) -> Fast {
 
 /// The verdict on a plain TCP/UDP packet whose source lookup found `entry` (`rule + 1`, or 0).
 /// `peer`: whether the server may have a connection with the source (then a packet that would
-/// drop may be a reply, which the full path decides).
+/// drop may be a reply, which the full path decides); `source`: the source address as the
+/// access log keys it.
 #[inline(always)]
 fn finish(
     ctx: &XdpContext,
     mode: u32,
     entry: u32,
     transport: &parse::Transport,
-    peer: impl Fn() -> bool,
+    (peer, source): (impl Fn() -> bool, impl Fn() -> ([u8; 16], u8)),
 ) -> Fast {
     let parse::Transport {
         proto,
@@ -122,7 +136,12 @@ fn finish(
     }
     // 5. An allowed source's ports, as `check_ports` decides them for a whole datagram.
     if entry != 0 && (flags & RULE_ANY_PORT != 0 || port_listed(rule, proto, dst_port_be)) {
-        let opens = parse::opens(proto, tcp_flags);
+        let opens = if proto == parse::IPPROTO_UDP {
+            let (addr, family) = source();
+            events::udp_opens(addr, family, proto, src_port_be, dst_port_be)
+        } else {
+            parse::opens(proto, tcp_flags)
+        };
         return decided(record(ctx, mode, Verdict::allowed(rule, opens)));
     }
     // 6. A packet that would drop may answer a connection the server opened: one array read

@@ -215,8 +215,28 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
         return Verdict::without_rule(Reason::EstablishedReply);
     }
     if listed {
-        let opens = matches!(packet.l4, L4::Ports { tcp_flags, .. }
-            if parse::opens(packet.proto, tcp_flags));
+        // The access log's first packet of a flow: a TCP SYN; a UDP datagram of a flow not
+        // seen lately (`events::udp_opens`). (ICMP echoes are not logged: their extra branch
+        // passed the 512-byte stack limit of this frame.)
+        let opens = match packet.l4 {
+            L4::Ports {
+                src_port_be,
+                dst_port_be,
+                ..
+            } if packet.proto == parse::IPPROTO_UDP && reason == Reason::Allowed => {
+                let (addr, family) = match packet.addrs {
+                    Addrs::V4 { src, .. } => {
+                        let mut addr = [0u8; 16];
+                        addr[..4].copy_from_slice(&src);
+                        (addr, 4)
+                    }
+                    Addrs::V6 { src, .. } => (src, 6),
+                };
+                events::udp_opens(addr, family, packet.proto, src_port_be, dst_port_be)
+            }
+            L4::Ports { tcp_flags, .. } => parse::opens(packet.proto, tcp_flags),
+            _ => false,
+        };
         if reason == Reason::Allowed {
             return Verdict::allowed(rule, opens);
         }

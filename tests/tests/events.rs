@@ -382,7 +382,7 @@ fn every_other_reason_has_its_event() {
     std::fs::write(
         &registry,
         r#"{"schema": 1, "mode": "enforce",
-  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24", "ports": ["8080/tcp"]}],
+  "networks": [{"name": "ministry-lan", "cidr": "198.51.100.0/24", "ports": ["8080/tcp", "5353/udp"]}],
   "vpn_endpoints": [{"name": "nitb-wg", "address": "192.0.2.66", "protocol": "wireguard",
                      "approval": "NITB-2026-0042"}],
   "deny_files": ["providers.txt"]}"#,
@@ -450,6 +450,23 @@ fn every_other_reason_has_its_event() {
     let line = wait_for(&log, "approved_vpn", action("approved_vpn"));
     assert_eq!(line["event"]["type"][0], "allowed", "{line}");
     assert_eq!(line["rule"]["name"], "nitb-wg", "{line}");
+
+    // A UDP flow's first datagram is the access log's; its next ones are not.
+    topology::udp_send(&lan.ns, lan.server_v4, UDP_PORT, 3).unwrap();
+    let line = wait_for(&log, "a UDP access", |l| {
+        l["event"]["action"] == "access" && l["network"]["transport"] == "udp"
+    });
+    assert_eq!(line["destination"]["port"], UDP_PORT, "{line}");
+    assert_eq!(line["event"]["count"], 1, "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+    let udp_access = lines(&log)
+        .iter()
+        .filter(|l| l["event"]["action"] == "access" && l["network"]["transport"] == "udp")
+        .count();
+    assert_eq!(
+        udp_access, 1,
+        "one event for the flow, not one per datagram"
+    );
 
     let (ok, out) = enforcer_cli(&["mode", "monitor", "--instance", &enforcer.instance], &[]);
     assert!(ok, "{out}");
