@@ -93,16 +93,6 @@ fn open(path: &PathBuf) -> Result<File, EventLogError> {
     Ok(file)
 }
 
-fn monotonic_ns() -> i128 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
-    i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec)
-}
-
 fn realtime_ns() -> i128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -161,7 +151,7 @@ impl EventLog {
             sink,
             iface: iface.to_string(),
             host,
-            wall_offset_ns: realtime_ns() - monotonic_ns(),
+            wall_offset_ns: realtime_ns() - i128::from(crate::datapath::monotonic_ns()),
             folds: HashMap::new(),
             written: 0,
         })

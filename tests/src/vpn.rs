@@ -13,6 +13,21 @@ use anyhow::{Context as _, bail};
 
 use crate::netns::Netns;
 
+/// Sends one `WireGuard` handshake initiation (148 bytes, message type 1) from `from:51820` to
+/// `to:51820`, inside `ns`: what the VPN stage recognises, without a tunnel.
+pub fn send_wireguard_initiation(
+    ns: &Netns,
+    from: std::net::IpAddr,
+    to: std::net::IpAddr,
+) -> anyhow::Result<()> {
+    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
+    init.resize(148, 0x5C);
+    ns.enter(|| {
+        std::net::UdpSocket::bind((from, 51_820))?.send_to(&init, (to, 51_820))?;
+        anyhow::Ok(())
+    })?
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Daemon {
     child: Child,

@@ -5,7 +5,7 @@
 //! suppressed ones counted.
 
 use std::{
-    net::{IpAddr, UdpSocket},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -173,16 +173,12 @@ fn drops_vpn_packets_egress_denials_and_changes_reach_the_log() {
     assert_eq!(line["labels"]["ministry"], "MoITT", "{line}");
     assert_eq!(line["destination"]["port"], UDP_PORT, "{line}");
     // An unapproved VPN: a WireGuard handshake initiation from the internet client.
-    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
-    init.resize(148, 0x5C);
-    internet
-        .ns
-        .enter(|| {
-            let socket = UdpSocket::bind((INTERNET.v4, 51_820))?;
-            socket.send_to(&init, (INTERNET.server_v4, 51_820))
-        })
-        .unwrap()
-        .unwrap();
+    enforcer_tests::vpn::send_wireguard_initiation(
+        &internet.ns,
+        INTERNET.v4.parse().unwrap(),
+        internet.server_v4,
+    )
+    .unwrap();
     let line = wait_for(&log, "unapproved_vpn", |l| {
         l["event"]["action"] == "unapproved_vpn"
     });
@@ -438,15 +434,12 @@ fn every_other_reason_has_its_event() {
     let line = wait_for(&log, "fragment_unverified", action("fragment_unverified"));
     assert_eq!(line["rule"]["name"], "ministry-lan", "{line}");
 
-    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
-    init.resize(148, 0x5C);
-    internet
-        .ns
-        .enter(|| {
-            UdpSocket::bind((INTERNET.v4, 51_820))?.send_to(&init, (INTERNET.server_v4, 51_820))
-        })
-        .unwrap()
-        .unwrap();
+    enforcer_tests::vpn::send_wireguard_initiation(
+        &internet.ns,
+        INTERNET.v4.parse().unwrap(),
+        internet.server_v4,
+    )
+    .unwrap();
     let line = wait_for(&log, "approved_vpn", action("approved_vpn"));
     assert_eq!(line["event"]["type"][0], "allowed", "{line}");
     assert_eq!(line["rule"]["name"], "nitb-wg", "{line}");

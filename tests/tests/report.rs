@@ -4,7 +4,6 @@
 //! `chromium`), which loads it and takes a screenshot.
 
 use std::{
-    net::UdpSocket,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -79,15 +78,12 @@ fn the_report_shows_the_controls_and_their_evidence() {
         TCP_PORT,
         Duration::from_millis(300),
     );
-    let mut init = vec![1u8, 0, 0, 0, 0x11, 0x22, 0x33, 0x44];
-    init.resize(148, 0x5C);
-    internet
-        .ns
-        .enter(|| {
-            UdpSocket::bind((INTERNET.v4, 51_820))?.send_to(&init, (INTERNET.server_v4, 51_820))
-        })
-        .unwrap()
-        .unwrap();
+    enforcer_tests::vpn::send_wireguard_initiation(
+        &internet.ns,
+        INTERNET.v4.parse().unwrap(),
+        internet.server_v4,
+    )
+    .unwrap();
     let (ok, out) = enforcer_cli(
         &[
             "allow",
