@@ -20,6 +20,7 @@ pub mod map_names {
     pub const VPN_V6: &str = "VPN_V6";
     pub const VPN_GROUPS: &str = "VPN_GROUPS";
     pub const VPN_FLOWS: &str = "VPN_FLOWS";
+    pub const VPN_FLOW_SESSIONS: &str = "VPN_FLOW_SESSIONS";
     pub const VPN_VERDICTS: &str = "VPN_VERDICTS";
     pub const SOURCE_V4: &str = "SOURCE_V4";
     pub const LONG_V4: &str = "LONG_V4";
@@ -43,7 +44,7 @@ pub mod map_names {
     pub const ACCESS_FLOWS: &str = "ACCESS_FLOWS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -54,6 +55,7 @@ pub mod map_names {
         VPN_V6,
         VPN_GROUPS,
         VPN_FLOWS,
+        VPN_FLOW_SESSIONS,
         VPN_VERDICTS,
         SOURCE_V4,
         LONG_V4,
@@ -107,6 +109,12 @@ pub const MAX_VPN_FLOWS: u32 = 65_536;
 /// flow has a packet, cleared by the controller's sweep. A flow the sweep finds without it had
 /// no packet for a whole sweep period, and is forgotten.
 pub const FLOW_ACTIVE: u8 = 0x80;
+/// In a `VPN_FLOWS` value: the reset that put the flow there was not approved. Such a flow's
+/// later packets count as `OpenVPN` only when they are control packets carrying the session id
+/// that their own end's reset carried (`VPN_FLOW_SESSIONS`), so that a reset spoofed with an
+/// allowed client's address and port turns none of that client's own packets into drops. An
+/// approved flow's packets all count as `OpenVPN` (they pass either way).
+pub const FLOW_STRICT: u8 = 0x40;
 /// Slots of `VPN_VERDICTS`: `protocol * 2` unapproved (dropped or would-drop), `+ 1` approved.
 pub const VPN_VERDICT_SLOTS: u32 = 32;
 
@@ -226,6 +234,22 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `VPN_FLOW_SESSIONS` (key: the flow's `FlowKey`): the `OpenVPN` session id that the
+/// last reset from each end of a `FLOW_STRICT` flow carried, its 8 bytes read in the host's
+/// order; 0 for none seen (a packet whose session id reads 0 matches nothing).
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | session id of the `lo` end's reset |
+/// | 8 | 8 | session id of the `hi` end's reset |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSessions {
+    pub lo: u64,
+    pub hi: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowSessions>() == 16);
 
 /// Connections the server opened, whose replies ingress lets in (LRU: when the server opens more
 /// than this, the least recently used entry is forgotten and its replies drop).
@@ -671,6 +695,7 @@ mod pod {
     unsafe impl aya::Pod for super::VpnApproval {}
     unsafe impl aya::Pod for super::VpnGroup {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowSessions {}
     unsafe impl aya::Pod for super::LongKeyV4 {}
     unsafe impl aya::Pod for super::LongKeyV6 {}
     unsafe impl aya::Pod for super::DirV6 {}

@@ -150,7 +150,7 @@ fn decide(ctx: &TcContext, packet: &IpPacket) -> Verdict {
         let rule = vpn::approved_rule(packet, protocol);
         // Remembered only for a flow that could pass (see the ingress stage).
         if found & vpn::STATEFUL != 0 && (entry != 0 || rule != NO_RULE) {
-            vpn::remember_flow(packet, protocol, &CONFIG);
+            vpn::remember_flow(ctx, packet, protocol, rule != NO_RULE, &CONFIG);
         }
         let reason = if rule == NO_RULE {
             Reason::UnapprovedVpn

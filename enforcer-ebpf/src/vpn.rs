@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    Config, FLOW_ACTIVE, FlowKey, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, NO_RULE, PEER_SLOTS,
-    VpnGroup, VpnProtocol, peer_slot,
+    Config, FLOW_ACTIVE, FLOW_STRICT, FlowKey, FlowSessions, MAX_APPROVALS_PER_GROUP,
+    MAX_VPN_GROUPS, NO_RULE, PEER_SLOTS, VpnGroup, VpnProtocol, peer_slot,
 };
 
 use crate::parse::{
@@ -85,6 +85,10 @@ pub fn flow_peer(slot: u32) -> bool {
 #[aya_ebpf::macros::map]
 pub static VPN_FLOWS: LruHashMap<FlowKey, u8> =
     LruHashMap::with_max_entries(enforcer_common::MAX_VPN_FLOWS, 0);
+/// The session id each end's reset carried, for the `FLOW_STRICT` flows of `VPN_FLOWS`.
+#[aya_ebpf::macros::map]
+static VPN_FLOW_SESSIONS: LruHashMap<FlowKey, FlowSessions> =
+    LruHashMap::with_max_entries(enforcer_common::MAX_VPN_FLOWS, 0);
 
 /// No VPN protocol: a number past `VpnProtocol`'s.
 pub const NO_VPN: u32 = u32::MAX;
@@ -136,7 +140,7 @@ pub fn classify<C: Signature>(ctx: &C, packet: &IpPacket, config: &Array<Config>
         return found;
     };
     if found == NO_VPN {
-        return known_flow(packet, src_port_be, dst_port_be, config);
+        return known_flow(ctx, packet, src_port_be, dst_port_be, config);
     }
     found
 }
@@ -181,12 +185,17 @@ pub extern "C" fn enforcer_vpn_signature_tc(
 /// own global function (the kernel verifies a global function for one context type).
 pub trait Signature: Packet {
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32;
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64;
 }
 
 impl Signature for XdpContext {
     #[inline(always)]
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
         enforcer_vpn_signature(self.ctx, proto_ports, offset, len, total)
+    }
+    #[inline(always)]
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
+        enforcer_openvpn_session(self.ctx, offset, len, tcp)
     }
 }
 
@@ -195,6 +204,76 @@ impl Signature for TcContext {
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
         enforcer_vpn_signature_tc(self.skb.skb, proto_ports, offset, len, total)
     }
+    #[inline(always)]
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
+        enforcer_openvpn_session_tc(self.skb.skb, offset, len, tcp)
+    }
+}
+
+/// The session id of the `OpenVPN` control packet a payload starts with (on TCP, behind its
+/// 2-byte length), its 8 bytes read in the host's order; 0 if the payload does not start with
+/// a control packet. `tcp`: 1 for a TCP payload.
+///
+/// Verifier: a global function, like `enforcer_vpn_signature`, so that its packet reads are
+/// verified once and not on every path that reaches the flow lookup.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn enforcer_openvpn_session(
+    ctx: *mut xdp_md,
+    offset: u64,
+    len: u64,
+    tcp: u64,
+) -> u64 {
+    openvpn_session(&XdpContext::new(ctx), offset, len, tcp)
+}
+
+/// `enforcer_openvpn_session` for the egress (TC) program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn enforcer_openvpn_session_tc(
+    skb: *mut __sk_buff,
+    offset: u64,
+    len: u64,
+    tcp: u64,
+) -> u64 {
+    openvpn_session(&TcContext::new(skb), offset, len, tcp)
+}
+
+/// Control opcodes (the top 5 bits of the first byte), whose packets carry the sender's
+/// session id right after it: the hard and soft resets, `P_CONTROL_V1`, `P_ACK_V1`,
+/// `P_CONTROL_WKC_V1`. Data packets (6, 9) carry none.
+#[inline(always)]
+fn openvpn_control(opcode: u8) -> bool {
+    matches!(opcode >> 3, 1..=5 | 7 | 8 | 10 | 11)
+}
+
+#[inline(always)]
+fn openvpn_session<C: Packet>(ctx: &C, offset: u64, len: u64, tcp: u64) -> u64 {
+    let p = converge(Payload {
+        offset: offset as usize,
+        len: len as usize,
+        total: len as usize,
+    });
+    // Opcode and session id, behind the length on TCP (which must cover them).
+    let head = if tcp != 0 {
+        match read::<11>(ctx, p.offset) {
+            Some(b) if p.len >= 11 && be16([b[0], b[1]]) >= 9 => {
+                [b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10]]
+            }
+            _ => return 0,
+        }
+    } else {
+        match read::<9>(ctx, p.offset) {
+            Some(b) if p.len >= 9 => b,
+            _ => return 0,
+        }
+    };
+    if !openvpn_control(head[0]) {
+        return 0;
+    }
+    u64::from_ne_bytes([
+        head[1], head[2], head[3], head[4], head[5], head[6], head[7], head[8],
+    ])
 }
 
 #[inline(always)]
@@ -612,8 +691,9 @@ fn openvpn_reset<C: Packet>(ctx: &C, o: usize, len: usize, opcode: u8) -> bool {
     }
 }
 
+/// The flow's key, and whether the packet's sender is its `lo` end.
 #[inline(always)]
-fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> FlowKey {
+fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> (FlowKey, bool) {
     let mut key = FlowKey {
         proto: packet.proto,
         ..FlowKey::default()
@@ -631,28 +711,60 @@ fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> FlowKey 
             b = dst;
         }
     }
-    if (a, src_port) <= (b, dst_port) {
+    let from_lo = (a, src_port) <= (b, dst_port);
+    if from_lo {
         (key.lo_addr, key.lo_port, key.hi_addr, key.hi_port) = (a, src_port, b, dst_port);
     } else {
         (key.lo_addr, key.lo_port, key.hi_addr, key.hi_port) = (b, dst_port, a, src_port);
     }
-    key
+    (key, from_lo)
 }
 
 /// Remembers the flow of a TCP or UDP packet whose signature only the first packets of a flow
 /// carry, so that the rest of it is classified too; and tells the fast path that flows exist.
+/// `approved`: the reset passes as an approved VPN. An unapproved flow is `FLOW_STRICT`, and
+/// the session id its reset carried is kept for the sender's end.
 #[inline(always)]
-pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
+pub fn remember_flow<C: Signature>(
+    ctx: &C,
+    packet: &IpPacket,
+    protocol: u32,
+    approved: bool,
+    config: &Array<Config>,
+) {
     let L4::Ports {
         src_port_be,
         dst_port_be,
+        payload,
         ..
     } = packet.l4
     else {
         return;
     };
-    let key = flow_key(packet, src_port_be, dst_port_be);
-    let _ = VPN_FLOWS.insert(&key, protocol as u8 | FLOW_ACTIVE, 0);
+    let (key, from_lo) = flow_key(packet, src_port_be, dst_port_be);
+    let strict = if approved { 0 } else { FLOW_STRICT };
+    let _ = VPN_FLOWS.insert(&key, protocol as u8 | FLOW_ACTIVE | strict, 0);
+    if !approved {
+        let session = ctx.openvpn_session(
+            payload.offset as u64,
+            payload.len as u64,
+            u64::from(packet.proto == IPPROTO_TCP),
+        );
+        match VPN_FLOW_SESSIONS.get_ptr_mut(&key) {
+            // SAFETY: a pointer into a live map value; one aligned word stored.
+            Some(sessions) if from_lo => unsafe { (*sessions).lo = session },
+            // SAFETY: as above.
+            Some(sessions) => unsafe { (*sessions).hi = session },
+            None => {
+                let sessions = if from_lo {
+                    FlowSessions { lo: session, hi: 0 }
+                } else {
+                    FlowSessions { lo: 0, hi: session }
+                };
+                let _ = VPN_FLOW_SESSIONS.insert(&key, &sessions, 0);
+            }
+        }
+    }
     // Both ends: a packet from either may belong to the flow.
     for addr in [&key.lo_addr, &key.hi_addr] {
         if let Some(slot) = FLOW_PEERS.get_ptr_mut(peer_slot(addr, key.family)) {
@@ -666,8 +778,13 @@ pub fn remember_flow(packet: &IpPacket, protocol: u32, config: &Array<Config>) {
     }
 }
 
+/// The VPN protocol of a remembered flow this packet belongs to, or `NO_VPN`. The packets of a
+/// `FLOW_STRICT` flow belong to it only if they are control packets carrying the session id of
+/// their end's reset: anything else from that address and port (an allowed client's own
+/// traffic, if the reset was spoofed) is ordinary traffic.
 #[inline(always)]
-fn known_flow(
+fn known_flow<C: Signature>(
+    ctx: &C,
     packet: &IpPacket,
     src_port: [u8; 2],
     dst_port: [u8; 2],
@@ -684,21 +801,40 @@ fn known_flow(
     ) {
         return NO_VPN;
     }
-    match VPN_FLOWS.get_ptr_mut(flow_key(packet, src_port, dst_port)) {
-        Some(value) => {
-            // SAFETY: the pointer is to a live map value of one byte.
-            let seen = unsafe { *value };
-            // Marked once per flow and sweep period, not on every packet (other CPUs read the
-            // line). A sweep racing this write may clear the mark again: the flow is then
-            // forgotten only after a whole further period without a packet.
-            if seen & FLOW_ACTIVE == 0 {
-                // SAFETY: as above.
-                unsafe { *value = seen | FLOW_ACTIVE };
-            }
-            u32::from(seen & !FLOW_ACTIVE)
+    let (key, from_lo) = flow_key(packet, src_port, dst_port);
+    let Some(value) = VPN_FLOWS.get_ptr_mut(&key) else {
+        return NO_VPN;
+    };
+    // SAFETY: the pointer is to a live map value of one byte.
+    let seen = unsafe { *value };
+    if seen & FLOW_STRICT != 0 {
+        let L4::Ports { payload, .. } = packet.l4 else {
+            return NO_VPN;
+        };
+        let session = ctx.openvpn_session(
+            payload.offset as u64,
+            payload.len as u64,
+            u64::from(packet.proto == IPPROTO_TCP),
+        );
+        let expected = match VPN_FLOW_SESSIONS.get_ptr(&key) {
+            // SAFETY: a pointer to a live map value; one aligned word read.
+            Some(sessions) if from_lo => unsafe { (*sessions).lo },
+            // SAFETY: as above.
+            Some(sessions) => unsafe { (*sessions).hi },
+            None => 0,
+        };
+        if session == 0 || session != expected {
+            return NO_VPN;
         }
-        None => NO_VPN,
     }
+    // Marked once per flow and sweep period, not on every packet (other CPUs read the line).
+    // A sweep racing this write may clear the mark again: the flow is then forgotten only
+    // after a whole further period without a packet.
+    if seen & FLOW_ACTIVE == 0 {
+        // SAFETY: as above.
+        unsafe { *value = seen | FLOW_ACTIVE };
+    }
+    u32::from(seen & !(FLOW_ACTIVE | FLOW_STRICT))
 }
 
 /// The rule of an approval that covers the packet's source or destination for `protocol` (and

@@ -310,6 +310,135 @@ pub fn udp_send(client: &Netns, server: IpAddr, port: u16, count: u32) -> anyhow
     })?
 }
 
+/// Sends crafted Ethernet frames, broadcast on the client's link (the bridge hands them to the
+/// server), through a packet socket in `ns`.
+pub fn send_raw(ns: &Netns, frames: impl Iterator<Item = Vec<u8>> + Send) {
+    ns.enter(|| {
+        // SAFETY: socket() with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert_ne!(ifindex, 0);
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        to.sll_ifindex = i32::try_from(ifindex).unwrap();
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xFF; 6]);
+        for mut frame in frames {
+            frame[..6].copy_from_slice(&[0xFF; 6]);
+            // SAFETY: sends `frame` (valid for its length) to the address built above.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap(),
+                )
+            };
+            assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: closes the descriptor opened above.
+        unsafe { libc::close(fd) };
+    })
+    .unwrap();
+}
+
+/// `tcp_exchange` from a chosen local port.
+pub fn tcp_exchange_from(
+    client: &Netns,
+    local_port: u16,
+    server: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    use std::os::fd::FromRawFd as _;
+    client.enter(|| -> anyhow::Result<bool> {
+        let IpAddr::V4(server_v4) = server else {
+            anyhow::bail!("tcp_exchange_from speaks IPv4 only");
+        };
+        // SAFETY: socket() with constant arguments; the descriptor is owned by the stream below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh socket, owned from here on.
+        let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let sockaddr = |addr: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let one: libc::c_int = 1;
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs())?,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        };
+        let len = |size: usize| libc::socklen_t::try_from(size).unwrap();
+        let (local, remote) = (
+            sockaddr(std::net::Ipv4Addr::UNSPECIFIED, local_port),
+            sockaddr(server_v4, port),
+        );
+        // SAFETY: valid option values and addresses of the sizes given, on the socket above;
+        // SO_SNDTIMEO bounds the blocking connect.
+        let connected = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                len(size_of::<libc::c_int>()),
+            );
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const tv).cast(),
+                len(size_of::<libc::timeval>()),
+            );
+            anyhow::ensure!(
+                libc::bind(
+                    fd,
+                    (&raw const local).cast(),
+                    len(size_of::<libc::sockaddr_in>())
+                ) == 0,
+                "bind port {local_port}: {}",
+                std::io::Error::last_os_error()
+            );
+            libc::connect(
+                fd,
+                (&raw const remote).cast(),
+                len(size_of::<libc::sockaddr_in>()),
+            ) == 0
+        };
+        if !connected {
+            return Ok(false);
+        }
+        let mut stream = socket;
+        stream.set_read_timeout(Some(timeout))?;
+        let message = b"e-office hello\n";
+        if stream.write_all(message).is_err() {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 64];
+        Ok(matches!(stream.read(&mut buf), Ok(n) if &buf[..n] == message))
+    })?
+}
+
 /// Pings `server` from `client` `count` times; returns how many replies came back.
 pub fn ping(client: &Netns, server: IpAddr, count: u32) -> anyhow::Result<u32> {
     let count_arg = count.to_string();

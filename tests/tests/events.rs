@@ -299,7 +299,7 @@ fn drops_vpn_packets_egress_denials_and_changes_reach_the_log() {
 /// Sends `frames` UDP frames from 3,000 sources in 198.18.0.0/15 (benchmarking addresses no
 /// registry here lists) to `server`.
 fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
-    send_raw(
+    enforcer_tests::topology::send_raw(
         ns,
         (0..frames).map(|i| {
             let source = IpAddr::from([
@@ -311,53 +311,6 @@ fn flood(ns: &enforcer_tests::netns::Netns, server: IpAddr, frames: u32) {
             enforcer_tests::packet::Frame::udp(&source.to_string(), &server.to_string(), 9).build()
         }),
     );
-}
-
-/// Sends crafted Ethernet frames, broadcast on the client's link (the bridge hands them to the
-/// server), through a packet socket in `ns`.
-fn send_raw(ns: &enforcer_tests::netns::Netns, frames: impl Iterator<Item = Vec<u8>> + Send) {
-    ns.enter(|| {
-        // SAFETY: socket() with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
-        assert_ne!(ifindex, 0);
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-        to.sll_ifindex = i32::try_from(ifindex).unwrap();
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&[0xFF; 6]);
-        for mut frame in frames {
-            frame[..6].copy_from_slice(&[0xFF; 6]);
-            // SAFETY: sends `frame` (valid for its length) to the address built above.
-            let sent = unsafe {
-                libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&raw const to).cast(),
-                    u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap(),
-                )
-            };
-            assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: closes the descriptor opened above.
-        unsafe { libc::close(fd) };
-    })
-    .unwrap();
 }
 
 /// The reasons the first test does not meet, each with its event: a deny feed's range,
@@ -426,7 +379,7 @@ fn every_other_reason_has_its_event() {
     )
     .fragment(185, false, 4242)
     .build();
-    send_raw(&lan.ns, [malformed, not_ip, later_fragment].into_iter());
+    enforcer_tests::topology::send_raw(&lan.ns, [malformed, not_ip, later_fragment].into_iter());
     let line = wait_for(&log, "malformed", action("malformed"));
     assert_eq!(line["network"]["type"], "ipv4", "{line}");
     let line = wait_for(&log, "non_ip", action("non_ip"));

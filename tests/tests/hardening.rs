@@ -354,3 +354,110 @@ fn a_start_after_a_crash_cleans_up_and_records_the_lost_audit_record() {
     let (ok, out) = enforcer_run(&["audit", "verify", registry.to_str().unwrap()]);
     assert!(ok && out.contains("2 records"), "{out}");
 }
+
+/// `OpenVPN` hard resets spoofed by another host on the link with an allowed client's address
+/// and ports (any host on the link can send one over TCP, anyone over UDP) cut nothing: the
+/// client's connections and datagrams from those ports get through at once, while the resets
+/// themselves drop as an unapproved VPN.
+#[test]
+fn spoofed_openvpn_resets_cut_no_allowed_client() {
+    use enforcer_tests::{
+        packet::{Frame, L4},
+        topology::{self, INTERNET, Services, TCP_PORT, UDP_PORT},
+    };
+    require_root();
+    let lab = Lab::new(&[MINISTRY_LAN, INTERNET]).unwrap();
+    let services = Services::start(&lab.server).unwrap();
+    let (_dir, registry) = demo_registry_copy();
+    let enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[]).unwrap();
+    let (lan, attacker) = (lab.client(MINISTRY_LAN.label), lab.client(INTERNET.label));
+    // A plain client reset: opcode, session id, no acks, message packet id 0.
+    let reset = [
+        0x38, 0x5E, 0x55, 0x5E, 0x55, 0x5E, 0x55, 0x5E, 0x55, 0, 0, 0, 0, 0,
+    ];
+    let framed = [
+        &u16::try_from(reset.len()).unwrap().to_be_bytes()[..],
+        &reset,
+    ]
+    .concat();
+    let ports: Vec<u16> = (41_000..41_008).collect();
+    let frames: Vec<Vec<u8>> = ports
+        .iter()
+        .flat_map(|&port| {
+            [
+                Frame::new(
+                    lan.v4,
+                    lan.server_v4,
+                    L4::TcpData {
+                        src_port: port,
+                        dst_port: TCP_PORT,
+                        data: framed.clone(),
+                    },
+                )
+                .build(),
+                Frame::new(
+                    lan.v4,
+                    lan.server_v4,
+                    L4::UdpData {
+                        src_port: port,
+                        dst_port: UDP_PORT,
+                        data: reset.to_vec(),
+                    },
+                )
+                .build(),
+            ]
+        })
+        .collect();
+    let sent = frames.len() as u64;
+    topology::send_raw(&attacker.ns, frames.into_iter());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while enforcer.stats().unwrap().vpn_unapproved("openvpn") < sent {
+        assert!(
+            Instant::now() < deadline,
+            "the {sent} spoofed resets drop as unapproved OpenVPN: {}",
+            enforcer.stats().unwrap().0["vpn"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let timeout = Duration::from_millis(1500);
+    let cut: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|&port| {
+            !topology::tcp_exchange_from(&lan.ns, port, lan.server_v4, TCP_PORT, timeout).unwrap()
+        })
+        .collect();
+    assert!(
+        cut.is_empty(),
+        "the allowed client's connections from the spoofed ports {cut:?} failed:\n{:#}",
+        enforcer.stats().unwrap().0
+    );
+    let server = lan.server_v4;
+    lan.ns
+        .enter(|| {
+            for &port in &ports {
+                let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+                socket
+                    .send_to(b"e-office datagram", (server, UDP_PORT))
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while services
+        .udp_received
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < ports.len() as u64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the allowed client's datagrams from the spoofed ports: {} of {} arrived",
+            services
+                .udp_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ports.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -87,6 +87,16 @@ fn openvpn_plain_client_reset() -> Vec<u8> {
     bytes(&[0x38, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0], 14)
 }
 
+/// The session id `openvpn_plain_client_reset` carries.
+const RESET_SESSION: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+/// A `P_CONTROL_V1` packet (key id 0) carrying `session`, padded to `len`.
+fn openvpn_control(session: [u8; 8], len: usize) -> Vec<u8> {
+    let mut head = vec![0x20];
+    head.extend_from_slice(&session);
+    bytes(&head, len)
+}
+
 fn openvpn_tls_auth_client_reset() -> Vec<u8> {
     // op | session id | HMAC-SHA1 (20) | packet id 1 | net_time (2026) | ack len 0 | msg id 0
     let mut p = vec![0x38, 1, 2, 3, 4, 5, 6, 7, 8];
@@ -266,21 +276,49 @@ fn every_protocol_is_recognised_and_unapproved_endpoints_dropped() {
             ),
             (
                 case(
-                    "OpenVPN control packet of that flow (no signature: flow map)",
-                    udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build(),
+                    "OpenVPN control packet of that flow with the reset's session id (flow map)",
+                    udp(
+                        LAN,
+                        40001,
+                        SERVER,
+                        1194,
+                        openvpn_control(RESET_SESSION, 100),
+                    )
+                    .build(),
                     UnapprovedVpn,
                     None,
                 ),
                 ov,
             ),
             (
+                // An unapproved flow's packets must prove they are its: a reset spoofed with an
+                // allowed client's address and port must not turn that client's traffic into
+                // drops.
                 case(
-                    "OpenVPN reply of that flow (the other direction)",
-                    udp(SERVER, 1194, LAN, 40001, bytes(&[0x48, 1], 120)).build(),
-                    UnapprovedVpn,
-                    None,
+                    "a control packet of that flow with another session id: ordinary traffic",
+                    udp(LAN, 40001, SERVER, 1194, openvpn_control([9; 8], 100)).build(),
+                    Allowed,
+                    Some("lan"),
                 ),
-                ov,
+                None,
+            ),
+            (
+                case(
+                    "a data packet of that flow (no session id): ordinary traffic",
+                    udp(LAN, 40001, SERVER, 1194, bytes(&[0x48, 1], 120)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
+            ),
+            (
+                case(
+                    "the other end's packet, whose reset was not seen: ordinary traffic",
+                    udp(SERVER, 1194, LAN, 40001, openvpn_control([7; 8], 120)).build(),
+                    Allowed,
+                    Some("lan"),
+                ),
+                None,
             ),
             (
                 case(
@@ -745,7 +783,14 @@ fn look_alikes_stay_ordinary_traffic() {
 fn a_config_change_keeps_the_flow_flag_while_flows_exist() {
     let mut loaded = Loaded::new(REGISTRY);
     let reset = udp(LAN, 40001, SERVER, 1194, openvpn_plain_client_reset()).build();
-    let next = udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build();
+    let next = udp(
+        LAN,
+        40001,
+        SERVER,
+        1194,
+        openvpn_control(RESET_SESSION, 100),
+    )
+    .build();
     loaded.run(&reset);
     assert_eq!(
         loaded.datapath.config().unwrap().vpn_flows_seen,
@@ -804,9 +849,19 @@ fn a_config_change_keeps_the_flow_flag_while_flows_exist() {
 fn the_sweep_keeps_active_flows_and_forgets_silent_ones() {
     let mut loaded = Loaded::new(REGISTRY);
     let reset = udp(LAN, 40001, SERVER, 1194, openvpn_plain_client_reset()).build();
-    let next = udp(LAN, 40001, SERVER, 1194, bytes(&[0x20, 9, 9], 100)).build();
-    // The reply direction is the same flow.
-    let reply = udp(SERVER, 1194, LAN, 40001, bytes(&[0x20, 9, 9], 100)).build();
+    let next = udp(
+        LAN,
+        40001,
+        SERVER,
+        1194,
+        openvpn_control(RESET_SESSION, 100),
+    )
+    .build();
+    // The reply direction is the same flow, once its own reset was seen.
+    let reply = udp(SERVER, 1194, LAN, 40001, openvpn_control([5; 8], 100)).build();
+    let mut server_reset = openvpn_plain_client_reset();
+    server_reset[1..9].copy_from_slice(&[5; 8]);
+    let server_reset = udp(SERVER, 1194, LAN, 40001, server_reset).build();
     let flag = |loaded: &Loaded| loaded.datapath.config().unwrap().vpn_flows_seen;
     let sweep = |loaded: &mut Loaded| loaded.datapath.sweep_vpn_flows().unwrap();
     let openvpn_next = |loaded: &Loaded, frame: &[u8]| {
@@ -825,6 +880,11 @@ fn the_sweep_keeps_active_flows_and_forgets_silent_ones() {
 
     loaded.run(&reset);
     assert_eq!(flag(&loaded), 1, "a remembered flow sets the flag");
+    assert!(
+        !openvpn_next(&loaded, &reply),
+        "the other end's control packet, before its own reset: ordinary traffic"
+    );
+    loaded.run(&server_reset);
     let first = sweep(&mut loaded);
     assert_eq!(
         (first.kept, first.forgotten, first.flag_cleared),
@@ -1065,4 +1125,90 @@ fn further_vpn_families_are_recognised() {
             ),
         ],
     );
+}
+
+/// A reset spoofed with an allowed client's address and port (over UDP from anywhere, over TCP
+/// from any host on the link) puts an unapproved flow in the flow map. The client's own packets
+/// of that flow, whatever their bytes, stay its ordinary traffic: only a control packet that
+/// carries the session id of the spoofed reset (chosen by the attacker, never sent by the
+/// client) counts as `OpenVPN`.
+#[test]
+fn a_spoofed_reset_turns_none_of_an_allowed_clients_packets_into_drops() {
+    let loaded = Loaded::new(REGISTRY);
+    let mut rng = enforcer_tests::rng::Rng(0x5b0f_0e7a);
+    let mut random = |n: usize| -> Vec<u8> { (0..n).map(|_| rng.next_u64() as u8).collect() };
+    let reset = openvpn_plain_client_reset();
+    let mut framed_reset = u16::try_from(reset.len()).unwrap().to_be_bytes().to_vec();
+    framed_reset.extend_from_slice(&reset);
+
+    // The client's packets: every first byte (UDP: the opcode's place) and every third byte
+    // behind a plausible length (TCP), random bytes after; TLS, HTTP and an empty segment.
+    let mut udp_payloads: Vec<Vec<u8>> = (0..=255u8)
+        .map(|first| [vec![first], random(99)].concat())
+        .collect();
+    let mut tcp_payloads: Vec<Vec<u8>> = (0..=255u8)
+        .map(|third| [vec![0, 98, third], random(97)].concat())
+        .collect();
+    for common in [
+        bytes(&[0x17, 0x03, 0x03, 0x00, 0x40], 69),
+        b"GET /eoffice/inbox HTTP/1.1\r\nHost: eoffice\r\n\r\n".to_vec(),
+        [vec![0x20], RESET_SESSION[..7].to_vec(), vec![0], random(40)].concat(),
+    ] {
+        udp_payloads.push(common.clone());
+        tcp_payloads.push(common);
+    }
+    tcp_payloads.push(Vec::new());
+
+    /// (transport, the spoofed reset, the client's payloads, their frame on the spoofed flow)
+    type Spoofed = (&'static str, Vec<u8>, Vec<Vec<u8>>, fn(Vec<u8>) -> Vec<u8>);
+    let spoofed: [Spoofed; 2] = [
+        ("UDP", reset.clone(), udp_payloads, |p| {
+            udp(LAN, 40100, SERVER, 443, p).build()
+        }),
+        ("TCP", framed_reset, tcp_payloads, |p| {
+            tcp(LAN, 40100, SERVER, 443, p).build()
+        }),
+    ];
+    for (proto, spoofed_reset, payloads, frame) in spoofed {
+        let before = loaded.counts();
+        loaded.run(&frame(spoofed_reset));
+        assert_eq!(
+            loaded.counts().packets(UnapprovedVpn),
+            before.packets(UnapprovedVpn) + 1,
+            "{proto}: the spoofed reset itself drops as an unapproved VPN"
+        );
+        let mut dropped = Vec::new();
+        for payload in &payloads {
+            let before = loaded.counts();
+            loaded.run(&frame(payload.clone()));
+            if loaded.counts().packets(Allowed) != before.packets(Allowed) + 1 {
+                dropped.push(hex(&payload[..payload.len().min(12)]));
+            }
+        }
+        assert!(
+            dropped.is_empty(),
+            "{proto}: {} of the allowed client's {} packets after the spoofed reset did not pass \
+             as allowed (first bytes): {dropped:?}",
+            dropped.len(),
+            payloads.len()
+        );
+        let mut attacker = vec![0x20];
+        attacker.extend_from_slice(&RESET_SESSION);
+        attacker.extend_from_slice(&random(40));
+        if proto == "TCP" {
+            let len = u16::try_from(attacker.len()).unwrap().to_be_bytes();
+            attacker.splice(0..0, len);
+        }
+        let before = loaded.counts();
+        loaded.run(&frame(attacker));
+        assert_eq!(
+            loaded.counts().packets(UnapprovedVpn),
+            before.packets(UnapprovedVpn) + 1,
+            "{proto}: a control packet with the reset's own session id is that flow's OpenVPN"
+        );
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

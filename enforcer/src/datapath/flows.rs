@@ -3,7 +3,7 @@
 //! is.
 
 use aya::maps::MapData;
-use enforcer_common::{FLOW_ACTIVE, FlowKey, map_names};
+use enforcer_common::{FLOW_ACTIVE, FlowKey, FlowSessions, map_names};
 
 use super::{Datapath, DatapathError, map_error};
 
@@ -73,6 +73,7 @@ impl Datapath {
                 }
             }
         }
+        self.forget_orphan_sessions()?;
         self.unmark_flow_peers()?;
         if self.config()?.vpn_flows_seen != 0 && !self.vpn_flows_exist()? {
             // `update_config` sets the flag again if the program remembers a flow meanwhile.
@@ -80,6 +81,34 @@ impl Datapath {
             sweep.flag_cleared = self.config()?.vpn_flows_seen == 0;
         }
         Ok(sweep)
+    }
+
+    /// Removes the session ids (`VPN_FLOW_SESSIONS`) of flows no longer remembered: forgotten
+    /// by this sweep or evicted from the LRU map. A session the program stores for a flow it
+    /// remembers meanwhile is one the program writes again with the flow's next reset.
+    fn forget_orphan_sessions(&mut self) -> Result<(), DatapathError> {
+        let flows: std::collections::HashSet<FlowKey> = {
+            let flows: aya::maps::HashMap<&MapData, FlowKey, u8> =
+                self.typed(map_names::VPN_FLOWS)?;
+            flows.keys().filter_map(Result::ok).collect()
+        };
+        let name = map_names::VPN_FLOW_SESSIONS;
+        let mut sessions: aya::maps::HashMap<&mut MapData, FlowKey, FlowSessions> =
+            self.typed_mut(name)?;
+        let orphans: Vec<FlowKey> = sessions
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !flows.contains(key))
+            .collect();
+        for key in orphans {
+            match sessions.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(name)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Clears the `FLOW_PEERS` slots no remembered flow holds any more, then marks again those of
