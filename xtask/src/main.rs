@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up, build, demo, test and benchmark the enforcer.
 
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -25,11 +26,18 @@ enum Task {
     Build,
     /// Set up, build, and show the enforcer protecting a throw-away namespace lab.
     Demo,
-    /// Set up, build, and run every test: unit, kernel (`BPF_PROG_TEST_RUN`) and namespace tests.
+    /// Set up, build, and run every test: unit, kernel (`BPF_PROG_TEST_RUN`) and namespace tests,
+    /// the differential fuzzer, then (without a filter) each cargo-fuzz target for 20 s.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Run each cargo-fuzz target of `fuzz/` (registry, feed, control) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Build the Debian package `target/debian/enforcer_VERSION_amd64.deb` (cargo-deb): the
     /// binary, the example registry, the systemd unit, man pages, completions and the docs.
@@ -64,7 +72,17 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             build()?;
-            test(&args)
+            test(&args)?;
+            if args.is_empty() {
+                let cargo_fuzz = setup::fuzzer()?;
+                fuzz::run(&cargo_fuzz, FUZZ_SECONDS_IN_TEST)?;
+            }
+            Ok(())
+        }
+        Task::Fuzz { seconds } => {
+            setup::setup()?;
+            let cargo_fuzz = setup::fuzzer()?;
+            fuzz::run(&cargo_fuzz, seconds)
         }
         Task::Package { deb_version } => {
             setup::setup()?;
@@ -91,6 +109,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

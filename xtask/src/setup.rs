@@ -71,6 +71,30 @@ pub fn packager() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// What `cargo xtask fuzz` uses: cargo-fuzz, built once into the cache as cargo-deb is (it
+/// runs the `fuzz/` targets with the nightly toolchain the eBPF build already needs).
+pub fn fuzzer() -> anyhow::Result<PathBuf> {
+    let root = cache_dir().join("cargo-fuzz");
+    let bin = root.join("bin").join("cargo-fuzz");
+    if !bin.exists() {
+        println!("setup: building cargo-fuzz (about 30 s)");
+        let root_text = root.display().to_string();
+        if !status(
+            "cargo",
+            &[
+                "install",
+                "--locked",
+                "--root",
+                &root_text,
+                "cargo-fuzz@0.13.2",
+            ],
+        )? {
+            bail!("`cargo install cargo-fuzz` failed");
+        }
+    }
+    Ok(bin)
+}
+
 /// Where slow-to-build tools are cached: `$ENFORCER_CACHE`, else `~/.cache/enforcer`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ENFORCER_CACHE") {

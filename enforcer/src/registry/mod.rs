@@ -15,7 +15,7 @@ use std::{fmt, hash::BuildHasher, net::IpAddr, path::Path};
 
 pub use date::Date;
 pub use enforcer_common::VpnProtocol;
-pub use feed::{Feed, FeedEntry};
+pub use feed::{Feed, FeedEntry, parse as parse_feed};
 use ipnet::IpNet;
 pub use ports::{PortSpec, Protocol};
 
