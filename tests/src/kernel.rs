@@ -46,11 +46,23 @@ impl Loaded {
         )
     }
 
+    /// The same for registry text whose deny feeds lie under `dir`.
+    pub fn with_feeds(registry: &str, dir: &std::path::Path) -> Self {
+        crate::netns::require_root();
+        let registry = Registry::parse_at(registry, dir)
+            .unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
+        Self::of(&registry, Stages::ALL)
+    }
+
     fn with_stages(registry: &str, stages: Stages) -> Self {
         crate::netns::require_root();
         let registry =
             Registry::parse(registry).unwrap_or_else(|p| panic!("test registry invalid: {p:#?}"));
-        let policy = Policy::compile(&registry, Date::parse("2026-11-27").unwrap())
+        Self::of(&registry, stages)
+    }
+
+    fn of(registry: &Registry, stages: Stages) -> Self {
+        let policy = Policy::compile(registry, Date::parse("2026-11-27").unwrap())
             .expect("test policy compiles");
         let datapath = Datapath::load_filled(&policy, stages)
             .expect("the XDP program loads (verifier accepts it) and its maps fill");

@@ -85,8 +85,8 @@ impl Policy {
                     self.rules
                         .iter()
                         .filter(|r| r.kind.is_source() && !removing(r.index))
-                        .map(|r| &r.prefix)
-                        .chain(std::iter::once(&rule.prefix))
+                        .map(|r| (&r.prefix, &*r.name))
+                        .chain(std::iter::once((&rule.prefix, &*rule.name)))
                 })?;
             }
             added.push(rule);

@@ -69,7 +69,7 @@ pub enum PolicyError {
     )]
     NoFreeRuleNumbers { added: usize, in_use: usize },
     #[error(transparent)]
-    Lookup(#[from] crate::policy::tables::TooManyLengths),
+    Lookup(#[from] crate::policy::tables::TooManyEntries),
 }
 
 /// The registry compiled for the kernel.
@@ -274,7 +274,7 @@ impl Policy {
             rules
                 .iter()
                 .filter(|r| r.kind.is_source())
-                .map(|r| &r.prefix)
+                .map(|r| (&r.prefix, &*r.name))
         })?;
         assign_indices(&mut rules, previous)?;
         let mut extras: Vec<(u32, Extra)> = extras

@@ -21,7 +21,9 @@
 //!   nodes at all, which at a million entries saves half a million kernel hash inserts at
 //!   load. The lists hold at most 8 lengths each
 //!   (`MAX_V6_LENGTHS`; a longer list would be a loop the verifier must walk for every path
-//!   into it), and a registry that needs more is refused with the /16 or /32 named.
+//!   into it). A /16 or /32 whose prefixes use more lengths is rewritten by controlled prefix
+//!   expansion (`expand`) to at most 8 of them, exactly; only a registry whose expansion would
+//!   not fit the kernel's table is refused, naming the region and the entry that grows most.
 //!
 //! Rejected: one hash per distinct prefix length (cost grows with the number of lengths: 24 for
 //! a /8-to-/32 registry), binary search on lengths (log2 of the lengths, so 2 probes at 10
@@ -39,7 +41,7 @@
 use std::collections::{HashMap, HashSet};
 
 use enforcer_common::{
-    DirV6, MAX_V6_LENGTHS, NodeV6, V6_DEEP_LENGTHS,
+    DirV6, MAX_RULES, MAX_V6_LENGTHS, NodeV6, V6_DEEP_LENGTHS,
     lookup::{BLOCK_SLOTS, V4_LONG_SHIFT, V6_DIR_SLOTS, VALUE_MASK},
 };
 use ipnet::IpNet;
@@ -79,7 +81,7 @@ fn value(rule: u32) -> u32 {
 }
 
 /// Builds both families' tables from (prefix → rule) entries (at most one entry per prefix).
-pub fn build(entries: &[(IpNet, u32)]) -> Result<(V4Tables, V6Tables), TooManyLengths> {
+pub fn build(entries: &[(IpNet, u32)]) -> Result<(V4Tables, V6Tables), TooManyEntries> {
     let mut v4: Vec<(u32, u8, u32)> = Vec::new();
     let mut v6: Vec<(u128, u8, u32)> = Vec::new();
     for (prefix, rule) in entries {
@@ -130,9 +132,22 @@ fn build_v4(mut entries: Vec<(u32, u8, u32)>) -> V4Tables {
     tables
 }
 
-fn build_v6(mut entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyLengths> {
+fn build_v6(entries: Vec<(u128, u8, u32)>) -> Result<V6Tables, TooManyEntries> {
+    let expansion = expand::plan(entries.iter().map(|&(addr, len, _)| (addr, len)));
+    if !expand::fits(&expansion) {
+        return Err(TooManyEntries::of(
+            &expansion,
+            entries
+                .iter()
+                .map(|&(addr, len, _)| ((addr, len), String::new())),
+        ));
+    }
+    let mut entries = expand::apply(entries, &expansion.plan);
     let lengths = V6Lengths::of(|| entries.iter().map(|&(addr, len, _)| (addr, len)));
-    lengths.check()?;
+    debug_assert!(
+        lengths.over_full().is_none(),
+        "the expansion leaves at most MAX_V6_LENGTHS lengths per list"
+    );
     entries.sort_unstable_by_key(|(_, len, _)| *len);
     let mut tables = V6Tables {
         dir: vec![DirV6::default(); V6_DIR_SLOTS as usize],
@@ -220,29 +235,14 @@ impl V6Lengths {
         })
     }
 
-    /// The lowest /16 or /32 (in address order) with more lengths than the lookup probes.
-    /// (A /16 listing its longer lengths itself has room for them.)
-    fn check(&self) -> Result<(), TooManyLengths> {
+    /// A /16 or /32 with more lengths than the lookup probes (none once expanded).
+    fn over_full(&self) -> Option<u128> {
         let over = |bits: u128| bits.count_ones() as usize > MAX_V6_LENGTHS;
-        let within = self
-            .below16
-            .iter()
-            .filter(|(_, bits)| over(u128::from(**bits)))
-            .map(|(slot, bits)| ((u128::from(*slot) << 112, 16), u128::from(*bits)))
-            .chain(
-                self.below32
-                    .iter()
-                    .filter(|(_, bits)| over(**bits))
-                    .map(|(top, bits)| ((u128::from(*top) << 96, 32), *bits)),
-            )
-            .min_by_key(|(place, _)| *place);
-        match within {
-            None => Ok(()),
-            Some(((addr, len), bits)) => Err(TooManyLengths {
-                within: IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).expect("valid length")),
-                lengths: (1..=128u8).filter(|l| bits & (1 << (l - 1)) != 0).collect(),
-            }),
-        }
+        self.below16
+            .values()
+            .map(|bits| u128::from(*bits))
+            .chain(self.below32.values().copied())
+            .find(|bits| over(*bits))
     }
 
     /// The lengths of `bits`, longest first, in the kernel's fixed-size list (`check` or
@@ -257,30 +257,76 @@ impl V6Lengths {
     }
 }
 
-/// Whether the IPv6 lookup can hold these prefixes (see `TooManyLengths`); `prefixes` is
-/// walked twice.
-pub fn check<'a, I: Iterator<Item = &'a IpNet>>(
+/// Whether the IPv6 lookup can hold these prefixes once expanded (see `TooManyEntries`):
+/// `prefixes` gives each source prefix with the name of its entry, and is walked twice.
+pub fn check<'a, I: Iterator<Item = (&'a IpNet, &'a str)>>(
     prefixes: impl Fn() -> I,
-) -> Result<(), TooManyLengths> {
-    V6Lengths::of(|| {
-        prefixes().filter_map(|prefix| match prefix.trunc() {
-            IpNet::V6(net) => Some((net.network().into(), net.prefix_len())),
+) -> Result<(), TooManyEntries> {
+    let v6 = || {
+        prefixes().filter_map(|(prefix, name)| match prefix.trunc() {
+            IpNet::V6(net) => Some(((net.network().into(), net.prefix_len()), name)),
             IpNet::V4(_) => None,
         })
-    })
-    .check()
+    };
+    let expansion = expand::plan(v6().map(|(prefix, _)| prefix));
+    if expand::fits(&expansion) {
+        return Ok(());
+    }
+    Err(TooManyEntries::of(
+        &expansion,
+        v6().map(|(prefix, name)| (prefix, name.to_string())),
+    ))
 }
 
-/// More distinct IPv6 prefix lengths inside one /16 or /32 than the lookup probes.
+/// IPv6 prefixes whose expansion (see `expand`) needs more keys than the kernel's table holds.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the IPv6 prefixes inside {within} use {n} different lengths (/{list}); the lookup probes at most {MAX_V6_LENGTHS} per /16 (for /17 to /32) and per /32 (for longer ones): merge or split some of them",
-    n = lengths.len(),
-    list = lengths.iter().map(u8::to_string).collect::<Vec<_>>().join(", /")
+    "the IPv6 prefixes need {entries} lookup entries once the lengths inside each /16 and /32 are expanded to at most {MAX_V6_LENGTHS}; the kernel's table holds {MAX_RULES}. The most: inside {region}, {who}{prefix} expands to {grows} entries: list fewer lengths there, or longer prefixes",
+    who = if name.is_empty() { String::new() } else { format!("{name} ") }
 )]
-pub struct TooManyLengths {
-    pub within: IpNet,
-    pub lengths: Vec<u8>,
+pub struct TooManyEntries {
+    pub entries: u128,
+    pub region: IpNet,
+    /// The prefix that grows most, and the name of its entry (a deny feed's `FILE:LINE`).
+    pub prefix: IpNet,
+    pub name: String,
+    pub grows: u128,
+}
+
+impl TooManyEntries {
+    /// The error for `expansion`, naming the prefix of `prefixes` that grows most in the region
+    /// that grows most.
+    fn of(
+        expansion: &expand::Expansion,
+        prefixes: impl Iterator<Item = ((u128, u8), String)>,
+    ) -> Self {
+        let mut worst: Option<((u128, u8), String, u128)> = None;
+        for ((addr, len), name) in prefixes {
+            let Some(region) = expand::Region::of(addr, len) else {
+                continue;
+            };
+            let Some(targets) = expansion.plan.get(&region) else {
+                continue;
+            };
+            let grows = 1u128
+                .checked_shl(u32::from(targets[&len] - len))
+                .unwrap_or(u128::MAX);
+            if worst.as_ref().is_none_or(|(_, _, g)| grows > *g) {
+                worst = Some(((addr, len), name, grows));
+            }
+        }
+        let ((addr, len), name, grows) = worst.unwrap_or_default();
+        let net = |addr: u128, len: u8| {
+            IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).expect("a valid length"))
+        };
+        Self {
+            entries: expansion.entries,
+            region: expand::Region::of(addr, len).map_or_else(|| net(0, 0), expand::Region::net),
+            prefix: net(addr, len),
+            name,
+            grows,
+        }
+    }
 }
 
 /// An IPv6 address masked to `len` bits.
@@ -440,6 +486,8 @@ pub fn v4_blocks_needed<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> u3
         .collect();
     u32::try_from(slots.len()).unwrap_or(u32::MAX)
 }
+
+mod expand;
 
 #[cfg(test)]
 mod tests;

@@ -445,7 +445,7 @@ fn the_source_trie_leaves_out_allow_prefixes_inside_deny_ranges() {
 }
 
 #[test]
-fn more_ipv6_lengths_in_one_slash_32_than_the_lookup_probes_are_refused() {
+fn more_ipv6_lengths_in_one_slash_32_than_a_list_probes_compile() {
     let networks: Vec<String> = (0..9)
         .map(|i| format!(r#"{{"name": "n{i}", "cidr": "2001:db8::/{}"}}"#, 40 + i * 8))
         .collect();
@@ -453,11 +453,34 @@ fn more_ipv6_lengths_in_one_slash_32_than_the_lookup_probes_are_refused() {
         r#"{{"schema": 1, "mode": "enforce", "networks": [{}]}}"#,
         networks.join(",")
     );
-    let error = Policy::compile(&Registry::parse(&text).unwrap(), today()).unwrap_err();
-    assert!(matches!(error, PolicyError::Lookup(_)), "{error}");
+    let policy = Policy::compile(&Registry::parse(&text).unwrap(), today()).unwrap();
+    assert_eq!(policy.rules.len(), 9);
+}
+
+/// A deny feed whose prefixes would expand past the kernel's table is refused, and the error
+/// names the feed's file and line of the prefix that grows most.
+#[test]
+fn a_feed_whose_expansion_cannot_fit_is_refused_naming_its_line() {
+    let dir = std::env::temp_dir().join(format!("enforcer-cpe-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("feeds")).unwrap();
+    // 96 lengths in one /32, 40 prefixes each: eight targets need about 1.3 million keys.
+    let mut feed = String::from("# hosting ranges\n");
+    for len in 33..=128u32 {
+        for i in 0..40u128 {
+            let addr = (0x2001_0db8u128 << 96) | (i << (128 - len));
+            feed.push_str(&format!("{}/{len}\n", std::net::Ipv6Addr::from(addr)));
+        }
+    }
+    std::fs::write(dir.join("feeds/hosting.txt"), feed).unwrap();
+    let text = r#"{"schema": 1, "mode": "enforce", "deny_files": ["feeds/hosting.txt"]}"#;
+    let registry = Registry::parse_at(text, &dir).unwrap();
+    let error = Policy::compile(&registry, today()).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let message = error.to_string();
+    assert!(matches!(error, PolicyError::Lookup(_)), "{message}");
     assert!(
-        error.to_string().contains("inside 2001:db8::/32"),
-        "{error}"
+        message.contains("inside 2001:db8::/32, feeds/hosting.txt:"),
+        "{message}"
     );
 }
 

@@ -44,6 +44,19 @@ fn random_prefix(rng: &mut Rng, round: usize) -> IpNet {
         let len =
             [0, 8, 12, 15, 16, 17, 20, 23, 24, 25, 26, 28, 30, 31, 32][(rng.next() % 15) as usize];
         IpNet::V4(ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc())
+    } else if round % 4 == 2 {
+        // Every length from /17 to /128 under one /16 (2001::/16) and its /32s: far more than
+        // a list holds, so these regions are expanded.
+        let addr = (0x2001u128 << 112)
+            | u128::from(rng.next() % 3) << 96
+            | u128::from(rng.next()) << 32
+            | u128::from(rng.next() as u32);
+        let len = if rng.next().is_multiple_of(3) {
+            17 + (rng.next() % 16) as u8
+        } else {
+            33 + (rng.next() % 96) as u8
+        };
+        IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).unwrap().trunc())
     } else {
         // Two /16s, four /32s in each.
         let addr = (0x2001_0db8u128 << 96)
@@ -204,18 +217,70 @@ fn regions_name_the_slash_16s_a_prefix_overlaps() {
     assert!(Regions::of(&[p("0.0.0.0/4")]).is_some());
 }
 
+/// Nine lengths in one /32 and sixteen in one /16: more than a list probes, so
+/// the regions are expanded; every address near a boundary gets the longest prefix's rule.
 #[test]
-fn more_than_eight_ipv6_lengths_in_one_slash_32_are_refused() {
-    let entries: Vec<(IpNet, u32)> = (0..9u32)
+fn more_lengths_than_a_list_probes_are_expanded_exactly() {
+    let mut entries: Vec<(IpNet, u32)> = (0..9u32)
         .map(|i| (format!("2001:db8::/{}", 40 + i * 8).parse().unwrap(), i))
         .collect();
-    let error = build(&entries).unwrap_err();
-    assert_eq!(error.within.to_string(), "2001:db8::/32");
+    entries.extend((17..=32u32).map(|len| {
+        let net = ipnet::Ipv6Net::new("2001:0dff:ffff::".parse().unwrap(), len as u8).unwrap();
+        (IpNet::V6(net.trunc()), 100 + len)
+    }));
+    let (_, v6) = build(&entries).expect("expanded, not refused");
+    for list in v6
+        .dir
+        .iter()
+        .map(|d| d.lengths)
+        .chain(v6.nodes.values().map(|n| n.lengths))
+    {
+        assert!(list.iter().filter(|l| **l != 0).count() <= MAX_V6_LENGTHS);
+    }
+    let mut rng = Rng(0x00C0_FFEE_0021);
+    for (net, _) in &entries {
+        let IpNet::V6(net) = net else { unreachable!() };
+        for _ in 0..200 {
+            // The prefix's first and last address, and addresses around its boundary bits.
+            let base = u128::from(net.network());
+            let flip = u128::from(rng.next()) << 64 | u128::from(rng.next());
+            let addr = base
+                ^ (flip >> (u32::from(net.prefix_len()) + (rng.next() % 3) as u32 - 1).min(127));
+            assert_eq!(
+                v6.lookup(addr),
+                reference(&entries, std::net::Ipv6Addr::from(addr).into()),
+                "{}",
+                std::net::Ipv6Addr::from(addr)
+            );
+        }
+    }
+}
+
+/// An expansion that cannot fit the kernel's table is refused, naming the region and the entry
+/// that grows most.
+#[test]
+fn an_expansion_past_the_table_is_refused_with_the_entry_named() {
+    // 96 lengths in one /32, 40 prefixes each: eight targets need about 1.3 million keys.
+    let mut prefixes: Vec<(IpNet, String)> = Vec::new();
+    for len in 33..=128u8 {
+        for i in 0..40u128 {
+            let addr = (0x2001_0db8u128 << 96) | (i << (128 - u32::from(len)));
+            let net = ipnet::Ipv6Net::new(addr.into(), len).unwrap().trunc();
+            prefixes.push((IpNet::V6(net), format!("feed.txt:{}", prefixes.len() + 1)));
+        }
+    }
+    let error = check(|| prefixes.iter().map(|(p, n)| (p, n.as_str()))).unwrap_err();
+    assert_eq!(error.region.to_string(), "2001:db8::/32");
+    assert!(error.entries > u128::from(MAX_RULES), "{error}");
+    assert!(error.name.starts_with("feed.txt:"), "{error}");
+    let message = error.to_string();
     assert!(
-        error.to_string().contains("9 different lengths (/40, /48"),
-        "{error}"
+        message.contains("inside 2001:db8::/32, feed.txt:"),
+        "{message}"
     );
-    assert!(build(&entries[..8]).is_ok());
+    // The same lengths with one prefix each fit.
+    let few: Vec<(IpNet, String)> = prefixes.iter().step_by(40).cloned().collect();
+    assert!(check(|| few.iter().map(|(p, n)| (p, n.as_str()))).is_ok());
 }
 
 #[test]
