@@ -27,6 +27,7 @@ pub mod map_names {
     pub const DIR_V6: &str = "DIR_V6";
     pub const NODE_V6: &str = "NODE_V6";
     pub const LONG_V6: &str = "LONG_V6";
+    pub const LONG_V6_FILTER: &str = "LONG_V6_FILTER";
     pub const CONNS: &str = "CONNS";
     pub const PEERS: &str = "PEERS";
     pub const CONN_TIMEOUTS: &str = "CONN_TIMEOUTS";
@@ -44,7 +45,7 @@ pub mod map_names {
     pub const ACCESS_FLOWS: &str = "ACCESS_FLOWS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 33] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -62,6 +63,7 @@ pub mod map_names {
         DIR_V6,
         NODE_V6,
         LONG_V6,
+        LONG_V6_FILTER,
         CONNS,
         PEERS,
         CONN_TIMEOUTS,
@@ -657,6 +659,25 @@ pub const MAX_V6_LENGTHS: usize = 8;
 /// whose longer prefixes use at most this many lengths (and whose list has room) needs no
 /// `NODE_V6` entries; a registry of scattered /128s needs none at all.
 pub const V6_DEEP_LENGTHS: usize = 2;
+
+/// Bits of one generation of `LONG_V6_FILTER` (a power of two): 8 Mi bits, 1 MiB, so that a
+/// million keys set about one bit in nine.
+pub const V6_FILTER_BITS_LOG2: u32 = 23;
+/// 64-bit words of one generation of `LONG_V6_FILTER`.
+pub const V6_FILTER_WORDS: u32 = 1 << (V6_FILTER_BITS_LOG2 - 6);
+
+/// The bit of `LONG_V6_FILTER` a `LONG_V6` key sets: the key's address masked to its length,
+/// as two host-order halves of its network-order bytes, and the length. A one-hash Bloom
+/// filter: every key of a generation has its bit set in that generation's half, so a clear bit
+/// means "not in the hash" and spares the lookup the hash probe (what a flood from addresses
+/// next to an approved IPv6 range would otherwise pay on every packet). A set bit may be another
+/// key's: the probe then answers.
+#[inline(always)]
+pub const fn v6_filter_bit(hi: u64, lo: u64, len: u8) -> u32 {
+    let x = hi ^ lo.rotate_left(29) ^ (len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let x = (x ^ (x >> 31)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    (x >> (64 - V6_FILTER_BITS_LOG2)) as u32
+}
 
 /// A slot of `DIR_V6`.
 ///

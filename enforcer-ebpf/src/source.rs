@@ -8,10 +8,11 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use enforcer_common::{
-    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6,
+    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6, V6_FILTER_WORDS,
     lookup::{
         V4_DEFAULT_BLOCKS, V4_LONG_SHIFT, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS, VALUE_MASK,
     },
+    v6_filter_bit,
 };
 
 /// Arrays the controller writes through a memory mapping (a whole table in one copy).
@@ -34,6 +35,9 @@ static NODE_V6: HashMap<[u8; 4], [NodeV6; 2]> =
 #[map]
 static LONG_V6: HashMap<LongKeyV6, LongValue> =
     HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+/// One bit per `LONG_V6` key and generation (`v6_filter_bit`): a clear bit spares the probe.
+#[map]
+static LONG_V6_FILTER: Array<u64> = Array::with_max_entries(2 * V6_FILTER_WORDS, BPF_F_MMAPABLE);
 
 /// `rule + 1` of the rule whose prefix is the longest holding `src`, in table generation
 /// `generation`, or 0 (none). The two array reads that decide almost every address are
@@ -109,6 +113,13 @@ fn probe_v6(hi: u64, lo: u64, len: u32, generation: usize) -> u32 {
     } else {
         (hi & (u64::MAX << ((64 - len) & 63)), 0)
     };
+    let bit = v6_filter_bit(hi, lo, len as u8);
+    if LONG_V6_FILTER
+        .get(generation as u32 * V6_FILTER_WORDS + (bit >> 6))
+        .is_none_or(|w| (*w >> (bit & 63)) & 1 == 0)
+    {
+        return 0;
+    }
     let mut addr = [0u8; 16];
     addr[..8].copy_from_slice(&hi.to_be_bytes());
     addr[8..].copy_from_slice(&lo.to_be_bytes());
@@ -133,26 +144,39 @@ fn lookup_v6(hi: u64, lo: u64, generation: u32) -> u32 {
         let top = ((hi >> 32) as u32).to_be_bytes();
         // SAFETY: as above.
         if let Some(node) = unsafe { NODE_V6.get(&top) } {
-            let lengths = node[generation].lengths;
-            for len in lengths {
-                if len == 0 {
-                    break;
-                }
-                let value = probe_v6(hi, lo, u32::from(len), generation);
-                if value != 0 {
-                    return value;
-                }
+            let value = probe_lengths(
+                hi,
+                lo,
+                u64::from_le_bytes(node[generation].lengths),
+                generation,
+            );
+            if value != 0 {
+                return value;
             }
         }
     }
-    for len in dir.lengths {
+    let value = probe_lengths(hi, lo, u64::from_le_bytes(dir.lengths), generation);
+    if value != 0 {
+        return value;
+    }
+    dir.value
+}
+
+/// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,
+/// 0-terminated) whose key `LONG_V6` holds, or 0. Verifier: the lengths arrive as one number,
+/// not an array, so they take no stack slot across the probes (the filter's key took the
+/// deepest call chain past 512 bytes when they did).
+#[inline(always)]
+fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize) -> u32 {
+    for i in 0..8u32 {
+        let len = (lengths >> (8 * i)) & 0xFF;
         if len == 0 {
             break;
         }
-        let value = probe_v6(hi, lo, u32::from(len), generation);
+        let value = probe_v6(hi, lo, len as u32, generation);
         if value != 0 {
             return value;
         }
     }
-    dir.value
+    0
 }

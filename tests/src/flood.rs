@@ -30,6 +30,13 @@ pub const RECEIVER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
 pub const IFACE: &str = "eth0";
 /// Where the flood's sources come from (and what registries must leave out).
 pub const SOURCES: &str = "198.18.0.0/15";
+/// Where the IPv6 flood's sources come from: 16,384 /64s of this /48, in the /16 of the bench
+/// registries' approved IPv6 network (so that the lookup probes that network's length for each
+/// frame, as an attacker's addresses next to an approved range would make it).
+pub const SOURCES_V6: &str = "2001:db8:ff00::/48";
+/// The IPv6 flood's destination.
+pub const RECEIVER_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 
 /// Two namespaces joined by a veth pair (removed on drop), and the frame generator.
 pub struct FloodLab {
@@ -37,6 +44,8 @@ pub struct FloodLab {
     pub rx: Netns,
     rx_mac: [u8; 6],
     generator: Ebpf,
+    /// The frames are IPv6 (from `SOURCES_V6`), not IPv4.
+    pub v6: bool,
 }
 
 /// One flood's outcome.
@@ -70,7 +79,17 @@ fn softirq_ns() -> anyhow::Result<f64> {
 }
 
 impl FloodLab {
+    /// A lab whose flood is IPv4, from `SOURCES`.
     pub fn new() -> anyhow::Result<Self> {
+        Self::of(false)
+    }
+
+    /// A lab whose flood is IPv6, from `SOURCES_V6`.
+    pub fn new_v6() -> anyhow::Result<Self> {
+        Self::of(true)
+    }
+
+    fn of(v6: bool) -> anyhow::Result<Self> {
         let tx = Netns::new("fl-tx")?;
         let rx = Netns::new("fl-rx")?;
         veth(&tx, IFACE, &rx, IFACE)?;
@@ -88,8 +107,10 @@ impl FloodLab {
             unsafe { libc::if_nametoindex(name.as_ptr()) }
         })?;
         anyhow::ensure!(ifindex != 0, "no {IFACE} in the sender namespace");
+        let flood_v6 = u8::from(v6);
         let mut generator = EbpfLoader::new()
             .override_global("FLOOD_IFINDEX", &ifindex, true)
+            .override_global("FLOOD_V6", &flood_v6, true)
             .load(enforcer::datapath::BASELINE_OBJECT)?;
         let program: &mut Xdp = generator
             .program_mut("flood_gen")
@@ -101,7 +122,32 @@ impl FloodLab {
             rx,
             rx_mac,
             generator,
+            v6,
         })
+    }
+
+    /// The IPv6 template: Ethernet to the receiver's MAC, IPv6 from `SOURCES_V6` (the generator
+    /// sets the fourth group) to `RECEIVER_V6`, UDP to port 9 with 10 bytes of payload: 72
+    /// bytes on the wire before the FCS (the IPv4 frame's 18 bytes of payload, less the 20 more
+    /// an IPv6 header takes, would leave none; 10 keep a payload).
+    fn template_v6(&self) -> Vec<u8> {
+        let mut f = vec![0u8; 72];
+        f[..6].copy_from_slice(&self.rx_mac);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
+        let ip = &mut f[14..54];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&18u16.to_be_bytes());
+        ip[6] = 17;
+        ip[7] = 64;
+        let source: ipnet::Ipv6Net = SOURCES_V6.parse().expect("a prefix");
+        ip[8..24].copy_from_slice(&source.network().octets());
+        ip[23] = 2;
+        ip[24..40].copy_from_slice(&RECEIVER_V6.octets());
+        f[54..56].copy_from_slice(&4096u16.to_be_bytes());
+        f[56..58].copy_from_slice(&9u16.to_be_bytes());
+        f[58..60].copy_from_slice(&18u16.to_be_bytes());
+        f
     }
 
     /// The template frame: Ethernet to the receiver's MAC, IPv4 from 198.18.0.0 (the
@@ -129,7 +175,11 @@ impl FloodLab {
 
     /// Sends `frames` frames from the sender namespace, generated on `cpu`.
     pub fn flood(&self, frames: u32, cpu: usize) -> anyhow::Result<Sample> {
-        let template = self.template();
+        let template = if self.v6 {
+            self.template_v6()
+        } else {
+            self.template().to_vec()
+        };
         let before = softirq_ns()?;
         let dropped_before = self.dropped()?;
         let seconds = self

@@ -13,8 +13,11 @@ use enforcer_tests::kernel::Loaded;
 /// (for packets from other peers than the flows'), which the verifier walks for both states of
 /// the flag; and the event offer at the one exit (a drop, a VPN packet or an allowed TCP SYN,
 /// each with the budget spent or not; the UDP access flows are a global function of their
-/// own): 118,689 measured on 2026-12-06, from 113,953 before events.
-const BUDGET: u32 = 120_000;
+/// own): 118,689 measured on 2026-12-06, from 113,953 before events; and the IPv6 lookup's
+/// filter check before each of its 16 hash probes (8 lengths of a /32 node, 8 of a /16 slot;
+/// the probe loops take their lengths as one number to stay within the stack): 129,661 on
+/// 2026-12-06, from 116,886.
+const BUDGET: u32 = 130_000;
 
 #[test]
 fn the_program_verifies_within_its_instruction_budget() {

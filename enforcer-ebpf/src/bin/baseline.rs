@@ -32,15 +32,23 @@ pub fn baseline_tc(_ctx: TcContext) -> i32 {
 #[unsafe(no_mangle)]
 static FLOOD_IFINDEX: u32 = 0;
 
+/// 1: the template is IPv6, and the generator varies its source's fourth group (one /64 per
+/// frame of 16,384); set at load.
+#[unsafe(no_mangle)]
+static FLOOD_V6: u8 = 0;
+
 #[map]
 static FLOOD_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 const IPV4_CSUM_OFFSET: usize = 10;
+/// The source address's fourth 16-bit group in an IPv6 header: which /64 of a /48.
+const IPV6_SRC_GROUP4_OFFSET: usize = 8 + 6;
 
 /// The flood generator, run by the benchmark with `BPF_PROG_TEST_RUN` in live-frames mode:
 /// each frame (an IPv4 template from 198.18.0.0) gets the next of 16,384 source addresses in
 /// 198.18.0.0/18, its header checksum updated (RFC 1624), and is redirected out of the sender's
-/// veth to the receiver.
+/// veth to the receiver. With `FLOOD_V6`, each IPv6 frame gets the next of 16,384 /64s of its
+/// template's /48 (an IPv6 header has no checksum).
 #[xdp]
 pub fn flood_gen(ctx: XdpContext) -> u32 {
     let start = ctx.data();
@@ -58,16 +66,22 @@ pub fn flood_gen(ctx: XdpContext) -> u32 {
         n
     };
     let new = (n & 0x3FFF) as u16;
-    // SAFETY: the 20 header bytes at `at` were checked against data_end above.
-    unsafe {
-        let word = (at + IPV4_SRC_OFFSET + 2) as *mut [u8; 2];
-        let csum = (at + IPV4_CSUM_OFFSET) as *mut [u8; 2];
-        let old = u16::from_be_bytes(*word);
-        let sum = u32::from(!u16::from_be_bytes(*csum)) + u32::from(!old) + u32::from(new);
-        let sum = (sum & 0xFFFF) + (sum >> 16);
-        let sum = (sum & 0xFFFF) + (sum >> 16);
-        *word = new.to_be_bytes();
-        *csum = (!(sum as u16)).to_be_bytes();
+    // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
+    if unsafe { core::ptr::read_volatile(&raw const FLOOD_V6) } != 0 {
+        // SAFETY: the 16 bytes at `at` were checked against data_end above.
+        unsafe { *((at + IPV6_SRC_GROUP4_OFFSET) as *mut [u8; 2]) = new.to_be_bytes() };
+    } else {
+        // SAFETY: the 20 header bytes at `at` were checked against data_end above.
+        unsafe {
+            let word = (at + IPV4_SRC_OFFSET + 2) as *mut [u8; 2];
+            let csum = (at + IPV4_CSUM_OFFSET) as *mut [u8; 2];
+            let old = u16::from_be_bytes(*word);
+            let sum = u32::from(!u16::from_be_bytes(*csum)) + u32::from(!old) + u32::from(new);
+            let sum = (sum & 0xFFFF) + (sum >> 16);
+            let sum = (sum & 0xFFFF) + (sum >> 16);
+            *word = new.to_be_bytes();
+            *csum = (!(sum as u16)).to_be_bytes();
+        }
     }
     // SAFETY: a read of a load-time constant; volatile so the compiler keeps the global.
     let ifindex = unsafe { core::ptr::read_volatile(&raw const FLOOD_IFINDEX) };

@@ -98,6 +98,8 @@ pub fn start(
             std::thread::scope(|scope| -> Result<(), DaemonError> {
                 let labels = scope.spawn(|| State::write_rules(id, &rule_labels(&policy)));
                 datapath.apply(&current, &policy)?;
+                // The maps may be an earlier build's, beside a filter map new to this one.
+                datapath.rebuild_v6_filter()?;
                 tracing::debug!(ms = timer.elapsed().as_millis(), mib = ?crate::memory_mib(), "maps filled");
                 labels
                     .join()

@@ -56,6 +56,11 @@ impl Mapped {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
+    pub(super) fn u64s(&mut self) -> &mut [u64] {
+        // SAFETY: as in `u32s`; a page-aligned mapping is aligned for `u64` too.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u64>(), self.len / 8) }
+    }
+
     pub(super) fn u32s(&mut self) -> &mut [u32] {
         // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u32>(), self.len / 4) }

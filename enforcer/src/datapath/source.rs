@@ -5,11 +5,11 @@ use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use enforcer_common::{
-    DirV6, LongKeyV4, LongKeyV6, LongValue, NodeV6,
+    DirV6, LongKeyV4, LongKeyV6, LongValue, NodeV6, V6_FILTER_WORDS,
     lookup::{
         BLOCK_SLOTS, V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS,
     },
-    map_names,
+    map_names, v6_filter_bit,
 };
 use ipnet::IpNet;
 
@@ -451,6 +451,12 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let (v4_long, v6_nodes, v6_long) = long;
         let next = 1 - state.generation as usize;
+        // The filter's bits for the keys this change gives a value in `next`.
+        let v6_bits: Vec<u32> = v6_long
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|((addr, len), _)| v6_filter_bit((*addr >> 64) as u64, *addr as u64, *len))
+            .collect();
         let outside_v4 = |slot: u16| regions.is_some_and(|r| !r.has_v4(slot));
         let outside_v6 = |slot: u16| regions.is_some_and(|r| !r.has_v6(slot));
         let long_v4 = pair_updates(
@@ -497,6 +503,7 @@ impl Datapath {
             self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
             self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
         }
+        self.write_v6_filter(next, &v6_bits, regions.is_some())?;
 
         // The switch.
         self.update_config(|c| c.generation = next as u32)?;
@@ -514,6 +521,68 @@ impl Datapath {
     }
 
     /// Writes (key → value) pairs into a hash, batched where the kernel supports it.
+    /// Writes both generations of `LONG_V6_FILTER` from the keys `LONG_V6` holds, at start:
+    /// the filter may be new beside tables an earlier build filled (its map was not pinned
+    /// then), and a program that reads a clear bit skips the probe. Each word gets its final
+    /// value in one store, and a key in force has its bit in both the old and the new value, so
+    /// a packet in flight never misses a prefix.
+    pub fn rebuild_v6_filter(&mut self) -> Result<(), DatapathError> {
+        let state = match self.source.take() {
+            Some(state) => state,
+            None => self.source_state()?,
+        };
+        let words = V6_FILTER_WORDS as usize;
+        let mut filters = vec![0u64; 2 * words];
+        for (key, values) in &state.long_v6 {
+            let addr = u128::from_be_bytes(key.addr);
+            let bit = v6_filter_bit((addr >> 64) as u64, addr as u64, key.len) as usize;
+            for (generation, value) in values.iter().enumerate() {
+                if *value != 0 {
+                    filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);
+                }
+            }
+        }
+        self.source = Some(state);
+        let memory = self.mapped(map_names::LONG_V6_FILTER, size_of::<u64>())?;
+        for (word, value) in memory.u64s().iter_mut().zip(filters) {
+            if *word != value {
+                *word = value;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes generation `next` of `LONG_V6_FILTER` before the switch to it: the bits of
+    /// `bits`, over a copy of the generation in force when only some regions changed (its bits
+    /// cover every key kept from it; a removed key's bit stays set until the next rewrite of the
+    /// whole, which only costs a probe), or alone when the whole generation was rewritten. A
+    /// bit of a key in force is never cleared: no packet can miss a prefix the tables hold.
+    fn write_v6_filter(
+        &mut self,
+        next: usize,
+        bits: &[u32],
+        partial: bool,
+    ) -> Result<(), DatapathError> {
+        let words = V6_FILTER_WORDS as usize;
+        let memory = self.mapped(map_names::LONG_V6_FILTER, size_of::<u64>())?;
+        let all = memory.u64s();
+        let (first, second) = all.split_at_mut(words);
+        let (filter, in_force) = if next == 0 {
+            (first, &*second)
+        } else {
+            (second, &*first)
+        };
+        if partial {
+            filter.copy_from_slice(in_force);
+        } else {
+            filter.fill(0);
+        }
+        for bit in bits {
+            filter[(*bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        Ok(())
+    }
+
     fn write_pairs<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,

@@ -36,13 +36,16 @@ const INSTANCES: usize = 3;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
-fn reserved() -> [IpNet; 5] {
+fn reserved() -> [IpNet; 7] {
     [
         "198.51.100.0/24",
         "203.0.113.0/24",
         "2001:db8::/32",
         "192.0.2.0/24",
         enforcer_tests::flood::SOURCES,
+        // The expanded /32's measured packets (see `EXPANDED_V6`).
+        "2a0f:ffe0:1::/48",
+        "2a0f:ffe0:ffff:ffff::/64",
     ]
     .map(|c| c.parse().unwrap())
 }
@@ -61,13 +64,24 @@ enum Distribution {
     Realistic,
     /// Random single addresses: /32 and /128, half and half.
     Worst,
+    /// Shaped like a hosting-range feed: as realistic, but the IPv6 prefixes (/33 to /64)
+    /// clustered about 24 to a /32, so most /32s hold more lengths than a lookup list probes
+    /// and are expanded; one of them, `EXPANDED_V6`, is where two of the measured packets
+    /// come from.
+    ManyLengths,
 }
+
+/// The /32 of the many-lengths registry that the "expanded /32" packets come from: twelve
+/// lengths /33 to /64 in its lower half at every size, the allowed packet's /48 among them,
+/// the dropped packet's /64 in its upper half left unlisted.
+const EXPANDED_V6: &str = "2a0f:ffe0::/32";
 
 impl Distribution {
     const fn name(self) -> &'static str {
         match self {
             Self::Realistic => "realistic",
             Self::Worst => "worst-case",
+            Self::ManyLengths => "many-lengths",
         }
     }
 
@@ -78,6 +92,22 @@ impl Distribution {
             r#"{"name": "bench-allowed", "cidr": "198.51.100.0/24"}"#.to_string(),
             r#"{"name": "bench-allowed-v6", "cidr": "2001:db8:100::/64"}"#.to_string(),
         ];
+        let expanded: Ipv6Net = EXPANDED_V6.parse().expect("a prefix");
+        if matches!(self, Self::ManyLengths) {
+            entries.push(
+                r#"{"name": "bench-allowed-expanded", "cidr": "2a0f:ffe0:1::/48"}"#.to_string(),
+            );
+            for (i, len) in (36..=64u8).step_by(3).enumerate() {
+                let addr = u128::from(expanded.network()) | (i as u128 + 2) << 80;
+                let net = Ipv6Net::new(addr.into(), len).unwrap().trunc();
+                entries.push(format!(
+                    r#"{{"name": "bench-expanded-{len}", "cidr": "{net}"}}"#
+                ));
+                seen.insert(IpNet::V6(net));
+            }
+        }
+        // The many-lengths registry's /32s: about 24 IPv6 prefixes each.
+        let clusters = (n / 10 / 24).max(1) as u64;
         while entries.len() < n.max(2) {
             let roll = rng.next_u64() % 10;
             let v4 = |rng: &mut Rng, len: u8| {
@@ -98,17 +128,25 @@ impl Distribution {
                 IpNet::V6(Ipv6Net::new(bits.into(), len).unwrap().trunc())
             };
             let net = match (self, roll) {
-                (Self::Realistic, 0..=7) => {
+                (Self::Realistic | Self::ManyLengths, 0..=7) => {
                     let len = u8::try_from(8 + rng.next_u64() % 23).unwrap();
                     v4(&mut rng, len)
                 }
-                (Self::Realistic, 8) => v4(&mut rng, 32),
+                (Self::Realistic | Self::ManyLengths, 8) => v4(&mut rng, 32),
                 (Self::Realistic, _) => {
                     let len = u8::try_from(32 + rng.next_u64() % 33).unwrap();
                     v6(&mut rng, len)
                 }
                 (Self::Worst, r) if r % 2 == 0 => v4(&mut rng, 32),
                 (Self::Worst, _) => v6(&mut rng, 128),
+                (Self::ManyLengths, _) => {
+                    // One of `clusters` /32s under 2a0f::/16 (the expanded one among them).
+                    let top = u128::from(expanded.network()) >> 96
+                        ^ u128::from(rng.next_u64() % clusters);
+                    let low = u128::from(rng.next_u64()) << 32;
+                    let len = u8::try_from(33 + rng.next_u64() % 32).unwrap();
+                    IpNet::V6(Ipv6Net::new((top << 96 | low).into(), len).unwrap().trunc())
+                }
             };
             if clear_of_reserved(net) && seen.insert(net) {
                 entries.push(format!(
@@ -175,6 +213,14 @@ fn packets() -> Vec<(&'static str, Vec<u8>)> {
         (
             "dropped IPv6",
             Frame::tcp("2001:db8:dead::5", "2001:db8:1::1", 443).build(),
+        ),
+        (
+            "allowed IPv6, expanded /32",
+            Frame::tcp("2a0f:ffe0:1::10", "2001:db8:1::1", 443).build(),
+        ),
+        (
+            "dropped IPv6, expanded /32",
+            Frame::tcp("2a0f:ffe0:ffff:ffff::5", "2001:db8:1::1", 443).build(),
         ),
         (
             "allowed IPv4 in 802.1Q",
@@ -441,7 +487,11 @@ fn control_plane(out: &mut String) -> anyhow::Result<serde_json::Value> {
         "\ncontrol plane (real release controller; CLI process start → return = map updated)"
     )?;
     let mut starts = Vec::new();
-    for d in [Distribution::Realistic, Distribution::Worst] {
+    for d in [
+        Distribution::Realistic,
+        Distribution::Worst,
+        Distribution::ManyLengths,
+    ] {
         std::fs::write(&registry, d.registry(1_000_000))?;
         let started = Instant::now();
         let mut enforcer = Enforcer::start(&lab.server, SERVER_IFACE, &registry, &[])?;
@@ -937,9 +987,12 @@ enum Setup {
     Floor {
         program: &'static str,
         prefixes: Vec<Ipv4Net>,
+        /// The lab floods IPv6 (`FloodLab::new_v6`).
+        v6: bool,
     },
     Enforcer {
         registry: std::path::PathBuf,
+        v6: bool,
     },
     /// nftables and iptables receivers keep their lab: loading a 100,000-entry set takes
     /// seconds, and they are far from the XDP receivers' rates anyway.
@@ -948,12 +1001,15 @@ enum Setup {
 
 impl Setup {
     fn lab(&self) -> anyhow::Result<(FloodLab, Filter)> {
-        let lab = FloodLab::new()?;
+        let lab = match self {
+            Setup::Floor { v6: true, .. } | Setup::Enforcer { v6: true, .. } => FloodLab::new_v6()?,
+            _ => FloodLab::new()?,
+        };
         let filter = match self {
-            Setup::Floor { program, prefixes } => {
-                Filter::Program(attach_floor(&lab, program, prefixes)?)
-            }
-            Setup::Enforcer { registry } => Filter::Enforcer(
+            Setup::Floor {
+                program, prefixes, ..
+            } => Filter::Program(attach_floor(&lab, program, prefixes)?),
+            Setup::Enforcer { registry, .. } => Filter::Enforcer(
                 enforcer_tests::daemon::Enforcer::start(&lab.rx, flood::IFACE, registry, &[])?,
             ),
             Setup::Kept => anyhow::bail!("a kept receiver is not set up again"),
@@ -1004,6 +1060,7 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     let floor = |program: &'static str, prefixes: &[Ipv4Net]| Setup::Floor {
         program,
         prefixes: prefixes.to_vec(),
+        v6: false,
     };
     // The stack's receivers sit behind a pass-through XDP program: a veth takes XDP frames only
     // when its peer runs XDP (about 10 ns of the figures below, the bare XDP_PASS cost).
@@ -1019,6 +1076,16 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
         "read EtherType + source, count (floor)".into(),
         floor("baseline_read_count", &[]),
     )?);
+    // The IPv6 flood (from 16,384 /64s of `flood::SOURCES_V6`) against its own bare XDP_DROP:
+    // its frames are 12 bytes longer.
+    receivers.push(Receiver::set_up(
+        "IPv6: bare XDP_DROP".into(),
+        Setup::Floor {
+            program: "baseline_drop",
+            prefixes: Vec::new(),
+            v6: true,
+        },
+    )?);
     for size in [10usize, 100_000] {
         let text = Distribution::Realistic.registry(size);
         let prefixes = v4_prefixes(&text);
@@ -1030,7 +1097,14 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
         std::fs::write(&registry, &text)?;
         receivers.push(Receiver::set_up(
             format!("enforcer, {size}"),
-            Setup::Enforcer { registry },
+            Setup::Enforcer {
+                registry: registry.clone(),
+                v6: false,
+            },
+        )?);
+        receivers.push(Receiver::set_up(
+            format!("IPv6: enforcer, {size}"),
+            Setup::Enforcer { registry, v6: true },
         )?);
         let lab = FloodLab::new()?;
         nft_allowlist(&lab, &prefixes, &dir.0)?;
@@ -1105,24 +1179,33 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
     // Each receiver against bare XDP_DROP in the same round (floods a few seconds apart), then
     // the median over rounds: this machine's speed drifts by tens of percent within a run, and
     // a ratio of two medians taken at different moments carries that drift.
-    let bare_rounds = receivers
-        .iter()
-        .find(|r| r.label == "bare XDP_DROP")
-        .map(|r| r.rates.clone())
-        .ok_or_else(|| anyhow::anyhow!("no bare XDP_DROP receiver"))?;
-    let vs_bare = |rates: &[f64]| {
+    let bare = |label: &str| {
+        receivers
+            .iter()
+            .find(|r| r.label == label)
+            .map(|r| r.rates.clone())
+            .ok_or_else(|| anyhow::anyhow!("no {label} receiver"))
+    };
+    let (bare_rounds, bare_rounds_v6) = (bare("bare XDP_DROP")?, bare("IPv6: bare XDP_DROP")?);
+    let vs_bare = |r: &Receiver| {
+        let bare = if r.lab.v6 {
+            &bare_rounds_v6
+        } else {
+            &bare_rounds
+        };
         median_f64(
-            rates
+            r.rates
                 .iter()
-                .zip(&bare_rounds)
+                .zip(bare)
                 .map(|(rate, bare)| rate / bare)
                 .collect(),
         )
     };
     writeln!(
         out,
-        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved in an order shuffled per round, the XDP receivers on a fresh veth lab each round; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's in that round",
-        flood::SOURCES
+        "\nveth flood: 60-byte UDP from 16,384 sources in {} (none listed), and for the IPv6 rows 72-byte UDP from 16,384 /64s of {} (none listed, in the /16 of the registry's approved IPv6 /64), made in the kernel (live-frames test run of an XDP generator redirecting out of a veth) on CPU {FLOOD_CPU}, where the receiver's work runs too (softirq). Median of {FLOOD_ROUNDS} rounds x {FLOOD_FRAMES} frames, receivers interleaved in an order shuffled per round, the XDP receivers on a fresh veth lab each round; 'vs bare drop' is the median of each round's rate over bare XDP_DROP's (of its family) in that round",
+        flood::SOURCES,
+        flood::SOURCES_V6
     )?;
     writeln!(
         out,
@@ -1140,10 +1223,10 @@ fn flood(out: &mut String) -> anyhow::Result<serde_json::Value> {
             out,
             "{:<40}{mpps:>8.2}{:>13.2}x{softirq:>20.0}{program:>18}",
             r.label,
-            vs_bare(&r.rates)
+            vs_bare(r)
         )?;
         rows.push(serde_json::json!({
-            "receiver": r.label, "mpps": mpps, "vs_bare_drop": vs_bare(&r.rates),
+            "receiver": r.label, "mpps": mpps, "vs_bare_drop": vs_bare(r),
             "softirq_ns_per_packet": softirq, "xdp_program_ns_per_packet": r.program_ns,
             "rounds_mpps": r.rates, "rounds_softirq_ns": r.softirq,
         }));
@@ -1292,10 +1375,14 @@ fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_j
     pass.load()?;
     let bare = time_program(pass, &frames[0].1);
 
-    let series: Vec<Series> = [Distribution::Realistic, Distribution::Worst]
-        .into_iter()
-        .map(|d| measure_distribution(d, &frames))
-        .collect::<anyhow::Result<_>>()?;
+    let series: Vec<Series> = [
+        Distribution::Realistic,
+        Distribution::Worst,
+        Distribution::ManyLengths,
+    ]
+    .into_iter()
+    .map(|d| measure_distribution(d, &frames))
+    .collect::<anyhow::Result<_>>()?;
 
     writeln!(
         table,

@@ -65,32 +65,35 @@ pub(super) struct Expansion {
 }
 
 /// Plans the expansion of `prefixes` (address, length, IPv6 only): the regions with more than
-/// `MAX_V6_LENGTHS` lengths and their targets.
+/// `MAX_V6_LENGTHS` lengths and their targets. Memory: one 16-byte pair per prefix over /16,
+/// sorted, rather than a map per region (a million scattered /128s are half a million regions
+/// of one length each).
 pub(super) fn plan(prefixes: impl Iterator<Item = (u128, u8)>) -> Expansion {
-    // Per region: how many prefixes use each length.
-    let mut counts: FastMap<Region, BTreeMap<u8, u64>> = FastMap::default();
-    let mut long = 0u128;
-    for (addr, len) in prefixes {
-        if let Some(region) = Region::of(addr, len) {
-            *counts.entry(region).or_default().entry(len).or_default() += 1;
-            long += 1;
-        }
-    }
+    let mut pairs: Vec<(Region, u8)> = prefixes
+        .filter_map(|(addr, len)| Region::of(addr, len).map(|region| (region, len)))
+        .collect();
     let mut expansion = Expansion {
-        entries: long,
+        entries: pairs.len() as u128,
         ..Expansion::default()
     };
-    for (region, lengths) in counts {
+    pairs.sort_unstable();
+    for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+        // Sorted: the group's lengths ascend; count each.
+        let mut lengths: Vec<(u8, u64)> = Vec::new();
+        for (_, len) in group {
+            match lengths.last_mut() {
+                Some((last, count)) if last == len => *count += 1,
+                _ => lengths.push((*len, 1)),
+            }
+        }
         if lengths.len() <= MAX_V6_LENGTHS {
             continue;
         }
-        let lengths: Vec<(u8, u64)> = lengths.into_iter().collect();
         let (targets, cost) = targets(&lengths);
-        let originals: u128 = lengths.iter().map(|(_, c)| u128::from(*c)).sum();
         expansion.entries = expansion
             .entries
             .saturating_add(cost)
-            .saturating_sub(originals);
+            .saturating_sub(group.len() as u128);
         let mut map = BTreeMap::new();
         for (len, _) in &lengths {
             let target = *targets
@@ -99,7 +102,7 @@ pub(super) fn plan(prefixes: impl Iterator<Item = (u128, u8)>) -> Expansion {
                 .expect("the longest is a target");
             map.insert(*len, target);
         }
-        expansion.plan.insert(region, map);
+        expansion.plan.insert(group[0].0, map);
     }
     expansion
 }
