@@ -20,14 +20,15 @@ use std::collections::BTreeMap;
 
 use enforcer_common::{MAX_RULES, MAX_V6_LENGTHS};
 
-use super::{FastMap, mask_v6};
+use super::FastMap;
 
-/// Where a region lies: the first length it holds, and how many bits name it.
+/// A region: a /16 (for its /17–/32 prefixes) or a /32 (for its longer ones). Eight bytes, so
+/// that a million scattered prefixes sort in a few MiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct Region {
-    /// The region's address (its top `bits` bits).
-    pub addr: u128,
-    /// 16 for a /16's /17–/32 prefixes, 32 for a /32's longer ones.
+    /// The region's first 32 address bits (the last 16 zero for a /16).
+    pub top: u32,
+    /// 16 or 32.
     pub bits: u8,
 }
 
@@ -35,21 +36,20 @@ impl Region {
     /// The region a prefix of `len` bits at `addr` belongs to, if its length is listed per
     /// region (/17 and longer).
     pub fn of(addr: u128, len: u8) -> Option<Self> {
+        let top = (addr >> 96) as u32;
         match len {
             0..=16 => None,
             17..=32 => Some(Self {
-                addr: mask_v6(addr, 16),
+                top: top & 0xFFFF_0000,
                 bits: 16,
             }),
-            _ => Some(Self {
-                addr: mask_v6(addr, 32),
-                bits: 32,
-            }),
+            _ => Some(Self { top, bits: 32 }),
         }
     }
 
     pub fn net(self) -> ipnet::IpNet {
-        ipnet::IpNet::V6(ipnet::Ipv6Net::new(self.addr.into(), self.bits).expect("16 or 32 bits"))
+        let addr = u128::from(self.top) << 96;
+        ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr.into(), self.bits).expect("16 or 32 bits"))
     }
 }
 
