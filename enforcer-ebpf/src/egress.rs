@@ -15,7 +15,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    CONFIG, FRAGMENTS, Verdict, conn, deny_reason, entry_flags, fragment_key,
+    CONFIG, FRAGMENTS, Verdict, conn, deny_reason, entry_flags, flows, fragment_key,
     parse::{self, Addrs, Fragment, Frame, IpPacket, L4, Malformed},
     port_listed, source, vpn,
 };
@@ -150,7 +150,7 @@ fn decide(ctx: &TcContext, packet: &IpPacket) -> Verdict {
         let rule = vpn::approved_rule(packet, protocol);
         // Remembered only for a flow that could pass (see the ingress stage).
         if found & vpn::STATEFUL != 0 && (entry != 0 || rule != NO_RULE) {
-            vpn::remember_flow(ctx, packet, protocol, rule != NO_RULE, &CONFIG);
+            flows::remember_flow(ctx, packet, protocol, rule != NO_RULE, &CONFIG);
         }
         let reason = if rule == NO_RULE {
             Reason::UnapprovedVpn

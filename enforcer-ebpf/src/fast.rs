@@ -9,8 +9,8 @@ use aya_ebpf::programs::XdpContext;
 use enforcer_common::{Config, RULE_ANY_PORT, RULE_DENY, Reason};
 
 use crate::{
-    CONFIG, Verdict, conn, deny_reason, entry_flags, events, parse, port_listed, record, source,
-    vpn,
+    CONFIG, Verdict, conn, deny_reason, entry_flags, events, flows, parse, port_listed, record,
+    source, vpn,
 };
 
 /// Returned when the full path must decide (no XDP action has this number).
@@ -62,7 +62,7 @@ pub fn decide(ctx: &XdpContext) -> Fast {
     };
     if let Some(p) = parse::plain_v4(ctx) {
         // A remembered stateful VPN flow changes the verdict of its own peers' packets only.
-        if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot_v4(p.src)) {
+        if vpn_flows_seen != 0 && flows::flow_peer(enforcer_common::peer_slot_v4(p.src)) {
             return undecided(NOT_LOOKED_UP);
         }
         let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot_v4(p.src));
@@ -80,7 +80,7 @@ pub fn decide(ctx: &XdpContext) -> Fast {
         );
     }
     if let Some(p) = parse::plain_v6(ctx) {
-        if vpn_flows_seen != 0 && vpn::flow_peer(enforcer_common::peer_slot(&p.src, 6)) {
+        if vpn_flows_seen != 0 && flows::flow_peer(enforcer_common::peer_slot(&p.src, 6)) {
             return undecided(NOT_LOOKED_UP);
         }
         let peer = || conn::peer_may_have_conn(enforcer_common::peer_slot(&p.src, 6));

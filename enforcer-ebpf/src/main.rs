@@ -17,6 +17,7 @@ mod conn;
 mod egress;
 mod events;
 mod fast;
+mod flows;
 mod parse;
 mod source;
 mod vpn;
@@ -176,7 +177,7 @@ fn decide(ctx: &XdpContext, known: u32) -> Verdict {
         // source, or an approval): the rest of any other flow drops as not allowlisted anyway,
         // and a reset from anywhere would otherwise turn the fast path off (`vpn_flows_seen`).
         if found & vpn::STATEFUL != 0 && (listed || approval.is_some()) {
-            vpn::remember_flow(ctx, &packet, protocol, approval.is_some(), &CONFIG);
+            flows::remember_flow(ctx, &packet, protocol, approval.is_some(), &CONFIG);
         }
         let (reason, rule) = match approval {
             Some(rule) => (Reason::ApprovedVpn, rule),

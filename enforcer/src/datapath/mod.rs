@@ -32,6 +32,7 @@ mod counters;
 mod diff;
 mod egress;
 mod events;
+mod filter;
 mod flows;
 mod mapped;
 mod source;
