@@ -12,10 +12,11 @@
 use enforcer::registry::Mode;
 use enforcer_common::{Action, Reason, VpnProtocol};
 use enforcer_tests::{
-    generate::{Frames, Generated},
+    generate::{FEED_FILE, Frames, Generated},
     kernel::{Loaded, XDP_DROP, XDP_PASS},
     reference::Reference,
     rng::Rng,
+    vpn::TempDir,
 };
 
 const REGISTRIES: u64 = 5;
@@ -37,7 +38,10 @@ fn the_kernel_agrees_with_the_reference_on_generated_frames() {
         let mut rng = Rng(seed ^ (round + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let registry = Generated::new(&mut rng, round);
         let text = registry.text();
-        let mut loaded = Loaded::new(&text);
+        let feed = registry.feed_text();
+        let dir = TempDir::new("enf-fuzz").expect("a temporary folder");
+        std::fs::write(dir.0.join(FEED_FILE), &feed).expect("the feed written");
+        let mut loaded = Loaded::with_feeds(&text, &dir.0);
         // One registry in monitor mode: the same reasons, counted as would-drops.
         let monitor = round == REGISTRIES - 1;
         if monitor {
@@ -65,7 +69,7 @@ fn the_kernel_agrees_with_the_reference_on_generated_frames() {
                 agree,
                 "the kernel and the reference disagree on frame {i} of registry {round} \
                  (ENFORCER_FUZZ_SEED={seed}):\n  reference: {expected:?} (action {want_action})\n  \
-                 kernel:    {seen:?}\n  frame: {}\n  registry: {text}",
+                 kernel:    {seen:?}\n  frame: {}\n  registry: {text}\n  {FEED_FILE}: {feed}",
                 hex(&frame)
             );
         }
@@ -83,18 +87,14 @@ fn the_kernel_agrees_with_the_reference_on_generated_frames() {
         "ran {total} of {packets} frames"
     );
     // Every reason an incoming packet can get (but a reply, which needs the server's own
-    // connections, and a feed's range: the registries have no feed) came up: a generator that
-    // stopped reaching one would test nothing there.
+    // connections) came up: a generator that stopped reaching one would test nothing there.
     if packets >= 10_000 {
         let missing: Vec<&str> = Reason::ALL
             .into_iter()
             .filter(|r| {
                 !matches!(
                     r,
-                    Reason::EstablishedReply
-                        | Reason::EgressDenied
-                        | Reason::Upstream
-                        | Reason::DeniedFeed
+                    Reason::EstablishedReply | Reason::EgressDenied | Reason::Upstream
                 )
             })
             .filter(|r| !reasons.contains(&(*r as u32)))

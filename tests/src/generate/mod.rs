@@ -17,7 +17,12 @@ pub struct Generated {
     pub(crate) prefixes: Vec<ipnet::IpNet>,
     /// The VPN endpoints' prefixes, which a quarter of the sources come from.
     pub(crate) endpoints: Vec<ipnet::IpNet>,
+    /// The deny feed's ranges.
+    feed: Vec<ipnet::IpNet>,
 }
+
+/// The deny feed's file name, beside the registry.
+pub const FEED_FILE: &str = "feed.txt";
 
 const PORT_SETS: [&str; 5] = [
     r#"["443/tcp", "22/tcp"]"#,
@@ -49,16 +54,18 @@ impl Generated {
         let mut prefixes = Vec::new();
         let mut vpn_seen = std::collections::HashSet::new();
         let mut endpoints = Vec::new();
+        let mut feed = Vec::new();
         for i in 0..40 + round * 10 {
             let pick = rng.next_u64() % 10;
             let (section, host) = match pick {
                 0..=4 => ("networks", false),
                 5 => ("devices", true),
-                6 | 7 => ("deny", false),
+                6 => ("deny", false),
+                7 => ("feed", false),
                 _ => ("vpn_endpoints", rng.next_u64().is_multiple_of(2)),
             };
             // Deny ranges narrower than networks, so that most sources meet an allow or none.
-            let net = random_prefix(rng, host, section == "deny");
+            let net = random_prefix(rng, host, matches!(section, "deny" | "feed"));
             let key = (section == "vpn_endpoints", net);
             if section == "vpn_endpoints" {
                 // At most 8 approvals may cover one address: keep them few and apart.
@@ -75,6 +82,11 @@ impl Generated {
                     PORT_SETS[usize::try_from(rng.next_u64() % 5).unwrap()]
                 ),
             };
+            if section == "feed" {
+                prefixes.push(net);
+                feed.push(net);
+                continue;
+            }
             let json = match section {
                 "networks" => format!(r#"{{"name": "n{i}", "cidr": "{net}"{ports}}}"#),
                 "devices" => format!(r#"{{"name": "h{i}", "address": "{}"{ports}}}"#, net.addr()),
@@ -110,7 +122,17 @@ impl Generated {
             entries,
             prefixes,
             endpoints,
+            feed,
         }
+    }
+
+    /// The deny feed the registry names (`FEED_FILE`, beside it): one range a line.
+    pub fn feed_text(&self) -> String {
+        let mut text = String::from("# generated deny feed\n");
+        for net in &self.feed {
+            text.push_str(&format!("{net}\n"));
+        }
+        text
     }
 
     /// The registry as JSON text.
@@ -124,7 +146,7 @@ impl Generated {
                 .join(",\n    ")
         };
         format!(
-            "{{\"schema\": 1, \"mode\": \"enforce\",\n  \"networks\": [{}],\n  \"devices\": [{}],\n  \"deny\": [{}],\n  \"vpn_endpoints\": [{}]}}",
+            "{{\"schema\": 1, \"mode\": \"enforce\",\n  \"networks\": [{}],\n  \"devices\": [{}],\n  \"deny\": [{}],\n  \"deny_files\": [\"{FEED_FILE}\"],\n  \"vpn_endpoints\": [{}]}}",
             section("networks"),
             section("devices"),
             section("deny"),
