@@ -280,14 +280,19 @@ pub fn tcp_exchange(
         else {
             return false;
         };
-        let _ = stream.set_read_timeout(Some(timeout));
-        let message = b"e-office hello\n";
-        if stream.write_all(message).is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        matches!(stream.read(&mut buf), Ok(n) if &buf[..n] == message)
+        echoes(&mut stream, timeout)
     })
+}
+
+/// Sends a line on a connected stream and whether the echo service answers it in `timeout`.
+fn echoes(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let _ = stream.set_read_timeout(Some(timeout));
+    let message = b"e-office hello\n";
+    if stream.write_all(message).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(stream.read(&mut buf), Ok(n) if &buf[..n] == message)
 }
 
 /// Sends `count` UDP datagrams from `client` to `server:port`.
@@ -429,13 +434,7 @@ pub fn tcp_exchange_from(
             return Ok(false);
         }
         let mut stream = socket;
-        stream.set_read_timeout(Some(timeout))?;
-        let message = b"e-office hello\n";
-        if stream.write_all(message).is_err() {
-            return Ok(false);
-        }
-        let mut buf = [0u8; 64];
-        Ok(matches!(stream.read(&mut buf), Ok(n) if &buf[..n] == message))
+        Ok(echoes(&mut stream, timeout))
     })?
 }
 

@@ -50,46 +50,29 @@ pub fn bench_peers() -> anyhow::Result<()> {
 /// lintian to check the package, and dpkg-dev for the shared-library dependencies.
 pub fn packager() -> anyhow::Result<PathBuf> {
     apt_packages(&["lintian", "dpkg-dev"])?;
-    let root = cache_dir().join("cargo-deb");
-    let bin = root.join("bin").join("cargo-deb");
-    if !bin.exists() {
-        println!("setup: building cargo-deb (about a minute)");
-        let root_text = root.display().to_string();
-        if !status(
-            "cargo",
-            &[
-                "install",
-                "--locked",
-                "--root",
-                &root_text,
-                "cargo-deb@3.8.0",
-            ],
-        )? {
-            bail!("`cargo install cargo-deb` failed");
-        }
-    }
-    Ok(bin)
+    cached_cargo_tool("cargo-deb", "3.8.0", "about a minute")
 }
 
 /// What `cargo xtask fuzz` uses: cargo-fuzz, built once into the cache as cargo-deb is (it
 /// runs the `fuzz/` targets with the nightly toolchain the eBPF build already needs).
 pub fn fuzzer() -> anyhow::Result<PathBuf> {
-    let root = cache_dir().join("cargo-fuzz");
-    let bin = root.join("bin").join("cargo-fuzz");
+    cached_cargo_tool("cargo-fuzz", "0.13.2", "about 30 s")
+}
+
+/// The binary of crate `name` at `version`, built with `cargo install --locked` into the cache
+/// the first time (`takes`: how long that is, for the message).
+fn cached_cargo_tool(name: &str, version: &str, takes: &str) -> anyhow::Result<PathBuf> {
+    let root = cache_dir().join(name);
+    let bin = root.join("bin").join(name);
     if !bin.exists() {
-        println!("setup: building cargo-fuzz (about 30 s)");
+        println!("setup: building {name} ({takes})");
         let root_text = root.display().to_string();
+        let spec = format!("{name}@{version}");
         if !status(
             "cargo",
-            &[
-                "install",
-                "--locked",
-                "--root",
-                &root_text,
-                "cargo-fuzz@0.13.2",
-            ],
+            &["install", "--locked", "--root", &root_text, &spec],
         )? {
-            bail!("`cargo install cargo-fuzz` failed");
+            bail!("`cargo install {spec}` failed");
         }
     }
     Ok(bin)

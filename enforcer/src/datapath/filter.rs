@@ -6,6 +6,11 @@ use enforcer_common::{V6_FILTER_WORDS, map_names, v6_filter_bit};
 
 use super::{Datapath, DatapathError};
 
+/// The filter bit of the `LONG_V6` key (`addr` masked to `len`).
+pub(super) fn key_bit(addr: u128, len: u8) -> u32 {
+    v6_filter_bit((addr >> 64) as u64, addr as u64, len)
+}
+
 impl Datapath {
     /// Writes both generations of `LONG_V6_FILTER` from the keys `LONG_V6` holds, at start:
     /// the filter may be new beside tables an earlier build filled (its map was not pinned
@@ -20,8 +25,7 @@ impl Datapath {
         let words = V6_FILTER_WORDS as usize;
         let mut filters = vec![0u64; 2 * words];
         for (key, values) in &state.long_v6 {
-            let addr = u128::from_be_bytes(key.addr);
-            let bit = v6_filter_bit((addr >> 64) as u64, addr as u64, key.len) as usize;
+            let bit = key_bit(u128::from_be_bytes(key.addr), key.len) as usize;
             for (generation, value) in values.iter().enumerate() {
                 if *value != 0 {
                     filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);

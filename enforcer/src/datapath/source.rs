@@ -9,7 +9,7 @@ use enforcer_common::{
     lookup::{
         BLOCK_SLOTS, V4_DEFAULT_BLOCKS, V4_MAX_BLOCKS, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS,
     },
-    map_names, v6_filter_bit,
+    map_names,
 };
 use ipnet::IpNet;
 
@@ -455,7 +455,7 @@ impl Datapath {
         let v6_bits: Vec<u32> = v6_long
             .iter()
             .filter(|(_, v)| **v != 0)
-            .map(|((addr, len), _)| v6_filter_bit((*addr >> 64) as u64, *addr as u64, *len))
+            .map(|((addr, len), _)| super::filter::key_bit(*addr, *len))
             .collect();
         let outside_v4 = |slot: u16| regions.is_some_and(|r| !r.has_v4(slot));
         let outside_v6 = |slot: u16| regions.is_some_and(|r| !r.has_v6(slot));
