@@ -195,6 +195,10 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
     let events = match event_log.take() {
         Some(mut log) => {
             let ring = live.datapath_mut().take_events()?;
+            // Before the socket serves and the log says "started": a packet the moment a
+            // client sees the enforcer ready has its event (the ring keeps it for the reader).
+            live.datapath_mut()
+                .set_event_budget(Some(serve::event_budget_per_cpu()))?;
             log.daemon(
                 "started",
                 &format!(

@@ -44,16 +44,21 @@ pub struct Events {
 impl Events {
     /// Must run on the event loop (the ring's descriptor is registered with it).
     pub fn new(log: EventLog, ring: RingBuf<MapData>) -> std::io::Result<Self> {
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1));
-        let refills = u32::try_from(Duration::from_secs(1).as_millis() / EVENT_REFILL.as_millis())
-            .unwrap_or(10);
-        let per_cpu = (EVENT_RATE / refills / u32::try_from(cpus).unwrap_or(1)).max(1);
+        let per_cpu = event_budget_per_cpu();
         // SAFETY: the ring owns its map's descriptor for as long as it lives, and the
         // `AsyncFd` owns the ring.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Self { log, ring, per_cpu })
     }
+}
+
+/// Each CPU's event budget per refill: `EVENT_RATE` a second over all CPUs.
+pub fn event_budget_per_cpu() -> u32 {
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1));
+    let refills =
+        u32::try_from(Duration::from_secs(1).as_millis() / EVENT_REFILL.as_millis()).unwrap_or(10);
+    (EVENT_RATE / refills / u32::try_from(cpus).unwrap_or(1)).max(1)
 }
 
 /// Waits until the ring has events (never, without an event log).
