@@ -10,6 +10,7 @@
 //! - `control`: the live state behind the control socket: one write path for every change,
 //!   the lockout guard, expiry, the audit log.
 //! - `daemon`: `enforcer run` — start-up, adoption, the socket's loop and the timers.
+//! - `fleet`: the registry shared by many hosts, in etcd: its keys, roles, import and export.
 //! - `cli`: arguments, the call of each verb, and what it prints.
 
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod events;
+pub mod fleet;
 pub mod instance;
 pub mod metrics;
 pub mod policy;

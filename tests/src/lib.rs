@@ -5,6 +5,7 @@
 
 pub mod capture;
 pub mod daemon;
+pub mod etcd;
 pub mod flood;
 pub mod generate;
 pub mod kernel;

@@ -13,10 +13,11 @@ use anyhow::{Context as _, bail};
 /// strongSwan's charon and swanctl with the kernel-libipsec and curve25519 plugins), a DNS
 /// server and client for the connection-state tests (dnsmasq, dig), `man` to render the
 /// generated man pages, the Prometheus server that scrapes the metrics endpoint, tmux, the
-/// terminal `enforcer top` is tested in, and Chromium, which renders the HTML report. (Installing
+/// terminal `enforcer top` is tested in, Chromium, which renders the HTML report, etcd (server
+/// and `etcdctl`) for the fleet tests, and protoc, which the etcd client's build needs. (Installing
 /// a package with a service does not start it on a machine whose `policy-rc.d` denies starts,
 /// as this one's does; the tests start what they need themselves.)
-const APT_PACKAGES: [&str; 18] = [
+const APT_PACKAGES: [&str; 21] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -35,6 +36,9 @@ const APT_PACKAGES: [&str; 18] = [
     "prometheus",
     "tmux",
     "chromium",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an

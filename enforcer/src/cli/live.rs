@@ -60,6 +60,8 @@ pub enum DeviceAction {
         #[arg(long)]
         name: String,
         #[arg(long)]
+        ministry: Option<String>,
+        #[arg(long)]
         owner: Option<String>,
         #[arg(long, value_delimiter = ',')]
         ports: Vec<String>,
@@ -239,6 +241,7 @@ pub(super) fn control_command(command: Command) -> anyhow::Result<std::process::
                 DeviceAction::Add {
                     address,
                     name,
+                    ministry,
                     owner,
                     ports: p,
                     expires,
@@ -248,6 +251,7 @@ pub(super) fn control_command(command: Command) -> anyhow::Result<std::process::
                     entry: entry(&[
                         ("name", Some(serde_json::json!(name))),
                         ("address", Some(serde_json::json!(address))),
+                        ("ministry", opt(ministry.as_ref())),
                         ("owner", opt(owner.as_ref())),
                         ("ports", ports(&p)),
                         ("expires", opt(expires.as_ref())),

@@ -2,6 +2,7 @@
 //! output by default, `--json` where scripts need it. The verbs that talk to a running enforcer
 //! are in `live`; what the offline verbs print is in `render`.
 
+mod fleet;
 mod live;
 mod render;
 mod top;
@@ -217,6 +218,11 @@ pub enum Command {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         since: u64,
     },
+    /// The registry shared by every host of the fleet, in etcd.
+    Fleet {
+        #[command(subcommand)]
+        action: fleet::FleetAction,
+    },
     /// Counters of a running enforcer, by reason and by rule.
     Stats {
         /// Instance name (IFACE@NETNS) when several enforcers run.
@@ -378,6 +384,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             iface,
             json,
         } => render::stats(instance.as_deref(), iface.as_deref(), json),
+        Command::Fleet { action } => fleet::run(action),
         Command::Top { instance, iface } => top::top(instance.as_deref(), iface.as_deref()),
         Command::Report {
             instance,

@@ -97,22 +97,55 @@ pub fn load_all(names: &[String], base: &Path, registry_text: &str) -> (Vec<Feed
                     entries,
                 });
             }
-            Err(error) => {
-                let at = registry_text.find("\"deny_files\"").unwrap_or(0);
-                let before = &registry_text[..at];
-                let line = before.matches('\n').count() + 1;
-                let column = at - before.rfind('\n').map_or(0, |nl| nl + 1) + 1;
-                problems.push(Problem {
-                    file: None,
-                    line,
-                    column,
-                    place: "field \"deny_files\"".to_string(),
-                    message: format!("cannot read deny feed {}: {error}", path.display()),
-                });
-            }
+            Err(error) => problems.push(at_deny_files(
+                registry_text,
+                format!("cannot read deny feed {}: {error}", path.display()),
+            )),
         }
     }
     (feeds, problems)
+}
+
+/// The feeds named by the registry, from `given` (name, text) pairs instead of files.
+pub fn from_texts(
+    names: &[String],
+    given: &[(String, String)],
+    registry_text: &str,
+) -> (Vec<Feed>, Vec<Problem>) {
+    let mut feeds = Vec::new();
+    let mut problems = Vec::new();
+    for name in names {
+        match given.iter().find(|(n, _)| n == name) {
+            Some((_, text)) => {
+                let (entries, mut bad) = parse(name, text);
+                problems.append(&mut bad);
+                feeds.push(Feed {
+                    path: name.clone(),
+                    entries,
+                });
+            }
+            None => problems.push(at_deny_files(
+                registry_text,
+                format!("no deny feed named {}", super::value::quoted(name)),
+            )),
+        }
+    }
+    (feeds, problems)
+}
+
+/// A problem placed at the registry's `deny_files` field.
+fn at_deny_files(registry_text: &str, message: String) -> Problem {
+    let at = registry_text.find("\"deny_files\"").unwrap_or(0);
+    let before = &registry_text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = at - before.rfind('\n').map_or(0, |nl| nl + 1) + 1;
+    Problem {
+        file: None,
+        line,
+        column,
+        place: "field \"deny_files\"".to_string(),
+        message,
+    }
 }
 
 #[cfg(test)]

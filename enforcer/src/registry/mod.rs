@@ -160,6 +160,8 @@ pub struct Network {
 pub struct Device {
     pub name: String,
     pub address: IpAddr,
+    /// The ministry whose device it is (in a fleet, the ministry that may change it).
+    pub ministry: Option<Box<str>>,
     pub owner: Option<Box<str>>,
     pub ports: Option<Box<[PortSpec]>>,
     pub expires: Option<Date>,
@@ -374,10 +376,23 @@ impl Registry {
     /// Parses and validates registry text whose deny feeds are relative to `base`; all problems
     /// at once, or the registry.
     pub fn parse_at(text: &str, base: &Path) -> Result<Self, Vec<Problem>> {
+        Self::parse_with(text, |names| feed::load_all(names, base, text))
+    }
+
+    /// Parses and validates registry text whose deny feeds are given as (name, text), as a
+    /// fleet's registry holds them: the checks of `parse_at`, without files.
+    pub fn parse_with_feeds(text: &str, given: &[(String, String)]) -> Result<Self, Vec<Problem>> {
+        Self::parse_with(text, |names| feed::from_texts(names, given, text))
+    }
+
+    fn parse_with(
+        text: &str,
+        load_feeds: impl FnOnce(&[String]) -> (Vec<Feed>, Vec<Problem>),
+    ) -> Result<Self, Vec<Problem>> {
         let mut located = raw::parse(text)?;
         let mut problems = std::mem::take(&mut located.problems);
         problems.extend(located.cross_check(text));
-        let (feeds, feed_problems) = feed::load_all(&located.registry.deny_files, base, text);
+        let (feeds, feed_problems) = load_feeds(&located.registry.deny_files);
         problems.sort_by_key(|p| (p.line, p.column));
         problems.extend(feed_problems);
         if problems.is_empty() {
@@ -555,4 +570,4 @@ fn repeats<T: PartialEq + std::hash::Hash>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -141,6 +141,12 @@ struct StagedFile {
     path: PathBuf,
 }
 
+/// Replaces the file `path` with `text` as a change does (beside it, synced, renamed over it,
+/// its link, mode and owner kept): a crash leaves the old file or the new one.
+pub fn replace(path: &Path, text: &str) -> std::io::Result<()> {
+    StagedFile::write(path, text)?.commit_file()
+}
+
 impl StagedFile {
     /// Writes `text` beside the file `path` names: beside its target if `path` is a symbolic
     /// link (the link stays, and the file it names is replaced), with the mode and owner of the

@@ -16,7 +16,7 @@ mod file;
 
 use std::path::PathBuf;
 
-pub use file::{FileSource, FileStamp};
+pub use file::{FileSource, FileStamp, replace as replace_file};
 
 use crate::registry::{Registry, RegistryError};
 

@@ -23,6 +23,7 @@ struct RawNetwork {
 struct RawDevice {
     name: String,
     address: String,
+    ministry: Option<String>,
     owner: Option<String>,
     ports: Option<Vec<String>>,
     expires: Option<String>,
@@ -88,6 +89,7 @@ pub(super) fn device(check: &mut EntryCheck<'_>) -> Option<Device> {
     Some(Device {
         name: named.then_some(raw.name)?,
         address: address?,
+        ministry: raw.ministry.map(String::into_boxed_str),
         owner: raw.owner.map(String::into_boxed_str),
         ports: ports?,
         expires: expires?,

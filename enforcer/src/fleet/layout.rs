@@ -1,0 +1,578 @@
+//! How a registry lies in etcd: one key per entry, under prefixes that etcd's role-based access
+//! control can tell apart, so that etcd itself refuses a ministry that writes a VPN approval.
+//!
+//! ```text
+//! /enforcer/v1/registry/board/settings/{mode,egress,connections,note}
+//! /enforcer/v1/registry/board/vpn_endpoints/NAME
+//! /enforcer/v1/registry/board/deny/CIDR
+//! /enforcer/v1/registry/board/feeds/NAME/NNNNNN        a deny feed, in chunks of whole lines
+//! /enforcer/v1/registry/board/{networks,devices,upstreams}/NAME          entries of no ministry
+//! /enforcer/v1/registry/ministries/M/{networks,devices,upstreams}/NAME  entries of ministry M
+//! /enforcer/v1/registry/{board,ministries/M}/audit     the last change its owner made
+//! /enforcer/v1/status/HOST                                              an agent's status
+//! ```
+//!
+//! Each value is the entry's JSON object as the registry file has it. A key's last segments are
+//! percent-encoded (`/` and anything but letters, digits and `.-_~:@+`), so a name never reaches
+//! another prefix. The key is what access control protects, so it decides: an entry under a
+//! ministry's prefix belongs to that ministry (its `ministry` field, when present, must say the
+//! same), and an entry under the board's prefix has no `ministry`.
+//!
+//! Every write puts its record (who, what, when) into its owner's `audit` key in the same
+//! transaction: etcd's history of those keys is the fleet's audit trail, and a write that
+//! removes an entry still changes a key, which the revision check of the next writer sees.
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+
+/// Everything the enforcer keeps in etcd.
+pub const ROOT: &str = "/enforcer/v1/";
+/// The registry: what the agents read.
+pub const REGISTRY: &str = "/enforcer/v1/registry/";
+/// What only the board writes.
+pub const BOARD: &str = "/enforcer/v1/registry/board/";
+/// Each ministry's own prefix is `MINISTRIES` + its encoded name + `/`.
+pub const MINISTRIES: &str = "/enforcer/v1/registry/ministries/";
+/// Agents' status, one key per host.
+pub const STATUS: &str = "/enforcer/v1/status/";
+
+/// The registry's settings (top-level fields other than the sections).
+const SETTINGS: [&str; 4] = ["mode", "egress", "connections", "note"];
+/// Sections a ministry may own.
+const OWNED: [&str; 3] = ["networks", "devices", "upstreams"];
+/// Sections only the board writes.
+const BOARD_ONLY: [&str; 2] = ["vpn_endpoints", "deny"];
+/// A feed is stored in chunks of whole lines of at most this many bytes (etcd refuses values
+/// past its request limit, 1.5 MiB by default).
+const FEED_CHUNK_BYTES: usize = 512 * 1024;
+
+/// The key range of a prefix: `[prefix, end)`.
+pub fn range_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// The prefix a ministry writes.
+pub fn ministry_prefix(ministry: &str) -> String {
+    format!("{MINISTRIES}{}/", encode_segment(ministry))
+}
+
+/// The key of a host's status.
+pub fn status_key(host: &str) -> String {
+    format!("{STATUS}{}", encode_segment(host))
+}
+
+/// Percent-encodes one key segment.
+pub fn encode_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b".-_~:@+".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// The text of a percent-encoded segment, or `None` if it is not one.
+pub fn decode_segment(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Who owns an entry's key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Board,
+    Ministry(String),
+}
+
+/// What a key of the registry holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A top-level setting (`mode`, `egress`, `connections`, `note`).
+    Setting(&'static str),
+    /// An entry of `section`, identified by its name (its CIDR for `deny`).
+    Entry {
+        owner: Owner,
+        section: &'static str,
+        id: String,
+    },
+    /// A chunk of a deny feed.
+    FeedChunk { name: String, index: u32 },
+    /// The last change the owner made (not part of the registry).
+    Audit(Owner),
+}
+
+/// The key of an item.
+pub fn key(item: &Item) -> String {
+    match item {
+        Item::Setting(name) => format!("{BOARD}settings/{name}"),
+        Item::Entry { owner, section, id } => {
+            let base = match owner {
+                Owner::Board => BOARD.to_string(),
+                Owner::Ministry(m) => ministry_prefix(m),
+            };
+            format!("{base}{section}/{}", encode_segment(id))
+        }
+        Item::FeedChunk { name, index } => {
+            format!("{BOARD}feeds/{}/{index:06}", encode_segment(name))
+        }
+        Item::Audit(Owner::Board) => format!("{BOARD}audit"),
+        Item::Audit(Owner::Ministry(m)) => format!("{}audit", ministry_prefix(m)),
+    }
+}
+
+/// The item a key holds, or why the key is not one of the layout's.
+pub fn parse_key(key: &str) -> Result<Item, String> {
+    let rest = key
+        .strip_prefix(REGISTRY)
+        .ok_or_else(|| format!("not under {REGISTRY}"))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let segment = |s: &str| decode_segment(s).ok_or_else(|| format!("bad encoding in {s:?}"));
+    let section = |s: &str, allowed: &[&'static str]| {
+        allowed
+            .iter()
+            .copied()
+            .find(|a| *a == s)
+            .ok_or_else(|| format!("no section {s:?} here"))
+    };
+    match parts.as_slice() {
+        ["board", "audit"] => Ok(Item::Audit(Owner::Board)),
+        ["ministries", m, "audit"] => Ok(Item::Audit(Owner::Ministry(segment(m)?))),
+        ["board", "settings", name] => SETTINGS
+            .iter()
+            .copied()
+            .find(|s| s == name)
+            .map(Item::Setting)
+            .ok_or_else(|| format!("no setting {name:?}")),
+        ["board", "feeds", name, index] => {
+            let index = index
+                .parse::<u32>()
+                .ok()
+                .filter(|_| index.len() == 6)
+                .ok_or_else(|| format!("feed chunk {index:?} is not six digits"))?;
+            let name = segment(name)?;
+            feed_name(&name)?;
+            Ok(Item::FeedChunk { name, index })
+        }
+        ["board", s, id] => Ok(Item::Entry {
+            owner: Owner::Board,
+            section: section(s, &[OWNED.as_slice(), BOARD_ONLY.as_slice()].concat())?,
+            id: segment(id)?,
+        }),
+        ["ministries", m, s, id] => Ok(Item::Entry {
+            owner: Owner::Ministry(segment(m)?),
+            section: section(s, &OWNED)?,
+            id: segment(id)?,
+        }),
+        _ => Err("not a key of the registry's layout".to_string()),
+    }
+}
+
+/// A feed's name in etcd: a plain file name, so that writing it out never leaves its directory.
+pub fn feed_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "feed name {name:?} is not a plain file name (letters, digits, '.', '_', '-')"
+        ))
+    }
+}
+
+/// The keys and values of a validated registry's text, with its feeds as (name as the registry
+/// writes it, text). A feed is stored under its file name.
+pub fn encode(text: &str, feeds: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
+    let Value::Object(top) = serde_json::from_str::<Value>(text).map_err(|e| e.to_string())? else {
+        return Err("the registry is not a JSON object".into());
+    };
+    let mut out = Vec::new();
+    for name in SETTINGS {
+        if let Some(value) = top.get(name) {
+            out.push((key(&Item::Setting(name)), value.to_string()));
+        }
+    }
+    for section in OWNED.iter().chain(BOARD_ONLY.iter()).copied() {
+        for entry in top
+            .get(section)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let field = if section == "deny" { "cidr" } else { "name" };
+            let id = entry[field]
+                .as_str()
+                .ok_or_else(|| format!("a {section} entry without {field}"))?;
+            let owner = match entry.get("ministry").and_then(Value::as_str) {
+                Some(m) if OWNED.contains(&section) => Owner::Ministry(m.to_string()),
+                _ => Owner::Board,
+            };
+            let item = Item::Entry {
+                owner,
+                section,
+                id: id.to_string(),
+            };
+            out.push((key(&item), entry.to_string()));
+        }
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for path in top
+        .get("deny_files")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let path = path.as_str().unwrap_or_default();
+        let name = std::path::Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        feed_name(&name).map_err(|e| format!("deny feed {path:?}: {e}"))?;
+        if seen.contains(&name) {
+            return Err(format!(
+                "two deny feeds are named {name:?}: in a fleet a feed is known by its file name"
+            ));
+        }
+        let (_, feed) = feeds
+            .iter()
+            .find(|(p, _)| p == path)
+            .ok_or_else(|| format!("deny feed {path:?} was not read"))?;
+        for (index, chunk) in chunks(feed).into_iter().enumerate() {
+            let index = u32::try_from(index).map_err(|_| "a feed of too many chunks")?;
+            let item = Item::FeedChunk {
+                name: name.clone(),
+                index,
+            };
+            out.push((key(&item), chunk.to_string()));
+        }
+        seen.push(name);
+    }
+    Ok(out)
+}
+
+/// A feed's text in chunks of whole lines (a line longer than a chunk is a chunk of its own).
+fn chunks(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + FEED_CHUNK_BYTES).min(text.len());
+        if end < text.len() {
+            end = match text[start..end].rfind('\n') {
+                Some(nl) => start + nl + 1,
+                None => text[end..].find('\n').map_or(text.len(), |nl| end + nl + 1),
+            };
+        }
+        out.push(&text[start..end]);
+        start = end;
+    }
+    if out.is_empty() {
+        out.push("");
+    }
+    out
+}
+
+/// A key the registry could not take, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Refused {
+    pub key: String,
+    pub problem: String,
+}
+
+/// The registry a set of keys makes, before validation: the document's parts, each with the
+/// key (or keys) it came from.
+pub struct Assembled {
+    /// One line per part; `lines[i]`'s keys are `keys[i]`.
+    lines: Vec<String>,
+    keys: Vec<Vec<String>>,
+    /// Feed name → its text and its chunks' keys.
+    pub feeds: Vec<(String, String, Vec<String>)>,
+    /// Keys refused before validation.
+    pub refused: Vec<Refused>,
+}
+
+/// Entries of the document by section, as lines with their keys.
+type Sections = Vec<(&'static str, Vec<(String, String)>)>;
+
+/// Collects the keys (in etcd's order: sorted) into a registry document at `revision`; the
+/// feeds are named `feed_dir` + their name in `deny_files`.
+pub fn assemble(kvs: &[(String, Vec<u8>)], revision: i64, feed_dir: &str) -> Assembled {
+    let mut refused = Vec::new();
+    let mut settings: Vec<(&'static str, String, String)> = Vec::new();
+    let mut sections: Sections = OWNED
+        .iter()
+        .chain(BOARD_ONLY.iter())
+        .map(|s| (*s, Vec::new()))
+        .collect();
+    let mut feeds: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (key, value) in kvs {
+        let mut refuse = |problem: String| {
+            refused.push(Refused {
+                key: key.clone(),
+                problem,
+            });
+        };
+        let item = match parse_key(key) {
+            Ok(item) => item,
+            Err(e) => {
+                refuse(e);
+                continue;
+            }
+        };
+        let Ok(text) = std::str::from_utf8(value) else {
+            refuse("the value is not UTF-8".into());
+            continue;
+        };
+        match item {
+            Item::Audit(_) => {}
+            Item::FeedChunk { name, index } => {
+                let name = format!("{feed_dir}{name}");
+                match feeds.iter_mut().find(|(n, ..)| *n == name) {
+                    Some((_, feed, keys)) if keys.len() == index as usize => {
+                        feed.push_str(text);
+                        keys.push(key.clone());
+                    }
+                    None if index == 0 => feeds.push((name, text.to_string(), vec![key.clone()])),
+                    _ => refuse("a feed chunk out of sequence (one before it is missing)".into()),
+                }
+            }
+            Item::Setting(name) => match serde_json::from_str::<Value>(text) {
+                Ok(value) => settings.push((name, value.to_string(), key.clone())),
+                Err(e) => refuse(format!("the value is not JSON: {e}")),
+            },
+            Item::Entry { owner, section, id } => match entry(text, &owner, section, &id) {
+                Ok(line) => {
+                    if let Some((_, lines)) = sections.iter_mut().find(|(s, _)| *s == section) {
+                        lines.push((line, key.clone()));
+                    }
+                }
+                Err(e) => refuse(e),
+            },
+        }
+    }
+    let mut lines = vec![
+        "{\"schema\": 1,".to_string(),
+        format!("\"serial\": {revision},"),
+    ];
+    let mut keys = vec![Vec::new(), Vec::new()];
+    for (name, value, key) in settings {
+        lines.push(format!("\"{name}\": {value},"));
+        keys.push(vec![key]);
+    }
+    for (section, entries) in sections {
+        lines.push(format!("\"{section}\": ["));
+        keys.push(Vec::new());
+        let count = entries.len();
+        for (i, (line, key)) in entries.into_iter().enumerate() {
+            lines.push(if i + 1 < count {
+                format!("{line},")
+            } else {
+                line
+            });
+            keys.push(vec![key]);
+        }
+        lines.push("],".to_string());
+        keys.push(Vec::new());
+    }
+    let names: Vec<Value> = feeds
+        .iter()
+        .map(|(n, ..)| Value::from(n.as_str()))
+        .collect();
+    lines.push(format!("\"deny_files\": {}", Value::Array(names)));
+    keys.push(feeds.iter().flat_map(|(_, _, k)| k.clone()).collect());
+    lines.push("}".to_string());
+    keys.push(Vec::new());
+    Assembled {
+        lines,
+        keys,
+        feeds,
+        refused,
+    }
+}
+
+/// An entry's value as one line of the document, checked against its key.
+fn entry(text: &str, owner: &Owner, section: &str, id: &str) -> Result<String, String> {
+    let Value::Object(mut object) =
+        serde_json::from_str::<Value>(text).map_err(|e| format!("the value is not JSON: {e}"))?
+    else {
+        return Err("the value is not a JSON object".into());
+    };
+    let field = if section == "deny" { "cidr" } else { "name" };
+    if object.get(field).and_then(Value::as_str) != Some(id) {
+        return Err(format!("its {field} is not the one its key names ({id:?})"));
+    }
+    match (owner, object.get("ministry")) {
+        (Owner::Board, Some(m)) => {
+            return Err(format!(
+                "an entry under the board's prefix names ministry {m}: a ministry's entries belong under its own prefix"
+            ));
+        }
+        (Owner::Ministry(m), Some(v)) if v.as_str() != Some(m) => {
+            return Err(format!(
+                "its ministry {v} is not the ministry its key names ({m:?})"
+            ));
+        }
+        (Owner::Ministry(m), None) => insert_ministry(&mut object, m),
+        _ => {}
+    }
+    Ok(Value::Object(object).to_string())
+}
+
+/// Adds `ministry` after `name` (the place a registry file gives it).
+fn insert_ministry(object: &mut Map<String, Value>, ministry: &str) {
+    let mut out = Map::new();
+    for (k, v) in std::mem::take(object) {
+        let after_name = k == "name";
+        out.insert(k, v);
+        if after_name {
+            out.insert("ministry".into(), Value::from(ministry));
+        }
+    }
+    *object = out;
+}
+
+impl Assembled {
+    /// The document's text.
+    pub fn text(&self) -> String {
+        let mut text = self.lines.join("\n");
+        text.push('\n');
+        text
+    }
+
+    /// The keys of line `line` (1-based).
+    pub fn keys_of_line(&self, line: usize) -> &[String] {
+        line.checked_sub(1)
+            .and_then(|i| self.keys.get(i))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The chunks' keys of the feed named `name`.
+    pub fn keys_of_feed(&self, name: &str) -> &[String] {
+        self.feeds
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map_or(&[], |(_, _, k)| k.as_slice())
+    }
+
+    /// The feeds as (name, text).
+    pub fn feed_texts(&self) -> Vec<(String, String)> {
+        self.feeds
+            .iter()
+            .map(|(n, t, _)| (n.clone(), t.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_keep_names_inside_their_prefix() {
+        for name in ["MoITT", "a/b", "../x", "100%", "2001:db8::/32", "ünï"] {
+            let encoded = encode_segment(name);
+            assert!(!encoded.contains('/'), "{encoded}");
+            assert_eq!(decode_segment(&encoded).as_deref(), Some(name));
+        }
+        assert_eq!(decode_segment("%2"), None);
+        assert_eq!(decode_segment("%zz"), None);
+    }
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_refused() {
+        let items = [
+            Item::Setting("mode"),
+            Item::Entry {
+                owner: Owner::Ministry("Mo/ITT".into()),
+                section: "networks",
+                id: "hq lan".into(),
+            },
+            Item::Entry {
+                owner: Owner::Board,
+                section: "deny",
+                id: "203.0.113.0/24".into(),
+            },
+            Item::FeedChunk {
+                name: "providers.txt".into(),
+                index: 3,
+            },
+            Item::Audit(Owner::Ministry("MoITT".into())),
+            Item::Audit(Owner::Board),
+        ];
+        for item in items {
+            assert_eq!(parse_key(&key(&item)), Ok(item.clone()));
+        }
+        for bad in [
+            "/enforcer/v1/registry/ministries/M/vpn_endpoints/x",
+            "/enforcer/v1/registry/ministries/M/deny/x",
+            "/enforcer/v1/registry/board/settings/serial",
+            "/enforcer/v1/registry/board/feeds/../000000",
+            "/enforcer/v1/registry/board/feeds/a/1",
+            "/enforcer/v1/registry/board/networks/a/b",
+            "/elsewhere/x",
+        ] {
+            assert!(parse_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn feeds_are_chunked_at_line_ends() {
+        let line = "203.0.113.0/24\n";
+        let text = line.repeat(FEED_CHUNK_BYTES / line.len() * 2 + 7);
+        let parts = chunks(&text);
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.ends_with('\n')));
+        assert_eq!(parts.concat(), text);
+        assert_eq!(chunks(""), vec![""]);
+    }
+
+    #[test]
+    fn an_entry_must_match_its_key() {
+        let ministry = Owner::Ministry("MoITT".into());
+        let ok = entry(
+            r#"{"name": "a", "cidr": "10.0.0.0/8"}"#,
+            &ministry,
+            "networks",
+            "a",
+        )
+        .unwrap();
+        assert_eq!(ok, r#"{"name":"a","ministry":"MoITT","cidr":"10.0.0.0/8"}"#);
+        for (text, owner) in [
+            (r#"{"name": "b", "cidr": "10.0.0.0/8"}"#, &ministry),
+            (
+                r#"{"name": "a", "ministry": "MoFA", "cidr": "10.0.0.0/8"}"#,
+                &ministry,
+            ),
+            (
+                r#"{"name": "a", "ministry": "MoITT", "cidr": "10.0.0.0/8"}"#,
+                &Owner::Board,
+            ),
+            ("[1]", &Owner::Board),
+        ] {
+            assert!(entry(text, owner, "networks", "a").is_err(), "{text}");
+        }
+    }
+}

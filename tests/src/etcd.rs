@@ -1,0 +1,270 @@
+//! A real etcd (Debian's `etcd-server`) for the fleet tests: in a network namespace of its own,
+//! on that namespace's loopback, with TLS from a CA the test makes (openssl), client
+//! certificates, and client-certificate authentication (a certificate's common name is the
+//! etcd user). `etcdctl` (Debian's `etcd-client`) acts as any user, past the enforcer's CLI.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    daemon::enforcer_bin,
+    netns::Netns,
+    vpn::{Daemon, TempDir},
+};
+
+/// The client port in the etcd namespace.
+const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+
+/// One etcd member, its CA and its users' certificates.
+pub struct Etcd {
+    pub url: String,
+    pub ns: Netns,
+    dir: TempDir,
+    // Killed before the namespace and the directory go.
+    daemon: Option<Daemon>,
+}
+
+impl Etcd {
+    /// Starts a single-member etcd with TLS and client-certificate authentication (auth itself
+    /// is off until `enforcer fleet init-roles` turns it on), and waits until it answers.
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = TempDir::new("enf-etcd")?;
+        let ns = Netns::new("enf-etcd")?;
+        let url = format!("https://127.0.0.1:{CLIENT_PORT}");
+        let mut etcd = Self {
+            url,
+            ns,
+            dir,
+            daemon: None,
+        };
+        etcd.make_ca()?;
+        let (cert, key) = etcd.leaf("etcd-server", true)?;
+        let peer = format!("http://127.0.0.1:{PEER_PORT}");
+        let data = etcd.dir.0.join("data");
+        let (cert, key, ca, data) = (path(&cert), path(&key), path(&etcd.ca()), path(&data));
+        let command = [
+            "etcd",
+            "--name",
+            "m0",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &etcd.url,
+            "--advertise-client-urls",
+            &etcd.url,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("m0={peer}"),
+            "--cert-file",
+            &cert,
+            "--key-file",
+            &key,
+            "--trusted-ca-file",
+            &ca,
+            "--client-cert-auth",
+        ];
+        etcd.daemon = Some(Daemon::spawn(
+            &etcd.ns,
+            &command,
+            etcd.dir.0.join("etcd.log"),
+            &[],
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = etcd.etcdctl("root", &["endpoint", "health"])?;
+            if out.status.success() {
+                return Ok(etcd);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd did not become healthy in 15 s: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    etcd.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.0.join("ca.crt")
+    }
+
+    fn make_ca(&self) -> anyhow::Result<()> {
+        let key = self.dir.0.join("ca.key");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=enforcer test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &path(&key),
+            "-out",
+            &path(&self.ca()),
+        ])
+    }
+
+    /// A certificate signed by the CA for `cn` (made once): for the server (with its address)
+    /// or a client.
+    fn leaf(&self, cn: &str, server: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let cert = self.dir.0.join(format!("{cn}.crt"));
+        let key = self.dir.0.join(format!("{cn}.key"));
+        if cert.exists() {
+            return Ok((cert, key));
+        }
+        let csr = self.dir.0.join(format!("{cn}.csr"));
+        let ext = self.dir.0.join(format!("{cn}.ext"));
+        let usage = if server {
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+        } else {
+            "extendedKeyUsage=clientAuth\n"
+        };
+        std::fs::write(
+            &ext,
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{usage}"),
+        )?;
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &path(&key),
+            "-out",
+            &path(&csr),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &path(&csr),
+            "-CA",
+            &path(&self.ca()),
+            "-CAkey",
+            &path(&self.dir.0.join("ca.key")),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &path(&ext),
+            "-out",
+            &path(&cert),
+        ])?;
+        Ok((cert, key))
+    }
+
+    /// The `--etcd` options of the enforcer's CLI for user `cn` (its certificate made once).
+    pub fn options(&self, cn: &str) -> anyhow::Result<Vec<String>> {
+        let (cert, key) = self.leaf(cn, false)?;
+        Ok(vec![
+            "--etcd".into(),
+            self.url.clone(),
+            "--etcd-ca".into(),
+            path(&self.ca()),
+            "--etcd-cert".into(),
+            path(&cert),
+            "--etcd-key".into(),
+            path(&key),
+        ])
+    }
+
+    /// Runs the enforcer's CLI in etcd's namespace as user `cn`: `args`, then the `--etcd`
+    /// options. Returns whether it succeeded and what it printed.
+    pub fn enforcer(&self, cn: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        let bin = enforcer_bin();
+        let mut command: Vec<String> = vec![path(&bin)];
+        command.extend(args.iter().map(ToString::to_string));
+        command.extend(self.options(cn)?);
+        let refs: Vec<&str> = command.iter().map(String::as_str).collect();
+        let out = self.ns.exec_status(&refs)?;
+        Ok((out.status.success(), text(&out)))
+    }
+
+    /// Runs `etcdctl` as user `cn`.
+    pub fn etcdctl(&self, cn: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let (cert, key) = self.leaf(cn, false)?;
+        let (ca, cert, key) = (path(&self.ca()), path(&cert), path(&key));
+        let mut command = vec![
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            "--endpoints",
+            &self.url,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ];
+        command.extend_from_slice(args);
+        self.ns.exec_status(&command)
+    }
+
+    /// A directory for the test's files, removed with the etcd.
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.daemon.take();
+    }
+}
+
+/// What a command printed, standard output then standard error.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn openssl(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .context("openssl (installed by `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", text(&out));
+    }
+    Ok(())
+}
