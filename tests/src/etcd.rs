@@ -24,36 +24,50 @@ const PEER_PORT: u16 = 2380;
 /// One etcd member, its CA and its users' certificates.
 pub struct Etcd {
     pub url: String,
-    pub ns: Netns,
+    /// The namespace etcd runs in.
+    ns: String,
+    /// The namespace, when etcd has one of its own (removed last).
+    own: Option<Netns>,
     dir: TempDir,
-    // Killed before the namespace and the directory go.
+    command: Vec<String>,
     daemon: Option<Daemon>,
 }
 
 impl Etcd {
     /// Starts a single-member etcd with TLS and client-certificate authentication (auth itself
-    /// is off until `enforcer fleet init-roles` turns it on), and waits until it answers.
+    /// is off until `enforcer fleet init-roles` turns it on) in a namespace of its own, and
+    /// waits until it answers.
     pub fn start() -> anyhow::Result<Self> {
-        let dir = TempDir::new("enf-etcd")?;
         let ns = Netns::new("enf-etcd")?;
+        Self::start_with(ns.name.clone(), Some(ns))
+    }
+
+    /// The same on the loopback of `ns` (an agent's namespace reaches it there).
+    pub fn start_in(ns: &Netns) -> anyhow::Result<Self> {
+        Self::start_with(ns.name.clone(), None)
+    }
+
+    fn start_with(ns: String, own: Option<Netns>) -> anyhow::Result<Self> {
+        let dir = TempDir::new("enf-etcd")?;
         let url = format!("https://127.0.0.1:{CLIENT_PORT}");
         let mut etcd = Self {
             url,
             ns,
+            own,
             dir,
+            command: Vec::new(),
             daemon: None,
         };
         etcd.make_ca()?;
         let (cert, key) = etcd.leaf("etcd-server", true)?;
         let peer = format!("http://127.0.0.1:{PEER_PORT}");
         let data = etcd.dir.0.join("data");
-        let (cert, key, ca, data) = (path(&cert), path(&key), path(&etcd.ca()), path(&data));
-        let command = [
+        etcd.command = [
             "etcd",
             "--name",
             "m0",
             "--data-dir",
-            &data,
+            &path(&data),
             "--listen-client-urls",
             &etcd.url,
             "--advertise-client-urls",
@@ -65,30 +79,45 @@ impl Etcd {
             "--initial-cluster",
             &format!("m0={peer}"),
             "--cert-file",
-            &cert,
+            &path(&cert),
             "--key-file",
-            &key,
+            &path(&key),
             "--trusted-ca-file",
-            &ca,
+            &path(&etcd.ca()),
             "--client-cert-auth",
-        ];
-        etcd.daemon = Some(Daemon::spawn(
-            &etcd.ns,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// Stops etcd (SIGKILL, as a crash would); its data stays.
+    pub fn stop(&mut self) {
+        self.daemon.take();
+    }
+
+    /// Starts etcd again on its data, and waits until it answers.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
+        self.daemon = Some(Daemon::spawn_in(
+            &self.ns,
             &command,
-            etcd.dir.0.join("etcd.log"),
+            self.dir.0.join("etcd.log"),
             &[],
         )?);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let out = etcd.etcdctl("root", &["endpoint", "health"])?;
+            let out = self.etcdctl("root", &["endpoint", "health"])?;
             if out.status.success() {
-                return Ok(etcd);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
                     "etcd did not become healthy in 15 s: {}\n{}",
                     String::from_utf8_lossy(&out.stderr),
-                    etcd.log()
+                    self.log()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -208,7 +237,7 @@ impl Etcd {
         command.extend(args.iter().map(ToString::to_string));
         command.extend(self.options(cn)?);
         let refs: Vec<&str> = command.iter().map(String::as_str).collect();
-        let out = self.ns.exec_status(&refs)?;
+        let out = self.exec(&refs)?;
         Ok((out.status.success(), text(&out)))
     }
 
@@ -230,7 +259,37 @@ impl Etcd {
             &key,
         ];
         command.extend_from_slice(args);
-        self.ns.exec_status(&command)
+        self.exec(&command)
+    }
+
+    /// Runs a command in etcd's namespace, whatever its exit status.
+    fn exec(&self, command: &[&str]) -> anyhow::Result<Output> {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(command)
+            .output()
+            .with_context(|| format!("cannot run {command:?} in {}", self.ns))
+    }
+
+    /// Runs `etcdctl` as user `cn` with `input` on its standard input (`etcdctl txn`).
+    pub fn etcdctl_input(&self, cn: &str, args: &[&str], input: &str) -> anyhow::Result<Output> {
+        use std::io::Write as _;
+        let (cert, key) = self.leaf(cn, false)?;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "env", "ETCDCTL_API=3", "etcdctl"])
+            .args(["--endpoints", &self.url, "--cacert", &path(&self.ca())])
+            .args(["--cert", &path(&cert), "--key", &path(&key)])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("etcdctl's input")?
+            .write_all(input.as_bytes())?;
+        Ok(child.wait_with_output()?)
     }
 
     /// A directory for the test's files, removed with the etcd.
@@ -242,6 +301,7 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.daemon.take();
+        self.own.take();
     }
 }
 

@@ -70,9 +70,19 @@ impl Daemon {
         log: PathBuf,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::spawn_in(&ns.name, command, log, env)
+    }
+
+    /// Starts `command` inside the namespace named `ns` with its output in `log`.
+    pub fn spawn_in(
+        ns: &str,
+        command: &[&str],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(&log)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
+            .args(["netns", "exec", ns])
             .args(command)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

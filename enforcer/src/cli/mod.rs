@@ -41,9 +41,10 @@ pub enum Command {
         /// Interface to protect (the e-Office server's NIC, or the gateway's inside interface).
         #[arg(long)]
         iface: String,
-        /// The approved-network registry (JSON).
-        #[arg(long)]
-        registry: PathBuf,
+        /// The approved-network registry (JSON). With --etcd: the local cache of the fleet's
+        /// registry, written by the agent (default /var/lib/enforcer/fleet/IFACE.json).
+        #[arg(long, required_unless_present = "endpoints")]
+        registry: Option<PathBuf>,
         /// Override the registry's mode: `monitor` passes everything and counts would-be drops.
         #[arg(long)]
         mode: Option<Mode>,
@@ -84,6 +85,12 @@ pub enum Command {
         /// Elastic Common Schema names to PATH (`-`: standard output); reopened on SIGHUP.
         #[arg(long, value_name = "PATH")]
         events: Option<PathBuf>,
+        /// Follow the fleet's registry in etcd, as the agent of this host.
+        #[command(flatten)]
+        etcd: Option<crate::fleet::EtcdArgs>,
+        /// This host's name in the fleet (its status key and role); default: the hostname.
+        #[arg(long, requires = "endpoints")]
+        host: Option<String>,
     },
     /// Remove an enforcer's program from its interface, and its pins and state (its controller
     /// must be stopped first). Traffic is unfiltered afterwards.
@@ -317,9 +324,20 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             history_secs,
             metrics,
             events,
+            etcd,
+            host,
         } => render::run(&daemon::DaemonConfig {
+            registry: registry
+                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/enforcer/fleet/{iface}.json"))),
+            fleet: etcd.map(|etcd| crate::fleet::agent::AgentConfig {
+                etcd,
+                host: host.unwrap_or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_default()
+                }),
+            }),
             iface,
-            registry,
             mode,
             xdp_mode,
             detach_on_exit,

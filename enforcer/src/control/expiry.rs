@@ -18,6 +18,9 @@ impl Live {
         if self.next_expiry.is_none_or(|d| !d.is_past(today)) {
             return None;
         }
+        if self.fleet.is_some() {
+            return self.expire_in_fleet(today);
+        }
         let text = match self.source.read() {
             Ok(snapshot) => snapshot.text,
             Err(e) => return Some(Response::error(e.to_string())),
@@ -47,6 +50,32 @@ impl Live {
         let response = self.make(
             Caller::SYSTEM,
             Change::whole(expiry.text, serial, what, audit),
+        );
+        crate::release_freed_memory();
+        Some(response)
+    }
+
+    /// In a fleet the registry is etcd's: the entries past their date stay there, and the
+    /// policy in force is made again from the same registry (which leaves them out), once a day.
+    fn expire_in_fleet(&mut self, today: Date) -> Option<Response> {
+        if self.fleet_expired_on == Some(today) {
+            return None;
+        }
+        self.fleet_expired_on = Some(today);
+        let text = match self.source.read() {
+            Ok(snapshot) => snapshot.text,
+            Err(e) => return Some(Response::error(e.to_string())),
+        };
+        let audit = AuditEntry {
+            uid: 0,
+            verb: "expire".into(),
+            entry: json!({"date": today.to_string()}),
+            approval: Value::Null,
+        };
+        let what = "entries past their date are no longer applied".to_string();
+        let response = self.make(
+            Caller::SYSTEM,
+            Change::whole(text, self.serial, what, audit),
         );
         crate::release_freed_memory();
         Some(response)

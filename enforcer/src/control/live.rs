@@ -91,6 +91,11 @@ pub struct Live {
     pub(super) started: SystemTime,
     /// What the link watch found last.
     pub(super) link: LinkState,
+    /// The fleet's etcd endpoints, when this enforcer follows the fleet's registry.
+    pub(super) fleet: Option<String>,
+    /// In a fleet, the day expired entries were last dropped from the policy in force (they
+    /// stay in the fleet's registry until someone removes them).
+    pub(super) fleet_expired_on: Option<Date>,
 }
 
 impl Live {
@@ -109,6 +114,8 @@ impl Live {
             state: config.state,
             started: SystemTime::now(),
             link: LinkState::Attached,
+            fleet: None,
+            fleet_expired_on: None,
         }
     }
 

@@ -10,12 +10,14 @@
 //! - `plan`: single entries added or removed in place, without re-reading the whole registry.
 //! - `guard`: the lockout guard (the operator's session, protected networks).
 //! - `expiry`: entries removed when their date has passed.
+//! - `fleet`: the registry of a fleet put in force, and local changes refused.
 //! - `link`: the watch on the interface the program is attached to.
 //! - `audit`: the audit log.
 
 mod audit;
 mod change;
 mod expiry;
+mod fleet;
 mod guard;
 mod link;
 mod live;

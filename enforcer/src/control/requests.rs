@@ -35,6 +35,13 @@ impl Live {
     }
 
     fn handle(&mut self, caller: Caller, request: Request) -> Response {
+        let reads = matches!(
+            request,
+            Request::Status | Request::List { .. } | Request::Check { .. }
+        );
+        if !reads && let Some(refusal) = self.fleet_refusal() {
+            return refusal;
+        }
         match request {
             Request::Status => self.status(),
             Request::List { section } => match text::section_name(&section) {
@@ -245,13 +252,14 @@ impl Live {
         )
     }
 
-    fn status(&self) -> Response {
+    /// What `status` reports, as data.
+    pub(super) fn status_data(&self) -> Value {
         let uptime = self.started.elapsed().map_or(0, |d| d.as_secs());
         // Whether remembered VPN flows send their ends' packets to the flow lookup until the
         // sweep forgets them.
         let flow_lookup = self.datapath.config().is_ok_and(|c| c.vpn_flows_seen != 0);
         let connections = self.datapath.conn_count().unwrap_or(0);
-        let data = json!({
+        json!({
             "instance": self.state.instance,
             "mode": self.policy.mode,
             "egress": self.policy.egress,
@@ -271,7 +279,15 @@ impl Live {
             "events_suppressed": self.datapath.events_suppressed().unwrap_or(0),
             "enforcing": self.enforcing(),
             "connections_max": enforcer_common::MAX_CONNS,
-        });
+            "fleet": self.fleet,
+        })
+    }
+
+    fn status(&self) -> Response {
+        let data = self.status_data();
+        let uptime = data["uptime_s"].as_u64().unwrap_or(0);
+        let flow_lookup = data["vpn_flow_lookup"].as_bool().unwrap_or(false);
+        let connections = data["connections"].as_u64().unwrap_or(0);
         let mode = if self.enforcing() {
             format!("{} mode", self.policy.mode)
         } else {

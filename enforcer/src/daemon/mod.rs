@@ -3,6 +3,7 @@
 //! `control`; what it enforces is `datapath`.
 
 mod detach;
+mod fleet;
 pub mod history;
 mod serve;
 mod startup;
@@ -65,6 +66,8 @@ pub struct DaemonConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Where to write the event log (`-`: standard output; `None`: no events).
     pub events: Option<PathBuf>,
+    /// Follow the fleet's registry in etcd (`registry` is then its local cache).
+    pub fleet: Option<crate::fleet::agent::AgentConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Events(#[from] crate::events::EventLogError),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 /// How the daemon stopped.
@@ -141,6 +146,20 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         .as_ref()
         .map(|path| crate::events::EventLog::open(path, &config.iface))
         .transpose()?;
+    // A fleet agent's registry file is its cache of the fleet's: brought up to date first.
+    let agent = match &config.fleet {
+        Some(fleet) => {
+            let cache = crate::fleet::agent::Cache {
+                file: config.registry.clone(),
+            };
+            let start = crate::fleet::agent::prepare(fleet, &cache)?;
+            for r in &start.refused {
+                tracing::warn!(key = %r.key, "left out of the fleet's registry: {}", r.problem);
+            }
+            Some((fleet, cache, start))
+        }
+        None => None,
+    };
     let source = FileSource::new(&config.registry);
     for done in crate::source::RegistrySource::recover(&source) {
         tracing::warn!("{done}");
@@ -189,6 +208,9 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
         },
     };
     let mut live = Live::new(live_config, started.in_force, Box::new(source));
+    if let Some((fleet, ..)) = &agent {
+        live.follow_fleet(fleet.etcd.endpoints.join(","));
+    }
     let metrics = metrics_listener
         .as_ref()
         .map(|_| crate::metrics::Shared::new(live.facts(), id.pin_dir(), id.state_file()));
@@ -257,6 +279,9 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
             Some((log, ring)) => Some(serve::Events::new(log, ring).map_err(DaemonError::Runtime)?),
             None => None,
         };
+        // On the event loop: the follower and the status publisher are its tasks.
+        let link =
+            agent.map(|(fleet, cache, start)| fleet::FleetLink::start(fleet, cache, start, &live));
         serve::serve(
             listener,
             &mut live,
@@ -265,6 +290,7 @@ pub fn run(config: &DaemonConfig) -> Result<Stopped, DaemonError> {
             serve::Watchers {
                 metrics: metrics.as_deref(),
                 events,
+                fleet: link,
             },
             shutdown,
         )

@@ -31,6 +31,8 @@ const EVENT_REFILL: Duration = Duration::from_millis(100);
 pub struct Watchers<'a> {
     pub metrics: Option<&'a crate::metrics::Shared>,
     pub events: Option<Events>,
+    /// The fleet agent's follower and status, when following a fleet.
+    pub fleet: Option<super::fleet::FleetLink>,
 }
 
 /// The event log and the kernel's ring it reads.
@@ -122,7 +124,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = std::io::Result<&'static str>>,
 ) -> Result<&'static str, DaemonError> {
     tokio::pin!(shutdown);
-    let Watchers { metrics, events } = watchers;
+    let Watchers {
+        metrics,
+        events,
+        mut fleet,
+    } = watchers;
     // The ring and the log apart, so that waiting on the one leaves the other free.
     let (mut ring, mut events) = match events {
         Some(Events { log, ring, per_cpu }) => (Some(ring), Some((log, per_cpu))),
@@ -201,7 +207,17 @@ pub async fn serve(
                     metrics.set_connections(kept);
                 }
             }
+            Some(followed) = super::fleet::FleetLink::next(fleet.as_mut()) => {
+                let serial = live.serial();
+                if let Some(link) = &mut fleet {
+                    link.handle(followed, live, events.as_mut().map(|(log, _)| log));
+                }
+                publish(metrics, live, serial);
+            }
             _ = link.tick() => {
+                if let Some(link) = &mut fleet {
+                    link.refresh(live, false);
+                }
                 let enforcing = live.enforcing();
                 live.check_link(attach);
                 if live.enforcing() != enforcing

@@ -136,7 +136,9 @@ pub async fn read_prefix(
                 source,
             })?;
         if revision == 0 {
-            revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
+            revision = response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
         }
         let kvs = response.kvs();
         for kv in kvs {

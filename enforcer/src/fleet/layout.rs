@@ -317,9 +317,12 @@ pub struct Assembled {
 /// Entries of the document by section, as lines with their keys.
 type Sections = Vec<(&'static str, Vec<(String, String)>)>;
 
-/// Collects the keys (in etcd's order: sorted) into a registry document at `revision`; the
-/// feeds are named `feed_dir` + their name in `deny_files`.
-pub fn assemble(kvs: &[(String, Vec<u8>)], revision: i64, feed_dir: &str) -> Assembled {
+/// Where a feed goes: its path in `deny_files`, from its name and text.
+pub type FeedPath<'a> = &'a dyn Fn(&str, &str) -> String;
+
+/// Collects the keys (in etcd's order: sorted) into a registry document at `revision`; each
+/// feed is named in `deny_files` by `feed_path`.
+pub fn assemble(kvs: &[(String, Vec<u8>)], revision: i64, feed_path: FeedPath<'_>) -> Assembled {
     let mut refused = Vec::new();
     let mut settings: Vec<(&'static str, String, String)> = Vec::new();
     let mut sections: Sections = OWNED
@@ -348,17 +351,14 @@ pub fn assemble(kvs: &[(String, Vec<u8>)], revision: i64, feed_dir: &str) -> Ass
         };
         match item {
             Item::Audit(_) => {}
-            Item::FeedChunk { name, index } => {
-                let name = format!("{feed_dir}{name}");
-                match feeds.iter_mut().find(|(n, ..)| *n == name) {
-                    Some((_, feed, keys)) if keys.len() == index as usize => {
-                        feed.push_str(text);
-                        keys.push(key.clone());
-                    }
-                    None if index == 0 => feeds.push((name, text.to_string(), vec![key.clone()])),
-                    _ => refuse("a feed chunk out of sequence (one before it is missing)".into()),
+            Item::FeedChunk { name, index } => match feeds.iter_mut().find(|(n, ..)| *n == name) {
+                Some((_, feed, keys)) if keys.len() == index as usize => {
+                    feed.push_str(text);
+                    keys.push(key.clone());
                 }
-            }
+                None if index == 0 => feeds.push((name, text.to_string(), vec![key.clone()])),
+                _ => refuse("a feed chunk out of sequence (one before it is missing)".into()),
+            },
             Item::Setting(name) => match serde_json::from_str::<Value>(text) {
                 Ok(value) => settings.push((name, value.to_string(), key.clone())),
                 Err(e) => refuse(format!("the value is not JSON: {e}")),
@@ -396,6 +396,9 @@ pub fn assemble(kvs: &[(String, Vec<u8>)], revision: i64, feed_dir: &str) -> Ass
         }
         lines.push("],".to_string());
         keys.push(Vec::new());
+    }
+    for (name, text, _) in &mut feeds {
+        *name = feed_path(name, text);
     }
     let names: Vec<Value> = feeds
         .iter()

@@ -1,8 +1,10 @@
 //! The fleet: one registry in etcd for every host, each enforcer an agent of it. etcd does the
 //! replication, the transactions, the watches and the access control; this module lays the
 //! registry out in keys that etcd's roles can tell apart (`layout`), reaches etcd (`connect`),
-//! sets up the roles (`roles`), and moves registry files in and out (`transfer`).
+//! sets up the roles (`roles`), moves registry files in and out (`transfer`), and follows the
+//! registry as the agent of `enforcer run --etcd` (`agent`).
 
+pub mod agent;
 pub mod connect;
 pub mod layout;
 pub mod roles;
@@ -55,13 +57,13 @@ pub struct FleetRegistry {
 pub fn validate(
     kvs: &[(String, Vec<u8>)],
     revision: i64,
-    feed_dir: &str,
+    feed_path: layout::FeedPath<'_>,
 ) -> Result<FleetRegistry, FleetError> {
     let mut kept: Vec<(String, Vec<u8>)> = kvs.to_vec();
     let mut refused: Vec<Refused> = Vec::new();
     // Bounded: each pass that does not succeed removes at least one key.
     for _ in 0..=kvs.len() {
-        let assembled = layout::assemble(&kept, revision, feed_dir);
+        let assembled = layout::assemble(&kept, revision, feed_path);
         let text = assembled.text();
         let feeds = assembled.feed_texts();
         if !assembled.refused.is_empty() {
@@ -128,6 +130,10 @@ fn describe(problem: &Problem) -> String {
 mod tests {
     use super::*;
 
+    fn plain(name: &str, _: &str) -> String {
+        name.to_string()
+    }
+
     fn kv(key: &str, value: &str) -> (String, Vec<u8>) {
         (key.to_string(), value.as_bytes().to_vec())
     }
@@ -169,7 +175,7 @@ mod tests {
                 "{}",
             ),
         ];
-        let fleet = validate(&kvs, 42, "").unwrap();
+        let fleet = validate(&kvs, 42, &plain).unwrap();
         let problem = |key: &str| {
             fleet
                 .refused
@@ -199,7 +205,7 @@ mod tests {
             "/enforcer/v1/registry/board/deny/203.0.113.0%2F24",
             r#"{"cidr": "203.0.113.0/24"}"#,
         )];
-        let error = validate(&kvs, 3, "").err().expect("refused");
+        let error = validate(&kvs, 3, &plain).err().expect("refused");
         assert!(error.to_string().contains("mode"), "{error}");
     }
 
@@ -220,7 +226,10 @@ mod tests {
         let keys = layout::encode(&text, &feeds).unwrap();
         let kvs: Vec<(String, Vec<u8>)> =
             keys.into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-        let fleet = validate(&kvs, i64::try_from(original.serial).unwrap(), "feeds/").unwrap();
+        let fleet = validate(&kvs, i64::try_from(original.serial).unwrap(), &|name, _| {
+            format!("feeds/{name}")
+        })
+        .unwrap();
         assert!(fleet.refused.is_empty(), "{:?}", fleet.refused);
         let sorted = |mut r: Registry| {
             r.networks.sort_by(|a, b| a.name.cmp(&b.name));

@@ -76,7 +76,9 @@ pub async fn write_checked(
         )));
     }
     Ok(Written {
-        revision: response.header().map_or(revision, etcd_client::ResponseHeader::revision),
+        revision: response
+            .header()
+            .map_or(revision, etcd_client::ResponseHeader::revision),
         put,
         deleted,
     })
@@ -135,10 +137,10 @@ pub async fn import(etcd: &EtcdArgs, file: &Path) -> Result<Written, FleetError>
 /// Reads the fleet's registry (at its latest revision) and validates it.
 pub async fn read_registry(
     client: &mut Client,
-    feed_dir: &str,
+    feed_path: layout::FeedPath<'_>,
 ) -> Result<FleetRegistry, FleetError> {
     let (revision, kvs) = super::connect::read_prefix(client, layout::REGISTRY, None).await?;
-    super::validate(&kvs, revision, feed_dir)
+    super::validate(&kvs, revision, feed_path)
 }
 
 /// Writes the fleet's registry into `file`, its deny feeds into `FILE.feeds/`.
@@ -149,7 +151,7 @@ pub async fn export(etcd: &EtcdArgs, file: &Path) -> Result<FleetRegistry, Fleet
         .ok_or_else(|| FleetError::Options(format!("{} is not a file name", file.display())))?;
     let feed_dir = format!("{name}.feeds/");
     let mut client = etcd.connect().await?;
-    let fleet = read_registry(&mut client, &feed_dir).await?;
+    let fleet = read_registry(&mut client, &|feed, _| format!("{feed_dir}{feed}")).await?;
     let io = |what: String| move |source| FleetError::Io { what, source };
     let base = file.parent().unwrap_or(Path::new("."));
     if !fleet.feeds.is_empty() {
