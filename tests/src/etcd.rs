@@ -292,6 +292,11 @@ impl Etcd {
         Ok(child.wait_with_output()?)
     }
 
+    /// The name of the namespace etcd runs in.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
     /// A directory for the test's files, removed with the etcd.
     pub fn dir(&self) -> &Path {
         &self.dir.0

@@ -253,3 +253,152 @@ fn bad_options_are_refused_before_etcd_is_asked() {
     );
     assert!(!ok && out.contains("connect"), "{out}");
 }
+
+#[test]
+fn the_cli_writes_the_fleet_validated_and_loses_no_concurrent_change() {
+    require_root();
+    let etcd = Etcd::start().unwrap();
+    init_roles(&etcd);
+    let file = examples().join("registry.json").display().to_string();
+    let (ok, out) = etcd.enforcer("root", &["fleet", "import", &file]).unwrap();
+    assert!(ok, "import: {out}");
+
+    // A ministry approves no VPN: etcd itself refuses.
+    let vpn = [
+        "vpn",
+        "approve",
+        "192.0.2.9",
+        "--name",
+        "own-vpn",
+        "--protocol",
+        "wireguard",
+        "--approval",
+        "SELF-1",
+    ];
+    let (ok, out) = etcd.enforcer(MINISTRY, &vpn).unwrap();
+    assert!(!ok && out.contains("permission denied"), "{out}");
+    let (ok, out) = etcd.enforcer(BOARD, &vpn).unwrap();
+    assert!(ok && out.contains("revision"), "{out}");
+    // Nor another ministry's network.
+    let (ok, out) = etcd
+        .enforcer(
+            MINISTRY,
+            &[
+                "allow",
+                "add",
+                "10.60.0.0/16",
+                "--name",
+                "x",
+                "--ministry",
+                "MoFA",
+            ],
+        )
+        .unwrap();
+    assert!(!ok && out.contains("permission denied"), "{out}");
+    // A bad change is refused as the file would refuse it, and nothing is written.
+    let newest = || {
+        let out = etcd
+            .etcdctl(
+                "root",
+                &[
+                    "get",
+                    "--prefix",
+                    "/enforcer/v1/registry/",
+                    "-w",
+                    "json",
+                    "--keys-only",
+                ],
+            )
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(text(&out).trim()).unwrap();
+        json["kvs"].as_array().and_then(|kvs| {
+            kvs.iter()
+                .filter_map(|kv| kv["mod_revision"].as_i64())
+                .max()
+        })
+    };
+    let before = newest();
+    for (args, why) in [
+        (
+            vec![
+                "allow",
+                "add",
+                "10.60.0.1/16",
+                "--name",
+                "y",
+                "--ministry",
+                "MoITT",
+            ],
+            "host bits",
+        ),
+        // A name the example registry gives another entry.
+        (
+            vec![
+                "allow",
+                "add",
+                "10.61.0.0/16",
+                "--name",
+                "nitb-noc-v6",
+                "--ministry",
+                "MoITT",
+            ],
+            "nitb-noc-v6",
+        ),
+        (
+            vec!["allow", "remove", "no-such-network"],
+            "no-such-network",
+        ),
+    ] {
+        let (ok, out) = etcd.enforcer(MINISTRY, &args).unwrap();
+        assert!(!ok && out.contains(why), "{args:?}: {out}");
+    }
+    assert_eq!(before, newest(), "a refused change wrote nothing");
+
+    // Two ministries, ten administrators each, at once: every change lands.
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (user, ministry) = if i % 2 == 0 {
+                (MINISTRY, "MoITT")
+            } else {
+                (OTHER_MINISTRY, "MoFA")
+            };
+            let mut command = vec![
+                enforcer_tests::daemon::enforcer_bin().display().to_string(),
+                "allow".into(),
+                "add".into(),
+                format!("10.{}.0.0/16", 100 + i),
+                "--name".into(),
+                format!("site-{i}"),
+                "--ministry".into(),
+                ministry.into(),
+            ];
+            command.extend(etcd.options(user).unwrap());
+            let ns = etcd.namespace().to_string();
+            std::thread::spawn(move || {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns])
+                    .args(&command)
+                    .output()
+                    .unwrap();
+                (out.status.success(), text(&out))
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (ok, out) = handle.join().unwrap();
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = etcd.enforcer(BOARD, &["allow", "list", "--json"]).unwrap();
+    assert!(ok, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for i in 0..20 {
+        let name = format!("site-{i}");
+        assert!(names.contains(&name.as_str()), "{name} lost: {names:?}");
+    }
+}

@@ -145,12 +145,31 @@ fn an_agent_follows_the_fleet_and_enforces_from_its_cache_while_etcd_is_away() {
     assert_eq!(first["mode"], "enforce", "{first}");
     assert_eq!(first["enforcing"], true, "{first}");
 
-    // A ministry's change in etcd reaches the kernel.
-    put(&etcd, MINISTRY, PARTNER_KEY, &partner());
+    // A ministry's change through the CLI reaches the kernel.
+    let port = format!("{TCP_PORT}/tcp");
+    let (ok, out) = etcd
+        .enforcer(
+            MINISTRY,
+            &[
+                "allow",
+                "add",
+                "192.0.2.0/24",
+                "--name",
+                "partner",
+                "--ministry",
+                "MoITT",
+                "--ports",
+                &port,
+            ],
+        )
+        .unwrap();
+    assert!(ok, "{out}");
     let took = until_connects(&internet.ns, internet.server_v4, true);
-    eprintln!("a change written to etcd was in force after {took:?}");
+    eprintln!("a change written through the CLI was in force after {took:?}");
     let now = revision(&etcd);
     status_where(&etcd, |s| s["applied_revision"].as_i64() >= Some(now - 1));
+    let (ok, out) = etcd.enforcer(MINISTRY, &["fleet", "status"]).unwrap();
+    assert!(ok && out.contains("eoffice-1: current"), "{out}");
 
     // The local socket takes no change: the registry is etcd's.
     let (ok, out) = enforcer_cli(
@@ -192,6 +211,12 @@ fn an_agent_follows_the_fleet_and_enforces_from_its_cache_while_etcd_is_away() {
         connects(&lan.ns, lan.server_v4),
         "the rest of the registry stands"
     );
+
+    // A change the agent has not applied shows it behind; the agent catches up.
+    let (ok, out) = etcd.enforcer(ROOT, &["fleet", "status", "--json"]).unwrap();
+    assert!(ok, "{out}");
+    let fleet: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(fleet["hosts"][0]["host"], "eoffice-1", "{fleet}");
 
     // etcd away: the agent keeps enforcing what it has.
     etcd.stop();
@@ -247,6 +272,8 @@ fn an_agent_follows_the_fleet_and_enforces_from_its_cache_while_etcd_is_away() {
         "a killed agent's status was gone after {:?}",
         gone.elapsed()
     );
+    let (ok, out) = etcd.enforcer(ROOT, &["fleet", "status"]).unwrap();
+    assert!(ok && out.contains("eoffice-1: GONE"), "{out}");
 }
 
 #[test]

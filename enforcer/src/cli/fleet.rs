@@ -31,6 +31,13 @@ pub enum FleetAction {
         #[arg(long)]
         json: bool,
     },
+    /// Every agent's status: current or behind (by how many changes), gone, refusing what.
+    Status {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the fleet's registry into FILE (its deny feeds into FILE.feeds/), as the agents
     /// apply it; keys that fail validation are left out and listed.
     Export {
@@ -76,6 +83,15 @@ pub fn run(action: FleetAction) -> anyhow::Result<ExitCode> {
                         written.deleted,
                         written.revision
                     );
+                }
+            }
+            FleetAction::Status { etcd, json } => {
+                let mut client = etcd.connect().await?;
+                let status = fleet::status::read(&mut client).await?;
+                if json {
+                    println!("{}", serde_json::json!(status));
+                } else {
+                    print!("{}", status.render());
                 }
             }
             FleetAction::Export { file, etcd, json } => {

@@ -25,6 +25,40 @@ pub struct Target {
     /// Print the whole answer as JSON.
     #[arg(long, global = true)]
     pub(super) json: bool,
+    /// Change the fleet's registry in etcd instead of a running enforcer: its endpoints,
+    /// comma-separated (see `enforcer fleet`).
+    #[arg(
+        long = "etcd",
+        global = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    etcd: Vec<String>,
+    /// With --etcd: the CA certificate of etcd's servers.
+    #[arg(long = "etcd-ca", global = true, value_name = "FILE")]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// With --etcd: this client's certificate (its common name is the etcd user).
+    #[arg(long = "etcd-cert", global = true, value_name = "FILE")]
+    etcd_cert: Option<std::path::PathBuf>,
+    /// With --etcd: the key of --etcd-cert.
+    #[arg(long = "etcd-key", global = true, value_name = "FILE")]
+    etcd_key: Option<std::path::PathBuf>,
+    /// With --etcd: a password user (password in `ENFORCER_ETCD_PASSWORD`).
+    #[arg(long = "etcd-user", global = true, value_name = "NAME")]
+    etcd_user: Option<String>,
+}
+
+impl Target {
+    /// The fleet's etcd, when the change goes there.
+    fn etcd(&self) -> Option<crate::fleet::EtcdArgs> {
+        (!self.etcd.is_empty()).then(|| crate::fleet::EtcdArgs {
+            endpoints: self.etcd.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,6 +201,13 @@ pub(super) fn send_request(
     target: &Target,
     request: &control::Request,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(etcd) = target.etcd() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let response = runtime.block_on(crate::fleet::edit::request(&etcd, request))?;
+        return print_response(target, &response);
+    }
     let state = instance::select(target.instance.as_deref(), target.iface.as_deref())?;
     let id = InstanceId::parse(&state.instance).context("malformed instance name in state file")?;
     // The caller's own SSH session (client address, server port), so that the enforcer can
@@ -183,6 +224,14 @@ pub(super) fn send_request(
         force: target.force,
     };
     let response = control::send(&id.control_socket(), &envelope)?;
+    print_response(target, &response)
+}
+
+/// Prints an answer; exit 1 if it is a refusal.
+fn print_response(
+    target: &Target,
+    response: &control::Response,
+) -> anyhow::Result<std::process::ExitCode> {
     if target.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
     } else if response.ok {

@@ -384,6 +384,11 @@ async fn keep_status(
         .lease_keep_alive(lease)
         .await
         .map_err(etcd("keep the status lease"))?;
+    let seen = serde_json::json!({"host": config.host}).to_string();
+    client
+        .put(layout::seen_key(&config.host), seen, None)
+        .await
+        .map_err(etcd("write that this host was seen"))?;
     *backoff = BACKOFF_FIRST;
     let mut tick = tokio::time::interval(STATUS_EVERY);
     // Bounded by the connection: an error ends it.

@@ -10,6 +10,7 @@
 //! /enforcer/v1/registry/ministries/M/{networks,devices,upstreams}/NAME  entries of ministry M
 //! /enforcer/v1/registry/{board,ministries/M}/audit     the last change its owner made
 //! /enforcer/v1/status/HOST                                              an agent's status
+//! /enforcer/v1/seen/HOST                                 that the host's agent has run
 //! ```
 //!
 //! Each value is the entry's JSON object as the registry file has it. A key's last segments are
@@ -34,8 +35,11 @@ pub const REGISTRY: &str = "/enforcer/v1/registry/";
 pub const BOARD: &str = "/enforcer/v1/registry/board/";
 /// Each ministry's own prefix is `MINISTRIES` + its encoded name + `/`.
 pub const MINISTRIES: &str = "/enforcer/v1/registry/ministries/";
-/// Agents' status, one key per host.
+/// Agents' status, one key per host, under the agent's lease.
 pub const STATUS: &str = "/enforcer/v1/status/";
+/// Hosts whose agent has run, one key per host (without a lease: a host seen here with no
+/// status is gone).
+pub const SEEN: &str = "/enforcer/v1/seen/";
 
 /// The registry's settings (top-level fields other than the sections).
 const SETTINGS: [&str; 4] = ["mode", "egress", "connections", "note"];
@@ -64,6 +68,11 @@ pub fn ministry_prefix(ministry: &str) -> String {
 /// The key of a host's status.
 pub fn status_key(host: &str) -> String {
     format!("{STATUS}{}", encode_segment(host))
+}
+
+/// The key that says a host's agent has run.
+pub fn seen_key(host: &str) -> String {
+    format!("{SEEN}{}", encode_segment(host))
 }
 
 /// Percent-encodes one key segment.

@@ -6,8 +6,10 @@
 
 pub mod agent;
 pub mod connect;
+pub mod edit;
 pub mod layout;
 pub mod roles;
+pub mod status;
 pub mod transfer;
 
 pub use connect::EtcdArgs;
@@ -31,6 +33,9 @@ pub enum FleetError {
     },
     #[error("{0}")]
     Refused(String),
+    /// Another change came between the read and the write: nothing was written.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

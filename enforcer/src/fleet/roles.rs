@@ -27,7 +27,7 @@ pub fn agent(host: &str) -> String {
 
 /// Read access to the registry and to every agent's status.
 fn readers() -> Vec<Permission> {
-    [layout::REGISTRY, layout::STATUS]
+    [layout::REGISTRY, layout::STATUS, layout::SEEN]
         .into_iter()
         .map(|p| Permission::read(p).with_range_end(layout::range_end(p)))
         .collect()
@@ -49,6 +49,7 @@ pub fn plan(ministries: &[String], agents: &[String]) -> Vec<(String, Vec<Permis
     for host in agents {
         let mut perms = readers();
         perms.push(Permission::read_write(layout::status_key(host)));
+        perms.push(Permission::read_write(layout::seen_key(host)));
         roles.push((agent(host), perms));
     }
     roles

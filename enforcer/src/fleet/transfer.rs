@@ -71,7 +71,7 @@ pub async fn write_checked(
             source,
         })?;
     if !response.succeeded() {
-        return Err(FleetError::Refused(format!(
+        return Err(FleetError::Conflict(format!(
             "the fleet's registry changed after revision {revision}, which this change was checked against; nothing was written: run it again"
         )));
     }
