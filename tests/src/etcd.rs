@@ -17,20 +17,35 @@ use crate::{
     vpn::{Daemon, TempDir},
 };
 
-/// The client port in the etcd namespace.
+/// The client and peer ports of each member (on its own address).
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 
-/// One etcd member, its CA and its users' certificates.
+/// One member of the cluster.
+struct Member {
+    command: Vec<String>,
+    daemon: Option<Daemon>,
+}
+
+/// An etcd cluster (one member or several), its CA and its users' certificates.
 pub struct Etcd {
-    pub url: String,
+    /// Every member's client URL.
+    pub urls: Vec<String>,
     /// The namespace etcd runs in.
     ns: String,
     /// The namespace, when etcd has one of its own (removed last).
     own: Option<Netns>,
     dir: TempDir,
-    command: Vec<String>,
-    daemon: Option<Daemon>,
+    members: Vec<Member>,
+}
+
+/// `https://ADDR:PORT` (IPv6 in brackets).
+fn url(scheme: &str, addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("{scheme}://[{addr}]:{port}")
+    } else {
+        format!("{scheme}://{addr}:{port}")
+    }
 }
 
 impl Etcd {
@@ -39,84 +54,115 @@ impl Etcd {
     /// waits until it answers.
     pub fn start() -> anyhow::Result<Self> {
         let ns = Netns::new("enf-etcd")?;
-        Self::start_with(ns.name.clone(), Some(ns))
+        Self::cluster(ns.name.clone(), Some(ns), &["127.0.0.1"], &[])
     }
 
     /// The same on the loopback of `ns` (an agent's namespace reaches it there).
     pub fn start_in(ns: &Netns) -> anyhow::Result<Self> {
-        Self::start_with(ns.name.clone(), None)
+        Self::cluster(ns.name.clone(), None, &["127.0.0.1"], &[])
     }
 
-    fn start_with(ns: String, own: Option<Netns>) -> anyhow::Result<Self> {
+    /// A cluster of one member per address of `addrs` (addresses of namespace `ns`), each
+    /// member with `extra` options; waits until it answers.
+    pub fn cluster(
+        ns: String,
+        own: Option<Netns>,
+        addrs: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new("enf-etcd")?;
-        let url = format!("https://127.0.0.1:{CLIENT_PORT}");
         let mut etcd = Self {
-            url,
+            urls: addrs.iter().map(|a| url("https", a, CLIENT_PORT)).collect(),
             ns,
             own,
             dir,
-            command: Vec::new(),
-            daemon: None,
+            members: Vec::new(),
         };
         etcd.make_ca()?;
-        let (cert, key) = etcd.leaf("etcd-server", true)?;
-        let peer = format!("http://127.0.0.1:{PEER_PORT}");
-        let data = etcd.dir.0.join("data");
-        etcd.command = [
-            "etcd",
-            "--name",
-            "m0",
-            "--data-dir",
-            &path(&data),
-            "--listen-client-urls",
-            &etcd.url,
-            "--advertise-client-urls",
-            &etcd.url,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("m0={peer}"),
-            "--cert-file",
-            &path(&cert),
-            "--key-file",
-            &path(&key),
-            "--trusted-ca-file",
-            &path(&etcd.ca()),
-            "--client-cert-auth",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+        let (cert, key) = etcd.server_cert(addrs)?;
+        let initial: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("m{i}={}", url("http", a, PEER_PORT)))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let data = etcd.dir.0.join(format!("data-m{i}"));
+            let client = url("https", addr, CLIENT_PORT);
+            let peer = url("http", addr, PEER_PORT);
+            let mut command: Vec<String> = [
+                "etcd",
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                &path(&data),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-token",
+                "enforcer-test",
+                "--cert-file",
+                &path(&cert),
+                "--key-file",
+                &path(&key),
+                "--trusted-ca-file",
+                &path(&etcd.ca()),
+                "--client-cert-auth",
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+            command.extend(extra.iter().map(ToString::to_string));
+            etcd.members.push(Member {
+                command,
+                daemon: None,
+            });
+        }
         etcd.resume()?;
         Ok(etcd)
     }
 
-    /// Stops etcd (SIGKILL, as a crash would); its data stays.
+    /// Stops every member (SIGKILL, as a crash would); their data stays.
     pub fn stop(&mut self) {
-        self.daemon.take();
+        for member in &mut self.members {
+            member.daemon.take();
+        }
     }
 
-    /// Starts etcd again on its data, and waits until it answers.
+    /// Stops member `i` (SIGKILL).
+    pub fn stop_member(&mut self, i: usize) {
+        self.members[i].daemon.take();
+    }
+
+    /// Starts the stopped members again on their data, and waits until the cluster answers.
     pub fn resume(&mut self) -> anyhow::Result<()> {
-        let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
-        self.daemon = Some(Daemon::spawn_in(
-            &self.ns,
-            &command,
-            self.dir.0.join("etcd.log"),
-            &[],
-        )?);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        for (i, member) in self.members.iter_mut().enumerate() {
+            if member.daemon.is_none() {
+                let command: Vec<&str> = member.command.iter().map(String::as_str).collect();
+                member.daemon = Some(Daemon::spawn_in(
+                    &self.ns,
+                    &command,
+                    self.dir.0.join(format!("etcd-m{i}.log")),
+                    &[],
+                )?);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = self.etcdctl("root", &["endpoint", "health"])?;
+            let out = self.etcdctl("root", &["endpoint", "health", "--cluster"])?;
             if out.status.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "etcd did not become healthy in 15 s: {}\n{}",
-                    String::from_utf8_lossy(&out.stderr),
+                    "etcd did not become healthy in 20 s: {}\n{}",
+                    text(&out),
                     self.log()
                 );
             }
@@ -124,11 +170,18 @@ impl Etcd {
         }
     }
 
+    /// The client URLs, comma-separated (the `--etcd` value).
+    pub fn endpoints(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Every member's log.
     pub fn log(&self) -> String {
-        self.daemon
-            .as_ref()
-            .map(Daemon::log_text)
-            .unwrap_or_default()
+        self.members
+            .iter()
+            .filter_map(|m| m.daemon.as_ref().map(Daemon::log_text))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn ca(&self) -> PathBuf {
@@ -160,9 +213,25 @@ impl Etcd {
         ])
     }
 
-    /// A certificate signed by the CA for `cn` (made once): for the server (with its address)
-    /// or a client.
-    fn leaf(&self, cn: &str, server: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+    /// The members' certificate, for every member address.
+    fn server_cert(&self, addrs: &[&str]) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let names: Vec<String> = addrs.iter().map(|a| format!("IP:{a}")).collect();
+        self.leaf_with(
+            "etcd-server",
+            &format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                names.join(",")
+            ),
+        )
+    }
+
+    /// A client certificate signed by the CA for `cn` (made once).
+    fn leaf(&self, cn: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.leaf_with(cn, "extendedKeyUsage=clientAuth\n")
+    }
+
+    /// A certificate signed by the CA for `cn` with the extensions `usage` (made once).
+    fn leaf_with(&self, cn: &str, usage: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         let cert = self.dir.0.join(format!("{cn}.crt"));
         let key = self.dir.0.join(format!("{cn}.key"));
         if cert.exists() {
@@ -170,11 +239,6 @@ impl Etcd {
         }
         let csr = self.dir.0.join(format!("{cn}.csr"));
         let ext = self.dir.0.join(format!("{cn}.ext"));
-        let usage = if server {
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
-        } else {
-            "extendedKeyUsage=clientAuth\n"
-        };
         std::fs::write(
             &ext,
             format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{usage}"),
@@ -216,10 +280,10 @@ impl Etcd {
 
     /// The `--etcd` options of the enforcer's CLI for user `cn` (its certificate made once).
     pub fn options(&self, cn: &str) -> anyhow::Result<Vec<String>> {
-        let (cert, key) = self.leaf(cn, false)?;
+        let (cert, key) = self.leaf(cn)?;
         Ok(vec![
             "--etcd".into(),
-            self.url.clone(),
+            self.endpoints(),
             "--etcd-ca".into(),
             path(&self.ca()),
             "--etcd-cert".into(),
@@ -243,14 +307,15 @@ impl Etcd {
 
     /// Runs `etcdctl` as user `cn`.
     pub fn etcdctl(&self, cn: &str, args: &[&str]) -> anyhow::Result<Output> {
-        let (cert, key) = self.leaf(cn, false)?;
+        let (cert, key) = self.leaf(cn)?;
         let (ca, cert, key) = (path(&self.ca()), path(&cert), path(&key));
+        let endpoints = self.endpoints();
         let mut command = vec![
             "env",
             "ETCDCTL_API=3",
             "etcdctl",
             "--endpoints",
-            &self.url,
+            &endpoints,
             "--cacert",
             &ca,
             "--cert",
@@ -274,10 +339,15 @@ impl Etcd {
     /// Runs `etcdctl` as user `cn` with `input` on its standard input (`etcdctl txn`).
     pub fn etcdctl_input(&self, cn: &str, args: &[&str], input: &str) -> anyhow::Result<Output> {
         use std::io::Write as _;
-        let (cert, key) = self.leaf(cn, false)?;
+        let (cert, key) = self.leaf(cn)?;
         let mut child = std::process::Command::new("ip")
             .args(["netns", "exec", &self.ns, "env", "ETCDCTL_API=3", "etcdctl"])
-            .args(["--endpoints", &self.url, "--cacert", &path(&self.ca())])
+            .args([
+                "--endpoints",
+                &self.endpoints(),
+                "--cacert",
+                &path(&self.ca()),
+            ])
             .args(["--cert", &path(&cert), "--key", &path(&key)])
             .args(args)
             .stdin(std::process::Stdio::piped())
@@ -305,7 +375,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.daemon.take();
+        self.stop();
         self.own.take();
     }
 }

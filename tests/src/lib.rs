@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod daemon;
 pub mod etcd;
+pub mod fleet;
 pub mod flood;
 pub mod generate;
 pub mod kernel;

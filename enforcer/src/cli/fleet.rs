@@ -118,7 +118,7 @@ pub fn run(action: FleetAction) -> anyhow::Result<ExitCode> {
 }
 
 /// Each key left out, on standard error.
-fn report_refused(refused: &[fleet::layout::Refused]) {
+fn report_refused(refused: &[fleet::assemble::Refused]) {
     for r in refused {
         eprintln!(
             "warning: key {} left out: {}",

@@ -11,7 +11,7 @@ use crate::{
     events::EventLog,
     fleet::{
         agent::{self, AgentConfig, Cache, Followed, Start, Status},
-        layout::Refused,
+        assemble::Refused,
     },
 };
 
@@ -22,8 +22,9 @@ pub struct FleetLink {
     changed: Arc<Notify>,
     cache: Cache,
     host: String,
-    /// The revision in force.
+    /// The revision in force, and when it was put in force (ms since the epoch).
     applied: i64,
+    applied_at_ms: Option<u64>,
     /// Why the last revision was not put in force, or etcd cannot be reached.
     error: Option<String>,
     /// Keys of the revision in force left out.
@@ -54,6 +55,7 @@ impl FleetLink {
             cache,
             host: config.host.clone(),
             applied: start.revision,
+            applied_at_ms: Some(unix_ms()),
             error,
             left_out: start.refused,
         };
@@ -99,6 +101,7 @@ impl FleetLink {
                 }
                 if response.ok {
                     self.applied = revision;
+                    self.applied_at_ms = Some(unix_ms());
                     self.error = None;
                     self.left_out = left_out;
                     if let Ok(text) = crate::registry::read::read_regular(
@@ -133,6 +136,7 @@ impl FleetLink {
         let status = live.fleet_status(json!({
             "host": self.host,
             "applied_revision": self.applied,
+            "applied_at_ms": self.applied_at_ms,
             "last_error": self.error,
             "left_out": left_out,
             "left_out_count": self.left_out.len(),
@@ -145,4 +149,11 @@ impl FleetLink {
             self.changed.notify_one();
         }
     }
+}
+
+/// Now, in ms since the epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }

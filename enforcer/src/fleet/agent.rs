@@ -19,7 +19,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
-use super::{EtcdArgs, FleetError, connect::read_prefix, layout, layout::Refused};
+use super::{EtcdArgs, FleetError, assemble::Refused, connect::read_prefix, layout};
 
 /// What `enforcer run` needs to follow the fleet.
 #[derive(Clone, Debug)]

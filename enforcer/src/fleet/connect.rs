@@ -38,6 +38,7 @@ pub struct EtcdArgs {
 /// How long a request may take before it counts as etcd being unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// Keys read per request of a prefix read (etcd and gRPC bound one answer's size).
 const PAGE: i64 = 5000;
 
@@ -62,9 +63,13 @@ impl EtcdArgs {
                 )));
             }
         }
+        // HTTP/2 pings find a connection whose peer vanished (a partition, a dead member)
+        // within seconds, where TCP alone would wait minutes.
         let mut options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT);
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
+            .with_keep_alive_while_idle(true);
         if tls {
             let ca = self
                 .ca
@@ -86,12 +91,60 @@ impl EtcdArgs {
             })?;
             options = options.with_user(user, password);
         }
-        Client::connect(&self.endpoints, Some(options))
+        // One member at a time, from a place that differs between processes (so that agents
+        // spread over the members): the first that answers a read is used. A member that is
+        // down is passed over, where a client balanced over all of them would fail the
+        // requests it sends to the dead one.
+        let count = self.endpoints.len();
+        let first = std::process::id() as usize % count.max(1);
+        let mut why = Vec::new();
+        for k in 0..count {
+            let endpoint = &self.endpoints[(first + k) % count];
+            match probe(endpoint, options.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(e) => why.push(format!("{endpoint}: {e}")),
+            }
+        }
+        Err(FleetError::Unreachable(format!(
+            "no etcd member answers ({})",
+            why.join("; ")
+        )))
+    }
+}
+
+/// How long a member has to answer the first read.
+const PROBE: Duration = Duration::from_secs(3);
+
+/// A client of `endpoint` once it answers a read (an answer that refuses the read, such as a
+/// permission denied, counts: the request that follows reports it).
+async fn probe(endpoint: &str, options: ConnectOptions) -> Result<Client, String> {
+    let attempt = async {
+        let mut client = Client::connect([endpoint], Some(options))
             .await
-            .map_err(|source| FleetError::Etcd {
-                what: format!("connect to {}", self.endpoints.join(",")),
-                source,
-            })
+            .map_err(|e| e.to_string())?;
+        match client
+            .get(
+                super::layout::REGISTRY,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+        {
+            Err(e) if unreachable(&e) => Err(e.to_string()),
+            _ => Ok(client),
+        }
+    };
+    tokio::time::timeout(PROBE, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", PROBE.as_secs())))
+}
+
+/// Whether an error says the member cannot be reached (rather than refusing the request).
+pub fn unreachable(error: &etcd_client::Error) -> bool {
+    // gRPC codes: 4 deadline exceeded, 14 unavailable.
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(i32::from(status.code()), 4 | 14),
+        _ => false,
     }
 }
 

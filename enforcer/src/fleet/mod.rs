@@ -5,6 +5,7 @@
 //! registry as the agent of `enforcer run --etcd` (`agent`).
 
 pub mod agent;
+pub mod assemble;
 pub mod connect;
 pub mod edit;
 pub mod layout;
@@ -12,8 +13,8 @@ pub mod roles;
 pub mod status;
 pub mod transfer;
 
+use assemble::Refused;
 pub use connect::EtcdArgs;
-use layout::Refused;
 
 use crate::registry::{Problem, Registry};
 
@@ -33,6 +34,9 @@ pub enum FleetError {
     },
     #[error("{0}")]
     Refused(String),
+    /// No member of etcd answers.
+    #[error("etcd: {0}")]
+    Unreachable(String),
     /// Another change came between the read and the write: nothing was written.
     #[error("{0}")]
     Conflict(String),
@@ -62,13 +66,13 @@ pub struct FleetRegistry {
 pub fn validate(
     kvs: &[(String, Vec<u8>)],
     revision: i64,
-    feed_path: layout::FeedPath<'_>,
+    feed_path: assemble::FeedPath<'_>,
 ) -> Result<FleetRegistry, FleetError> {
     let mut kept: Vec<(String, Vec<u8>)> = kvs.to_vec();
     let mut refused: Vec<Refused> = Vec::new();
     // Bounded: each pass that does not succeed removes at least one key.
     for _ in 0..=kvs.len() {
-        let assembled = layout::assemble(&kept, revision, feed_path);
+        let assembled = assemble::assemble(&kept, revision, feed_path);
         let text = assembled.text();
         let feeds = assembled.feed_texts();
         if !assembled.refused.is_empty() {

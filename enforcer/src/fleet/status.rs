@@ -45,7 +45,11 @@ pub async fn read(client: &mut Client) -> Result<FleetStatus, FleetError> {
         .get(layout::REGISTRY, Some(options))
         .await
         .map_err(etcd("read the registry's revisions"))?;
-    let mut changes: Vec<i64> = response.kvs().iter().map(etcd_client::KeyValue::mod_revision).collect();
+    let mut changes: Vec<i64> = response
+        .kvs()
+        .iter()
+        .map(etcd_client::KeyValue::mod_revision)
+        .collect();
     changes.dedup();
     let registry_revision = changes.first().copied().unwrap_or(0);
     let (_, statuses) = read_prefix(client, layout::STATUS, None).await?;

@@ -32,6 +32,7 @@ pub fn audit_record(verb: &str, detail: &Value) -> String {
     let uid = unsafe { libc::getuid() };
     serde_json::json!({
         "time": crate::events::timestamp(ns),
+        "unix_ms": ns / 1_000_000,
         "host": host.trim(),
         "uid": uid,
         "verb": verb,
@@ -137,7 +138,7 @@ pub async fn import(etcd: &EtcdArgs, file: &Path) -> Result<Written, FleetError>
 /// Reads the fleet's registry (at its latest revision) and validates it.
 pub async fn read_registry(
     client: &mut Client,
-    feed_path: layout::FeedPath<'_>,
+    feed_path: super::assemble::FeedPath<'_>,
 ) -> Result<FleetRegistry, FleetError> {
     let (revision, kvs) = super::connect::read_prefix(client, layout::REGISTRY, None).await?;
     super::validate(&kvs, revision, feed_path)
