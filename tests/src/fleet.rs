@@ -237,6 +237,27 @@ impl FleetLab {
     }
 }
 
+/// A registry of `entries` networks of the ministry (none of them the clients'), then the
+/// clients' network, as a registry file.
+pub fn large_registry(entries: usize) -> String {
+    let mut networks: Vec<String> = (0..entries)
+        .map(|i| {
+            format!(
+                r#"{{"name": "net-{i}", "cidr": "2001:db8:{:x}:{:x}::/64", "ministry": "MoITT"}}"#,
+                0x8000 + i / 0x10000,
+                i % 0x10000
+            )
+        })
+        .collect();
+    networks.push(format!(
+        r#"{{"name": "clients", "cidr": "{CLIENTS}", "ministry": "MoITT", "ports": ["8080/tcp"]}}"#
+    ));
+    format!(
+        "{{\"schema\": 1, \"mode\": \"enforce\", \"egress\": \"off\",\n\"networks\": [\n{}\n]}}\n",
+        networks.join(",\n")
+    )
+}
+
 /// Decodes standard base64 (etcdctl's JSON output).
 fn base64(text: &str) -> Option<Vec<u8>> {
     let value = |c: u8| -> Option<u32> {

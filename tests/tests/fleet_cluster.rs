@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use enforcer_tests::{
     etcd::text,
-    fleet::{CLIENTS, FleetLab, MINISTRY, percentile},
+    fleet::{CLIENTS, FleetLab, MINISTRY, large_registry, percentile},
     netns::require_root,
 };
 
@@ -251,4 +251,67 @@ fn a_three_member_cluster_keeps_every_agent_in_step() {
     lab.all_applied(last, Duration::from_secs(40)).unwrap();
     let log = lab.agents[1].enforcer.as_ref().unwrap().log_text();
     assert!(log.contains("compacted"), "{log}");
+}
+
+/// Peak resident memory of a process (`VmHWM`), MiB.
+fn peak_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+#[test]
+fn a_large_registry_reaches_a_fresh_agent() {
+    require_root();
+    let entries: usize = std::env::var("ENFORCER_FLEET_ENTRIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    // One transaction of every key: etcd's limits raised as the README says for large imports.
+    let limits = [
+        "--max-txn-ops",
+        "1000000",
+        "--max-request-bytes",
+        "134217728",
+    ];
+    let started = std::time::Instant::now();
+    let mut lab = FleetLab::new(1, 1, &large_registry(entries), &limits).unwrap();
+    eprintln!(
+        "etcd started and {entries} entries imported in {:?}",
+        started.elapsed()
+    );
+    let synced = lab.start_agent(0).unwrap();
+    let pid = lab.agents[0].enforcer.as_ref().unwrap().pid().unwrap();
+    eprintln!(
+        "a fresh agent enforced {} entries {synced:?} after its start; peak memory {} MiB",
+        entries + 1,
+        peak_mib(pid)
+    );
+    assert!(lab.connects(0), "the clients' network is in force");
+    let status = lab.all_applied(0, Duration::from_secs(10)).unwrap();
+    assert_eq!(status.len(), 1);
+    let (revision, written) = lab
+        .change(&[
+            "allow",
+            "add",
+            "2001:db8:d::/64",
+            "--name",
+            "one-more",
+            "--ministry",
+            "MoITT",
+        ])
+        .unwrap();
+    let applied = lab.all_applied(revision, Duration::from_secs(60)).unwrap();
+    eprintln!(
+        "a change at {} entries was in force after {} ms; peak memory {} MiB",
+        entries + 1,
+        applied[0].saturating_sub(written),
+        peak_mib(pid)
+    );
+    for (host, status) in lab.statuses().unwrap() {
+        assert_eq!(status["networks"], entries + 2, "{host}");
+    }
 }

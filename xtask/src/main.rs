@@ -48,7 +48,8 @@ enum Task {
     },
     /// Set up (with the peers), build, and measure: per-packet cost (`BPF_PROG_TEST_RUN`) beside
     /// floor programs and xdp-filter, a veth flood beside nftables and iptables+ipset, and the
-    /// control plane. Parts by name: `test-run`, `xdp-filter`, `vpn`, `conns`, `flood`, `control` (default: all).
+    /// control plane, and a fleet (etcd cluster, 20 agents). Parts by name: `test-run`,
+    /// `xdp-filter`, `vpn`, `conns`, `flood`, `control`, `fleet` (default: all).
     Bench {
         #[arg(trailing_var_arg = true)]
         parts: Vec<String>,

@@ -280,7 +280,10 @@ async fn session(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(state.revision + 1);
+    // A transaction of many keys arrives as one message: larger than gRPC's default limit.
     let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(super::connect::MAX_MESSAGE_BYTES)
         .watch(layout::REGISTRY, Some(options))
         .await
         .map_err(etcd("watch the registry"))?;

@@ -112,6 +112,10 @@ impl EtcdArgs {
     }
 }
 
+/// The largest answer taken from etcd (a watch message of one large transaction, the answer to
+/// an import): gRPC's default is 4 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
 /// How long a member has to answer the first read.
 const PROBE: Duration = Duration::from_secs(3);
 

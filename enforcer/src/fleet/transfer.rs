@@ -64,7 +64,10 @@ pub async fn write_checked(
     ));
     let unchanged = Compare::mod_revision(layout::REGISTRY, CompareOp::Less, revision + 1)
         .with_range(layout::range_end(layout::REGISTRY));
+    // The answer to a transaction of many keys is larger than gRPC's default limit.
     let response = client
+        .kv_client()
+        .max_decoding_message_size(super::connect::MAX_MESSAGE_BYTES)
         .txn(Txn::new().when([unchanged]).and_then(ops))
         .await
         .map_err(|source| FleetError::Etcd {

@@ -3,12 +3,16 @@
 //! programs measured in the same run (a bare `XDP_PASS`, and one kernel LPM-trie lookup of the
 //! IPv4 source with the same prefixes) (`test-run`); the cost of the VPN stage (`vpn`); a veth
 //! flood beside bare `XDP_DROP`, nftables and iptables+ipset (`flood`, see `flood.rs`); and the
-//! control plane with a real controller (`control`). Prints a table and writes
+//! control plane with a real controller (`control`); a fleet of agents of an etcd cluster
+//! (`fleet`, see `bench/fleet.rs`). Prints a table and writes
 //! `target/bench/bench.json` and `target/bench/cost.svg`.
 //!
 //! Method: for each (program, packet, size) the kernel runs the program `REPEAT` times on the
 //! same frame and reports the mean ns per run; all sizes are loaded at once and measured in
 //! turn, `RUNS` rounds, and we take the median per (packet, size).
+
+#[path = "bench/fleet.rs"]
+mod fleet;
 
 use enforcer_tests::rng::Rng;
 use std::{collections::HashSet, fmt::Write as _, time::Instant};
@@ -1273,6 +1277,9 @@ fn main() -> anyhow::Result<()> {
     if want("control") {
         json.insert("control_plane".into(), control_plane(&mut table)?);
     }
+    if want("fleet") {
+        json.insert("fleet".into(), fleet::fleet(&mut table)?);
+    }
     print!("{table}");
     let name = if parts.is_empty() {
         "bench.json".to_string()
@@ -1288,7 +1295,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The parts `cargo xtask bench PART...` can run alone.
-const PARTS: [&str; 6] = ["test-run", "xdp-filter", "vpn", "conns", "flood", "control"];
+const PARTS: [&str; 7] = [
+    "test-run",
+    "xdp-filter",
+    "vpn",
+    "conns",
+    "flood",
+    "control",
+    "fleet",
+];
 
 /// xdp-filter (exact /32 allowlist in a per-CPU hash) with random single addresses plus the
 /// allowed packet's source, one size at a time (it allows one instance per host): median of
