@@ -210,6 +210,26 @@ impl FleetLab {
         }
     }
 
+    /// `changes` networks added through the CLI one after the other, each timed from its audit
+    /// record to each running agent's kernel (ms).
+    pub fn propagation(&self, changes: usize) -> anyhow::Result<Vec<u64>> {
+        let mut latencies = Vec::new();
+        for k in 0..changes {
+            let (revision, written) = self.change(&[
+                "allow",
+                "add",
+                &format!("2001:db8:f:{k:x}::/64"),
+                "--name",
+                &format!("round-{k}"),
+                "--ministry",
+                "MoITT",
+            ])?;
+            let applied = self.all_applied(revision, Duration::from_secs(10))?;
+            latencies.extend(applied.iter().map(|&t| t.saturating_sub(written)));
+        }
+        Ok(latencies)
+    }
+
     /// Runs the CLI as the ministry: `args` with `--etcd`; the revision it wrote and the time
     /// its audit record gives (ms since the epoch).
     pub fn change(&self, args: &[&str]) -> anyhow::Result<(i64, u64)> {
@@ -256,6 +276,110 @@ pub fn large_registry(entries: usize) -> String {
         "{{\"schema\": 1, \"mode\": \"enforce\", \"egress\": \"off\",\n\"networks\": [\n{}\n]}}\n",
         networks.join(",\n")
     )
+}
+
+/// Kills an agent's controller (as a crash would) and starts it again with `options` while
+/// etcd is away: it must start from its cache, and say so.
+pub fn restart_from_cache(
+    enforcer: &mut Enforcer,
+    ns: &Netns,
+    cache: &std::path::Path,
+    options: &[String],
+) -> anyhow::Result<()> {
+    enforcer.kill_hard()?;
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    enforcer.restart(ns, "eth0", cache, &options)?;
+    anyhow::ensure!(
+        enforcer
+            .log_text()
+            .contains("enforcing the cached registry"),
+        "the agent did not start from its cache:\n{}",
+        enforcer.log_text()
+    );
+    Ok(())
+}
+
+/// Peak resident memory of a process (`VmHWM`), MiB.
+pub fn peak_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// What a large registry costs an agent.
+#[derive(Debug)]
+pub struct Large {
+    pub entries: usize,
+    /// etcd started and the registry imported (one transaction), s.
+    pub import_s: f64,
+    /// A fresh agent's start until it enforces, s.
+    pub sync_s: f64,
+    pub sync_peak_mib: u64,
+    /// One change then, from its write to the agent's kernel, ms.
+    pub change_ms: u64,
+    pub change_peak_mib: u64,
+}
+
+impl Large {
+    pub fn json(&self) -> Value {
+        serde_json::json!({
+            "entries": self.entries, "import_s": self.import_s, "sync_s": self.sync_s,
+            "sync_peak_mib": self.sync_peak_mib, "change_ms": self.change_ms,
+            "change_peak_mib": self.change_peak_mib,
+        })
+    }
+}
+
+/// `entries` networks (and the clients') imported into a one-member etcd, then a fresh agent
+/// started on them and one change made; checked with a real connection and the agent's count.
+pub fn large(entries: usize) -> anyhow::Result<Large> {
+    // One transaction of every key: etcd's limits raised as the README says for large imports.
+    let limits = [
+        "--max-txn-ops",
+        "1000000",
+        "--max-request-bytes",
+        "134217728",
+    ];
+    let started = Instant::now();
+    let mut lab = FleetLab::new(1, 1, &large_registry(entries), &limits)?;
+    let import_s = started.elapsed().as_secs_f64();
+    let sync = lab.start_agent(0)?;
+    let pid = lab.agents[0]
+        .enforcer
+        .as_ref()
+        .and_then(Enforcer::pid)
+        .context("the agent runs")?;
+    let sync_peak_mib = peak_mib(pid);
+    anyhow::ensure!(lab.connects(0), "the clients' network is in force");
+    let (revision, written) = lab.change(&[
+        "allow",
+        "add",
+        "2001:db8:d::/64",
+        "--name",
+        "one-more",
+        "--ministry",
+        "MoITT",
+    ])?;
+    let applied = lab.all_applied(revision, Duration::from_secs(60))?;
+    for (host, status) in lab.statuses()? {
+        anyhow::ensure!(
+            status["networks"] == entries + 2,
+            "{host} has {} networks, not {}",
+            status["networks"],
+            entries + 2
+        );
+    }
+    Ok(Large {
+        entries,
+        import_s,
+        sync_s: sync.as_secs_f64(),
+        sync_peak_mib,
+        change_ms: applied[0].saturating_sub(written),
+        change_peak_mib: peak_mib(pid),
+    })
 }
 
 /// Decodes standard base64 (etcdctl's JSON output).

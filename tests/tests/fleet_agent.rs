@@ -224,22 +224,8 @@ fn an_agent_follows_the_fleet_and_enforces_from_its_cache_while_etcd_is_away() {
     assert!(connects(&lan.ns, lan.server_v4));
     assert!(!connects(&internet.ns, internet.server_v4));
     // A restart while etcd is away enforces from the cache.
-    enforcer.kill_hard().unwrap();
-    enforcer
-        .restart(
-            &lab.server,
-            SERVER_IFACE,
-            &cache,
-            &options.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
+    enforcer_tests::fleet::restart_from_cache(&mut enforcer, &lab.server, &cache, &options)
         .unwrap();
-    assert!(
-        enforcer
-            .log_text()
-            .contains("enforcing the cached registry"),
-        "{}",
-        enforcer.log_text()
-    );
     assert!(connects(&lan.ns, lan.server_v4));
     assert!(!connects(&internet.ns, internet.server_v4));
 

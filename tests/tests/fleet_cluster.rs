@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use enforcer_tests::{
     etcd::text,
-    fleet::{CLIENTS, FleetLab, MINISTRY, large_registry, percentile},
+    fleet::{CLIENTS, FleetLab, MINISTRY, percentile, restart_from_cache},
     netns::require_root,
 };
 
@@ -56,22 +56,7 @@ fn a_three_member_cluster_keeps_every_agent_in_step() {
     }
 
     // Changes through the CLI, each timed from its audit record to each agent's kernel.
-    let mut latencies = Vec::new();
-    for k in 0..10 {
-        let (revision, written) = lab
-            .change(&[
-                "allow",
-                "add",
-                &format!("2001:db8:f:{k:x}::/64"),
-                "--name",
-                &format!("round-{k}"),
-                "--ministry",
-                "MoITT",
-            ])
-            .unwrap();
-        let applied = lab.all_applied(revision, Duration::from_secs(10)).unwrap();
-        latencies.extend(applied.iter().map(|&t| t.saturating_sub(written)));
-    }
+    let latencies = lab.propagation(10).unwrap();
     let (p50, p99) = (percentile(&latencies, 50), percentile(&latencies, 99));
     eprintln!(
         "propagation to {n} agents over 10 changes: p50 {p50} ms, p99 {p99} ms, max {} ms",
@@ -177,21 +162,10 @@ fn a_three_member_cluster_keeps_every_agent_in_step() {
         assert!(lab.connects(i), "agent {i} enforces without etcd");
     }
     let agent = &mut lab.agents[0];
-    let enforcer = agent.enforcer.as_mut().unwrap();
-    enforcer.kill_hard().unwrap();
     let mut options = lab.etcd.options("enforcer-agent-eoffice-0").unwrap();
     options.extend(["--host".to_string(), agent.host.clone()]);
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-    enforcer
-        .restart(&agent.ns, "eth0", &agent.cache, &options)
-        .unwrap();
-    assert!(
-        enforcer
-            .log_text()
-            .contains("enforcing the cached registry"),
-        "{}",
-        enforcer.log_text()
-    );
+    let enforcer = agent.enforcer.as_mut().unwrap();
+    restart_from_cache(enforcer, &agent.ns, &agent.cache, &options).unwrap();
     assert!(lab.connects(0), "the restarted agent enforces its cache");
     // Back: every agent catches up.
     lab.etcd.resume().unwrap();
@@ -253,16 +227,6 @@ fn a_three_member_cluster_keeps_every_agent_in_step() {
     assert!(log.contains("compacted"), "{log}");
 }
 
-/// Peak resident memory of a process (`VmHWM`), MiB.
-fn peak_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib / 1024)
-}
-
 #[test]
 fn a_large_registry_reaches_a_fresh_agent() {
     require_root();
@@ -270,48 +234,6 @@ fn a_large_registry_reaches_a_fresh_agent() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(100_000);
-    // One transaction of every key: etcd's limits raised as the README says for large imports.
-    let limits = [
-        "--max-txn-ops",
-        "1000000",
-        "--max-request-bytes",
-        "134217728",
-    ];
-    let started = std::time::Instant::now();
-    let mut lab = FleetLab::new(1, 1, &large_registry(entries), &limits).unwrap();
-    eprintln!(
-        "etcd started and {entries} entries imported in {:?}",
-        started.elapsed()
-    );
-    let synced = lab.start_agent(0).unwrap();
-    let pid = lab.agents[0].enforcer.as_ref().unwrap().pid().unwrap();
-    eprintln!(
-        "a fresh agent enforced {} entries {synced:?} after its start; peak memory {} MiB",
-        entries + 1,
-        peak_mib(pid)
-    );
-    assert!(lab.connects(0), "the clients' network is in force");
-    let status = lab.all_applied(0, Duration::from_secs(10)).unwrap();
-    assert_eq!(status.len(), 1);
-    let (revision, written) = lab
-        .change(&[
-            "allow",
-            "add",
-            "2001:db8:d::/64",
-            "--name",
-            "one-more",
-            "--ministry",
-            "MoITT",
-        ])
-        .unwrap();
-    let applied = lab.all_applied(revision, Duration::from_secs(60)).unwrap();
-    eprintln!(
-        "a change at {} entries was in force after {} ms; peak memory {} MiB",
-        entries + 1,
-        applied[0].saturating_sub(written),
-        peak_mib(pid)
-    );
-    for (host, status) in lab.statuses().unwrap() {
-        assert_eq!(status["networks"], entries + 2, "{host}");
-    }
+    let large = enforcer_tests::fleet::large(entries).unwrap();
+    eprintln!("{large:?}");
 }

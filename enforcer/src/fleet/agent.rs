@@ -98,7 +98,7 @@ impl Cache {
                         source,
                     })?;
                 }
-                crate::source::replace_file(&path, text).map_err(|source| FleetError::Io {
+                write_private(&path, text).map_err(|source| FleetError::Io {
                     what: format!("cannot write {}", path.display()),
                     source,
                 })?;
@@ -124,6 +124,20 @@ impl Cache {
             }
         }
     }
+}
+
+/// Replaces `path` with `text` (synced, renamed over it); a file made anew is readable by root
+/// only, as the shipped registry is.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+    }
+    crate::source::replace_file(path, text)
 }
 
 /// How long the start waits for etcd before it enforces from the cache.
@@ -175,11 +189,9 @@ pub fn prepare(config: &AgentConfig, cache: &Cache) -> Result<Start, FleetError>
                     source,
                 })?;
             }
-            crate::source::replace_file(&cache.file, &update.text).map_err(|source| {
-                FleetError::Io {
-                    what: format!("cannot write the cache {}", cache.file.display()),
-                    source,
-                }
+            write_private(&cache.file, &update.text).map_err(|source| FleetError::Io {
+                what: format!("cannot write the cache {}", cache.file.display()),
+                source,
             })?;
             cache.prune_feeds(&update.text);
             Ok(Start {

@@ -12,12 +12,7 @@ use super::FleetError;
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated: `https://HOST:PORT` (with --etcd-ca), or `http://` on
     /// loopback only.
-    #[arg(
-        long = "etcd",
-        value_delimiter = ',',
-        required = true,
-        value_name = "URL"
-    )]
+    #[arg(long = "etcd", value_delimiter = ',', value_name = "URL")]
     pub endpoints: Vec<String>,
     /// The CA certificate (PEM) that signed etcd's server certificates.
     #[arg(long = "etcd-ca", value_name = "FILE")]
@@ -46,6 +41,11 @@ impl EtcdArgs {
     /// Checks the options against each other and connects.
     pub async fn connect(&self) -> Result<Client, FleetError> {
         let bad = |why: String| FleetError::Options(why);
+        if self.endpoints.is_empty() {
+            return Err(bad(
+                "--etcd URL[,URL…] is needed: the fleet's etcd endpoints".into(),
+            ));
+        }
         let tls = self.endpoints.iter().any(|e| e.starts_with("https://"));
         for endpoint in &self.endpoints {
             if let Some(rest) = endpoint.strip_prefix("http://") {

@@ -52,6 +52,12 @@ pub async fn write_checked(
     audit: (Owner, String),
 ) -> Result<Written, FleetError> {
     let (put, deleted) = (puts.len(), deletes.len());
+    let written: Vec<String> = puts
+        .iter()
+        .map(|(k, _)| k.clone())
+        .chain(deletes.iter().cloned())
+        .take(3)
+        .collect();
     let mut ops: Vec<TxnOp> = puts
         .into_iter()
         .map(|(k, v)| TxnOp::put(k, v, None))
@@ -70,9 +76,17 @@ pub async fn write_checked(
         .max_decoding_message_size(super::connect::MAX_MESSAGE_BYTES)
         .txn(Txn::new().when([unchanged]).and_then(ops))
         .await
-        .map_err(|source| FleetError::Etcd {
-            what: "write the change".into(),
-            source,
+        .map_err(|source| match &source {
+            etcd_client::Error::GRpcStatus(status) if i32::from(status.code()) == 7 => {
+                FleetError::Refused(format!(
+                    "refused by etcd, nothing changed: permission denied for {}: this user may not write there. A ministry writes only its own networks, devices and upstreams (give --ministry with its own name); VPN approvals, deny ranges, feeds, settings and entries of no ministry are the board's",
+                    written.join(", ")
+                ))
+            }
+            _ => FleetError::Etcd {
+                what: "write the change".into(),
+                source,
+            },
         })?;
     if !response.succeeded() {
         return Err(FleetError::Conflict(format!(
