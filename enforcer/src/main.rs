@@ -16,8 +16,22 @@ fn main() -> ExitCode {
     match enforcer::cli::main() {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", chain(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause said once: many errors quote their cause in their own
+/// message already ("cannot read registry X: No such file"), and would otherwise repeat it.
+fn chain(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
