@@ -10,7 +10,7 @@ use super::{
     change::Change,
     live::{Caller, Live},
 };
-use crate::{datapath::VerdictCounts, fleet::agent::Update};
+use crate::datapath::VerdictCounts;
 
 impl Live {
     /// From now on, the registry is the fleet's at `endpoints`: local changes are refused.
@@ -27,24 +27,18 @@ impl Live {
         })
     }
 
-    /// Puts the fleet's registry at `update.revision` in force. The lockout guard applies to
-    /// the protected networks (`run --protect`): a revision that would cut one off is refused
-    /// here and reported in the status.
-    pub fn apply_fleet(&mut self, update: Update) -> Response {
-        let Update {
-            revision,
-            text,
-            refused,
-        } = update;
+    /// Puts the fleet's registry at `revision` (its `text`, without the keys `left_out`) in
+    /// force. The lockout guard applies to the protected networks (`run --protect`): a revision
+    /// that would cut one off is refused here and reported in the status.
+    pub fn apply_fleet(&mut self, revision: i64, text: String, left_out: &[&str]) -> Response {
         let serial = u64::try_from(revision).unwrap_or(0);
         if serial == self.serial {
             return Response::ok(format!("fleet revision {revision} is in force"), json!({}));
         }
-        let keys: Vec<&str> = refused.iter().map(|r| r.key.as_str()).collect();
         let audit = AuditEntry {
             uid: 0,
             verb: "fleet".into(),
-            entry: json!({"revision": revision, "left_out": keys}),
+            entry: json!({"revision": revision, "left_out": left_out}),
             approval: Value::Null,
         };
         let caller = Caller {

@@ -85,7 +85,8 @@ impl FleetLink {
                 for r in &left_out {
                     tracing::warn!(key = %r.key, "left out of fleet revision {revision}: {}", r.problem);
                 }
-                let response = live.apply_fleet(update);
+                let keys: Vec<&str> = left_out.iter().map(|r| r.key.as_str()).collect();
+                let response = live.apply_fleet(revision, update.text, &keys);
                 tracing::info!(ok = response.ok, "{}", response.message);
                 if let Some(log) = log {
                     let action = if response.ok {
