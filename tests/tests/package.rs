@@ -151,35 +151,28 @@ fn the_debian_package_installs_runs_with_least_privilege_and_upgrades_in_place()
     assert!(complete.contains("enforcer"), "{complete}");
     assert!(Path::new("/usr/share/zsh/vendor-completions/_enforcer").exists());
     assert!(Path::new("/usr/share/doc/enforcer/README.md").exists());
-    let verify = run(
-        "systemd-analyze",
-        &["verify", "/lib/systemd/system/enforcer@.service"],
-    );
-    assert!(
-        verify.status.success(),
-        "systemd-analyze verify: {}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let security = run(
-        "systemd-analyze",
-        &[
-            "security",
-            "--offline=true",
-            "/lib/systemd/system/enforcer@.service",
-        ],
-    );
-    let text = String::from_utf8_lossy(&security.stdout);
-    let score: f64 = text
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .and_then(|l| l.rsplit(": ").next())
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no score in:\n{text}"));
-    assert!(
-        score <= 2.5,
-        "systemd-analyze security: exposure {score} (README records 2.5)"
-    );
+    for unit in ["enforcer@.service", "enforcer-agent@.service"] {
+        let path = format!("/lib/systemd/system/{unit}");
+        let verify = run("systemd-analyze", &["verify", &path]);
+        assert!(
+            verify.status.success(),
+            "systemd-analyze verify {unit}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        let security = run("systemd-analyze", &["security", "--offline=true", &path]);
+        let text = String::from_utf8_lossy(&security.stdout);
+        let score: f64 = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .and_then(|l| l.rsplit(": ").next())
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no score for {unit} in:\n{text}"));
+        assert!(
+            score <= 2.5,
+            "systemd-analyze security {unit}: exposure {score} (README records 2.5)"
+        );
+    }
 
     // The daemon with exactly the unit's capabilities, on a lab's server interface, with the
     // installed registry in enforce mode.
