@@ -402,3 +402,57 @@ fn the_cli_writes_the_fleet_validated_and_loses_no_concurrent_change() {
         assert!(names.contains(&name.as_str()), "{name} lost: {names:?}");
     }
 }
+
+#[test]
+fn a_password_user_writes_with_its_role() {
+    require_root();
+    let etcd = Etcd::start().unwrap();
+    init_roles(&etcd);
+    // A board operator who signs in with a password (over TLS, with a client certificate that
+    // names no user of etcd).
+    for args in [
+        vec!["user", "add", "nitb-operator:s3cret-pass"],
+        vec!["user", "grant-role", "nitb-operator", BOARD],
+    ] {
+        let out = etcd.etcdctl("root", &args).unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let mut args: Vec<String> = [
+        "deny",
+        "add",
+        "198.18.0.0/15",
+        "--name",
+        "provider",
+        "--etcd-user",
+        "nitb-operator",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(etcd.options("no-such-user").unwrap());
+    let run = |password: Option<&str>| {
+        let mut command = std::process::Command::new("ip");
+        command
+            .args(["netns", "exec", etcd.namespace()])
+            .arg(enforcer_tests::daemon::enforcer_bin())
+            .args(&args);
+        if let Some(password) = password {
+            command.env("ENFORCER_ETCD_PASSWORD", password);
+        }
+        let out = command.output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ok, out) = run(None);
+    assert!(!ok && out.contains("ENFORCER_ETCD_PASSWORD"), "{out}");
+    let (ok, out) = run(Some("wrong"));
+    assert!(!ok && out.contains("authentication failed"), "{out}");
+    let (ok, out) = run(Some("s3cret-pass"));
+    assert!(
+        !ok && out.contains("fleet import"),
+        "no registry yet: {out}"
+    );
+    let file = examples().join("registry.json").display().to_string();
+    let (ok, out) = etcd.enforcer("root", &["fleet", "import", &file]).unwrap();
+    assert!(ok, "import: {out}");
+    let (ok, out) = run(Some("s3cret-pass"));
+    assert!(ok && out.contains("added deny entry"), "{out}");
+}

@@ -68,6 +68,11 @@ pub fn validate(
     revision: i64,
     feed_path: assemble::FeedPath<'_>,
 ) -> Result<FleetRegistry, FleetError> {
+    if kvs.is_empty() {
+        return Err(FleetError::Refused(format!(
+            "the fleet has no registry yet (revision {revision}): `enforcer fleet import FILE` puts one in"
+        )));
+    }
     let mut kept: Vec<(String, Vec<u8>)> = kvs.to_vec();
     let mut refused: Vec<Refused> = Vec::new();
     // Bounded: each pass that does not succeed removes at least one key.
