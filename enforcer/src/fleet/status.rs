@@ -59,8 +59,7 @@ pub async fn read(client: &mut Client) -> Result<FleetStatus, FleetError> {
         let host = layout::decode_segment(key.trim_start_matches(layout::STATUS))
             .unwrap_or_else(|| key.clone());
         let status: Value = serde_json::from_slice(value).unwrap_or(Value::Null);
-        let applied = status["applied_revision"].as_i64().unwrap_or(0);
-        let behind = changes.iter().take_while(|&&r| r > applied).count();
+        let behind = behind(&changes, status["applied_revision"].as_i64().unwrap_or(0));
         hosts.push(HostStatus {
             host,
             status: Some(status),
@@ -83,6 +82,12 @@ pub async fn read(client: &mut Client) -> Result<FleetStatus, FleetError> {
         registry_revision,
         hosts,
     })
+}
+
+/// How many of the registry's change revisions (newest first, without repeats) lie past
+/// `applied`.
+fn behind(changes: &[i64], applied: i64) -> usize {
+    changes.iter().take_while(|&&r| r > applied).count()
 }
 
 impl FleetStatus {
@@ -135,5 +140,48 @@ impl FleetStatus {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_behind_by_the_changes_past_its_revision() {
+        let changes = [40, 31, 30, 12];
+        assert_eq!(behind(&changes, 40), 0);
+        assert_eq!(behind(&changes, 45), 0);
+        assert_eq!(behind(&changes, 31), 1);
+        assert_eq!(behind(&changes, 30), 2);
+        assert_eq!(behind(&changes, 29), 3);
+        assert_eq!(behind(&changes, 0), 4);
+        let status = FleetStatus {
+            registry_revision: 40,
+            hosts: vec![
+                HostStatus {
+                    host: "a".into(),
+                    status: Some(json!({"applied_revision": 30, "mode": "enforce",
+                        "enforcing": true, "networks": 3, "updated": "t",
+                        "last_error": "etcd: no member answers", "left_out_count": 2})),
+                    behind: 1,
+                },
+                HostStatus {
+                    host: "b".into(),
+                    status: None,
+                    behind: 0,
+                },
+            ],
+        };
+        let text = status.render();
+        assert!(
+            text.contains("a: BEHIND by 1 changes, revision 30"),
+            "{text}"
+        );
+        assert!(
+            text.contains("error: \"etcd: no member answers\"; 2 keys left out"),
+            "{text}"
+        );
+        assert!(text.contains("b: GONE"), "{text}");
     }
 }
