@@ -245,7 +245,7 @@ pub async fn follow(
 ) {
     let mut backoff = BACKOFF_FIRST;
     loop {
-        let error = match session(&config, &cache, &mut mirror, &to_loop, &mut backoff).await {
+        let error = match connection(&config, &cache, &mut mirror, &to_loop, &mut backoff).await {
             Ok(()) => return,
             Err(error) => error,
         };
@@ -263,7 +263,7 @@ pub async fn follow(
 
 /// One connection: catch up (whole, if there is no mirror), then watch. `Ok` when the loop is
 /// gone.
-async fn session(
+async fn connection(
     config: &AgentConfig,
     cache: &Cache,
     mirror: &mut Option<Mirror>,
