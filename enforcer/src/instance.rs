@@ -239,6 +239,17 @@ pub struct State {
     /// The event log (`run --events`), if one is written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
+    /// The fleet whose registry this instance follows (`run --etcd`): its etcd endpoints, and
+    /// this host's name in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetOf>,
+}
+
+/// What a fleet agent's state says of its fleet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FleetOf {
+    pub endpoints: String,
+    pub host: String,
 }
 
 impl State {

@@ -162,6 +162,10 @@ pub fn start(
                         .display()
                         .to_string()
                 }),
+            fleet: config.fleet.as_ref().map(|f| crate::instance::FleetOf {
+                endpoints: f.etcd.endpoints.join(","),
+                host: f.host.clone(),
+            }),
         };
         state.write(id)?;
         Ok((state, policy))

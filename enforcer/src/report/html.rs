@@ -162,6 +162,14 @@ pub fn html(r: &Report) -> String {
         r.registry_serial,
         esc(&r.generated)
     );
+    if let Some(fleet) = &r.fleet {
+        let _ = write!(
+            out,
+            "<p class=\"meta\">Agent <b>{}</b> of the fleet's registry in etcd ({}): the registry above is its cache, the serial the fleet's revision in force</p>",
+            esc(&fleet.host),
+            esc(&fleet.endpoints)
+        );
+    }
     out.push_str("<h2>Controls of the advisory</h2><table><tr><th>control</th><th>status</th><th>evidence</th></tr>");
     for c in &r.controls {
         let _ = write!(

@@ -35,6 +35,13 @@ pub fn markdown(r: &Report) -> String {
         "# e-Office access control: compliance report\n\nHost {} · instance {} · registry {} (serial {}) · generated {}\n",
         r.host, r.instance, r.registry, r.registry_serial, r.generated
     );
+    if let Some(fleet) = &r.fleet {
+        let _ = writeln!(
+            out,
+            "Agent **{}** of the fleet's registry in etcd ({}): the registry above is its cache, the serial the fleet's revision in force.\n",
+            fleet.host, fleet.endpoints
+        );
+    }
     out.push_str("## Controls\n\n| control | status | evidence |\n|---|---|---|\n");
     for c in &r.controls {
         let _ = writeln!(out, "| {} | **{}** | {} |", c.control, c.status, c.evidence);

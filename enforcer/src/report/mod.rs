@@ -78,6 +78,9 @@ pub struct Report {
     pub iface: String,
     pub registry: String,
     pub registry_serial: u64,
+    /// For a fleet agent: the fleet (its etcd endpoints and this host's name); the registry is
+    /// then its cache of the fleet's, and the serial the fleet's revision in force.
+    pub fleet: Option<crate::instance::FleetOf>,
     pub mode: String,
     pub egress: String,
     pub controls: Vec<Control>,
@@ -394,6 +397,7 @@ impl Report {
             iface: state.iface.clone(),
             registry: state.registry.clone(),
             registry_serial: registry.serial,
+            fleet: state.fleet.clone(),
             mode: mode.to_string(),
             egress: registry.egress.to_string(),
             controls,
