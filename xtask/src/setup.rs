@@ -14,10 +14,11 @@ use anyhow::{Context as _, bail};
 /// server and client for the connection-state tests (dnsmasq, dig), `man` to render the
 /// generated man pages, the Prometheus server that scrapes the metrics endpoint, tmux, the
 /// terminal `enforcer top` is tested in, Chromium, which renders the HTML report, etcd (server
-/// and `etcdctl`) for the fleet tests, and protoc, which the etcd client's build needs. (Installing
+/// and `etcdctl`) for the fleet tests, and protoc with its well-known types (`libprotobuf-dev`),
+/// which the etcd client's build needs. (Installing
 /// a package with a service does not start it on a machine whose `policy-rc.d` denies starts,
 /// as this one's does; the tests start what they need themselves.)
-const APT_PACKAGES: [&str; 21] = [
+const APT_PACKAGES: [&str; 22] = [
     "iproute2",
     "iputils-ping",
     "procps",
@@ -39,6 +40,7 @@ const APT_PACKAGES: [&str; 21] = [
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// The peers `cargo xtask bench` measures the enforcer against (nftables set, iptables with an
