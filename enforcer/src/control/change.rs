@@ -57,6 +57,8 @@ pub(super) struct Change {
     /// What the answer says was done.
     what: String,
     audit: AuditEntry,
+    /// A whole registry's text, parsed and validated already (a fleet's revision).
+    parsed: Option<Box<Registry>>,
 }
 
 impl Change {
@@ -67,6 +69,21 @@ impl Change {
             effect,
             what,
             audit,
+            parsed: None,
+        }
+    }
+
+    /// A whole registry's new text and the registry parsed from it.
+    pub fn whole_parsed(
+        text: String,
+        registry: Box<Registry>,
+        serial: u64,
+        what: String,
+        audit: AuditEntry,
+    ) -> Self {
+        Self {
+            parsed: Some(registry),
+            ..Self::whole(text, serial, what, audit)
         }
     }
 
@@ -93,6 +110,7 @@ impl Change {
             effect: Effect::Whole,
             what,
             audit,
+            parsed: None,
         }
     }
 }
@@ -129,16 +147,18 @@ impl Live {
             effect,
             what,
             audit,
+            parsed,
         } = change;
         let (text, reloaded) = match text {
             NewText::Write(text) => (text, None),
             NewText::Reloaded(snapshot) => (snapshot.text, Some(snapshot.version)),
         };
-        let registry = match effect {
-            Effect::Whole => {
+        let registry = match (&effect, parsed) {
+            (Effect::Whole, Some(parsed)) => Some(*parsed),
+            (Effect::Whole, None) => {
                 Some(Registry::parse_at(&text, &self.source.base_dir()).map_err(|p| refusal(&p))?)
             }
-            Effect::Edit { .. } | Effect::Mode(_) | Effect::Egress(_) => None,
+            (Effect::Edit { .. } | Effect::Mode(_) | Effect::Egress(_), _) => None,
         };
         tracing::debug!(mib = ?crate::memory_mib(), "change: parsed");
         // Written aside now, so that the new text (50 MB at a million entries) is not held while

@@ -10,7 +10,7 @@ use super::{
     change::Change,
     live::{Caller, Live},
 };
-use crate::datapath::VerdictCounts;
+use crate::{datapath::VerdictCounts, registry::Registry};
 
 impl Live {
     /// From now on, the registry is the fleet's at `endpoints`: local changes are refused.
@@ -27,10 +27,15 @@ impl Live {
         })
     }
 
-    /// Puts the fleet's registry at `revision` (its `text`, without the keys `left_out`) in
-    /// force. The lockout guard applies to the protected networks (`run --protect`): a revision
+    /// Puts the fleet's registry at `revision` (its `text` and the registry parsed from it,
+    /// without the keys `left_out`) in force. The lockout guard applies to the protected networks (`run --protect`): a revision
     /// that would cut one off is refused here and reported in the status.
-    pub fn apply_fleet(&mut self, revision: i64, text: String, left_out: &[&str]) -> Response {
+    pub fn apply_fleet(
+        &mut self,
+        revision: i64,
+        (text, registry): (String, Box<Registry>),
+        left_out: &[&str],
+    ) -> Response {
         let serial = u64::try_from(revision).unwrap_or(0);
         if serial == self.serial {
             return Response::ok(format!("fleet revision {revision} is in force"), json!({}));
@@ -47,7 +52,10 @@ impl Live {
             force: false,
         };
         let what = format!("fleet revision {revision} in force");
-        let response = self.make(caller, Change::whole(text, serial, what, audit));
+        let response = self.make(
+            caller,
+            Change::whole_parsed(text, registry, serial, what, audit),
+        );
         crate::release_freed_memory();
         response
     }

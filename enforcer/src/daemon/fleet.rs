@@ -86,7 +86,7 @@ impl FleetLink {
                     tracing::warn!(key = %r.key, "left out of fleet revision {revision}: {}", r.problem);
                 }
                 let keys: Vec<&str> = left_out.iter().map(|r| r.key.as_str()).collect();
-                let response = live.apply_fleet(revision, update.text, &keys);
+                let response = live.apply_fleet(revision, (update.text, update.registry), &keys);
                 tracing::info!(ok = response.ok, "{}", response.message);
                 if let Some(log) = log {
                     let action = if response.ok {

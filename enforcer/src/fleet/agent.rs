@@ -42,6 +42,8 @@ pub struct Cache {
 pub struct Update {
     pub revision: i64,
     pub text: String,
+    /// The text, parsed and validated already (the daemon does not parse it again).
+    pub registry: Box<crate::registry::Registry>,
     /// Keys left out, each with its problem.
     pub refused: Vec<Refused>,
 }
@@ -107,6 +109,7 @@ impl Cache {
         Ok(Update {
             revision: mirror.revision,
             text: fleet.text,
+            registry: Box::new(fleet.registry),
             refused: fleet.refused,
         })
     }
