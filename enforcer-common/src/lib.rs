@@ -679,6 +679,20 @@ pub const fn v6_filter_bit(hi: u64, lo: u64, len: u8) -> u32 {
     (x >> (64 - V6_FILTER_BITS_LOG2)) as u32
 }
 
+/// The /40s the node markers of `LONG_V6_FILTER` stand for: inside a /16 whose /32s have
+/// `NODE_V6` entries, every key longer than /32 sets the marker bit of each /40 it overlaps, so a
+/// clear marker means that nothing longer than /32 decides the /40's addresses and the lookup
+/// skips the node and its probes (a flood from the empty parts of a /32 that lists many lengths
+/// would otherwise pay them on every packet).
+pub const V6_MARKER_BITS: u8 = 40;
+
+/// The marker bit of the /40 holding the address whose first 64 bits are `hi`: a filter bit
+/// of length 0, which no `LONG_V6` key has.
+#[inline(always)]
+pub const fn v6_marker_bit(hi: u64) -> u32 {
+    v6_filter_bit(hi & (u64::MAX << (64 - V6_MARKER_BITS as u32)), 0, 0)
+}
+
 /// A slot of `DIR_V6`.
 ///
 /// | offset | size | field |

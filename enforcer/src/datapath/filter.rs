@@ -1,14 +1,42 @@
 //! `LONG_V6_FILTER`: one bit per `LONG_V6` key and generation (`enforcer_common::v6_filter_bit`),
-//! which the program reads before each IPv6 hash probe; a clear bit is a certain miss. Written
-//! for the generation not in force before the switch to it, and rebuilt whole at start.
+//! which the program reads before each IPv6 hash probe; a clear bit is a certain miss. Beside
+//! them, the node markers (`enforcer_common::v6_marker_bit`): a key longer than /32 whose /32
+//! has a `NODE_V6` entry marks each /40 it overlaps, and the program reads a /40's marker before
+//! the node. Written for the generation not in force before the switch to it, and rebuilt whole
+//! at start.
 
-use enforcer_common::{V6_FILTER_WORDS, map_names, v6_filter_bit};
+use enforcer_common::{
+    NodeV6, V6_FILTER_WORDS, V6_MARKER_BITS, map_names, v6_filter_bit, v6_marker_bit,
+};
 
 use super::{Datapath, DatapathError};
 
 /// The filter bit of the `LONG_V6` key (`addr` masked to `len`).
-pub(super) fn key_bit(addr: u128, len: u8) -> u32 {
+fn key_bit(addr: u128, len: u8) -> u32 {
     v6_filter_bit((addr >> 64) as u64, addr as u64, len)
+}
+
+/// The marker bits of a `LONG_V6` key longer than /32 (`addr` masked to `len`): one per /40 it
+/// overlaps, so at most 128 (a /33).
+fn marker_bits(addr: u128, len: u8) -> impl Iterator<Item = u32> {
+    let hi = (addr >> 64) as u64;
+    let count = 1u64 << V6_MARKER_BITS.saturating_sub(len);
+    (0..count).map(move |i| v6_marker_bit(hi + (i << (64 - u32::from(V6_MARKER_BITS)))))
+}
+
+/// The filter bits of one generation's keys: each key's own bit and, for a key longer than /32
+/// whose /32 has a node (`has_node`, by the /32's first 32 bits), its markers.
+pub(super) fn generation_bits<'a>(
+    keys: impl Iterator<Item = (u128, u8)> + 'a,
+    has_node: impl Fn(u32) -> bool + 'a,
+) -> impl Iterator<Item = u32> + 'a {
+    keys.flat_map(move |(addr, len)| {
+        let markers = (len > 32 && has_node((addr >> 96) as u32))
+            .then(|| marker_bits(addr, len))
+            .into_iter()
+            .flatten();
+        std::iter::once(key_bit(addr, len)).chain(markers)
+    })
 }
 
 impl Datapath {
@@ -24,12 +52,21 @@ impl Datapath {
         };
         let words = V6_FILTER_WORDS as usize;
         let mut filters = vec![0u64; 2 * words];
-        for (key, values) in &state.long_v6 {
-            let bit = key_bit(u128::from_be_bytes(key.addr), key.len) as usize;
-            for (generation, value) in values.iter().enumerate() {
-                if *value != 0 {
-                    filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);
-                }
+        for generation in 0..2 {
+            let keys = state
+                .long_v6
+                .iter()
+                .filter(|(_, values)| values[generation] != 0)
+                .map(|(key, _)| (u128::from_be_bytes(key.addr), key.len));
+            let has_node = |top: u32| {
+                state
+                    .nodes_v6
+                    .get(&top.to_be_bytes())
+                    .is_some_and(|node| node[generation] != NodeV6::default())
+            };
+            for bit in generation_bits(keys, has_node) {
+                let bit = bit as usize;
+                filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);
             }
         }
         self.source = Some(state);
@@ -71,5 +108,29 @@ impl Datapath {
             filter[(*bit >> 6) as usize] |= 1 << (bit & 63);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_marks_each_slash_40_it_overlaps_and_no_other() {
+        let addr = |s: &str| u128::from(s.parse::<std::net::Ipv6Addr>().unwrap());
+        let at = |a: u128| v6_marker_bit((a >> 64) as u64);
+        // A /33 covers 128 /40s: its first and last are marked, the next one past it is not.
+        let wide: Vec<u32> = marker_bits(addr("2001:db8:8000::"), 33).collect();
+        assert_eq!(wide.len(), 128);
+        assert_eq!(wide[0], at(addr("2001:db8:8000::1")));
+        assert_eq!(wide[127], at(addr("2001:db8:ffff:ffff::1")));
+        // A /48 marks its own /40 only.
+        let narrow: Vec<u32> = marker_bits(addr("2001:db8:1234:5600::"), 56).collect();
+        assert_eq!(narrow, [at(addr("2001:db8:1200::9"))]);
+        // Keys longer than /32 mark only where their /32 has a node.
+        let keys = [(addr("2001:db8:1::"), 48), (addr("2001:db9:1::"), 48)];
+        let bits: Vec<u32> = generation_bits(keys.into_iter(), |top| top == 0x2001_0db8).collect();
+        assert_eq!(bits.len(), 3, "two key bits and one marker");
+        assert!(bits.contains(&at(addr("2001:db8:1::"))));
     }
 }

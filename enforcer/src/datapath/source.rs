@@ -27,7 +27,7 @@ pub(super) struct SourceState {
     /// Per generation: the block of each /16 that has one.
     blocks: [FastMap<u16, u32>; 2],
     long_v4: FastMap<LongKeyV4, LongValue>,
-    nodes_v6: FastMap<[u8; 4], [NodeV6; 2]>,
+    pub(super) nodes_v6: FastMap<[u8; 4], [NodeV6; 2]>,
     pub(super) long_v6: FastMap<LongKeyV6, LongValue>,
 }
 
@@ -451,12 +451,15 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let (v4_long, v6_nodes, v6_long) = long;
         let next = 1 - state.generation as usize;
-        // The filter's bits for the keys this change gives a value in `next`.
-        let v6_bits: Vec<u32> = v6_long
-            .iter()
-            .filter(|(_, v)| **v != 0)
-            .map(|((addr, len), _)| super::filter::key_bit(*addr, *len))
-            .collect();
+        // The filter's bits (and node markers) for the keys this change gives a value in `next`.
+        let v6_bits: Vec<u32> = super::filter::generation_bits(
+            v6_long
+                .iter()
+                .filter(|(_, v)| **v != 0)
+                .map(|((addr, len), _)| (*addr, *len)),
+            |top| v6_nodes.contains_key(&top),
+        )
+        .collect();
         let outside_v4 = |slot: u16| regions.is_some_and(|r| !r.has_v4(slot));
         let outside_v6 = |slot: u16| regions.is_some_and(|r| !r.has_v6(slot));
         let long_v4 = pair_updates(

@@ -370,7 +370,8 @@ impl V4Tables {
 }
 
 impl V6Tables {
-    /// The rule for `addr`, walking the tables exactly as the kernel program does.
+    /// The rule for `addr`, walking the tables as the kernel program does (which also reads
+    /// the filter's bits, exact by construction: a clear one skips only what would miss).
     pub fn lookup(&self, addr: u128) -> Option<u32> {
         let dir = self.dir[(addr >> 112) as usize];
         let node = if dir.nodes != 0 {
