@@ -693,6 +693,18 @@ pub const fn v6_marker_bit(hi: u64) -> u32 {
     v6_filter_bit(hi & (u64::MAX << (64 - V6_MARKER_BITS as u32)), 0, 0)
 }
 
+/// The /48s the deep markers stand for: under a node, every key longer than /48 sets the deep
+/// marker of its own /48, and a clear one lets the lookup skip the node's lengths over /48 (the
+/// probes an allowed /48, or a packet beside one, paid in a /32 that lists many lengths).
+pub const V6_DEEP_MARKER_BITS: u8 = 48;
+
+/// The deep marker bit of the /48 holding the address whose first 64 bits are `hi`: a filter
+/// bit of length 1, which no `LONG_V6` key has.
+#[inline(always)]
+pub const fn v6_deep_marker_bit(hi: u64) -> u32 {
+    v6_filter_bit(hi & (u64::MAX << (64 - V6_DEEP_MARKER_BITS as u32)), 0, 1)
+}
+
 /// A slot of `DIR_V6`.
 ///
 /// | offset | size | field |

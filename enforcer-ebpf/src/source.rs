@@ -8,11 +8,12 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use enforcer_common::{
-    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6, V6_FILTER_WORDS,
+    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6, V6_DEEP_MARKER_BITS,
+    V6_FILTER_WORDS,
     lookup::{
         V4_DEFAULT_BLOCKS, V4_LONG_SHIFT, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS, VALUE_MASK,
     },
-    v6_filter_bit, v6_marker_bit,
+    v6_deep_marker_bit, v6_filter_bit, v6_marker_bit,
 };
 
 /// Arrays the controller writes through a memory mapping (a whole table in one copy).
@@ -152,18 +153,25 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
         let top = ((hi >> 32) as u32).to_be_bytes();
         // SAFETY: as above.
         if let Some(node) = unsafe { NODE_V6.get(&top) } {
+            // Its lengths over /48 only where a key longer than /48 lies in the packet's /48.
+            let longest = if filter_has(v6_deep_marker_bit(hi), generation) {
+                128
+            } else {
+                u64::from(V6_DEEP_MARKER_BITS)
+            };
             let value = probe_lengths(
                 hi,
                 lo,
                 u64::from_le_bytes(node[generation].lengths),
                 generation,
+                longest,
             );
             if value != 0 {
                 return value;
             }
         }
     }
-    let value = probe_lengths(hi, lo, u64::from_le_bytes(dir.lengths), generation);
+    let value = probe_lengths(hi, lo, u64::from_le_bytes(dir.lengths), generation, 128);
     if value != 0 {
         return value;
     }
@@ -171,15 +179,18 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
 }
 
 /// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,
-/// 0-terminated) whose key `LONG_V6` holds, or 0. Verifier: the lengths arrive as one number,
+/// 0-terminated), skipping those over `longest`, whose key `LONG_V6` holds, or 0. Verifier: the lengths arrive as one number,
 /// not an array, so they take no stack slot across the probes (the filter's key took the
 /// deepest call chain past 512 bytes when they did).
 #[inline(always)]
-fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize) -> u32 {
+fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize, longest: u64) -> u32 {
     for i in 0..8u32 {
         let len = (lengths >> (8 * i)) & 0xFF;
         if len == 0 {
             break;
+        }
+        if len > longest {
+            continue;
         }
         let value = probe_v6(hi, lo, len as u32, generation);
         if value != 0 {

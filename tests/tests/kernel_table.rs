@@ -1073,8 +1073,10 @@ fn small_changes_agree_with_the_reference_after_each_one() {
 /// Inside a /16 whose /32s have nodes, the lookup reads the marker of the packet's /40 before
 /// the node: a prefix /33 to /39 marks every /40 it covers, or a packet from one of its far
 /// /40s would skip it and fall to a shorter prefix (here an approved /16: a deny range failing
-/// open). Checked in each /40 of the wide prefixes, after a load, an in-place change of a few
-/// regions, with the /32 expanded (more than 8 lengths), and after the rebuild of a start.
+/// open); a key longer than /48 marks its /48, or a packet of that /48 would skip it. Checked
+/// in each /40 of the wide prefixes and in and beside the long ones, after a load, an in-place
+/// change of a few regions, with the /32 expanded (more than 8 lengths), and after the rebuild
+/// of a start.
 #[test]
 fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
     let registry = |extra: &str| {
@@ -1086,12 +1088,22 @@ fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
           "deny": [{{"name": "upper-half", "cidr": "2001:db8:8000::/33"}}, {{"name": "wide-37", "cidr": "2001:db8:800::/37"}}]}}"#
         )
     };
-    // An address in each /40 of 2001:db8::/32, and one at each end of each.
+    // An address in each /40 of 2001:db8::/32, and one at each end of each; and addresses in
+    // and beside the networks longer than /48 (the deep markers' /48s).
+    let inside = [
+        "2001:db8:3::1",
+        "2001:db8:3:1::1",
+        "2001:db8:2::1",
+        "2001:db8:2:100::1",
+    ]
+    .map(|a| u128::from(a.parse::<std::net::Ipv6Addr>().unwrap()));
     let probes: Vec<(std::net::IpAddr, u16)> = (0..=255u128)
         .flat_map(|slash40| {
             let base = (0x2001_0db8u128 << 96) | slash40 << 88;
             [base | 0x1234, base | ((1u128 << 88) - 1), base]
         })
+        .chain(inside)
+        .chain((0..16u128).map(|i| (0x2001_0db8_ab00u128 << 80) | 1 << (i * 5)))
         .map(|bits| (std::net::Ipv6Addr::from(bits).into(), 1))
         .collect();
     let mut loaded = Loaded::new(&registry(""));

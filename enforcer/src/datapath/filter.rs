@@ -2,11 +2,13 @@
 //! which the program reads before each IPv6 hash probe; a clear bit is a certain miss. Beside
 //! them, the node markers (`enforcer_common::v6_marker_bit`): a key longer than /32 whose /32
 //! has a `NODE_V6` entry marks each /40 it overlaps, and the program reads a /40's marker before
-//! the node. Written for the generation not in force before the switch to it, and rebuilt whole
+//! the node; one longer than /48 also marks its /48 (the deep marker), read before the node's
+//! lengths over /48. Written for the generation not in force before the switch to it, and rebuilt whole
 //! at start.
 
 use enforcer_common::{
-    NodeV6, V6_FILTER_WORDS, V6_MARKER_BITS, map_names, v6_filter_bit, v6_marker_bit,
+    NodeV6, V6_DEEP_MARKER_BITS, V6_FILTER_WORDS, V6_MARKER_BITS, map_names, v6_deep_marker_bit,
+    v6_filter_bit, v6_marker_bit,
 };
 
 use super::{Datapath, DatapathError};
@@ -25,17 +27,23 @@ fn marker_bits(addr: u128, len: u8) -> impl Iterator<Item = u32> {
 }
 
 /// The filter bits of one generation's keys: each key's own bit and, for a key longer than /32
-/// whose /32 has a node (`has_node`, by the /32's first 32 bits), its markers.
+/// whose /32 has a node (`has_node`, by the /32's first 32 bits), its markers, and its /48's
+/// deep marker when it is longer than /48.
 pub(super) fn generation_bits<'a>(
     keys: impl Iterator<Item = (u128, u8)> + 'a,
     has_node: impl Fn(u32) -> bool + 'a,
 ) -> impl Iterator<Item = u32> + 'a {
     keys.flat_map(move |(addr, len)| {
-        let markers = (len > 32 && has_node((addr >> 96) as u32))
+        let under_node = len > 32 && has_node((addr >> 96) as u32);
+        let markers = under_node
             .then(|| marker_bits(addr, len))
             .into_iter()
             .flatten();
-        std::iter::once(key_bit(addr, len)).chain(markers)
+        let deep = (under_node && len > V6_DEEP_MARKER_BITS)
+            .then(|| v6_deep_marker_bit((addr >> 64) as u64));
+        std::iter::once(key_bit(addr, len))
+            .chain(markers)
+            .chain(deep)
     })
 }
 
@@ -131,6 +139,11 @@ mod tests {
         let keys = [(addr("2001:db8:1::"), 48), (addr("2001:db9:1::"), 48)];
         let bits: Vec<u32> = generation_bits(keys.into_iter(), |top| top == 0x2001_0db8).collect();
         assert_eq!(bits.len(), 3, "two key bits and one marker");
+        // A key longer than /48 marks its /48 too.
+        let deep: Vec<u32> =
+            generation_bits([(addr("2001:db8:1:2::"), 64)].into_iter(), |_| true).collect();
+        assert_eq!(deep.len(), 3, "its bit, its /40's marker and its /48's");
+        assert!(deep.contains(&v6_deep_marker_bit((addr("2001:db8:1::9") >> 64) as u64)));
         assert!(bits.contains(&at(addr("2001:db8:1::"))));
     }
 }
