@@ -9,7 +9,8 @@
 //! rate and its median per-round ratio to bare `XDP_DROP` and to the first build. With
 //! `FLOODAB_VPN_FLOWS=1` in the environment, each build's `CONFIG` says that stateful VPN flows
 //! are remembered (as after one `OpenVPN` reset from anywhere), with one flow's ends marked in
-//! `FLOW_PEERS` where the build has it: the flood's sources are none of them.
+//! `FLOW_PEERS` where the build has it: the flood's sources are none of them. With
+//! `FLOODAB_V6=1`, the flood is the bench's IPv6 one (and its bare `XDP_DROP` is measured on it).
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
@@ -47,7 +48,11 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args[1].parse()?;
     let bins = &args[2..];
-    let lab = FloodLab::new()?;
+    let lab = if std::env::var_os("FLOODAB_V6").is_some() {
+        FloodLab::new_v6()?
+    } else {
+        FloodLab::new()?
+    };
     let mut progs: Vec<Ebpf> = Vec::new();
     {
         let mut bare = EbpfLoader::new().load(enforcer::datapath::BASELINE_OBJECT)?;
