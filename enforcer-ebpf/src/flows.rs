@@ -12,10 +12,7 @@ use enforcer_common::{
     Config, FLOW_ACTIVE, FLOW_STRICT, FlowKey, FlowSessions, PEER_SLOTS, peer_slot,
 };
 
-use crate::{
-    parse::{Addrs, IPPROTO_TCP, IpPacket, L4, Packet, Payload, be16, read},
-    vpn::{NO_VPN, Signature, converge},
-};
+use crate::parse::{Addrs, IPPROTO_TCP, IpPacket, L4, Packet, Payload, be16, converge, read};
 
 /// The addresses of remembered flows, one word per slot of `peer_slot`: while flows are
 /// remembered, the fast path steps aside only for packets from these (a flow changes the
@@ -66,6 +63,29 @@ pub extern "C" fn enforcer_openvpn_session_tc(
     tcp: u64,
 ) -> u64 {
     openvpn_session(&TcContext::new(skb), offset, len, tcp)
+}
+
+/// No VPN protocol: a number past `VpnProtocol`'s.
+pub const NO_VPN: u32 = u32::MAX;
+
+/// A program context whose payloads the flows read a session id from, each program type
+/// through its own global function.
+pub trait Sessions: Packet {
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64;
+}
+
+impl Sessions for XdpContext {
+    #[inline(always)]
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
+        enforcer_openvpn_session(self.ctx, offset, len, tcp)
+    }
+}
+
+impl Sessions for TcContext {
+    #[inline(always)]
+    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
+        enforcer_openvpn_session_tc(self.skb.skb, offset, len, tcp)
+    }
 }
 
 /// Control opcodes (the top 5 bits of the first byte), whose packets carry the sender's
@@ -139,7 +159,7 @@ fn flow_key(packet: &IpPacket, src_port: [u8; 2], dst_port: [u8; 2]) -> (FlowKey
 /// `approved`: the reset passes as an approved VPN. An unapproved flow is `FLOW_STRICT`, and
 /// the session id its reset carried is kept for the sender's end.
 #[inline(always)]
-pub fn remember_flow<C: Signature>(
+pub fn remember_flow<C: Sessions>(
     ctx: &C,
     packet: &IpPacket,
     protocol: u32,
@@ -197,7 +217,7 @@ pub fn remember_flow<C: Signature>(
 /// their end's reset: anything else from that address and port (an allowed client's own
 /// traffic, if the reset was spoofed) is ordinary traffic.
 #[inline(always)]
-pub fn known_flow<C: Signature>(
+pub fn known_flow<C: Sessions>(
     ctx: &C,
     packet: &IpPacket,
     src_port: [u8; 2],

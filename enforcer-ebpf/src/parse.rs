@@ -839,3 +839,17 @@ fn parse_l4(
         }),
     }
 }
+
+/// The payload's position as values the verifier knows to be bounded, and cannot tell apart by
+/// the check that produced them. Verifier: `enforcer_vpn_signature`'s arguments may be anything,
+/// and a packet offset must stay under 64 KiB; inside, each check starts from fresh values, so
+/// that a check that failed (`len < 62`, say) does not split the states of every later one. The
+/// masks cannot cut a real value: offsets stay far below 16 KiB and lengths below 64 KiB.
+#[inline(always)]
+pub(crate) fn converge(p: Payload) -> Payload {
+    Payload {
+        offset: masked(p.offset, 0x3FFF),
+        len: masked(p.len, 0xFFFF),
+        total: masked(p.total, 0xFFFF),
+    }
+}

@@ -12,9 +12,13 @@ use enforcer_common::{
     Config, MAX_APPROVALS_PER_GROUP, MAX_VPN_GROUPS, NO_RULE, VpnGroup, VpnProtocol,
 };
 
-use crate::parse::{
-    Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_TCP, IPPROTO_UDP,
-    IpPacket, L4, Packet, Payload, be16, masked, read,
+pub use crate::flows::NO_VPN;
+use crate::{
+    flows::Sessions,
+    parse::{
+        Addrs, IPPROTO_AH, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_L2TPV3, IPPROTO_TCP, IPPROTO_UDP,
+        IpPacket, L4, Packet, Payload, be16, converge, masked, read,
+    },
 };
 
 const IPSEC_NAT_T_PORT: u16 = 4500;
@@ -67,8 +71,6 @@ pub static VPN_V6: LpmTrie<[u8; 16], u32> =
 #[aya_ebpf::macros::map]
 pub static VPN_GROUPS: Array<VpnGroup> =
     Array::with_max_entries(enforcer_common::MAX_VPN_GROUPS, 0);
-/// No VPN protocol: a number past `VpnProtocol`'s.
-pub const NO_VPN: u32 = u32::MAX;
 /// In `classify`'s answer: the rest of the flow carries no signature (see `remember_flow`).
 pub const STATEFUL: u32 = 1 << 8;
 /// The protocol number in `classify`'s answer.
@@ -159,10 +161,10 @@ pub extern "C" fn enforcer_vpn_signature_tc(
 }
 
 /// A program context whose packets the signature functions read: each program type has its
-/// own global function (the kernel verifies a global function for one context type).
-pub trait Signature: Packet {
+/// own global function (the kernel verifies a global function for one context type), and its
+/// own for the remembered flows' session ids (`Sessions`).
+pub trait Signature: Sessions {
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32;
-    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64;
 }
 
 impl Signature for XdpContext {
@@ -170,20 +172,12 @@ impl Signature for XdpContext {
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
         enforcer_vpn_signature(self.ctx, proto_ports, offset, len, total)
     }
-    #[inline(always)]
-    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
-        crate::flows::enforcer_openvpn_session(self.ctx, offset, len, tcp)
-    }
 }
 
 impl Signature for TcContext {
     #[inline(always)]
     fn signature(&self, proto_ports: u64, offset: u64, len: u64, total: u64) -> u32 {
         enforcer_vpn_signature_tc(self.skb.skb, proto_ports, offset, len, total)
-    }
-    #[inline(always)]
-    fn openvpn_session(&self, offset: u64, len: u64, tcp: u64) -> u64 {
-        crate::flows::enforcer_openvpn_session_tc(self.skb.skb, offset, len, tcp)
     }
 }
 
@@ -269,20 +263,6 @@ pub fn tcp_may_match<C: Packet>(ctx: &C, p: Payload) -> bool {
                     head[2],
                     OPENVPN_CLIENT_RESET_V2 | OPENVPN_SERVER_RESET_V2 | OPENVPN_CLIENT_RESET_V3
                 )))
-}
-
-/// The payload's position as values the verifier knows to be bounded, and cannot tell apart by
-/// the check that produced them. Verifier: `enforcer_vpn_signature`'s arguments may be anything,
-/// and a packet offset must stay under 64 KiB; inside, each check starts from fresh values, so
-/// that a check that failed (`len < 62`, say) does not split the states of every later one. The
-/// masks cannot cut a real value: offsets stay far below 16 KiB and lengths below 64 KiB.
-#[inline(always)]
-pub(crate) fn converge(p: Payload) -> Payload {
-    Payload {
-        offset: masked(p.offset, 0x3FFF),
-        len: masked(p.len, 0xFFFF),
-        total: masked(p.total, 0xFFFF),
-    }
 }
 
 /// `(protocol, the rest of the flow carries no signature)`.
