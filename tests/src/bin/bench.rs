@@ -40,7 +40,7 @@ const INSTANCES: usize = 3;
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 
 /// Ranges the measured packets come from; generated entries stay clear of them.
-fn reserved() -> [IpNet; 7] {
+fn reserved() -> [IpNet; 8] {
     [
         "198.51.100.0/24",
         "203.0.113.0/24",
@@ -50,6 +50,7 @@ fn reserved() -> [IpNet; 7] {
         // The expanded /32's measured packets (see `EXPANDED_V6`).
         "2a0f:ffe0:1::/48",
         "2a0f:ffe0:ffff:ffff::/64",
+        "2a0f:ffe0:b:2::/64",
     ]
     .map(|c| c.parse().unwrap())
 }
@@ -77,7 +78,8 @@ enum Distribution {
 
 /// The /32 of the many-lengths registry that the "expanded /32" packets come from: twelve
 /// lengths /33 to /64 in its lower half at every size, the allowed packet's /48 among them,
-/// the dropped packet's /64 in its upper half left unlisted.
+/// the dropped packet's /64 in its upper half left unlisted, and the "most probes" packet
+/// beside the /63, where the /45 decides.
 const EXPANDED_V6: &str = "2a0f:ffe0::/32";
 
 impl Distribution {
@@ -225,6 +227,12 @@ fn packets() -> Vec<(&'static str, Vec<u8>)> {
         (
             "dropped IPv6, expanded /32",
             Frame::tcp("2a0f:ffe0:ffff:ffff::5", "2001:db8:1::1", 443).build(),
+        ),
+        (
+            // Beside the /63, in its /40 and /48 (both marked): every longer target is probed
+            // before the /45 that decides.
+            "allowed IPv6, expanded, most probes",
+            Frame::tcp("2a0f:ffe0:b:2::5", "2001:db8:1::1", 443).build(),
         ),
         (
             "allowed IPv4 in 802.1Q",
