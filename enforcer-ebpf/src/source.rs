@@ -153,19 +153,17 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
         let top = ((hi >> 32) as u32).to_be_bytes();
         // SAFETY: as above.
         if let Some(node) = unsafe { NODE_V6.get(&top) } {
-            // Its lengths over /48 only where a key longer than /48 lies in the packet's /48.
-            let longest = if filter_has(v6_deep_marker_bit(hi), generation) {
-                128
-            } else {
+            let lengths = u64::from_le_bytes(node[generation].lengths);
+            // Its lengths over /48 only where a key longer than /48 lies in the packet's /48;
+            // the deep marker is read only if the list has any (its first is its longest).
+            let longest = if lengths & 0xFF > u64::from(V6_DEEP_MARKER_BITS)
+                && !filter_has(v6_deep_marker_bit(hi), generation)
+            {
                 u64::from(V6_DEEP_MARKER_BITS)
+            } else {
+                128
             };
-            let value = probe_lengths(
-                hi,
-                lo,
-                u64::from_le_bytes(node[generation].lengths),
-                generation,
-                longest,
-            );
+            let value = probe_lengths(hi, lo, lengths, generation, longest);
             if value != 0 {
                 return value;
             }
@@ -179,9 +177,9 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
 }
 
 /// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,
-/// 0-terminated), skipping those over `longest`, whose key `LONG_V6` holds, or 0. Verifier: the lengths arrive as one number,
-/// not an array, so they take no stack slot across the probes (the filter's key took the
-/// deepest call chain past 512 bytes when they did).
+/// 0-terminated), skipping those over `longest`, whose key `LONG_V6` holds, or 0. Verifier:
+/// the lengths arrive as one number, not an array, so they take no stack slot across the probes
+/// (the filter's key took the deepest call chain past 512 bytes when they did).
 #[inline(always)]
 fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize, longest: u64) -> u32 {
     for i in 0..8u32 {

@@ -3,8 +3,8 @@
 //! them, the node markers (`enforcer_common::v6_marker_bit`): a key longer than /32 whose /32
 //! has a `NODE_V6` entry marks each /40 it overlaps, and the program reads a /40's marker before
 //! the node; one longer than /48 also marks its /48 (the deep marker), read before the node's
-//! lengths over /48. Written for the generation not in force before the switch to it, and rebuilt whole
-//! at start.
+//! lengths over /48. Written for the generation not in force before the switch to it, and
+//! rebuilt whole at start.
 
 use enforcer_common::{
     NodeV6, V6_DEEP_MARKER_BITS, V6_FILTER_WORDS, V6_MARKER_BITS, map_names, v6_deep_marker_bit,
