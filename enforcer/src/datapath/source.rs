@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use super::{
     Datapath, DatapathError, map_error,
     mapped::{Mapped, bytes},
+    pairs::{apply_shadow, batch_pairs, pair_updates, read_hash},
 };
 use crate::policy::tables::{self, Block, FastMap, Regions};
 
@@ -56,50 +57,6 @@ fn table_full(needed: usize, in_use: usize, capacity: u32) -> DatapathError {
 fn block_range(block: u32) -> std::ops::Range<usize> {
     let start = block as usize * BLOCK_SLOTS;
     start..start + BLOCK_SLOTS
-}
-
-/// New per-generation values for one hash: keep the generation in force, set `next` to
-/// `wanted`, except for the keys `kept` names (outside the part of the tables being rewritten),
-/// whose `next` value becomes the one in force.
-fn pair_updates<K: Copy + Eq + std::hash::Hash, V: Copy + Default + PartialEq>(
-    shadow: &FastMap<K, [V; 2]>,
-    wanted: impl Iterator<Item = (K, V)>,
-    next: usize,
-    kept: impl Fn(&K) -> bool,
-) -> (Vec<(K, [V; 2])>, Vec<K>) {
-    let pair = |value: V| {
-        let mut new = [V::default(); 2];
-        new[next] = value;
-        new
-    };
-    if shadow.is_empty() {
-        // A first fill: every entry is new, and no map of them is needed. Both generations get
-        // the value: the one in force cannot reach these keys (its tables list no lengths for
-        // a hash that holds nothing), and a later change need not copy them across.
-        return (wanted.map(|(k, v)| (k, [v, v])).collect(), Vec::new());
-    }
-    let wanted: FastMap<K, V> = wanted.collect();
-    let mut writes = Vec::new();
-    let mut deletes = Vec::new();
-    for (key, pair) in shadow {
-        let mut new = *pair;
-        new[next] = if kept(key) {
-            pair[1 - next]
-        } else {
-            wanted.get(key).copied().unwrap_or_default()
-        };
-        if new == [V::default(); 2] {
-            deletes.push(*key);
-        } else if new != *pair {
-            writes.push((*key, new));
-        }
-    }
-    for (key, value) in &wanted {
-        if !shadow.contains_key(key) {
-            writes.push((*key, pair(*value)));
-        }
-    }
-    (writes, deletes)
 }
 
 impl Datapath {
@@ -559,41 +516,4 @@ impl Datapath {
         }
         Ok(())
     }
-}
-
-/// (key → value) pairs into the hash behind `fd` in batches.
-fn batch_pairs<K: aya::Pod, V: aya::Pod>(
-    fd: std::os::fd::RawFd,
-    pairs: &[(K, V)],
-) -> std::io::Result<()> {
-    if pairs.is_empty() {
-        return Ok(());
-    }
-    let mut keys: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<K>());
-    let mut values: Vec<u8> = Vec::with_capacity(pairs.len() * size_of::<V>());
-    for (key, value) in pairs {
-        keys.extend_from_slice(bytes(key));
-        values.extend_from_slice(bytes(value));
-    }
-    super::update_batch_fd(fd, &keys, &values, size_of::<K>(), size_of::<V>())
-}
-
-fn apply_shadow<K: Copy + Eq + std::hash::Hash, V>(
-    shadow: &mut FastMap<K, V>,
-    (writes, deletes): (Vec<(K, V)>, Vec<K>),
-) {
-    for key in deletes {
-        shadow.remove(&key);
-    }
-    shadow.extend(writes);
-}
-
-fn read_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
-    map: &Map,
-    name: &'static str,
-) -> Result<FastMap<K, V>, DatapathError> {
-    let hash: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(map).map_err(map_error(name))?;
-    hash.iter()
-        .map(|entry| entry.map_err(map_error(name)))
-        .collect()
 }
