@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use enforcer_common::{
-    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeV6, V6_DEEP_MARKER_BITS,
-    V6_FILTER_WORDS,
+    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeBucket, NodeV6, V6_DEEP_MARKER_BITS,
+    V6_FILTER_WORDS, V6_NODE_BUCKETS, V6_NODE_SLOTS,
     lookup::{
         V4_DEFAULT_BLOCKS, V4_LONG_SHIFT, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS, VALUE_MASK,
     },
-    v6_deep_marker_bit, v6_filter_bit, v6_marker_bit,
+    v6_deep_marker_bit, v6_filter_bit, v6_marker_bit, v6_node_bucket,
 };
 
 /// Arrays the controller writes through a memory mapping (a whole table in one copy).
@@ -36,6 +36,10 @@ static NODE_V6: HashMap<[u8; 4], [NodeV6; 2]> =
 #[map]
 static LONG_V6: HashMap<LongKeyV6, LongValue> =
     HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+/// `NODE_V6`'s entries in buckets, read before it (`NodeBucket`).
+#[map]
+static NODE_V6_TABLE: Array<NodeBucket> =
+    Array::with_max_entries(2 * V6_NODE_BUCKETS, BPF_F_MMAPABLE);
 /// One bit per `LONG_V6` key and generation (`v6_filter_bit`): a clear bit spares the probe.
 #[map]
 static LONG_V6_FILTER: Array<u64> = Array::with_max_entries(2 * V6_FILTER_WORDS, BPF_F_MMAPABLE);
@@ -150,10 +154,8 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
     // Lengths /33 to /128 from the /32's node, where the /16 does not list them itself and
     // some key longer than /32 overlaps the packet's /40 (its marker).
     if dir.nodes != 0 && filter_has(v6_marker_bit(hi), generation) {
-        let top = ((hi >> 32) as u32).to_be_bytes();
-        // SAFETY: as above.
-        if let Some(node) = unsafe { NODE_V6.get(&top) } {
-            let lengths = u64::from_le_bytes(node[generation].lengths);
+        let lengths = node_lengths((hi >> 32) as u32, generation);
+        if lengths != 0 {
             // Its lengths over /48 only where a key longer than /48 lies in the packet's /48;
             // the deep marker is read only if the list has any (its first is its longest).
             let longest = if lengths & 0xFF > u64::from(V6_DEEP_MARKER_BITS)
@@ -174,6 +176,29 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
         return value;
     }
     dir.value
+}
+
+/// The lengths /33 to /128 of the /32 whose first 32 bits are `top` (as `NodeV6`'s, one
+/// number), or 0: from its bucket of `NODE_V6_TABLE`, or from `NODE_V6` when the bucket
+/// overflowed and does not hold it.
+#[inline(always)]
+fn node_lengths(top: u32, generation: usize) -> u64 {
+    let Some(bucket) = NODE_V6_TABLE.get(generation as u32 * V6_NODE_BUCKETS + v6_node_bucket(top))
+    else {
+        return 0;
+    };
+    for i in 0..V6_NODE_SLOTS {
+        let lengths = u64::from_le_bytes(bucket.lengths[i]);
+        if bucket.tops[i] == top && lengths != 0 {
+            return lengths;
+        }
+    }
+    if bucket.overflow == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { NODE_V6.get(&top.to_be_bytes()) }
+        .map_or(0, |node| u64::from_le_bytes(node[generation].lengths))
 }
 
 /// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,

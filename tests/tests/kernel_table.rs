@@ -1135,6 +1135,85 @@ fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
     check(&loaded, "the filter rebuilt as at start");
 }
 
+/// The program reads a /32's node from a bucket of four (`NODE_V6_TABLE`); the nodes of a
+/// fuller bucket are only in the hash, and the bucket says so. Six /32s of one bucket, each with
+/// a node (three lengths over /32 in its /16) and a deny range inside an approved /48: the two
+/// the bucket cannot hold would fall to the approved /4 if the program did not ask the hash.
+/// Checked after a load, a live replacement and the rebuild of a start.
+#[test]
+fn slash_32s_beyond_a_full_node_bucket_are_still_decided() {
+    let bucket = enforcer_common::v6_node_bucket(0x2001_0db8);
+    let tops: Vec<u32> = (0x2001_0000u32..0x2fff_ffff)
+        .filter(|top| enforcer_common::v6_node_bucket(*top) == bucket)
+        .take(6)
+        .collect();
+    assert_eq!(tops.len(), 6);
+    let net = |top: u32, low: u128, len: u8| {
+        ipnet::Ipv6Net::new((u128::from(top) << 96 | low).into(), len)
+            .unwrap()
+            .trunc()
+    };
+    let registry = |extra: &str| {
+        let mut networks = vec![r#"{"name": "wide", "cidr": "2000::/4"}"#.to_string()];
+        let mut deny = Vec::new();
+        for (i, top) in tops.iter().enumerate() {
+            networks.push(format!(
+                r#"{{"name": "lan-{i}", "cidr": "{}"}}"#,
+                net(*top, 1 << 80, 48)
+            ));
+            networks.push(format!(
+                r#"{{"name": "site-{i}", "cidr": "{}"}}"#,
+                net(*top, 2 << 88, 40)
+            ));
+            deny.push(format!(
+                r#"{{"name": "cut-{i}", "cidr": "{}"}}"#,
+                net(*top, 1 << 80 | 3 << 72, 56)
+            ));
+        }
+        format!(
+            r#"{{"schema": 1, "mode": "enforce", "networks": [{}{extra}], "deny": [{}]}}"#,
+            networks.join(","),
+            deny.join(",")
+        )
+    };
+    let probes: Vec<(std::net::IpAddr, u16)> = tops
+        .iter()
+        .flat_map(|top| {
+            [
+                1 << 80 | 5,
+                1 << 80 | 3 << 72 | 5,
+                1 << 80 | 4 << 72 | 5,
+                2 << 88 | 5,
+                3 << 88 | 5,
+                9 << 80,
+            ]
+            .map(|low| {
+                (
+                    std::net::Ipv6Addr::from(u128::from(*top) << 96 | low).into(),
+                    1,
+                )
+            })
+        })
+        .collect();
+    let check = |loaded: &Loaded, step: &str| {
+        let mismatches = mismatches_at(loaded, &probes);
+        assert!(
+            mismatches.is_empty(),
+            "{step}: {} mismatches:\n{}",
+            mismatches.len(),
+            mismatches.join("\n")
+        );
+    };
+    let mut loaded = Loaded::new(&registry(""));
+    check(&loaded, "loaded");
+    loaded.replace(&registry(
+        r#", {"name": "late", "cidr": "2001:db8:7::/48"}"#,
+    ));
+    check(&loaded, "replaced");
+    loaded.datapath.rebuild_v6_filter().unwrap();
+    check(&loaded, "rebuilt as at start");
+}
+
 /// A deny feed of the shape of public hosting-range lists: many prefix lengths under single
 /// IPv6 /32s and /16s, and under an IPv4 /16 (24 lengths under `2001:db8::/32`, all 16 of /17 to
 /// /32 under `2001::/16`, /16 to /32 under 10.7.0.0/16), nested in each other and inside an

@@ -4,7 +4,7 @@
 //! has a `NODE_V6` entry marks each /40 it overlaps, and the program reads a /40's marker before
 //! the node; one longer than /48 also marks its /48 (the deep marker), read before the node's
 //! lengths over /48. Written for the generation not in force before the switch to it, and
-//! rebuilt whole at start.
+//! rebuilt whole at start, with `NODE_V6_TABLE` (`nodes.rs`).
 
 use enforcer_common::{
     NodeV6, V6_DEEP_MARKER_BITS, V6_FILTER_WORDS, V6_MARKER_BITS, map_names, v6_deep_marker_bit,
@@ -48,11 +48,11 @@ pub(super) fn generation_bits<'a>(
 }
 
 impl Datapath {
-    /// Writes both generations of `LONG_V6_FILTER` from the keys `LONG_V6` holds, at start:
-    /// the filter may be new beside tables an earlier build filled (its map was not pinned
-    /// then), and a program that reads a clear bit skips the probe. Each word gets its final
-    /// value in one store, and a key in force has its bit in both the old and the new value, so
-    /// a packet in flight never misses a prefix.
+    /// Writes both generations of `LONG_V6_FILTER` from the keys `LONG_V6` holds, and of
+    /// `NODE_V6_TABLE` from the nodes `NODE_V6` holds, at start: either may be new beside tables
+    /// an earlier build filled (its map was not pinned then), and a program that reads a clear
+    /// bit skips the probe. Each word gets its final value in one store, and a key in force has
+    /// its bit in both the old and the new value, so a packet in flight never misses a prefix.
     pub fn rebuild_v6_filter(&mut self) -> Result<(), DatapathError> {
         let state = match self.source.take() {
             Some(state) => state,
@@ -77,7 +77,9 @@ impl Datapath {
                 filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);
             }
         }
+        let nodes = self.rebuild_node_table(&state);
         self.source = Some(state);
+        nodes?;
         let memory = self.mapped(map_names::LONG_V6_FILTER, size_of::<u64>())?;
         for (word, value) in memory.u64s().iter_mut().zip(filters) {
             if *word != value {

@@ -35,6 +35,7 @@ mod events;
 mod filter;
 mod flows;
 mod mapped;
+mod nodes;
 mod pairs;
 mod source;
 mod syscall;

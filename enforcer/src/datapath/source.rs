@@ -464,6 +464,10 @@ impl Datapath {
             self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
         }
         self.write_v6_filter(next, &v6_bits, regions.is_some())?;
+        self.write_node_table(
+            next,
+            super::nodes::next_nodes(&state.nodes_v6, &nodes_v6, next),
+        )?;
 
         // The switch.
         self.update_config(|c| c.generation = next as u32)?;
