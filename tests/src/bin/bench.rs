@@ -293,87 +293,110 @@ struct Series {
     load_ms: Vec<u128>,
 }
 
-fn measure_distribution(
-    d: Distribution,
+/// Every distribution at every size, timed in the same rounds: a registry's rows are compared
+/// with another's (a many-lengths registry against the realistic one), and measured one after
+/// the other, a shared machine's drift between them showed as a difference of 10-20 %.
+fn measure_distributions(
+    distributions: &[Distribution],
     frames: &[(&'static str, Vec<u8>)],
-) -> anyhow::Result<Series> {
-    // Every size is loaded first, `INSTANCES` times; then each round times every (size,
-    // instance, packet) once, so that the drifts of a shared machine fall on all sizes alike.
+) -> anyhow::Result<Vec<Series>> {
+    // Every size is loaded first, `INSTANCES` times; then each round times every (registry,
+    // size, instance, packet) once, so that the drifts of a shared machine fall on all alike.
     // Medians over rounds and instances: on this machine one program instance can sit 30-50 %
     // above another of the same program and maps, and a single instance per size made one row
     // or another look like a trend.
-    let mut loaded: Vec<Vec<Loaded>> = Vec::new();
-    let mut floors = Vec::new();
-    let mut load_ms = Vec::new();
-    for size in SIZES {
-        let text = d.registry(size);
-        let mut instances = Vec::new();
-        for i in 0..INSTANCES {
-            let started = Instant::now();
-            let l = Loaded::new(&text);
-            if i == 0 {
-                load_ms.push(started.elapsed().as_millis());
-                let prefixes: Vec<IpNet> = l.policy.allow_rules().map(|r| r.prefix).collect();
-                floors.push(lpm_floor(&prefixes)?);
+    let mut loaded: Vec<Vec<Vec<Loaded>>> = Vec::new();
+    let mut floors: Vec<Vec<Ebpf>> = Vec::new();
+    let mut load_ms: Vec<Vec<u128>> = Vec::new();
+    for d in distributions {
+        let (mut per_size, mut d_floors, mut d_load_ms) = (Vec::new(), Vec::new(), Vec::new());
+        for size in SIZES {
+            let text = d.registry(size);
+            let mut instances = Vec::new();
+            for i in 0..INSTANCES {
+                let started = Instant::now();
+                let l = Loaded::new(&text);
+                if i == 0 {
+                    d_load_ms.push(started.elapsed().as_millis());
+                    let prefixes: Vec<IpNet> = l.policy.allow_rules().map(|r| r.prefix).collect();
+                    d_floors.push(lpm_floor(&prefixes)?);
+                }
+                assert_eq!(l.run(&frames[0].1), 2, "the allowed packet passes");
+                assert_eq!(l.run(&frames[1].1), 1, "the dropped packet drops");
+                instances.push(l);
             }
-            assert_eq!(l.run(&frames[0].1), 2, "the allowed packet passes");
-            assert_eq!(l.run(&frames[1].1), 1, "the dropped packet drops");
-            instances.push(l);
+            per_size.push(instances);
+            eprintln!("bench: {} {size} loaded ({INSTANCES} instances)", d.name());
         }
-        loaded.push(instances);
-        eprintln!("bench: {} {size} loaded ({INSTANCES} instances)", d.name());
+        loaded.push(per_size);
+        floors.push(d_floors);
+        load_ms.push(d_load_ms);
     }
-    let mut samples: Vec<Vec<Vec<u64>>> = vec![vec![Vec::new(); SIZES.len()]; frames.len()];
-    let mut lpm_samples: Vec<Vec<u64>> = vec![Vec::new(); SIZES.len()];
+    let empty = || vec![vec![Vec::new(); SIZES.len()]; frames.len()];
+    let mut samples: Vec<Vec<Vec<Vec<u64>>>> = distributions.iter().map(|_| empty()).collect();
+    let mut lpm_samples: Vec<Vec<Vec<u64>>> = distributions
+        .iter()
+        .map(|_| vec![Vec::new(); SIZES.len()])
+        .collect();
     // Each round in its own order (a disturbance that recurs at one point of every round
     // would otherwise fall on the same size each time).
     let mut rng = Rng(0x005E_ED0F_0DE5);
     for _ in 0..RUNS {
-        let mut order: Vec<(usize, usize)> = (0..SIZES.len())
-            .flat_map(|s| (0..INSTANCES).map(move |i| (s, i)))
+        let mut order: Vec<(usize, usize, usize)> = (0..distributions.len())
+            .flat_map(|d| {
+                (0..SIZES.len()).flat_map(move |s| (0..INSTANCES).map(move |i| (d, s, i)))
+            })
             .collect();
         for i in (1..order.len()).rev() {
             order.swap(i, usize::try_from(rng.next_u64() % (i as u64 + 1)).unwrap());
         }
-        for (s, i) in order {
+        for (d, s, i) in order {
             for (f, (_, frame)) in frames.iter().enumerate() {
-                samples[f][s].push(loaded[s][i].time(frame, REPEAT));
+                samples[d][f][s].push(loaded[d][s][i].time(frame, REPEAT));
             }
         }
-        for s in 0..SIZES.len() {
-            let program: &Xdp = floors[s]
-                .program("baseline_lpm")
-                .expect("baseline_lpm")
-                .try_into()?;
-            lpm_samples[s].push(time_program_once(program, &frames[1].1));
+        for (d, d_floors) in floors.iter().enumerate() {
+            for (s, floor) in d_floors.iter().enumerate() {
+                let program: &Xdp = floor
+                    .program("baseline_lpm")
+                    .expect("baseline_lpm")
+                    .try_into()?;
+                lpm_samples[d][s].push(time_program_once(program, &frames[1].1));
+            }
         }
     }
-    eprintln!("bench: {} timed", d.name());
+    eprintln!("bench: timed");
     let fastest_of = |per_size: &[Vec<u64>]| -> Vec<u64> {
         per_size
             .iter()
             .map(|v| v.iter().copied().min().unwrap_or(0))
             .collect()
     };
-    let fastest = frames
+    Ok(distributions
         .iter()
-        .zip(&samples)
-        .map(|((what, _), per_size)| (*what, fastest_of(per_size)))
-        .collect();
-    let lpm_fastest = fastest_of(&lpm_samples);
-    let rows = frames
-        .iter()
-        .zip(samples)
-        .map(|((what, _), per_size)| (*what, per_size.into_iter().map(median).collect()))
-        .collect();
-    Ok(Series {
-        distribution: d.name(),
-        rows,
-        lpm: lpm_samples.into_iter().map(median).collect(),
-        fastest,
-        lpm_fastest,
-        load_ms,
-    })
+        .zip(samples.into_iter().zip(lpm_samples).zip(load_ms))
+        .map(|(d, ((samples, lpm_samples), load_ms))| {
+            let fastest = frames
+                .iter()
+                .zip(&samples)
+                .map(|((what, _), per_size)| (*what, fastest_of(per_size)))
+                .collect();
+            let lpm_fastest = fastest_of(&lpm_samples);
+            let rows = frames
+                .iter()
+                .zip(samples)
+                .map(|((what, _), per_size)| (*what, per_size.into_iter().map(median).collect()))
+                .collect();
+            Series {
+                distribution: d.name(),
+                rows,
+                lpm: lpm_samples.into_iter().map(median).collect(),
+                fastest,
+                lpm_fastest,
+                load_ms,
+            }
+        })
+        .collect())
 }
 
 /// A line chart of ns per packet against registry size (log scale), as SVG.
@@ -1398,14 +1421,14 @@ fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_j
     pass.load()?;
     let bare = time_program(pass, &frames[0].1);
 
-    let series: Vec<Series> = [
-        Distribution::Realistic,
-        Distribution::Worst,
-        Distribution::ManyLengths,
-    ]
-    .into_iter()
-    .map(|d| measure_distribution(d, &frames))
-    .collect::<anyhow::Result<_>>()?;
+    let series = measure_distributions(
+        &[
+            Distribution::Realistic,
+            Distribution::Worst,
+            Distribution::ManyLengths,
+        ],
+        &frames,
+    )?;
 
     writeln!(
         table,
@@ -1440,6 +1463,47 @@ fn test_run(table: &mut String, out: &std::path::Path) -> anyhow::Result<serde_j
         )?;
         let loads: String = s.load_ms.iter().map(|v| format!("{v:>10}")).collect();
         writeln!(table, "{:<38}{loads}", "load: parse+compile+load+fill (ms)")?;
+    }
+    // The issue of flat cost: a packet's cost in one registry against another's, row by row,
+    // from the same rounds.
+    let row = |series: &Series, what: &str| -> Vec<u64> {
+        series
+            .fastest
+            .iter()
+            .find(|(w, _)| *w == what)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let (realistic, many) = (&series[0], &series[2]);
+    writeln!(table, "\nratios of the fastest runs{:<12}{header}", "")?;
+    for (what, a, b) in [
+        (
+            "expanded allowed / realistic allowed6",
+            row(many, "allowed IPv6, expanded /32"),
+            row(realistic, "allowed IPv6"),
+        ),
+        (
+            "most probes / realistic allowed6",
+            row(many, "allowed IPv6, expanded, most probes"),
+            row(realistic, "allowed IPv6"),
+        ),
+        (
+            "expanded dropped / realistic dropped6",
+            row(many, "dropped IPv6, expanded /32"),
+            row(realistic, "dropped IPv6"),
+        ),
+        (
+            "realistic dropped6 / dropped4",
+            row(realistic, "dropped IPv6"),
+            row(realistic, "dropped IPv4"),
+        ),
+    ] {
+        let cells: String = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| format!("{:>10.2}", *a as f64 / (*b).max(1) as f64))
+            .collect();
+        writeln!(table, "{what:<38}{cells}")?;
     }
     std::fs::write(out.join("cost.svg"), chart(&series, bare))?;
     writeln!(table, "chart: target/bench/cost.svg")?;
