@@ -916,6 +916,17 @@ fn mismatches_at(loaded: &Loaded, probes: &[(std::net::IpAddr, u16)]) -> Vec<Str
     mismatches
 }
 
+/// Fails with every mismatch of `mismatches_at`, after `step`.
+fn assert_agrees_at(loaded: &Loaded, probes: &[(std::net::IpAddr, u16)], step: &str) {
+    let mismatches = mismatches_at(loaded, probes);
+    assert!(
+        mismatches.is_empty(),
+        "{step}: {} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
 #[test]
 fn kernel_agrees_with_the_reference_on_random_registries() {
     // Half the addresses are drawn next to an entry, so every level of the lookup tables and
@@ -1107,15 +1118,7 @@ fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
         .map(|bits| (std::net::Ipv6Addr::from(bits).into(), 1))
         .collect();
     let mut loaded = Loaded::new(&registry(""));
-    let check = |loaded: &Loaded, step: &str| {
-        let mismatches = mismatches_at(loaded, &probes);
-        assert!(
-            mismatches.is_empty(),
-            "{step}: {} mismatches:\n{}",
-            mismatches.len(),
-            mismatches.join("\n")
-        );
-    };
+    let check = |loaded: &Loaded, step: &str| assert_agrees_at(loaded, &probes, step);
     check(&loaded, "loaded");
     loaded.replace(&registry(
         r#", {"name": "late-39", "cidr": "2001:db8:400::/39"}"#,
@@ -1195,15 +1198,7 @@ fn slash_32s_beyond_a_full_node_bucket_are_still_decided() {
             })
         })
         .collect();
-    let check = |loaded: &Loaded, step: &str| {
-        let mismatches = mismatches_at(loaded, &probes);
-        assert!(
-            mismatches.is_empty(),
-            "{step}: {} mismatches:\n{}",
-            mismatches.len(),
-            mismatches.join("\n")
-        );
-    };
+    let check = |loaded: &Loaded, step: &str| assert_agrees_at(loaded, &probes, step);
     let mut loaded = Loaded::new(&registry(""));
     check(&loaded, "loaded");
     loaded.replace(&registry(
