@@ -77,7 +77,7 @@ impl Datapath {
                 filters[generation * words + (bit >> 6)] |= 1 << (bit & 63);
             }
         }
-        let nodes = self.rebuild_node_table(&state);
+        let nodes = self.rebuild_node_table(&state.nodes_v6);
         self.source = Some(state);
         nodes?;
         let memory = self.mapped(map_names::LONG_V6_FILTER, size_of::<u64>())?;

@@ -8,7 +8,7 @@ use enforcer_common::{
     NodeBucket, NodeV6, V6_NODE_BUCKETS, V6_NODE_SLOTS, map_names, v6_node_bucket,
 };
 
-use super::{Datapath, DatapathError, pairs::Updates, source::SourceState};
+use super::{Datapath, DatapathError, pairs::Updates};
 use crate::policy::tables::FastMap;
 
 /// One generation's buckets for `nodes` (by the /32's first 32 bits). The /32s are placed in
@@ -86,10 +86,12 @@ impl Datapath {
     /// Writes both generations of `NODE_V6_TABLE` from what `NODE_V6` holds, at start: the table
     /// may be new beside hashes an earlier build filled. The generation in force is rewritten
     /// with the nodes it already has, which changes nothing where it was written before.
-    pub(super) fn rebuild_node_table(&mut self, state: &SourceState) -> Result<(), DatapathError> {
+    pub(super) fn rebuild_node_table(
+        &mut self,
+        in_hash: &FastMap<[u8; 4], [NodeV6; 2]>,
+    ) -> Result<(), DatapathError> {
         for generation in 0..2 {
-            let nodes = state
-                .nodes_v6
+            let nodes = in_hash
                 .iter()
                 .map(|(key, node)| (u32::from_be_bytes(*key), node[generation]))
                 .collect();
