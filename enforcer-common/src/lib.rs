@@ -29,6 +29,7 @@ pub mod map_names {
     pub const LONG_V6: &str = "LONG_V6";
     pub const LONG_V6_FILTER: &str = "LONG_V6_FILTER";
     pub const NODE_V6_TABLE: &str = "NODE_V6_TABLE";
+    pub const DEEP_V6: &str = "DEEP_V6";
     pub const CONNS: &str = "CONNS";
     pub const PEERS: &str = "PEERS";
     pub const CONN_TIMEOUTS: &str = "CONN_TIMEOUTS";
@@ -46,7 +47,7 @@ pub mod map_names {
     pub const ACCESS_FLOWS: &str = "ACCESS_FLOWS";
 
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 34] = [
+    pub const ALL: [&str; 35] = [
         RULES,
         PORT_RULES,
         RULE_HITS,
@@ -66,6 +67,7 @@ pub mod map_names {
         LONG_V6,
         LONG_V6_FILTER,
         NODE_V6_TABLE,
+        DEEP_V6,
         CONNS,
         PEERS,
         CONN_TIMEOUTS,
@@ -677,9 +679,14 @@ pub const V6_FILTER_WORDS: u32 = 1 << (V6_FILTER_BITS_LOG2 - 6);
 /// key's: the probe then answers.
 #[inline(always)]
 pub const fn v6_filter_bit(hi: u64, lo: u64, len: u8) -> u32 {
+    (v6_mix(hi, lo, len) >> (64 - V6_FILTER_BITS_LOG2)) as u32
+}
+
+/// The hash of a masked IPv6 prefix (`v6_filter_bit`, `v6_deep_slot`).
+#[inline(always)]
+const fn v6_mix(hi: u64, lo: u64, len: u8) -> u64 {
     let x = hi ^ lo.rotate_left(29) ^ (len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let x = (x ^ (x >> 31)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-    (x >> (64 - V6_FILTER_BITS_LOG2)) as u32
+    (x ^ (x >> 31)).wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
 /// The /40s the node markers of `LONG_V6_FILTER` stand for: inside a /16 whose /32s have
@@ -696,16 +703,24 @@ pub const fn v6_marker_bit(hi: u64) -> u32 {
     v6_filter_bit(hi & (u64::MAX << (64 - V6_MARKER_BITS as u32)), 0, 0)
 }
 
-/// The /48s the deep markers stand for: under a node, every key longer than /48 sets the deep
-/// marker of its own /48, and a clear one lets the lookup skip the node's lengths over /48 (the
-/// probes an allowed /48, or a packet beside one, paid in a /32 that lists many lengths).
-pub const V6_DEEP_MARKER_BITS: u8 = 48;
+/// The /48s of `DEEP_V6`: under a node, each key longer than /48 marks its own /48 there.
+pub const V6_DEEP_BITS: u8 = 48;
+/// Byte slots of one generation of `DEEP_V6` (a power of two): 1 MiB.
+pub const V6_DEEP_SLOTS_LOG2: u32 = 20;
+/// 64-bit words of one generation of `DEEP_V6` (eight slots each).
+pub const V6_DEEP_WORDS: u32 = 1 << (V6_DEEP_SLOTS_LOG2 - 3);
 
-/// The deep marker bit of the /48 holding the address whose first 64 bits are `hi`: a filter
-/// bit of length 1, which no `LONG_V6` key has.
+/// The `DEEP_V6` byte slot (within a generation) of the /48 holding the address whose first 64
+/// bits are `hi`: byte `slot % 8` (the least significant first) of word `slot / 8`. The slot's
+/// bit `i` is set when a key of the `i`th length of its node's list (longest first), a length
+/// over /48, lies in a /48 of this slot: the lookup probes a node's lengths over /48 only where
+/// their bits are set (an allowed /48, or a packet beside a listed /63, paid a probe for every
+/// longer length of an expanded /32 before). Slots are shared by the /48s that hash alike,
+/// whose bits add up: a set bit only costs a probe.
 #[inline(always)]
-pub const fn v6_deep_marker_bit(hi: u64) -> u32 {
-    v6_filter_bit(hi & (u64::MAX << (64 - V6_DEEP_MARKER_BITS as u32)), 0, 1)
+pub const fn v6_deep_slot(hi: u64) -> u32 {
+    (v6_mix(hi & (u64::MAX << (64 - V6_DEEP_BITS as u32)), 0, 1) >> (64 - V6_DEEP_SLOTS_LOG2))
+        as u32
 }
 
 /// A slot of `DIR_V6`.

@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use enforcer_common::{
-    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeBucket, NodeV6, V6_DEEP_MARKER_BITS,
-    V6_FILTER_WORDS, V6_NODE_BUCKETS, V6_NODE_SLOTS,
+    DirV6, LongKeyV4, LongKeyV6, LongValue, MAX_RULES, NodeBucket, NodeV6, V6_DEEP_BITS,
+    V6_DEEP_WORDS, V6_FILTER_WORDS, V6_NODE_BUCKETS, V6_NODE_SLOTS,
     lookup::{
         V4_DEFAULT_BLOCKS, V4_LONG_SHIFT, V4_POINTER, V4_ROOT_BLOCKS, V6_DIR_SLOTS, VALUE_MASK,
     },
-    v6_deep_marker_bit, v6_filter_bit, v6_marker_bit, v6_node_bucket,
+    v6_deep_slot, v6_filter_bit, v6_marker_bit, v6_node_bucket,
 };
 
 /// Arrays the controller writes through a memory mapping (a whole table in one copy).
@@ -40,6 +40,9 @@ static LONG_V6: HashMap<LongKeyV6, LongValue> =
 #[map]
 static NODE_V6_TABLE: Array<NodeBucket> =
     Array::with_max_entries(2 * V6_NODE_BUCKETS, BPF_F_MMAPABLE);
+/// Per /48 slot and generation, which of its node's lengths over /48 it holds (`v6_deep_slot`).
+#[map]
+static DEEP_V6: Array<u64> = Array::with_max_entries(2 * V6_DEEP_WORDS, BPF_F_MMAPABLE);
 /// One bit per `LONG_V6` key and generation (`v6_filter_bit`): a clear bit spares the probe.
 #[map]
 static LONG_V6_FILTER: Array<u64> = Array::with_max_entries(2 * V6_FILTER_WORDS, BPF_F_MMAPABLE);
@@ -156,22 +159,20 @@ pub extern "C" fn enforcer_lookup_v6(hi: u64, lo: u64, generation: u64) -> u32 {
     if dir.nodes != 0 && filter_has(v6_marker_bit(hi), generation) {
         let lengths = node_lengths((hi >> 32) as u32, generation);
         if lengths != 0 {
-            // Its lengths over /48 only where a key longer than /48 lies in the packet's /48;
-            // the deep marker is read only if the list has any (its first is its longest).
-            let longest = if lengths & 0xFF > u64::from(V6_DEEP_MARKER_BITS)
-                && !filter_has(v6_deep_marker_bit(hi), generation)
-            {
-                u64::from(V6_DEEP_MARKER_BITS)
+            // Of its lengths over /48, only those of keys in the packet's /48 (its deep slot);
+            // the slot is read only if the list has any (its first is its longest).
+            let deep = if lengths & 0xFF > u64::from(V6_DEEP_BITS) {
+                deep_lengths(hi, generation)
             } else {
-                128
+                0
             };
-            let value = probe_lengths(hi, lo, lengths, generation, longest);
+            let value = probe_lengths(hi, lo, lengths, generation, deep);
             if value != 0 {
                 return value;
             }
         }
     }
-    let value = probe_lengths(hi, lo, u64::from_le_bytes(dir.lengths), generation, 128);
+    let value = probe_lengths(hi, lo, u64::from_le_bytes(dir.lengths), generation, 0xFF);
     if value != 0 {
         return value;
     }
@@ -201,18 +202,29 @@ fn node_lengths(top: u32, generation: usize) -> u64 {
         .map_or(0, |node| u64::from_le_bytes(node[generation].lengths))
 }
 
-/// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,
-/// 0-terminated), skipping those over `longest`, whose key `LONG_V6` holds, or 0. Verifier:
-/// the lengths arrive as one number, not an array, so they take no stack slot across the probes
-/// (the filter's key took the deepest call chain past 512 bytes when they did).
+/// The `DEEP_V6` slot of the /48 holding `hi`: bit `i` set where the node's `i`th length, if
+/// over /48, may have a key in it.
 #[inline(always)]
-fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize, longest: u64) -> u32 {
+fn deep_lengths(hi: u64, generation: usize) -> u64 {
+    let slot = v6_deep_slot(hi);
+    DEEP_V6
+        .get(generation as u32 * V6_DEEP_WORDS + (slot >> 3))
+        .map_or(0, |word| (*word >> ((slot & 7) * 8)) & 0xFF)
+}
+
+/// The value of the first of up to 8 lengths (one a byte of `lengths`, longest first,
+/// 0-terminated), skipping those over /48 whose bit (by place) `deep` lacks, whose key `LONG_V6`
+/// holds, or 0. Verifier: the lengths arrive as one number, not an array, so they take no stack
+/// slot across the probes (the filter's key took the deepest call chain past 512 bytes when they
+/// did).
+#[inline(always)]
+fn probe_lengths(hi: u64, lo: u64, lengths: u64, generation: usize, deep: u64) -> u32 {
     for i in 0..8u32 {
         let len = (lengths >> (8 * i)) & 0xFF;
         if len == 0 {
             break;
         }
-        if len > longest {
+        if len > u64::from(V6_DEEP_BITS) && deep & (1 << i) == 0 {
             continue;
         }
         let value = probe_v6(hi, lo, len as u32, generation);

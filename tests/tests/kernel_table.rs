@@ -1084,10 +1084,10 @@ fn small_changes_agree_with_the_reference_after_each_one() {
 /// Inside a /16 whose /32s have nodes, the lookup reads the marker of the packet's /40 before
 /// the node: a prefix /33 to /39 marks every /40 it covers, or a packet from one of its far
 /// /40s would skip it and fall to a shorter prefix (here an approved /16: a deny range failing
-/// open); a key longer than /48 marks its /48, or a packet of that /48 would skip it. Checked
-/// in each /40 of the wide prefixes and in and beside the long ones, after a load, an in-place
-/// change of a few regions, with the /32 expanded (more than 8 lengths), and after the rebuild
-/// of a start.
+/// open); a key longer than /48 sets its length's bit in its /48's deep slot, or a packet of
+/// that /48 would skip it. Checked in each /40 of the wide prefixes and in and beside the long
+/// ones, after a load, an in-place change of a few regions, with the /32 expanded (more than 8
+/// lengths), and after the rebuild of a start.
 #[test]
 fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
     let registry = |extra: &str| {
@@ -1100,7 +1100,7 @@ fn a_wide_prefix_under_a_node_decides_every_slash_40_it_covers() {
         )
     };
     // An address in each /40 of 2001:db8::/32, and one at each end of each; and addresses in
-    // and beside the networks longer than /48 (the deep markers' /48s).
+    // and beside the networks longer than /48 (their deep slots).
     let inside = [
         "2001:db8:3::1",
         "2001:db8:3:1::1",

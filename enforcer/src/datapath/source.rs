@@ -408,15 +408,8 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let (v4_long, v6_nodes, v6_long) = long;
         let next = 1 - state.generation as usize;
-        // The filter's bits (and node markers) for the keys this change gives a value in `next`.
-        let v6_bits: Vec<u32> = super::filter::generation_bits(
-            v6_long
-                .iter()
-                .filter(|(_, v)| **v != 0)
-                .map(|((addr, len), _)| (*addr, *len)),
-            |top| v6_nodes.contains_key(&top),
-        )
-        .collect();
+        // The filter's bits, node markers and deep slots of the keys given a value in `next`.
+        let v6_marks = super::filter::change_marks(&v6_long, &v6_nodes);
         let outside_v4 = |slot: u16| regions.is_some_and(|r| !r.has_v4(slot));
         let outside_v6 = |slot: u16| regions.is_some_and(|r| !r.has_v6(slot));
         let long_v4 = pair_updates(
@@ -463,7 +456,7 @@ impl Datapath {
             self.write_pairs(map_names::NODE_V6, &nodes_v6.0)?;
             self.write_pairs(map_names::LONG_V6, &long_v6.0)?;
         }
-        self.write_v6_filter(next, &v6_bits, regions.is_some())?;
+        self.write_v6_filter(next, &v6_marks, regions.is_some())?;
         self.write_node_table(
             next,
             super::nodes::next_nodes(&state.nodes_v6, &nodes_v6, next),
