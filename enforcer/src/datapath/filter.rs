@@ -8,8 +8,8 @@
 //! force before the switch to it, and rebuilt whole at start, with `NODE_V6_TABLE` (`nodes.rs`).
 
 use enforcer_common::{
-    NodeV6, V6_DEEP_BITS, V6_DEEP_SLOTS_LOG2, V6_DEEP_WORDS, V6_FILTER_WORDS, V6_MARKER_BITS,
-    map_names, v6_deep_slot, v6_filter_bit, v6_marker_bit,
+    NodeV6, V6_DEEP_BITS, V6_DEEP_SLOTS_LOG2, V6_FILTER_WORDS, V6_MARKER_BITS, map_names,
+    v6_deep_slot, v6_filter_bit, v6_marker_bit,
 };
 
 use super::{Datapath, DatapathError};
@@ -179,8 +179,6 @@ fn next_half<T: Copy + Default>(all: &mut [T], next: usize, partial: bool) -> &m
     }
     half
 }
-
-const _: () = assert!(V6_DEEP_WORDS * 8 == 1 << V6_DEEP_SLOTS_LOG2);
 
 #[cfg(test)]
 mod tests {

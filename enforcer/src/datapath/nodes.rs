@@ -4,9 +4,7 @@
 //! every node, and the bucket says so. Written whole for the generation not in force before the
 //! switch to it, and rebuilt at start.
 
-use enforcer_common::{
-    NodeBucket, NodeV6, V6_NODE_BUCKETS, V6_NODE_SLOTS, map_names, v6_node_bucket,
-};
+use enforcer_common::{NodeBucket, NodeV6, V6_NODE_BUCKETS, map_names, v6_node_bucket};
 
 use super::{Datapath, DatapathError, pairs::Updates};
 use crate::policy::tables::FastMap;
@@ -70,10 +68,9 @@ impl Datapath {
         }
         let memory = self.mapped(map_names::NODE_V6_TABLE, size_of::<NodeBucket>())?;
         let words = memory.u64s();
-        let per_bucket = size_of::<NodeBucket>() / 8;
-        let half = &mut words[generation * V6_NODE_BUCKETS as usize * per_bucket..]
-            [..V6_NODE_BUCKETS as usize * per_bucket];
-        for (slots, bucket) in half.chunks_exact_mut(per_bucket).zip(&buckets) {
+        let half = &mut words[generation * V6_NODE_BUCKETS as usize * BUCKET_WORDS..]
+            [..V6_NODE_BUCKETS as usize * BUCKET_WORDS];
+        for (slots, bucket) in half.chunks_exact_mut(BUCKET_WORDS).zip(&buckets) {
             for (word, value) in slots.iter_mut().zip(bucket_words(bucket)) {
                 if *word != value {
                     *word = value;
@@ -101,17 +98,18 @@ impl Datapath {
     }
 }
 
-/// A bucket as the 8 words the mapped table holds.
-fn bucket_words(bucket: &NodeBucket) -> [u64; 8] {
-    let mut words = [0u64; 8];
+/// Words of a bucket in the mapped table.
+const BUCKET_WORDS: usize = size_of::<NodeBucket>() / 8;
+
+/// A bucket as the words the mapped table holds.
+fn bucket_words(bucket: &NodeBucket) -> [u64; BUCKET_WORDS] {
+    let mut words = [0u64; BUCKET_WORDS];
     let bytes = super::mapped::bytes(bucket);
     for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
         *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
     }
     words
 }
-
-const _: () = assert!(size_of::<NodeBucket>() == 64 && V6_NODE_SLOTS == 4);
 
 #[cfg(test)]
 mod tests {
